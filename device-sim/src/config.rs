@@ -1,0 +1,252 @@
+//! Command-line flags (each also readable from a `DEVICE_SIM_*` variable) and
+//! the checks that turn them into settings the rest of the simulator trusts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+
+/// A fleet of simulated IoT devices streaming readings to telemetry-ingest.
+///
+/// Devices are registered once (tokens are kept in the credentials file),
+/// then each one samples its sensors at the given rate and uploads batches
+/// over long-lived `UploadReadings` streams, resending whatever the server has
+/// not acknowledged after a failure. Stop with Ctrl-C (twice to skip the
+/// final acknowledgement wait) or with --duration.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "device-sim", version, about, long_about)]
+pub struct Args {
+    /// gRPC endpoint of the ingest server.
+    #[arg(long, env = "DEVICE_SIM_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// Ops token, used to register devices that have no stored credentials.
+    #[arg(long, env = "DEVICE_SIM_OPS_TOKEN", hide_env_values = true)]
+    pub ops_token: Option<String>,
+
+    /// File holding the ops token, read when --ops-token is not given.
+    #[arg(long, env = "DEVICE_SIM_OPS_TOKEN_FILE", default_value = "./data/ops.token")]
+    pub ops_token_file: PathBuf,
+
+    /// Number of simulated devices.
+    #[arg(long, env = "DEVICE_SIM_DEVICES", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub devices: u32,
+
+    /// Device ids are this prefix followed by a five-digit number.
+    #[arg(long, env = "DEVICE_SIM_DEVICE_PREFIX", default_value = "sim-")]
+    pub device_prefix: String,
+
+    /// Sensors per device: temperature, humidity, pressure, battery, then
+    /// generic aux_N sensors.
+    #[arg(long, env = "DEVICE_SIM_SENSORS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub sensors: u32,
+
+    /// Samples per second of each sensor.
+    #[arg(long, env = "DEVICE_SIM_SAMPLE_RATE", default_value_t = 10.0)]
+    pub sample_rate: f64,
+
+    /// Samples per sensor in one batch.
+    #[arg(long, env = "DEVICE_SIM_BATCH_SIZE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+
+    /// Batches carried by one UploadReadings stream before it is closed and
+    /// its summary (the acknowledgement) awaited.
+    #[arg(long, env = "DEVICE_SIM_BATCHES_PER_STREAM", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batches_per_stream: u32,
+
+    /// Stop after this long (e.g. "30s", "5m"); without it, run until Ctrl-C.
+    #[arg(long, env = "DEVICE_SIM_DURATION")]
+    pub duration: Option<humantime::Duration>,
+
+    /// Number of HTTP/2 connections shared by the devices.
+    #[arg(long, env = "DEVICE_SIM_CONNECTIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub connections: u32,
+
+    /// JSON file mapping device id to device token (written with mode 0600).
+    #[arg(long, env = "DEVICE_SIM_CREDENTIALS_FILE", default_value = "./data/sim-credentials.json")]
+    pub credentials_file: PathBuf,
+
+    /// Inject anomalies (spikes, drifts, stuck values, dropouts) into readings.
+    #[arg(long, env = "DEVICE_SIM_ANOMALIES")]
+    pub anomalies: bool,
+
+    /// Probability per sample that an anomaly starts (with --anomalies).
+    #[arg(long, env = "DEVICE_SIM_ANOMALY_RATE", default_value_t = 0.01)]
+    pub anomaly_rate: f64,
+
+    /// Unacknowledged batches kept per device for resending; beyond this the
+    /// oldest is dropped.
+    #[arg(long, env = "DEVICE_SIM_MAX_BUFFERED_BATCHES", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_buffered_batches: u32,
+
+    /// Also write the final report as JSON to this file.
+    #[arg(long, env = "DEVICE_SIM_REPORT_JSON")]
+    pub report_json: Option<PathBuf>,
+
+    /// No live progress line.
+    #[arg(short, long, env = "DEVICE_SIM_QUIET")]
+    pub quiet: bool,
+}
+
+/// Validated settings derived from [`Args`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: String,
+    pub ops_token: Option<String>,
+    pub ops_token_file: PathBuf,
+    pub devices: u32,
+    pub device_prefix: String,
+    pub sensors: usize,
+    pub sample_rate: f64,
+    pub batch_size: usize,
+    pub batches_per_stream: usize,
+    pub duration: Option<Duration>,
+    pub connections: usize,
+    pub credentials_file: PathBuf,
+    /// `Some(rate)` when anomalies are on.
+    pub anomaly_rate: Option<f64>,
+    pub max_buffered_batches: usize,
+    pub report_json: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+// The server refuses ids it cannot store, so catch a bad prefix here with a
+// message that names the flag instead of failing every registration.
+const MAX_DEVICE_ID_LEN: usize = 128;
+const DEVICE_NUMBER_WIDTH: usize = 5;
+
+impl Config {
+    pub fn from_args(args: Args) -> anyhow::Result<Self> {
+        let server = args.server.trim().to_owned();
+        ensure!(
+            server.starts_with("http://"),
+            "--server must be an http:// URL (this build has no TLS support), got {server:?}"
+        );
+
+        ensure!(
+            args.sample_rate.is_finite() && args.sample_rate > 0.0,
+            "--sample-rate must be a positive number of samples per second, got {}",
+            args.sample_rate
+        );
+        let batch_period_secs = f64::from(args.batch_size) / args.sample_rate;
+        // tokio intervals cannot tick at zero, and a period beyond a day means
+        // the flags were almost certainly swapped.
+        ensure!(
+            (0.001..=86_400.0).contains(&batch_period_secs),
+            "--batch-size / --sample-rate gives a batch every {batch_period_secs} s; \
+             it must be between 1 ms and 1 day"
+        );
+
+        ensure!(
+            (0.0..=1.0).contains(&args.anomaly_rate),
+            "--anomaly-rate is a probability and must be within 0..=1, got {}",
+            args.anomaly_rate
+        );
+
+        validate_device_prefix(&args.device_prefix)?;
+
+        Ok(Self {
+            server,
+            ops_token: args.ops_token,
+            ops_token_file: args.ops_token_file,
+            devices: args.devices,
+            device_prefix: args.device_prefix,
+            sensors: usize::try_from(args.sensors).context("--sensors is too large")?,
+            sample_rate: args.sample_rate,
+            batch_size: usize::try_from(args.batch_size).context("--batch-size is too large")?,
+            batches_per_stream: usize::try_from(args.batches_per_stream)
+                .context("--batches-per-stream is too large")?,
+            duration: args.duration.map(Into::into),
+            connections: usize::try_from(args.connections)
+                .context("--connections is too large")?,
+            credentials_file: args.credentials_file,
+            anomaly_rate: args.anomalies.then_some(args.anomaly_rate),
+            max_buffered_batches: usize::try_from(args.max_buffered_batches)
+                .context("--max-buffered-batches is too large")?,
+            report_json: args.report_json,
+            quiet: args.quiet,
+        })
+    }
+
+    /// Time between two batches of one device.
+    pub fn batch_period(&self) -> Duration {
+        Duration::from_secs_f64(self.batch_size as f64 / self.sample_rate)
+    }
+
+    /// The id of device `n` (1-based), e.g. `sim-00001`.
+    pub fn device_id(&self, n: u32) -> String {
+        device_id(&self.device_prefix, n)
+    }
+}
+
+pub fn device_id(prefix: &str, n: u32) -> String {
+    format!("{prefix}{n:0width$}", width = DEVICE_NUMBER_WIDTH)
+}
+
+fn validate_device_prefix(prefix: &str) -> anyhow::Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':');
+    if let Some(bad) = prefix.chars().find(|c| !allowed(*c)) {
+        bail!(
+            "--device-prefix {prefix:?} contains {bad:?}; device ids allow only ASCII letters, \
+             digits, '_', '.', '-' and ':'"
+        );
+    }
+    if let Some(first) = prefix.chars().next() {
+        ensure!(
+            first.is_ascii_alphanumeric(),
+            "--device-prefix {prefix:?} must start with a letter or digit"
+        );
+    }
+    // Ids longer than the width still fit, but leave room for large fleets.
+    ensure!(
+        prefix.len() + DEVICE_NUMBER_WIDTH + 2 <= MAX_DEVICE_ID_LEN,
+        "--device-prefix is too long: device ids are limited to {MAX_DEVICE_ID_LEN} characters"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["device-sim"];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = parse(&[]).expect("defaults");
+        assert_eq!(cfg.devices, 20);
+        assert_eq!(cfg.sensors, 4);
+        assert_eq!(cfg.batch_period(), Duration::from_secs(5));
+        assert_eq!(cfg.anomaly_rate, None);
+        assert_eq!(cfg.device_id(1), "sim-00001");
+        assert_eq!(cfg.device_id(123_456), "sim-123456");
+    }
+
+    #[test]
+    fn anomaly_rate_applies_only_with_anomalies() {
+        let cfg = parse(&["--anomalies", "--anomaly-rate", "0.5"]).expect("valid");
+        assert_eq!(cfg.anomaly_rate, Some(0.5));
+        assert!(parse(&["--anomalies", "--anomaly-rate", "1.5"]).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(parse(&["--sample-rate", "0"]).is_err());
+        assert!(parse(&["--sample-rate", "NaN"]).is_err());
+        assert!(parse(&["--devices", "0"]).is_err());
+        assert!(parse(&["--device-prefix", "sim 1"]).is_err());
+        assert!(parse(&["--device-prefix", "-sim"]).is_err());
+        assert!(parse(&["--server", "https://example.com"]).is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! Connecting operator subcommands to a server.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+/// How operator subcommands reach the server.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The server's address.
+    #[arg(long, env = "INGEST_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// File holding the ops token (used when INGEST_OPS_TOKEN is not set).
+    #[arg(
+        long,
+        env = "INGEST_OPS_TOKEN_FILE",
+        default_value = "./data/ops.token"
+    )]
+    ops_token_file: PathBuf,
+}
+
+/// Adds `authorization: Bearer <ops token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+impl ServerArgs {
+    pub async fn ops(&self) -> anyhow::Result<Ops> {
+        let token = match std::env::var("INGEST_OPS_TOKEN") {
+            Ok(token) => token,
+            Err(_) => std::fs::read_to_string(&self.ops_token_file).with_context(|| {
+                format!(
+                    "reading the ops token from {} (set INGEST_OPS_TOKEN or --ops-token-file)",
+                    self.ops_token_file.display()
+                )
+            })?,
+        };
+        let header = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the ops token has characters not allowed in a header")?;
+        let channel = Channel::from_shared(self.server.clone())
+            .context("invalid --server address")?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.server))?;
+        Ok(OpsClient::with_interceptor(channel, Bearer(header)))
+    }
+}

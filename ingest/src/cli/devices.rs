@@ -1,0 +1,162 @@
+//! `ingest devices register | get | list`.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use telemetry_proto::v1 as pb;
+
+use super::client::ServerArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Register a device and print its token (shown once).
+    Register(RegisterArgs),
+    /// Show one device.
+    Get {
+        #[command(flatten)]
+        server: ServerArgs,
+        device_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all devices.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    device_id: String,
+    /// Name shown to people (default: the id).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// A label, KEY=VALUE; repeat for more.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCommand::Register(args) => {
+            let mut ops = args.server.ops().await?;
+            let response = ops
+                .register_device(pb::RegisterDeviceRequest {
+                    device_id: args.device_id,
+                    display_name: args.name,
+                    labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let device = response.device.context("server returned no device")?;
+            eprintln!(
+                "registered {}; its token (shown once, store it now):",
+                device.device_id
+            );
+            println!("{}", response.token);
+        }
+        DevicesCommand::Get {
+            server,
+            device_id,
+            json,
+        } => {
+            let mut ops = server.ops().await?;
+            let device = ops
+                .get_device(pb::GetDeviceRequest { device_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", device_json(&device));
+            } else {
+                print_table(&[device]);
+            }
+        }
+        DevicesCommand::List { server, json } => {
+            let mut ops = server.ops().await?;
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = ops
+                    .list_devices(pb::ListDevicesRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                all.extend(page.devices);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json {
+                for d in &all {
+                    println!("{}", device_json(d));
+                }
+            } else {
+                print_table(&all);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+fn time(nanos: u64) -> String {
+    if nanos == 0 {
+        return "-".into();
+    }
+    chrono::DateTime::from_timestamp_nanos(nanos as i64)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+fn device_json(d: &pb::Device) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": d.device_id,
+        "display_name": d.display_name,
+        "labels": d.labels,
+        "created_time_unix_nano": d.created_time_unix_nano,
+        "committed_sequence": d.committed_sequence,
+        "last_upload_time_unix_nano": d.last_upload_time_unix_nano,
+    })
+}
+
+fn print_table(devices: &[pb::Device]) {
+    println!(
+        "{:<24} {:<24} {:>10}  {:<19}  LABELS",
+        "DEVICE", "NAME", "SEQUENCE", "LAST UPLOAD (UTC)"
+    );
+    for d in devices {
+        let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!(
+            "{:<24} {:<24} {:>10}  {:<19}  {}",
+            d.device_id,
+            d.display_name,
+            d.committed_sequence,
+            time(d.last_upload_time_unix_nano),
+            labels.join(",")
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! `ingest serve`: every flag is also an `INGEST_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::auth::{OpsTokenSource, Token};
+use crate::config::{Config, Limits};
+use crate::domain::ReadingLimits;
+use crate::domain::reading::SensorName;
+use crate::storage::Database;
+use crate::storage::writer::WriterConfig;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// File holding the ops token. Without it (and without INGEST_OPS_TOKEN)
+    /// a token is generated into <data-dir>/ops.token at first start.
+    #[arg(long, env = "INGEST_OPS_TOKEN_FILE")]
+    ops_token_file: Option<PathBuf>,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "INGEST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Most readings in one batch.
+    #[arg(long, env = "INGEST_MAX_BATCH_READINGS", default_value_t = 10_000)]
+    max_batch_readings: usize,
+    /// Longest sensor name, in bytes (at most 255).
+    #[arg(long, env = "INGEST_MAX_SENSOR_NAME_LEN", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=SensorName::HARD_MAX_LEN as i64))]
+    max_sensor_name_len: u16,
+    /// How far ahead of the server's clock a reading's timestamp may be.
+    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    max_future_skew: Duration,
+    /// How long readings are kept; older readings are refused on arrival.
+    #[arg(long, env = "INGEST_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Batches of one upload stream waiting for their commit.
+    #[arg(long, env = "INGEST_MAX_INFLIGHT_BATCHES", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_inflight_batches: u32,
+    /// Batches queued for the writer, all streams together, before uploads
+    /// are slowed down.
+    #[arg(long, env = "INGEST_WRITER_QUEUE_BATCHES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    writer_queue_batches: u32,
+    /// Readings one group commit takes at most.
+    #[arg(long, env = "INGEST_MAX_GROUP_READINGS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_group_readings: u32,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "INGEST_HTTP2_MAX_STREAMS", default_value_t = 4096)]
+    http2_max_streams: u32,
+    /// After SIGINT/SIGTERM, how long open calls may take to finish.
+    #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+/// Where the data lives; shared by `serve` and `migrate`.
+#[derive(Debug, Args)]
+pub struct StorageArgs {
+    /// Data directory: the SQLite database and the generated ops token.
+    #[arg(long, env = "INGEST_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// postgres://user@host/db to use PostgreSQL (default: SQLite in the
+    /// data directory).
+    #[arg(long, env = "INGEST_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl StorageArgs {
+    pub fn database(&self) -> anyhow::Result<Database> {
+        Database::from_config(self.database_url.as_deref(), &self.data_dir)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        // The token itself is accepted only from the environment: a command
+        // line is visible to every user of the machine.
+        let ops_token = match (std::env::var("INGEST_OPS_TOKEN").ok(), self.ops_token_file) {
+            (Some(token), _) => OpsTokenSource::Value(Token::new(token.trim().to_owned())),
+            (None, Some(path)) => OpsTokenSource::File(path),
+            (None, None) => OpsTokenSource::Generated {
+                data_dir: self.storage.data_dir.clone(),
+            },
+        };
+        let mut config = Config::new(
+            self.storage.data_dir.clone(),
+            self.storage.database()?,
+            ops_token,
+        );
+        config.limits = Limits {
+            readings: ReadingLimits {
+                max_batch_readings: self.max_batch_readings,
+                max_sensor_name_len: usize::from(self.max_sensor_name_len),
+                max_future_skew: self.max_future_skew,
+                retention: self.retention,
+                ..ReadingLimits::default()
+            },
+            max_message_bytes: self.max_message_bytes,
+            max_inflight_batches: self.max_inflight_batches as usize,
+            max_concurrent_streams: self.http2_max_streams,
+        };
+        config.writer = WriterConfig {
+            queue_batches: self.writer_queue_batches as usize,
+            max_group_readings: self.max_group_readings as usize,
+        };
+        config.shutdown_grace = self.shutdown_grace;
+        Ok(config)
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let listen = args.listen;
+    let config = args.into_config()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    crate::server::run(config, listener, crate::shutdown::signal()).await
+}

@@ -1,0 +1,62 @@
+//! The server's configuration, as the library takes it. The `ingest serve`
+//! command line (see `cli::serve`) builds one; tests build one directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::OpsTokenSource;
+use crate::domain::ReadingLimits;
+use crate::storage::Database;
+use crate::storage::writer::WriterConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds the SQLite database (unless PostgreSQL is used) and the
+    /// generated ops token.
+    pub data_dir: PathBuf,
+    pub database: Database,
+    pub ops_token: OpsTokenSource,
+    pub limits: Limits,
+    pub writer: WriterConfig,
+    /// After a shutdown signal, how long to wait for open calls to finish
+    /// before closing their connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but where the data lives.
+    pub fn new(data_dir: PathBuf, database: Database, ops_token: OpsTokenSource) -> Self {
+        Self {
+            data_dir,
+            database,
+            ops_token,
+            limits: Limits::default(),
+            writer: WriterConfig::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Limits on what clients may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub readings: ReadingLimits,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Batches of one upload stream submitted but not yet committed.
+    pub max_inflight_batches: usize,
+    /// Concurrent HTTP/2 streams per connection: each device multiplexed on
+    /// a connection holds one or two.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            readings: ReadingLimits::default(),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_inflight_batches: 8,
+            max_concurrent_streams: 4096,
+        }
+    }
+}

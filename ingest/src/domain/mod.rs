@@ -1,0 +1,11 @@
+//! Domain types and rules, free of I/O: a value of these types has passed
+//! validation, so code past the API boundary never re-checks it.
+
+pub mod device;
+pub mod reading;
+pub mod summary;
+pub mod time;
+
+pub use device::{DeviceId, DisplayName, InvalidDevice, Labels};
+pub use reading::{BatchError, ReadingLimits, RejectReason, SensorName, Unit, ValidatedBatch};
+pub use summary::UploadTally;

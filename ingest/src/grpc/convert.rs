@@ -1,0 +1,77 @@
+//! Domain and storage values to protobuf messages.
+
+use telemetry_proto::v1 as pb;
+
+use crate::domain::{RejectReason, UploadTally};
+use crate::storage::DeviceRecord;
+
+pub fn device(d: DeviceRecord) -> pb::Device {
+    pb::Device {
+        device_id: d.id.as_str().to_owned(),
+        display_name: d.display_name.as_str().to_owned(),
+        labels: d
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        created_time_unix_nano: d.created.max(0) as u64,
+        committed_sequence: d.committed_sequence,
+        last_upload_time_unix_nano: d.last_upload.unwrap_or(0).max(0) as u64,
+    }
+}
+
+pub fn reject_reason(r: RejectReason) -> pb::RejectReason {
+    match r {
+        RejectReason::NonFiniteValue => pb::RejectReason::NonFiniteValue,
+        RejectReason::TimestampInFuture => pb::RejectReason::TimestampInFuture,
+        RejectReason::TimestampTooOld => pb::RejectReason::TimestampTooOld,
+        RejectReason::SensorNameEmpty => pb::RejectReason::SensorNameEmpty,
+        RejectReason::SensorNameTooLong => pb::RejectReason::SensorNameTooLong,
+        RejectReason::SensorNameMalformed => pb::RejectReason::SensorNameMalformed,
+        RejectReason::UnitMalformed => pb::RejectReason::UnitMalformed,
+    }
+}
+
+pub fn summary(t: UploadTally) -> pb::UploadSummary {
+    let readings_rejected = t.readings_rejected();
+    let (first, last) = t.time_range.unwrap_or((0, 0));
+    pb::UploadSummary {
+        batches_received: t.batches_received,
+        batches_committed: t.batches_committed,
+        duplicate_batches: t.duplicate_batches,
+        readings_accepted: t.readings_accepted,
+        readings_rejected,
+        rejections: t
+            .rejected_by_reason
+            .into_iter()
+            .map(|(reason, count)| pb::RejectionCount {
+                reason: reject_reason(reason) as i32,
+                count,
+            })
+            .collect(),
+        first_rejected: t
+            .first_rejected
+            .into_iter()
+            .map(|r| pb::RejectedReading {
+                sequence: r.sequence,
+                series_index: r.series_index,
+                reading_index: r.reading_index,
+                reason: reject_reason(r.reason) as i32,
+            })
+            .collect(),
+        committed_sequence: t.committed_sequence,
+        first_reading_time_unix_nano: first.max(0) as u64,
+        last_reading_time_unix_nano: last.max(0) as u64,
+        sensors: t
+            .sensors
+            .into_iter()
+            .map(|(sensor, s)| pb::SensorStats {
+                sensor: sensor.as_str().to_owned(),
+                count: s.count,
+                min: s.min,
+                max: s.max,
+                mean: s.mean(),
+            })
+            .collect(),
+    }
+}

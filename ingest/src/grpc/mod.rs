@@ -1,0 +1,11 @@
+//! The gRPC API: one file per service. Handlers are thin: parse the request
+//! into domain values, call the domain or storage layer, convert the answer;
+//! every error becomes a `tonic::Status` in [`status`].
+
+mod convert;
+pub mod ingest;
+pub mod ops;
+pub mod status;
+
+pub use ingest::IngestService;
+pub use ops::OpsService;

@@ -1,0 +1,83 @@
+//! Every error the API can return, mapped to a gRPC status in one place.
+//! The matches are exhaustive on purpose: a new error variant must be given
+//! a status here before the code compiles. Internal detail is logged, never
+//! sent to clients.
+
+use tonic::Status;
+
+use crate::domain::{BatchError, InvalidDevice};
+use crate::storage::StorageError;
+use crate::upload::{UploadError, UploadFailure};
+
+impl From<UploadFailure> for Status {
+    fn from(failure: UploadFailure) -> Self {
+        let resume = match failure.committed_sequence {
+            0 => "no batch of this device is committed yet".to_owned(),
+            n => format!("batches up to sequence {n} are committed; resume after it"),
+        };
+        match failure.error {
+            UploadError::Batch(e) => match e {
+                BatchError::TooManyReadings { .. } => {
+                    Status::resource_exhausted(format!("{e}; {resume}"))
+                }
+                BatchError::ZeroSequence
+                | BatchError::SequenceTooLarge(_)
+                | BatchError::ColumnMismatch { .. } => {
+                    Status::invalid_argument(format!("{e}; {resume}"))
+                }
+            },
+            UploadError::Sequence(e) => Status::invalid_argument(format!("{e}; {resume}")),
+            UploadError::MessageTooLarge(detail) => Status::resource_exhausted(format!(
+                "{detail}; send smaller batches or raise the server's --max-message-bytes; {resume}"
+            )),
+            // The client's own stream broke; it will not read an answer.
+            UploadError::Transport(status) => status,
+            UploadError::Storage(e) => with_context(storage(e), &resume),
+            UploadError::CommitFailed => {
+                Status::unavailable(format!("storage could not commit a batch; retry: {resume}"))
+            }
+            UploadError::ShuttingDown => Status::unavailable(format!(
+                "the server is shutting down; reconnect and retry: {resume}"
+            )),
+        }
+    }
+}
+
+fn with_context(status: Status, context: &str) -> Status {
+    Status::new(status.code(), format!("{}; {context}", status.message()))
+}
+
+/// Maps a storage error. `NotFound` and `AlreadyExists` have better messages
+/// where the caller knows what was looked for; see [`not_found`].
+pub fn storage(e: StorageError) -> Status {
+    match e {
+        StorageError::NotFound => Status::not_found("not found"),
+        StorageError::AlreadyExists => Status::already_exists("already exists"),
+        StorageError::WriterStopped => Status::unavailable("the server is shutting down; retry"),
+        StorageError::Database(_) | StorageError::Migrate(_) | StorageError::Corrupt(_) => {
+            tracing::error!(error = %e, "storage failure");
+            Status::unavailable("storage is unavailable; retry later")
+        }
+    }
+}
+
+/// Like [`storage`], naming what was not found or already existed.
+pub fn storage_about(e: StorageError, what: &str) -> Status {
+    match e {
+        StorageError::NotFound => Status::not_found(format!("{what} does not exist")),
+        StorageError::AlreadyExists => Status::already_exists(format!("{what} already exists")),
+        other => storage(other),
+    }
+}
+
+impl From<InvalidDevice> for Status {
+    fn from(e: InvalidDevice) -> Self {
+        match e {
+            InvalidDevice::Id(_)
+            | InvalidDevice::DisplayName(_)
+            | InvalidDevice::LabelKey(_)
+            | InvalidDevice::LabelValue(_)
+            | InvalidDevice::TooManyLabels(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}

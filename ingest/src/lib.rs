@@ -1,0 +1,30 @@
+//! telemetry-ingest: devices stream sensor readings over gRPC; the server
+//! validates them, commits them to SQLite or PostgreSQL and answers each
+//! upload with a summary.
+//!
+//! Where a reading goes:
+//!
+//! - [`auth`]: a tower layer authenticates every call (device or ops token)
+//!   before any handler runs.
+//! - [`grpc`]: one file per service; thin handlers, one status mapping.
+//! - [`upload`]: an upload stream: validate each batch ([`domain::reading`]),
+//!   hand it to the writer, tally the summary ([`domain::summary`]).
+//! - [`storage::writer`]: group commit of many streams' batches; bounded, so
+//!   a slow database slows devices through HTTP/2 flow control.
+//! - [`storage`]: one interface, a module per backend, migrations in
+//!   `migrations/{sqlite,postgres}`.
+//!
+//! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod server;
+pub mod shutdown;
+pub mod storage;
+pub mod upload;
+
+pub use config::{Config, Limits};
+pub use server::run;

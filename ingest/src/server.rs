@@ -1,0 +1,104 @@
+//! Assembles the service and serves it until shutdown.
+//!
+//! Shutdown, in order: stop accepting connections; tell open upload streams
+//! to stop reading (they wait for their in-flight batches to commit and
+//! answer); wait for open calls, at most the grace period; let the writer
+//! drain its queue; close the database.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use telemetry_proto::v1::ingest_server::IngestServer;
+use telemetry_proto::v1::ops_server::OpsServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
+use crate::config::Config;
+use crate::grpc::{IngestService, OpsService};
+use crate::storage::{Store, writer};
+use crate::upload::UploadContext;
+
+/// Serves on `listener` until `shutdown` resolves, then stops gracefully.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let ops_token = resolve_ops_token(&config.ops_token)?;
+    let store = Store::open(&config.database)
+        .await
+        .context("opening the database")?;
+    let local_addr = listener.local_addr()?;
+    tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
+
+    let (writer, writer_task) = writer::spawn(&store, &config.writer);
+    let (stopping_tx, stopping) = watch::channel(false);
+    let upload = UploadContext {
+        store: store.clone(),
+        writer,
+        limits: config.limits.readings.clone(),
+        max_inflight_batches: config.limits.max_inflight_batches,
+        shutdown: stopping.clone(),
+    };
+    let max_message = config.limits.max_message_bytes;
+    let ingest =
+        IngestServer::new(IngestService::new(upload)).max_decoding_message_size(max_message);
+    let ops = OpsServer::new(OpsService::new(store.clone())).max_decoding_message_size(max_message);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IngestServer<IngestService>>().await;
+    health.set_serving::<OpsServer<OpsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(telemetry_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let auth = Arc::new(Authenticator::new(ops_token.hash(), store.clone()));
+    let signal = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing open calls");
+            health
+                .set_not_serving::<IngestServer<IngestService>>()
+                .await;
+            health.set_not_serving::<OpsServer<OpsService>>().await;
+            let _ = stopping_tx.send(true);
+        }
+    };
+    let serve = Server::builder()
+        .http2_adaptive_window(Some(true))
+        .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .layer(AuthLayer::new(auth))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ingest)
+        .add_service(ops)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+
+    let mut stopped = stopping;
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = serve => result.context("serving gRPC")?,
+        () = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "grace period over; closing the remaining connections"),
+    }
+
+    // Every writer handle lived in the services, now dropped: the writer
+    // commits what is queued and stops.
+    if tokio::time::timeout(grace, writer_task).await.is_err() {
+        tracing::warn!("the writer did not drain within the grace period");
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Durable storage: one interface ([`Store`]), one module per backend, and
+//! the group-commit [`writer`] every upload stream hands its batches to.
+//!
+//! The backend is chosen at run time from the database URL: SQLite (the
+//! embedded default, a file in the data directory) or PostgreSQL.
+
+mod error;
+mod postgres;
+mod sqlite;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+
+pub use error::StorageError;
+
+use crate::auth::TokenHash;
+use crate::domain::time::UnixNanos;
+use crate::domain::{DeviceId, DisplayName, Labels, SensorName, Unit};
+
+/// A registered device as stored.
+#[derive(Debug, Clone)]
+pub struct DeviceRecord {
+    /// Internal key; other tables refer to the device by it.
+    pub pk: i64,
+    pub id: DeviceId,
+    pub display_name: DisplayName,
+    pub labels: Labels,
+    pub created: UnixNanos,
+    pub committed_sequence: u64,
+    pub last_upload: Option<UnixNanos>,
+}
+
+/// A device to register.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub display_name: DisplayName,
+    pub labels: Labels,
+    pub token_hash: TokenHash,
+    pub created: UnixNanos,
+}
+
+/// The identity behind a device token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKey {
+    pub pk: i64,
+    pub id: DeviceId,
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite { path: std::path::PathBuf },
+    Postgres { url: String },
+}
+
+impl Database {
+    /// `--database-url` if given (postgres:// or sqlite://), else the SQLite
+    /// file in the data directory.
+    pub fn from_config(url: Option<&str>, data_dir: &Path) -> Result<Self, String> {
+        match url {
+            None => Ok(Self::Sqlite {
+                path: data_dir.join("telemetry.db"),
+            }),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Self::Postgres { url: u.to_owned() })
+            }
+            Some(u) if u.starts_with("sqlite://") => Ok(Self::Sqlite {
+                path: u.trim_start_matches("sqlite://").into(),
+            }),
+            Some(_) => {
+                Err("--database-url must start with postgres://, postgresql:// or sqlite://".into())
+            }
+        }
+    }
+}
+
+/// The storage interface; each method dispatches to the backend.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Connects and brings the schema up to date.
+    pub async fn open(db: &Database) -> Result<Self, StorageError> {
+        let store = match db {
+            Database::Sqlite { path } => Self::Sqlite(sqlite::SqliteStore::connect(path).await?),
+            Database::Postgres { url } => Self::Postgres(postgres::PgStore::connect(url).await?),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    pub async fn register_device(&self, device: &NewDevice) -> Result<DeviceRecord, StorageError> {
+        dispatch!(self, s => s.register_device(device).await)
+    }
+
+    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
+        dispatch!(self, s => s.get_device(id).await)
+    }
+
+    /// Devices ordered by id, starting after `after`.
+    pub async fn list_devices(
+        &self,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StorageError> {
+        dispatch!(self, s => s.list_devices(after, limit).await)
+    }
+
+    pub async fn device_by_token(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<DeviceKey>, StorageError> {
+        dispatch!(self, s => s.device_by_token(hash).await)
+    }
+
+    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
+        dispatch!(self, s => s.committed_sequence(device_pk).await)
+    }
+
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+}
+
+/// The columns of many batches' readings, ready for one bulk insert.
+#[derive(Debug, Default)]
+pub struct ReadingColumns {
+    pub sensor_pk: Vec<i64>,
+    pub time: Vec<i64>,
+    pub value: Vec<f64>,
+}
+
+impl ReadingColumns {
+    pub fn len(&self) -> usize {
+        self.sensor_pk.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sensor_pk.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.sensor_pk.clear();
+        self.time.clear();
+        self.value.clear();
+    }
+}
+
+/// One group commit's transaction. Each backend implements it with the bulk
+/// statement it does fastest; the writer drives it the same way for both.
+pub(crate) trait GroupTx: Send + Sized {
+    /// The committed sequence of each device, locked until commit so another
+    /// server process cannot commit the same batch concurrently.
+    fn committed_sequences(
+        &mut self,
+        device_pks: &[i64],
+    ) -> impl Future<Output = Result<HashMap<i64, u64>, sqlx::Error>> + Send;
+
+    /// The pk of a device's sensor, created if new.
+    fn sensor_pk(
+        &mut self,
+        device_pk: i64,
+        sensor: &SensorName,
+        unit: &Unit,
+    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+
+    fn insert_readings(
+        &mut self,
+        rows: &ReadingColumns,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    fn set_committed_sequences(
+        &mut self,
+        updates: &[(i64, u64)],
+        now: UnixNanos,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    fn commit(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StorageError> {
+    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+fn device_from_parts(
+    pk: i64,
+    id: String,
+    display_name: String,
+    labels: &str,
+    created: i64,
+    committed_sequence: i64,
+    last_upload: Option<i64>,
+) -> Result<DeviceRecord, StorageError> {
+    Ok(DeviceRecord {
+        pk,
+        id: DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
+        display_name: DisplayName::from_trusted(display_name),
+        labels: Labels::from_json(labels)
+            .map_err(|e| StorageError::Corrupt(format!("labels of device {id}: {e}")))?,
+        created,
+        committed_sequence: to_u64(committed_sequence, "committed_sequence")?,
+        last_upload,
+    })
+}

@@ -1,0 +1,214 @@
+//! PostgreSQL backend, chosen by `--database-url postgres://...`.
+//!
+//! Readings go in with one `INSERT ... SELECT FROM UNNEST(...)` per group:
+//! three array parameters however many rows, so the statement is prepared
+//! once and the rows travel in PostgreSQL's binary array format.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{
+    DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError, device_from_parts,
+    to_u64,
+};
+use crate::auth::TokenHash;
+use crate::domain::time::UnixNanos;
+use crate::domain::{DeviceId, SensorName, Unit};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const DEVICE_COLUMNS: &str = "pk, device_id, display_name, labels::text, created_unix_nano, committed_sequence, last_upload_unix_nano";
+
+fn device_row(row: &PgRow) -> Result<DeviceRecord, StorageError> {
+    device_from_parts(
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        &row.try_get::<String, _>(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    )
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
+        let sql = format!(
+            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano) \
+             VALUES ($1, $2, $3::jsonb, $4, $5) RETURNING {DEVICE_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(d.id.as_str())
+            .bind(d.display_name.as_str())
+            .bind(d.labels.to_json())
+            .bind(d.token_hash.as_bytes().as_slice())
+            .bind(d.created)
+            .fetch_one(&self.pool)
+            .await?;
+        device_row(&row)
+    }
+
+    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        device_row(&row)
+    }
+
+    pub async fn list_devices(
+        &self,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StorageError> {
+        // COLLATE "C" orders like SQLite's byte-wise comparison, so pages are
+        // the same on both backends whatever the database's locale.
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id COLLATE \"C\" > $1 \
+             ORDER BY device_id COLLATE \"C\" LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.map_or("", DeviceId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(device_row).collect()
+    }
+
+    pub async fn device_by_token(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<DeviceKey>, StorageError> {
+        let row = sqlx::query("SELECT pk, device_id FROM devices WHERE token_sha256 = $1")
+            .bind(hash.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let id: String = r.try_get(1)?;
+            Ok(DeviceKey {
+                pk: r.try_get(0)?,
+                id: DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
+        let seq: i64 = sqlx::query_scalar("SELECT committed_sequence FROM devices WHERE pk = $1")
+            .bind(device_pk)
+            .fetch_one(&self.pool)
+            .await?;
+        to_u64(seq, "committed_sequence")
+    }
+
+    pub(crate) async fn begin_group(&self) -> Result<PgGroupTx, sqlx::Error> {
+        Ok(PgGroupTx {
+            tx: self.pool.begin().await?,
+        })
+    }
+}
+
+pub(crate) struct PgGroupTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl GroupTx for PgGroupTx {
+    async fn committed_sequences(
+        &mut self,
+        device_pks: &[i64],
+    ) -> Result<HashMap<i64, u64>, sqlx::Error> {
+        // Locked in pk order so that two server processes sharing the
+        // database cannot deadlock on each other's groups.
+        let rows = sqlx::query(
+            "SELECT pk, committed_sequence FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE",
+        )
+        .bind(device_pks)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)?.max(0) as u64)))
+            .collect()
+    }
+
+    async fn sensor_pk(
+        &mut self,
+        device_pk: i64,
+        sensor: &SensorName,
+        unit: &Unit,
+    ) -> Result<i64, sqlx::Error> {
+        // The no-op update makes RETURNING yield the existing row too.
+        sqlx::query_scalar(
+            "INSERT INTO sensors (device_pk, sensor, unit) VALUES ($1, $2, $3) \
+             ON CONFLICT (device_pk, sensor, unit) DO UPDATE SET unit = excluded.unit \
+             RETURNING pk",
+        )
+        .bind(device_pk)
+        .bind(sensor.as_str())
+        .bind(unit.as_str())
+        .fetch_one(&mut *self.tx)
+        .await
+    }
+
+    async fn insert_readings(&mut self, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO readings (sensor_pk, time_unix_nano, value) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::float8[])",
+        )
+        .bind(&rows.sensor_pk)
+        .bind(&rows.time)
+        .bind(&rows.value)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_committed_sequences(
+        &mut self,
+        updates: &[(i64, u64)],
+        now: UnixNanos,
+    ) -> Result<(), sqlx::Error> {
+        let pks: Vec<i64> = updates.iter().map(|u| u.0).collect();
+        let seqs: Vec<i64> = updates.iter().map(|u| u.1 as i64).collect();
+        sqlx::query(
+            "UPDATE devices AS d SET committed_sequence = u.seq, last_upload_unix_nano = $3 \
+             FROM UNNEST($1::int8[], $2::int8[]) AS u(pk, seq) WHERE d.pk = u.pk",
+        )
+        .bind(&pks)
+        .bind(&seqs)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}

@@ -1,0 +1,300 @@
+//! The group-commit writer: every upload stream hands its validated batches
+//! to one task, which commits the batches of many streams in one transaction
+//! and answers each stream once its batch is durable.
+//!
+//! The queue in front of it is bounded. When the database is slow the queue
+//! fills, `submit` waits, the upload handler stops reading its stream, and
+//! HTTP/2 flow control slows the devices down: memory stays flat.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::postgres::{PgGroupTx, PgStore};
+use super::sqlite::{SqliteGroupTx, SqliteStore};
+use super::{GroupTx, ReadingColumns, StorageError, Store};
+use crate::domain::reading::SeriesRows;
+use crate::domain::time::now_unix_nanos;
+use crate::domain::{SensorName, Unit};
+
+/// How the writer batches work.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Batches waiting for the writer before `submit` blocks.
+    pub queue_batches: usize,
+    /// A group stops taking more batches once it holds this many readings.
+    pub max_group_readings: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            queue_batches: 1024,
+            max_group_readings: 50_000,
+        }
+    }
+}
+
+/// What became of a submitted batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Stored; the device's high-water mark is now at least `committed_sequence`.
+    Committed { committed_sequence: u64 },
+    /// Its sequence was already committed; nothing was stored.
+    Duplicate { committed_sequence: u64 },
+}
+
+/// The group holding the batch failed to commit; nothing of it was stored.
+/// The cause is logged by the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the batch could not be committed")]
+pub struct CommitFailed;
+
+pub type CommitResult = Result<BatchOutcome, CommitFailed>;
+
+struct PendingBatch {
+    device_pk: i64,
+    sequence: u64,
+    series: Vec<SeriesRows>,
+    reply: oneshot::Sender<CommitResult>,
+    /// Set when an earlier batch of the same stream failed to commit.
+    stream_failed: Arc<AtomicBool>,
+}
+
+impl PendingBatch {
+    fn readings(&self) -> usize {
+        self.series.iter().map(|s| s.times.len()).sum()
+    }
+}
+
+/// The way to the writer. The writer stops once every handle is dropped and
+/// the queue is drained.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<PendingBatch>,
+}
+
+impl WriterHandle {
+    /// A submitter for one upload stream of one device.
+    pub fn stream(&self, device_pk: i64) -> StreamWriter {
+        StreamWriter {
+            tx: self.tx.clone(),
+            device_pk,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Submits one stream's batches, in order.
+///
+/// Once a batch of the stream fails to commit, its later batches (already
+/// queued behind it) fail too, without touching the database: committing
+/// them would move the device's high-water mark past the failed batch, and
+/// the device, resuming from that mark, would never resend it.
+pub struct StreamWriter {
+    tx: mpsc::Sender<PendingBatch>,
+    device_pk: i64,
+    failed: Arc<AtomicBool>,
+}
+
+impl StreamWriter {
+    /// Queues a batch, waiting while the queue is full. The receiver
+    /// resolves once the batch's group has committed (or failed).
+    pub async fn submit(
+        &self,
+        sequence: u64,
+        series: Vec<SeriesRows>,
+    ) -> Result<oneshot::Receiver<CommitResult>, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(PendingBatch {
+                device_pk: self.device_pk,
+                sequence,
+                series,
+                reply,
+                stream_failed: self.failed.clone(),
+            })
+            .await
+            .map_err(|_| StorageError::WriterStopped)?;
+        Ok(rx)
+    }
+}
+
+/// Starts the writer for `store`.
+pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
+    let max = config.max_group_readings.max(1);
+    let task = match store {
+        Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max)),
+        Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max)),
+    };
+    (WriterHandle { tx }, task)
+}
+
+/// A backend that can open a group-commit transaction.
+trait BeginGroup: Send + Sync + 'static {
+    type Tx: GroupTx;
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx, sqlx::Error>> + Send;
+}
+
+impl BeginGroup for SqliteStore {
+    type Tx = SqliteGroupTx;
+    async fn begin(&self) -> Result<SqliteGroupTx, sqlx::Error> {
+        self.begin_group().await
+    }
+}
+
+impl BeginGroup for PgStore {
+    type Tx = PgGroupTx;
+    async fn begin(&self) -> Result<PgGroupTx, sqlx::Error> {
+        self.begin_group().await
+    }
+}
+
+type SensorKey = (i64, SensorName, Unit);
+
+/// Sensor pks already in the database, so a steady stream of readings
+/// costs no lookups. Devices times sensors is small; the cap only guards
+/// against a pathological fleet.
+const MAX_CACHED_SENSORS: usize = 1_000_000;
+
+async fn run<B: BeginGroup>(
+    backend: B,
+    mut rx: mpsc::Receiver<PendingBatch>,
+    max_group_readings: usize,
+) {
+    let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
+    let mut columns = ReadingColumns::default();
+    let mut group = Vec::new();
+    while let Some(first) = rx.recv().await {
+        // Whatever queued while the previous group committed joins this one:
+        // under load groups grow by themselves, when idle a batch commits
+        // alone without waiting.
+        let mut readings = first.readings();
+        group.push(first);
+        while readings < max_group_readings {
+            match rx.try_recv() {
+                Ok(next) => {
+                    readings += next.readings();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (doomed, live): (Vec<_>, Vec<_>) = group
+            .drain(..)
+            .partition(|b| b.stream_failed.load(Ordering::Acquire));
+        for batch in doomed {
+            let _ = batch.reply.send(Err(CommitFailed));
+        }
+        group = live;
+        if group.is_empty() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        match commit_group(&backend, &group, &mut sensors, &mut columns).await {
+            Ok(outcomes) => {
+                tracing::debug!(
+                    batches = group.len(),
+                    readings,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "group committed"
+                );
+                for (batch, outcome) in group.drain(..).zip(outcomes) {
+                    // A stream that went away no longer needs the answer.
+                    let _ = batch.reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, batches = group.len(), readings, "group commit failed");
+                for batch in group.drain(..) {
+                    batch.stream_failed.store(true, Ordering::Release);
+                    let _ = batch.reply.send(Err(CommitFailed));
+                }
+            }
+        }
+        if sensors.len() > MAX_CACHED_SENSORS {
+            sensors.clear();
+        }
+        if columns.sensor_pk.capacity() > 4 * max_group_readings {
+            columns = ReadingColumns::default();
+        }
+    }
+    tracing::debug!("writer stopped: queue closed and drained");
+}
+
+/// Commits one group: decides duplicates against the stored high-water
+/// marks, inserts every other batch's readings with one bulk statement and
+/// advances the marks, all in one transaction.
+async fn commit_group<B: BeginGroup>(
+    backend: &B,
+    group: &[PendingBatch],
+    sensors: &mut HashMap<SensorKey, i64>,
+    columns: &mut ReadingColumns,
+) -> Result<Vec<BatchOutcome>, sqlx::Error> {
+    let mut tx = backend.begin().await?;
+    let mut device_pks: Vec<i64> = group.iter().map(|b| b.device_pk).collect();
+    device_pks.sort_unstable();
+    device_pks.dedup();
+    let stored = tx.committed_sequences(&device_pks).await?;
+    let mut marks = stored.clone();
+
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut new_sensors: HashMap<SensorKey, i64> = HashMap::new();
+    columns.clear();
+    for batch in group {
+        let Some(mark) = marks.get_mut(&batch.device_pk) else {
+            // Authentication found the device, so its row exists.
+            return Err(sqlx::Error::RowNotFound);
+        };
+        if batch.sequence <= *mark {
+            outcomes.push(BatchOutcome::Duplicate {
+                committed_sequence: *mark,
+            });
+            continue;
+        }
+        *mark = batch.sequence;
+        for series in &batch.series {
+            let key = (batch.device_pk, series.sensor.clone(), series.unit.clone());
+            let pk = match sensors.get(&key).or_else(|| new_sensors.get(&key)) {
+                Some(&pk) => pk,
+                None => {
+                    let pk = tx
+                        .sensor_pk(batch.device_pk, &series.sensor, &series.unit)
+                        .await?;
+                    new_sensors.insert(key, pk);
+                    pk
+                }
+            };
+            columns
+                .sensor_pk
+                .extend(std::iter::repeat_n(pk, series.times.len()));
+            columns.time.extend_from_slice(&series.times);
+            columns.value.extend_from_slice(&series.values);
+        }
+        outcomes.push(BatchOutcome::Committed {
+            committed_sequence: batch.sequence,
+        });
+    }
+
+    if !columns.is_empty() {
+        tx.insert_readings(columns).await?;
+    }
+    let advanced: Vec<(i64, u64)> = marks
+        .iter()
+        .filter(|(pk, mark)| stored.get(pk) != Some(mark))
+        .map(|(&pk, &mark)| (pk, mark))
+        .collect();
+    if !advanced.is_empty() {
+        tx.set_committed_sequences(&advanced, now_unix_nanos())
+            .await?;
+    }
+    tx.commit().await?;
+    // Only now: a rolled-back group's new sensor rows do not exist.
+    sensors.extend(new_sensors);
+    Ok(outcomes)
+}
