@@ -1,0 +1,395 @@
+//! Test harness: the real server on 127.0.0.1:0, real HTTP/2 clients, real
+//! databases (a temporary SQLite file; a fresh PostgreSQL database per test).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ingest::auth::{OpsTokenSource, Token};
+use ingest::storage::Database;
+use ingest::{Config, Limits};
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ingest_client::IngestClient;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Runs an async test body once per backend: `backend_tests!(name, ...)`
+/// expands to `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(Some(format!("Bearer {token}").parse().unwrap()))
+    }
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
+pub type Ingest = IngestClient<InterceptedService<Channel, Bearer>>;
+
+/// Storage that outlives a server, so a test can restart on the same data.
+pub struct TestStorage {
+    pub data_dir: tempfile::TempDir,
+    pub database: Database,
+    pg: Option<PgTestDb>,
+}
+
+impl TestStorage {
+    /// `None` when PostgreSQL is not reachable and not required: the test
+    /// is skipped, loudly.
+    pub async fn new(backend: Backend) -> Option<Self> {
+        let data_dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => Some(Self {
+                database: Database::Sqlite {
+                    path: data_dir.path().join("telemetry.db"),
+                },
+                data_dir,
+                pg: None,
+            }),
+            Backend::Postgres => {
+                let pg = PgTestDb::create().await?;
+                Some(Self {
+                    database: Database::Postgres {
+                        url: pg.url.clone(),
+                    },
+                    data_dir,
+                    pg: Some(pg),
+                })
+            }
+        }
+    }
+
+    /// A direct connection for checking what is stored.
+    pub async fn count_readings(&self) -> i64 {
+        self.scalar("SELECT COUNT(*) FROM readings").await
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match &self.database {
+            Database::Sqlite { path } => {
+                let url = format!("sqlite://{}", path.display());
+                let mut conn: sqlx::SqliteConnection =
+                    sqlx::Connection::connect(&url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+            Database::Postgres { url } => {
+                let mut conn: sqlx::PgConnection = sqlx::Connection::connect(url).await.unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+}
+
+pub const OPS_TOKEN: &str = "ops_test_token";
+
+/// A running server.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub storage: TestStorage,
+    pub limits: Limits,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Option<Self> {
+        Self::start_with(backend, Limits::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, limits: Limits) -> Option<Self> {
+        let storage = TestStorage::new(backend).await?;
+        Some(Self::start_on(storage, limits).await)
+    }
+
+    pub async fn start_on(storage: TestStorage, limits: Limits) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = Config::new(
+            storage.data_dir.path().to_owned(),
+            storage.database.clone(),
+            OpsTokenSource::Value(Token::new(OPS_TOKEN.into())),
+        );
+        config.limits = limits.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(ingest::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            storage,
+            limits,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Sends the shutdown signal and waits until the server has stopped.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops the server and starts a new one on the same storage.
+    pub async fn restart(mut self) -> Self {
+        self.stop().await;
+        let storage = std::mem::replace(&mut self.storage, TestStorage::placeholder());
+        Self::start_on(storage, self.limits.clone()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn ops(&self) -> Ops {
+        OpsClient::with_interceptor(self.channel().await, Bearer::new(OPS_TOKEN))
+    }
+
+    pub async fn ops_with(&self, bearer: Bearer) -> Ops {
+        OpsClient::with_interceptor(self.channel().await, bearer)
+    }
+
+    pub async fn ingest(&self, token: &str) -> Ingest {
+        IngestClient::with_interceptor(self.channel().await, Bearer::new(token))
+    }
+
+    pub async fn ingest_with(&self, bearer: Bearer) -> Ingest {
+        IngestClient::with_interceptor(self.channel().await, bearer)
+    }
+
+    /// Registers a device and returns its token.
+    pub async fn register(&self, device_id: &str) -> String {
+        self.ops()
+            .await
+            .register_device(pb::RegisterDeviceRequest {
+                device_id: device_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl TestStorage {
+    fn placeholder() -> Self {
+        Self {
+            data_dir: tempfile::tempdir().unwrap(),
+            database: Database::Sqlite {
+                path: PathBuf::new(),
+            },
+            pg: None,
+        }
+    }
+}
+
+/// A fresh PostgreSQL database, dropped with the value.
+struct PgTestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgTestDb {
+    async fn create() -> Option<Self> {
+        let admin_url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let required = std::env::var("REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+        let mut admin: sqlx::PgConnection = match sqlx::Connection::connect(&admin_url).await {
+            Ok(conn) => conn,
+            Err(e) if required => {
+                panic!("REQUIRE_POSTGRES=1 but PostgreSQL at {admin_url} is unreachable: {e}")
+            }
+            Err(e) => {
+                eprintln!(
+                    "\n!!!!!!!! SKIPPED: PostgreSQL at {admin_url} is unreachable ({e}).\n\
+                     !!!!!!!! Set TEST_DATABASE_URL, or REQUIRE_POSTGRES=1 to make this a failure.\n"
+                );
+                return None;
+            }
+        };
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "ingest_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand_suffix()
+        );
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let url = with_database(&admin_url, &name);
+        Some(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on async
+        // work: use a runtime of our own on another thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = sqlx::Connection::connect(&admin_url).await {
+                    let admin: &mut sqlx::PgConnection = &mut admin;
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// `postgres://u@h:p/db?x` with `db` replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{}{}", &base[..host_end], name, query)
+}
+
+// ---- building requests ----------------------------------------------------
+
+pub fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+pub fn series(sensor: &str, unit: &str, points: &[(u64, f64)]) -> pb::SensorSeries {
+    pb::SensorSeries {
+        sensor: sensor.into(),
+        unit: unit.into(),
+        time_unix_nano: points.iter().map(|p| p.0).collect(),
+        value: points.iter().map(|p| p.1).collect(),
+    }
+}
+
+pub fn batch(sequence: u64, series: Vec<pb::SensorSeries>) -> pb::ReadingBatch {
+    pb::ReadingBatch { sequence, series }
+}
+
+/// A batch of `n` good temperature readings.
+pub fn simple_batch(sequence: u64, n: usize) -> pb::ReadingBatch {
+    let t = now_nanos();
+    let points: Vec<_> = (0..n)
+        .map(|i| (t - i as u64 * 1000, 20.0 + i as f64))
+        .collect();
+    batch(sequence, vec![series("temperature", "Cel", &points)])
+}
+
+pub async fn upload(
+    client: &mut Ingest,
+    batches: Vec<pb::ReadingBatch>,
+) -> Result<pb::UploadSummary, tonic::Status> {
+    client
+        .upload_readings(tokio_stream::iter(batches))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn cursor(client: &mut Ingest) -> u64 {
+    client
+        .get_upload_cursor(pb::GetUploadCursorRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_sequence
+}
