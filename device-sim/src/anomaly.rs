@@ -32,9 +32,18 @@ impl AnomalyKind {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
     Normal,
-    Drift { offset: f64, step: f64, remaining: u32 },
-    Stuck { value: f64, remaining: u32 },
-    Dropout { remaining: u32 },
+    Drift {
+        offset: f64,
+        step: f64,
+        remaining: u32,
+    },
+    Stuck {
+        value: f64,
+        remaining: u32,
+    },
+    Dropout {
+        remaining: u32,
+    },
 }
 
 /// What became of one sample.
@@ -172,8 +181,11 @@ mod tests {
 
     #[test]
     fn rate_zero_leaves_values_alone() {
-        assert!(run(0.0, 10_000, 1).iter().all(|i| i.value == Some(10.0)
-            && i.started.is_none()));
+        assert!(
+            run(0.0, 10_000, 1)
+                .iter()
+                .all(|i| i.value == Some(10.0) && i.started.is_none())
+        );
     }
 
     #[test]
@@ -187,7 +199,10 @@ mod tests {
         }
         // Spikes are far outside the span; drift moves off the true value;
         // dropouts send nothing.
-        assert!(out.iter().any(|i| i.value.is_some_and(|v| (v - 10.0).abs() >= 100.0)));
+        assert!(
+            out.iter()
+                .any(|i| i.value.is_some_and(|v| (v - 10.0).abs() >= 100.0))
+        );
         assert!(out.iter().any(|i| i.value.is_some_and(|v| {
             let d = (v - 10.0).abs();
             d > 0.0 && d < 100.0

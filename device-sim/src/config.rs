@@ -14,20 +14,42 @@ use clap::Parser;
 /// over long-lived `UploadReadings` streams, resending whatever the server has
 /// not acknowledged after a failure. Stop with Ctrl-C (twice to skip the
 /// final acknowledgement wait) or with --duration.
-#[derive(Debug, Clone, Parser)]
+// No Debug: it would print the ops token.
+#[derive(Clone, Parser)]
 #[command(name = "device-sim", version, about, long_about)]
 pub struct Args {
     /// gRPC endpoint of the ingest server.
-    #[arg(long, env = "DEVICE_SIM_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "DEVICE_SIM_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
 
     /// Ops token, used to register devices that have no stored credentials.
     #[arg(long, env = "DEVICE_SIM_OPS_TOKEN", hide_env_values = true)]
     pub ops_token: Option<String>,
 
-    /// File holding the ops token, read when --ops-token is not given.
-    #[arg(long, env = "DEVICE_SIM_OPS_TOKEN_FILE", default_value = "./data/ops.token")]
-    pub ops_token_file: PathBuf,
+    /// File holding the ops token, read when --ops-token is not given
+    /// [default: <data-dir>/ops.token].
+    #[arg(long, env = "DEVICE_SIM_OPS_TOKEN_FILE")]
+    pub ops_token_file: Option<PathBuf>,
+
+    /// Directory of the ops token and credentials files; with
+    /// --local-server, also where the server keeps its SQLite database.
+    #[arg(long, env = "DEVICE_SIM_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Start the real ingest server in this process (SQLite in --data-dir,
+    /// listening on --listen) and run the fleet against it: the whole
+    /// system in one command, no setup.
+    #[arg(long, env = "DEVICE_SIM_LOCAL_SERVER")]
+    pub local_server: bool,
+
+    /// With --local-server: the address the server listens on, so the
+    /// `ingest` CLI can reach it while the demo runs.
+    #[arg(long, env = "DEVICE_SIM_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: std::net::SocketAddr,
 
     /// Number of simulated devices.
     #[arg(long, env = "DEVICE_SIM_DEVICES", default_value_t = 20,
@@ -49,13 +71,14 @@ pub struct Args {
     pub sample_rate: f64,
 
     /// Samples per sensor in one batch.
-    #[arg(long, env = "DEVICE_SIM_BATCH_SIZE", default_value_t = 50,
+    #[arg(long, env = "DEVICE_SIM_BATCH_SIZE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
 
     /// Batches carried by one UploadReadings stream before it is closed and
-    /// its summary (the acknowledgement) awaited.
-    #[arg(long, env = "DEVICE_SIM_BATCHES_PER_STREAM", default_value_t = 20,
+    /// its summary (the acknowledgement) awaited. More batches per stream
+    /// cost fewer round trips but delay every acknowledgement.
+    #[arg(long, env = "DEVICE_SIM_BATCHES_PER_STREAM", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batches_per_stream: u32,
 
@@ -68,9 +91,10 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: u32,
 
-    /// JSON file mapping device id to device token (written with mode 0600).
-    #[arg(long, env = "DEVICE_SIM_CREDENTIALS_FILE", default_value = "./data/sim-credentials.json")]
-    pub credentials_file: PathBuf,
+    /// JSON file mapping device id to device token, written with mode 0600
+    /// [default: <data-dir>/sim-credentials.json].
+    #[arg(long, env = "DEVICE_SIM_CREDENTIALS_FILE")]
+    pub credentials_file: Option<PathBuf>,
 
     /// Inject anomalies (spikes, drifts, stuck values, dropouts) into readings.
     #[arg(long, env = "DEVICE_SIM_ANOMALIES")]
@@ -95,8 +119,8 @@ pub struct Args {
     pub quiet: bool,
 }
 
-/// Validated settings derived from [`Args`].
-#[derive(Debug, Clone)]
+/// Validated settings derived from [`Args`]. No Debug, like [`Args`].
+#[derive(Clone)]
 pub struct Config {
     pub server: String,
     pub ops_token: Option<String>,
@@ -155,7 +179,9 @@ impl Config {
         Ok(Self {
             server,
             ops_token: args.ops_token,
-            ops_token_file: args.ops_token_file,
+            ops_token_file: args
+                .ops_token_file
+                .unwrap_or_else(|| args.data_dir.join("ops.token")),
             devices: args.devices,
             device_prefix: args.device_prefix,
             sensors: usize::try_from(args.sensors).context("--sensors is too large")?,
@@ -164,9 +190,10 @@ impl Config {
             batches_per_stream: usize::try_from(args.batches_per_stream)
                 .context("--batches-per-stream is too large")?,
             duration: args.duration.map(Into::into),
-            connections: usize::try_from(args.connections)
-                .context("--connections is too large")?,
-            credentials_file: args.credentials_file,
+            connections: usize::try_from(args.connections).context("--connections is too large")?,
+            credentials_file: args
+                .credentials_file
+                .unwrap_or_else(|| args.data_dir.join("sim-credentials.json")),
             anomaly_rate: args.anomalies.then_some(args.anomaly_rate),
             max_buffered_batches: usize::try_from(args.max_buffered_batches)
                 .context("--max-buffered-batches is too large")?,
@@ -227,7 +254,11 @@ mod tests {
         let cfg = parse(&[]).expect("defaults");
         assert_eq!(cfg.devices, 20);
         assert_eq!(cfg.sensors, 4);
-        assert_eq!(cfg.batch_period(), Duration::from_secs(5));
+        assert_eq!(cfg.batch_period(), Duration::from_secs(1));
+        assert_eq!(
+            cfg.credentials_file,
+            PathBuf::from("./data/sim-credentials.json")
+        );
         assert_eq!(cfg.anomaly_rate, None);
         assert_eq!(cfg.device_id(1), "sim-00001");
         assert_eq!(cfg.device_id(123_456), "sim-123456");

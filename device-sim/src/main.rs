@@ -1,1 +1,85 @@
-fn main() {}
+//! `device-sim`: a fleet of simulated IoT devices for telemetry-ingest, and
+//! its load generator.
+//!
+//! Each device registers once through `Ops.RegisterDevice` (its token is kept
+//! in a credentials file, since the server shows it only once), learns where
+//! to resume from `Ingest.GetUploadCursor`, then samples realistic sensor
+//! signals and uploads them in batches over `Ingest.UploadReadings` streams.
+//! A batch counts as delivered only when a stream summary reports it
+//! committed; anything else is kept and resent after a failure, so a server
+//! restart loses nothing (the server skips duplicates).
+//!
+//! Run `device-sim --help` for the flags; every flag can also be set through
+//! a `DEVICE_SIM_*` environment variable. Logs go to stderr and follow
+//! `RUST_LOG` (default `warn`, so the progress line stays readable).
+
+mod anomaly;
+mod auth;
+mod buffer;
+mod config;
+mod credentials;
+mod device;
+mod fleet;
+mod local_server;
+#[cfg(test)]
+mod mock_server;
+mod report;
+mod retry;
+mod sampling;
+mod sensors;
+mod shutdown;
+mod stats;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes would litter log files and CI output.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let args = config::Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("device-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: config::Args) -> anyhow::Result<ExitCode> {
+    let local = args
+        .local_server
+        .then(|| (args.data_dir.clone(), args.listen));
+    let mut config = config::Config::from_args(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let Some((data_dir, listen)) = local else {
+            return fleet::run(config).await;
+        };
+        let server = local_server::LocalServer::start(&data_dir, listen).await?;
+        config.server = server.url.clone();
+        config.ops_token = Some(server.ops_token.clone());
+        let code = fleet::run(config).await;
+        let database = server.database.clone();
+        server.stop().await?;
+        println!(
+            "  stored in         {} (SQLite; try: sqlite3 {} 'SELECT COUNT(*) FROM readings')",
+            database.display(),
+            database.display()
+        );
+        code
+    })
+}

@@ -2,6 +2,7 @@
 //! Sampling runs in its own task so a device keeps measuring while its
 //! uploads are stalled, as a real device would.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
@@ -19,9 +20,9 @@ use crate::stats::Stats;
 pub fn device_seed(device_id: &str) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
-    device_id
-        .bytes()
-        .fold(OFFSET, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME))
+    device_id.bytes().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
 }
 
 /// The sensors of one device and the generator that drives them.
@@ -130,7 +131,7 @@ pub async fn run_sampler(
     period: Duration,
     first_delay: Duration,
     out: mpsc::Sender<Produced>,
-    stats: std::sync::Arc<Stats>,
+    stats: Arc<Stats>,
     mut shutdown: Shutdown,
 ) {
     let mut ticker = tokio::time::interval_at(Instant::now() + first_delay, period);
@@ -173,12 +174,19 @@ mod tests {
         let end = 1_750_000_000_000_000_000;
         let produced = sampler.batch_ending_at(end);
         let names: Vec<_> = produced.series.iter().map(|s| s.sensor.as_str()).collect();
-        assert_eq!(names, ["temperature", "humidity", "pressure", "battery", "aux_1"]);
+        assert_eq!(
+            names,
+            ["temperature", "humidity", "pressure", "battery", "aux_1"]
+        );
         for s in &produced.series {
             assert_eq!(s.time_unix_nano.len(), 50);
             assert_eq!(s.value.len(), 50);
             assert_eq!(*s.time_unix_nano.last().expect("non-empty"), end);
-            assert!(s.time_unix_nano.windows(2).all(|w| w[1] - w[0] == 100_000_000));
+            assert!(
+                s.time_unix_nano
+                    .windows(2)
+                    .all(|w| w[1] - w[0] == 100_000_000)
+            );
         }
         assert_eq!(readings_in(&produced.series), 250);
         assert_eq!(produced.into_batch(7).sequence, 7);

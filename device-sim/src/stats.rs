@@ -2,7 +2,7 @@
 //! final report.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
@@ -61,12 +61,17 @@ pub struct Stats {
     pub readings_accepted: Counter,
     pub readings_rejected: Counter,
     pub duplicate_batches: Counter,
+    /// Batches found committed by the upload cursor after their stream broke,
+    /// so no summary ever counted their readings.
+    pub batches_recovered: Counter,
     /// Batches thrown away unacknowledged because a device's buffer was full.
     pub dropped_batches: Counter,
     pub dropped_readings: Counter,
     /// Backoff waits after a failed call.
     pub retries: Counter,
     pub anomalies_injected: Counter,
+    transient_warned: AtomicBool,
+    failure_warned: AtomicBool,
     ack_latency_micros: Mutex<Histogram<u64>>,
 }
 
@@ -91,12 +96,27 @@ impl Stats {
             readings_accepted: Counter::default(),
             readings_rejected: Counter::default(),
             duplicate_batches: Counter::default(),
+            batches_recovered: Counter::default(),
             dropped_batches: Counter::default(),
             dropped_readings: Counter::default(),
             retries: Counter::default(),
             anomalies_injected: Counter::default(),
+            transient_warned: AtomicBool::new(false),
+            failure_warned: AtomicBool::new(false),
             ack_latency_micros: Mutex::new(histogram),
         }
+    }
+
+    /// True for exactly one caller per run: the one that gets to log the
+    /// first connection problem at warn level.
+    pub fn claim_transient_warning(&self) -> bool {
+        !self.transient_warned.swap(true, Ordering::Relaxed)
+    }
+
+    /// Likewise for the first device that gives up: a stale credentials file
+    /// fails every device the same way, and the report lists them all.
+    pub fn claim_failure_warning(&self) -> bool {
+        !self.failure_warned.swap(true, Ordering::Relaxed)
     }
 
     /// Records the acknowledgement latencies of one stream under a single

@@ -13,6 +13,14 @@ async fn main() -> std::process::ExitCode {
         .init();
     match ingest::cli::Cli::parse().run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `ingest devices list | head` closing the pipe early is not an error.
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE

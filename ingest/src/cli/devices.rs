@@ -1,6 +1,7 @@
 //! `ingest devices register | get | list`.
 
 use std::collections::HashMap;
+use std::io::Write;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -82,9 +83,9 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             if json {
-                println!("{}", device_json(&device));
+                writeln!(std::io::stdout(), "{}", device_json(&device))?;
             } else {
-                print_table(&[device]);
+                print_table(&[device])?;
             }
         }
         DevicesCommand::List { server, json } => {
@@ -107,11 +108,12 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 page_token = page.next_page_token;
             }
             if json {
+                let mut out = std::io::stdout().lock();
                 for d in &all {
-                    println!("{}", device_json(d));
+                    writeln!(out, "{}", device_json(d))?;
                 }
             } else {
-                print_table(&all);
+                print_table(&all)?;
             }
         }
     }
@@ -142,21 +144,25 @@ fn device_json(d: &pb::Device) -> serde_json::Value {
     })
 }
 
-fn print_table(devices: &[pb::Device]) {
-    println!(
+fn print_table(devices: &[pb::Device]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:<24} {:<24} {:>10}  {:<19}  LABELS",
         "DEVICE", "NAME", "SEQUENCE", "LAST UPLOAD (UTC)"
-    );
+    )?;
     for d in devices {
         let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
-        println!(
+        writeln!(
+            out,
             "{:<24} {:<24} {:>10}  {:<19}  {}",
             d.device_id,
             d.display_name,
             d.committed_sequence,
             time(d.last_upload_time_unix_nano),
             labels.join(",")
-        );
+        )?;
     }
+    Ok(())
 }

@@ -46,13 +46,13 @@ impl UploadTally {
 
     /// Records that a batch arrived, refusing sequences that do not increase.
     pub fn receive(&mut self, sequence: u64) -> Result<(), SequenceNotIncreasing> {
-        if let Some(previous) = self.last_sequence {
-            if sequence <= previous {
-                return Err(SequenceNotIncreasing {
-                    previous,
-                    got: sequence,
-                });
-            }
+        if let Some(previous) = self.last_sequence
+            && sequence <= previous
+        {
+            return Err(SequenceNotIncreasing {
+                previous,
+                got: sequence,
+            });
         }
         self.last_sequence = Some(sequence);
         self.batches_received += 1;

@@ -1,0 +1,730 @@
+//! One simulated device: a sampler task producing batches, and the upload
+//! loop that gets them durably into the server despite failures.
+//!
+//! The server's committed sequence is the only acknowledgement that counts:
+//! a batch leaves the device's buffer when a stream summary or the upload
+//! cursor says it is stored, and everything else is resent on the next
+//! stream. The server drops batches at or below its cursor, so resending too
+//! much is harmless while resending too little loses data.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use telemetry_proto::v1::ingest_client::IngestClient;
+use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::auth::BearerAuth;
+use crate::buffer::UploadBuffer;
+use crate::config::Config;
+use crate::retry::{Backoff, describe, is_transient};
+use crate::sampling::{Produced, Sampler, run_sampler};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+pub type IngestApi = IngestClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Batches queued between an upload stream and the gRPC body; small, so a
+/// slow server pushes back on the device instead of buffering in memory.
+const STREAM_QUEUE: usize = 8;
+/// Batches waiting between the sampler and the uploader.
+const SAMPLER_QUEUE: usize = 16;
+/// How long a closed stream may take to answer before it counts as lost.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the last stream may take to answer once shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const CURSOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a device's run ended.
+#[derive(Debug)]
+pub struct DeviceOutcome {
+    pub device_id: String,
+    /// Why the device gave up, if it did.
+    pub failure: Option<String>,
+    /// Batches the server never acknowledged (produced or sent).
+    pub unacked_batches: usize,
+}
+
+/// Runs one device until shutdown or a fatal error.
+pub async fn run_device(
+    device_id: String,
+    client: IngestApi,
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> DeviceOutcome {
+    let (produced_tx, produced_rx) = mpsc::channel(SAMPLER_QUEUE);
+    let sampler = Sampler::new(
+        &device_id,
+        config.sensors,
+        config.sample_rate,
+        config.batch_size,
+        config.anomaly_rate,
+    );
+    let period = config.batch_period();
+    let first_delay = period.mul_f64(rand::rng().random_range(0.0..1.0));
+    let sampler_task = tokio::spawn(run_sampler(
+        sampler,
+        period,
+        first_delay,
+        produced_tx,
+        Arc::clone(&stats),
+        shutdown.clone(),
+    ));
+
+    let mut uploader = Uploader {
+        buffer: UploadBuffer::new(config.max_buffered_batches),
+        device_id,
+        client,
+        config,
+        stats,
+        shutdown,
+        produced: produced_rx,
+        sampling: true,
+        next_sequence: 0,
+        backoff: Backoff::default(),
+        connected: false,
+        warned_rejections: false,
+    };
+    let result = uploader.run().await;
+    uploader.set_connected(false);
+    // After a fatal error the sampler would otherwise run until shutdown.
+    sampler_task.abort();
+
+    if let Err(reason) = &result {
+        if uploader.stats.claim_failure_warning() {
+            warn!(device = %uploader.device_id,
+                  "device stopped: {reason} (further failures are listed in the report)");
+        } else {
+            debug!(device = %uploader.device_id, "device stopped: {reason}");
+        }
+    }
+    DeviceOutcome {
+        failure: result.err(),
+        unacked_batches: uploader.buffer.len(),
+        device_id: uploader.device_id,
+    }
+}
+
+/// What a failed call means for the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CallFailure {
+    /// The server or the network is down for now: back off and resume.
+    Retryable(String),
+    /// Retrying cannot help; the device stops and the report says why.
+    Fatal(String),
+}
+
+fn classify(status: &Status) -> CallFailure {
+    let detail = describe(status);
+    match status.code() {
+        code if is_transient(code) => CallFailure::Retryable(detail),
+        Code::Unauthenticated => CallFailure::Fatal(format!(
+            "the server rejected this device's token ({detail}); the credentials file does not \
+             match the server's devices: delete it (or the server's data) or use another \
+             --device-prefix"
+        )),
+        Code::InvalidArgument => CallFailure::Fatal(format!(
+            "the server refused the upload as invalid ({detail}); this is a device-sim bug or a \
+             client/server version mismatch"
+        )),
+        Code::ResourceExhausted => CallFailure::Fatal(format!(
+            "the upload exceeds a server limit ({detail}); lower --batch-size or --sensors, or \
+             raise the server's limit"
+        )),
+        _ => CallFailure::Fatal(format!("unexpected answer from the server ({detail})")),
+    }
+}
+
+enum StreamEnd {
+    /// The summary arrived; open the next stream.
+    Acknowledged,
+    /// Shutdown was requested and the last stream is settled (or abandoned).
+    ShuttingDown,
+}
+
+struct Uploader {
+    device_id: String,
+    client: IngestApi,
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+    produced: mpsc::Receiver<Produced>,
+    /// False once the sampler has stopped.
+    sampling: bool,
+    buffer: UploadBuffer,
+    /// The sequence the next produced batch gets; 0 until the server's
+    /// cursor is known, because numbering must continue from it.
+    next_sequence: u64,
+    backoff: Backoff,
+    connected: bool,
+    warned_rejections: bool,
+}
+
+impl Uploader {
+    async fn run(&mut self) -> Result<(), String> {
+        let Some(cursor) = self.fetch_cursor(false).await? else {
+            return Ok(());
+        };
+        self.next_sequence = cursor.saturating_add(1);
+
+        while !self.shutdown.is_requested() {
+            match self.upload_stream().await {
+                Ok(StreamEnd::Acknowledged) => self.backoff.reset(),
+                Ok(StreamEnd::ShuttingDown) => break,
+                Err(CallFailure::Fatal(reason)) => return Err(reason),
+                Err(CallFailure::Retryable(reason)) => {
+                    self.note_transient("UploadReadings", &reason);
+                    self.set_connected(false);
+                    self.buffer.forget_handoffs();
+                    // The stream may have committed some batches before it
+                    // broke; only the cursor can tell which.
+                    match self.fetch_cursor(true).await? {
+                        Some(cursor) => self.resume_from(cursor),
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accepting(&self) -> bool {
+        self.sampling && self.next_sequence > 0
+    }
+
+    fn accept(&mut self, produced: Option<Produced>) {
+        let Some(produced) = produced else {
+            self.sampling = false;
+            return;
+        };
+        let batch = produced.into_batch(self.next_sequence);
+        self.next_sequence += 1;
+        if let Some(evicted) = self.buffer.push(batch) {
+            self.stats.dropped_batches.inc();
+            self.stats.dropped_readings.add(evicted.readings);
+            debug!(device = %self.device_id, sequence = evicted.sequence(),
+                   "buffer full, dropped the oldest unacknowledged batch");
+        }
+    }
+
+    fn set_connected(&mut self, connected: bool) {
+        if connected != self.connected {
+            self.connected = connected;
+            if connected {
+                self.stats.devices_connected.inc();
+            } else {
+                self.stats.devices_connected.dec();
+            }
+        }
+    }
+
+    fn note_transient(&self, call: &str, reason: &str) {
+        // One warning per run explains a stalled progress line; after that
+        // the retry counter tells the story without flooding the terminal.
+        if self.stats.claim_transient_warning() {
+            warn!(device = %self.device_id,
+                  "{call} failed ({reason}); retrying with backoff \
+                   (further connection errors are logged at debug level)");
+        } else {
+            debug!(device = %self.device_id, "{call} failed ({reason}); retrying");
+        }
+    }
+
+    /// Runs `fut` while still taking batches from the sampler; `None` if
+    /// shutdown came first.
+    async fn while_sampling<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                () = self.shutdown.requested() => return None,
+                produced = self.produced.recv(), if self.accepting() => self.accept(produced),
+            }
+        }
+    }
+
+    /// Asks the server for the committed sequence until it answers.
+    /// `backoff_first` waits before the first attempt (after a failure).
+    /// `Ok(None)` means shutdown came first.
+    async fn fetch_cursor(&mut self, backoff_first: bool) -> Result<Option<u64>, String> {
+        let mut wait = backoff_first;
+        loop {
+            if wait {
+                let delay = self.backoff.next_delay(&mut rand::rng());
+                self.stats.retries.inc();
+                if self
+                    .while_sampling(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+            wait = true;
+
+            let mut client = self.client.clone();
+            let call = async move {
+                tokio::time::timeout(
+                    CURSOR_TIMEOUT,
+                    client.get_upload_cursor(GetUploadCursorRequest {}),
+                )
+                .await
+            };
+            let Some(result) = self.while_sampling(call).await else {
+                return Ok(None);
+            };
+            match result {
+                Ok(Ok(response)) => {
+                    self.set_connected(true);
+                    return Ok(Some(response.into_inner().committed_sequence));
+                }
+                Ok(Err(status)) => match classify(&status) {
+                    CallFailure::Retryable(reason) => {
+                        self.set_connected(false);
+                        self.note_transient("GetUploadCursor", &reason);
+                    }
+                    CallFailure::Fatal(reason) => return Err(reason),
+                },
+                Err(_elapsed) => {
+                    self.set_connected(false);
+                    self.note_transient("GetUploadCursor", "no answer within 10 s");
+                }
+            }
+        }
+    }
+
+    /// Drops what the server already has and makes sure new batches number
+    /// above its cursor.
+    fn resume_from(&mut self, cursor: u64) {
+        let recovered = self.buffer.ack_through(cursor).count();
+        // Committed, but their stream's summary was lost: the reading counts
+        // are unknown, so they are reported apart from accepted readings.
+        self.stats.batches_recovered.add(recovered as u64);
+        self.check_cursor_ahead(cursor);
+    }
+
+    fn check_cursor_ahead(&mut self, committed: u64) {
+        if committed >= self.next_sequence {
+            warn!(device = %self.device_id, committed, next = self.next_sequence,
+                  "the server has batches this device never produced; is another device-sim \
+                   using the same credentials?");
+            self.next_sequence = committed.saturating_add(1);
+        }
+    }
+
+    /// One UploadReadings stream: resends every unacknowledged batch, adds
+    /// new ones until the stream has carried `batches_per_stream`, closes it
+    /// and waits for the summary.
+    async fn upload_stream(&mut self) -> Result<StreamEnd, CallFailure> {
+        let (tx, rx) = mpsc::channel::<ReadingBatch>(STREAM_QUEUE);
+        let mut client = self.client.clone();
+        // Spawned so the request body keeps flowing while this loop waits on
+        // the sampler, the queue or the clock.
+        let mut call = tokio::spawn(async move {
+            client
+                .upload_readings(Request::new(ReceiverStream::new(rx)))
+                .await
+        });
+
+        let mut tx = Some(tx);
+        let resend_through = self.buffer.last_sequence();
+        let mut last_handed = 0u64;
+        let mut handed = 0usize;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut shutting_down = false;
+
+        loop {
+            if tx.is_some()
+                && handed >= self.config.batches_per_stream
+                && last_handed >= resend_through
+            {
+                // Dropping the sender ends the request stream; the server
+                // answers once everything on it is committed.
+                tx = None;
+                deadline = Some(tokio::time::Instant::now() + SUMMARY_TIMEOUT);
+            }
+            let can_send = tx.is_some() && self.buffer.has_after(last_handed);
+            // The permit future borrows `tx`, so branches only ask for the
+            // stream to be closed and it happens after the select.
+            let mut close = false;
+
+            tokio::select! {
+                joined = &mut call => {
+                    let result = joined.map_err(|e| {
+                        CallFailure::Fatal(format!("the upload task failed: {e}"))
+                    })?;
+                    return self.finish_stream(result, last_handed, shutting_down);
+                }
+                permit = reserve(tx.as_ref()), if can_send => match permit {
+                    Ok(permit) => {
+                        if let Some(sequence) = self.hand_over(permit, last_handed) {
+                            last_handed = sequence;
+                            handed += 1;
+                        }
+                    }
+                    // The call has ended and dropped the stream; its result,
+                    // coming next, says why.
+                    Err(_) => close = true,
+                },
+                produced = self.produced.recv(), if self.accepting() && !shutting_down => {
+                    self.accept(produced);
+                }
+                () = self.shutdown.requested(), if !shutting_down => {
+                    shutting_down = true;
+                    close = true;
+                    let grace = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                    deadline = Some(deadline.map_or(grace, |d| d.min(grace)));
+                }
+                () = sleep_until(deadline) => {
+                    call.abort();
+                    self.buffer.forget_handoffs();
+                    if shutting_down {
+                        warn!(device = %self.device_id,
+                              "no upload summary within {} s of shutdown; giving up on it",
+                              SHUTDOWN_GRACE.as_secs());
+                        return Ok(StreamEnd::ShuttingDown);
+                    }
+                    return Err(CallFailure::Retryable(format!(
+                        "no upload summary within {} s of closing the stream",
+                        SUMMARY_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+            if close {
+                tx = None;
+            }
+        }
+    }
+
+    /// Sends the oldest batch above `last_handed` on the stream; returns its
+    /// sequence.
+    fn hand_over(
+        &mut self,
+        permit: mpsc::Permit<'_, ReadingBatch>,
+        last_handed: u64,
+    ) -> Option<u64> {
+        let pending = self.buffer.next_after(last_handed)?;
+        pending.handed_at = Some(Instant::now());
+        if pending.sent_before {
+            self.stats.batches_resent.inc();
+            self.stats.readings_resent.add(pending.readings);
+        } else {
+            pending.sent_before = true;
+            self.stats.batches_sent.inc();
+            self.stats.readings_sent.add(pending.readings);
+        }
+        permit.send(pending.batch.clone());
+        Some(pending.sequence())
+    }
+
+    fn finish_stream(
+        &mut self,
+        result: Result<Response<UploadSummary>, Status>,
+        last_handed: u64,
+        shutting_down: bool,
+    ) -> Result<StreamEnd, CallFailure> {
+        let received = Instant::now();
+        let summary = match result {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                self.buffer.forget_handoffs();
+                return match classify(&status) {
+                    CallFailure::Retryable(reason) if shutting_down => {
+                        debug!(device = %self.device_id,
+                               "last upload failed during shutdown ({reason})");
+                        Ok(StreamEnd::ShuttingDown)
+                    }
+                    failure => Err(failure),
+                };
+            }
+        };
+
+        self.set_connected(true);
+        let stats = &self.stats;
+        stats.batches_committed.add(summary.batches_committed);
+        stats.readings_accepted.add(summary.readings_accepted);
+        stats.readings_rejected.add(summary.readings_rejected);
+        stats.duplicate_batches.add(summary.duplicate_batches);
+
+        let latencies: Vec<u64> = self
+            .buffer
+            .ack_through(summary.committed_sequence)
+            .filter_map(|pending| pending.handed_at)
+            .map(|handed_at| {
+                u64::try_from(received.saturating_duration_since(handed_at).as_micros())
+                    .unwrap_or(u64::MAX)
+            })
+            .collect();
+        self.stats.record_ack_latencies(&latencies);
+        self.buffer.forget_handoffs();
+
+        if summary.committed_sequence < last_handed {
+            warn!(device = %self.device_id, committed = summary.committed_sequence,
+                  last_sent = last_handed,
+                  "the server acknowledged the stream without committing all of it; \
+                   resending the rest");
+        }
+        self.check_cursor_ahead(summary.committed_sequence);
+        self.warn_rejections_once(&summary);
+
+        Ok(if shutting_down {
+            StreamEnd::ShuttingDown
+        } else {
+            StreamEnd::Acknowledged
+        })
+    }
+
+    fn warn_rejections_once(&mut self, summary: &UploadSummary) {
+        if summary.readings_rejected == 0 || self.warned_rejections {
+            return;
+        }
+        self.warned_rejections = true;
+        let reasons: Vec<String> = summary
+            .rejections
+            .iter()
+            .map(|r| {
+                let reason = RejectReason::try_from(r.reason).map_or_else(
+                    |_| format!("reason {}", r.reason),
+                    |r| r.as_str_name().into(),
+                );
+                format!("{reason} x{}", r.count)
+            })
+            .collect();
+        warn!(device = %self.device_id, rejected = summary.readings_rejected,
+              reasons = %reasons.join(", "),
+              "the server rejected readings (later rejections are only counted)");
+    }
+}
+
+/// A send slot on the stream, or never when the stream is closed (`select!`
+/// builds every branch's future even when its guard is false).
+async fn reserve(
+    tx: Option<&mpsc::Sender<ReadingBatch>>,
+) -> Result<mpsc::Permit<'_, ReadingBatch>, mpsc::error::SendError<()>> {
+    match tx {
+        Some(tx) => tx.reserve().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tonic::transport::Endpoint;
+
+    use super::*;
+    use crate::config::Args;
+    use crate::mock_server::{GOOD_TOKEN, MockIngest, MockOps, serve, serve_on};
+
+    struct Running {
+        device: tokio::task::JoinHandle<DeviceOutcome>,
+        trigger: crate::shutdown::ShutdownTrigger,
+        stats: Arc<Stats>,
+    }
+
+    /// Starts one device against `server`, with batches every 10 ms and
+    /// streams of 5 to keep tests short.
+    fn start_device(server: String, token: &str) -> Running {
+        let argv = [
+            "device-sim",
+            "--server",
+            &server,
+            "--sample-rate",
+            "1000",
+            "--batch-size",
+            "10",
+            "--batches-per-stream",
+            "5",
+        ];
+        let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
+        let channel = Endpoint::from_shared(server)
+            .expect("endpoint")
+            .connect_lazy();
+        let client =
+            IngestClient::with_interceptor(channel, BearerAuth::new(token).expect("token"));
+        let stats = Arc::new(Stats::new());
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let device = tokio::spawn(run_device(
+            "sim-00001".into(),
+            client,
+            Arc::new(config),
+            Arc::clone(&stats),
+            shutdown,
+        ));
+        Running {
+            device,
+            trigger,
+            stats,
+        }
+    }
+
+    impl Running {
+        async fn stop(self) -> (DeviceOutcome, Arc<Stats>) {
+            self.trigger.trigger();
+            let outcome = tokio::time::timeout(Duration::from_secs(15), self.device)
+                .await
+                .expect("device stops after shutdown")
+                .expect("device task does not panic");
+            (outcome, self.stats)
+        }
+    }
+
+    /// Runs one device against `mock` for `run_for`, then shuts it down.
+    async fn run_against(
+        mock: MockIngest,
+        token: &str,
+        run_for: Duration,
+    ) -> (DeviceOutcome, Arc<Stats>) {
+        let addr = serve(mock).await;
+        let running = start_device(format!("http://{addr}"), token);
+        tokio::time::sleep(run_for).await;
+        running.stop().await
+    }
+
+    fn assert_contiguous(stored: &[u64], from: u64) {
+        let expected: Vec<u64> = (from..from + stored.len() as u64).collect();
+        assert_eq!(
+            stored, expected,
+            "every batch stored once, in order, no gaps"
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_and_acknowledges_everything_it_sends() {
+        let mock = MockIngest::default();
+        let ledger = Arc::clone(&mock.ledger);
+        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(800)).await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+
+        let ledger = ledger.lock().expect("ledger");
+        assert!(
+            ledger.stored.len() > 20,
+            "only {} batches",
+            ledger.stored.len()
+        );
+        assert_contiguous(&ledger.stored, 1);
+        assert_eq!(ledger.duplicates, 0);
+        assert!(ledger.streams > 3);
+
+        assert_eq!(stats.readings_sent.get(), stats.readings_accepted.get());
+        assert_eq!(stats.batches_sent.get(), ledger.stored.len() as u64);
+        assert_eq!(stats.latency_summary().count, ledger.stored.len() as u64);
+        assert_eq!(stats.retries.get(), 0);
+        assert_eq!(stats.devices_connected.get(), 0, "disconnected at exit");
+    }
+
+    #[tokio::test]
+    async fn recovers_from_broken_streams_without_gaps_or_duplicates() {
+        let mock = MockIngest {
+            break_every: Some(3),
+            ..MockIngest::default()
+        };
+        let ledger = Arc::clone(&mock.ledger);
+        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(1500)).await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+
+        let ledger = ledger.lock().expect("ledger");
+        assert_contiguous(&ledger.stored, 1);
+        assert!(stats.retries.get() > 0);
+        assert!(stats.batches_recovered.get() > 0);
+        assert!(stats.batches_resent.get() > 0);
+        assert_eq!(stats.dropped_batches.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn connects_once_a_late_server_comes_up() {
+        // Reserve a port, free it, and bring the server up there later.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let running = start_device(format!("http://{addr}"), GOOD_TOKEN);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(running.stats.devices_connected.get(), 0);
+        assert!(running.stats.retries.get() > 0);
+
+        let mock = MockIngest::default();
+        let ledger = Arc::clone(&mock.ledger);
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        tokio::spawn(serve_on(listener, mock, MockOps::default()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (outcome, stats) = running.stop().await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let ledger = ledger.lock().expect("ledger");
+        assert!(!ledger.stored.is_empty());
+        assert_contiguous(&ledger.stored, 1);
+        assert_eq!(stats.readings_sent.get(), stats.readings_accepted.get());
+    }
+
+    #[tokio::test]
+    async fn resumes_numbering_after_the_server_cursor() {
+        let mock = MockIngest::default();
+        mock.ledger.lock().expect("ledger").committed = 100;
+        let ledger = Arc::clone(&mock.ledger);
+        let (outcome, _) = run_against(mock, GOOD_TOKEN, Duration::from_millis(300)).await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let ledger = ledger.lock().expect("ledger");
+        assert!(!ledger.stored.is_empty());
+        assert_contiguous(&ledger.stored, 101);
+    }
+
+    #[tokio::test]
+    async fn wrong_token_stops_the_device_with_a_reason() {
+        let (outcome, stats) =
+            run_against(MockIngest::default(), "wrong", Duration::from_millis(300)).await;
+        let reason = outcome.failure.expect("device fails");
+        assert!(reason.contains("token"), "{reason}");
+        assert_eq!(stats.readings_sent.get(), 0);
+    }
+
+    #[test]
+    fn transient_codes_retry_and_contract_violations_stop() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Internal,
+            Code::Cancelled,
+        ] {
+            assert!(matches!(
+                classify(&Status::new(code, "x")),
+                CallFailure::Retryable(_)
+            ));
+        }
+        for code in [
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::ResourceExhausted,
+            Code::PermissionDenied,
+            Code::Unimplemented,
+        ] {
+            assert!(matches!(
+                classify(&Status::new(code, "x")),
+                CallFailure::Fatal(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn unauthenticated_tells_the_user_what_to_do() {
+        let CallFailure::Fatal(msg) = classify(&Status::unauthenticated("unknown token")) else {
+            panic!("must be fatal");
+        };
+        assert!(msg.contains("credentials file"), "{msg}");
+    }
+}

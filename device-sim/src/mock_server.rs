@@ -1,0 +1,241 @@
+//! An in-process server for tests. Ingest keeps one device's committed
+//! sequence the way the real server is specified to, and can be told to
+//! break streams so the device's recovery path gets exercised; Ops only
+//! registers devices.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use telemetry_proto::v1::ingest_server::{Ingest, IngestServer};
+use telemetry_proto::v1::ops_server::{Ops, OpsServer};
+use telemetry_proto::v1::{
+    AlertEvent, AlertRule, Command, DeleteAlertRuleRequest, DeleteAlertRuleResponse, Device,
+    DeviceMessage, GetCommandRequest, GetDeviceRequest, GetUploadCursorRequest,
+    ListAlertRulesRequest, ListAlertRulesResponse, ListCommandsRequest, ListCommandsResponse,
+    ListDevicesRequest, ListDevicesResponse, PutAlertRuleRequest, ReadingBatch,
+    RegisterDeviceRequest, RegisterDeviceResponse, SendCommandRequest, ServerMessage, UploadCursor,
+    UploadSummary, WatchAlertsRequest,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The one device token Ingest accepts, and the token Ops hands out.
+pub const GOOD_TOKEN: &str = "good-token";
+pub const OPS_TOKEN: &str = "ops-token";
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub committed: u64,
+    /// Every committed batch sequence, in commit order.
+    pub stored: Vec<u64>,
+    pub streams: u64,
+    pub duplicates: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct MockIngest {
+    pub ledger: Arc<Mutex<Ledger>>,
+    /// Break every n-th stream with UNAVAILABLE when its third batch
+    /// arrives, after committing the first two, like a storage failure
+    /// mid-stream.
+    pub break_every: Option<u64>,
+}
+
+fn check_auth<T>(request: &Request<T>) -> Result<(), Status> {
+    check_token(request, GOOD_TOKEN)
+}
+
+fn check_token<T>(request: &Request<T>, token: &str) -> Result<(), Status> {
+    let expected = format!("Bearer {token}");
+    match request.metadata().get("authorization") {
+        Some(value) if value.to_str().ok() == Some(expected.as_str()) => Ok(()),
+        _ => Err(Status::unauthenticated("unknown device token")),
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for MockIngest {
+    async fn upload_readings(
+        &self,
+        request: Request<Streaming<ReadingBatch>>,
+    ) -> Result<Response<UploadSummary>, Status> {
+        check_auth(&request)?;
+        let stream_no = {
+            let mut ledger = self.ledger.lock().expect("ledger");
+            ledger.streams += 1;
+            ledger.streams
+        };
+        let breaks = self.break_every.is_some_and(|n| stream_no % n == 0);
+        let mut stream = request.into_inner();
+        let mut summary = UploadSummary::default();
+        let mut last_in_stream = 0;
+        while let Some(batch) = stream.message().await? {
+            if batch.sequence == 0 || batch.sequence <= last_in_stream {
+                return Err(Status::invalid_argument("sequence not increasing"));
+            }
+            last_in_stream = batch.sequence;
+            summary.batches_received += 1;
+            if breaks && summary.batches_received == 3 {
+                // The third batch arrived but its commit "failed".
+                return Err(Status::unavailable("injected storage failure"));
+            }
+            let mut ledger = self.ledger.lock().expect("ledger");
+            if batch.sequence <= ledger.committed {
+                ledger.duplicates += 1;
+                summary.duplicate_batches += 1;
+            } else {
+                ledger.committed = batch.sequence;
+                ledger.stored.push(batch.sequence);
+                summary.batches_committed += 1;
+                summary.readings_accepted += batch
+                    .series
+                    .iter()
+                    .map(|s| s.value.len() as u64)
+                    .sum::<u64>();
+            }
+            summary.committed_sequence = ledger.committed;
+        }
+        summary.committed_sequence = self.ledger.lock().expect("ledger").committed;
+        Ok(Response::new(summary))
+    }
+
+    type ControlStream = tokio_stream::Empty<Result<ServerMessage, Status>>;
+
+    async fn control(
+        &self,
+        _request: Request<Streaming<DeviceMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        Err(Status::unimplemented("not in the mock"))
+    }
+
+    async fn get_upload_cursor(
+        &self,
+        request: Request<GetUploadCursorRequest>,
+    ) -> Result<Response<UploadCursor>, Status> {
+        check_auth(&request)?;
+        Ok(Response::new(UploadCursor {
+            device_id: "sim-00001".into(),
+            committed_sequence: self.ledger.lock().expect("ledger").committed,
+        }))
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct MockOps {
+    pub registered: Arc<Mutex<HashSet<String>>>,
+}
+
+#[tonic::async_trait]
+impl Ops for MockOps {
+    async fn register_device(
+        &self,
+        request: Request<RegisterDeviceRequest>,
+    ) -> Result<Response<RegisterDeviceResponse>, Status> {
+        check_token(&request, OPS_TOKEN)?;
+        let request = request.into_inner();
+        assert_eq!(request.labels.get("fleet").map(String::as_str), Some("sim"));
+        if !self
+            .registered
+            .lock()
+            .expect("registered")
+            .insert(request.device_id.clone())
+        {
+            return Err(Status::already_exists("device id taken"));
+        }
+        Ok(Response::new(RegisterDeviceResponse {
+            device: Some(Device {
+                device_id: request.device_id,
+                labels: request.labels,
+                ..Device::default()
+            }),
+            token: GOOD_TOKEN.into(),
+        }))
+    }
+
+    async fn get_device(&self, _: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    type WatchAlertsStream = tokio_stream::Empty<Result<AlertEvent, Status>>;
+
+    async fn watch_alerts(
+        &self,
+        _: Request<WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn put_alert_rule(
+        &self,
+        _: Request<PutAlertRuleRequest>,
+    ) -> Result<Response<AlertRule>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_alert_rules(
+        &self,
+        _: Request<ListAlertRulesRequest>,
+    ) -> Result<Response<ListAlertRulesResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn delete_alert_rule(
+        &self,
+        _: Request<DeleteAlertRuleRequest>,
+    ) -> Result<Response<DeleteAlertRuleResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn send_command(
+        &self,
+        _: Request<SendCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn get_command(
+        &self,
+        _: Request<GetCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_commands(
+        &self,
+        _: Request<ListCommandsRequest>,
+    ) -> Result<Response<ListCommandsResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+}
+
+/// Serves `ingest` (and an Ops service that registers anything) on an
+/// ephemeral local port until the test's runtime ends.
+pub async fn serve(ingest: MockIngest) -> SocketAddr {
+    serve_both(ingest, MockOps::default()).await
+}
+
+pub async fn serve_both(ingest: MockIngest, ops: MockOps) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(serve_on(listener, ingest, ops));
+    addr
+}
+
+/// Serves on `listener`; for tests that start the server late.
+pub async fn serve_on(listener: TcpListener, ingest: MockIngest, ops: MockOps) {
+    let served = tonic::transport::Server::builder()
+        .add_service(IngestServer::new(ingest))
+        .add_service(OpsServer::new(ops))
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await;
+    served.expect("mock server runs");
+}

@@ -1,0 +1,317 @@
+//! The live progress line and the final report (text and JSON).
+
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::stats::{LatencySummary, Stats};
+
+/// Failures listed in the text report before the rest are summarised.
+const FAILURES_SHOWN: usize = 10;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceFailure {
+    pub device_id: String,
+    pub reason: String,
+}
+
+/// The settings that shape the load, echoed so benchmark results stay
+/// interpretable on their own.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSettings {
+    pub server: String,
+    pub sensors: usize,
+    pub sample_rate: f64,
+    pub batch_size: usize,
+    pub batches_per_stream: usize,
+    pub connections: usize,
+    pub max_buffered_batches: usize,
+    pub anomaly_rate: Option<f64>,
+}
+
+impl LoadSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            server: config.server.clone(),
+            sensors: config.sensors,
+            sample_rate: config.sample_rate,
+            batch_size: config.batch_size,
+            batches_per_stream: config.batches_per_stream,
+            connections: config.connections,
+            max_buffered_batches: config.max_buffered_batches,
+            anomaly_rate: config.anomaly_rate,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub devices: u64,
+    pub devices_failed: u64,
+    pub failures: Vec<DeviceFailure>,
+    pub duration_secs: f64,
+    pub batches_sent: u64,
+    pub readings_sent: u64,
+    pub batches_resent: u64,
+    pub readings_resent: u64,
+    pub batches_committed: u64,
+    pub readings_accepted: u64,
+    pub readings_rejected: u64,
+    pub duplicate_batches: u64,
+    pub batches_recovered: u64,
+    pub dropped_batches: u64,
+    pub dropped_readings: u64,
+    pub unacked_batches: u64,
+    pub retries: u64,
+    pub anomalies_injected: u64,
+    pub accepted_per_sec: f64,
+    pub batch_ack_latency: LatencySummary,
+    pub settings: LoadSettings,
+}
+
+impl Report {
+    pub fn new(
+        stats: &Stats,
+        devices: u64,
+        failures: Vec<DeviceFailure>,
+        unacked_batches: u64,
+        duration: Duration,
+        settings: LoadSettings,
+    ) -> Self {
+        let duration_secs = duration.as_secs_f64();
+        let readings_accepted = stats.readings_accepted.get();
+        Self {
+            devices,
+            devices_failed: failures.len() as u64,
+            failures,
+            duration_secs,
+            batches_sent: stats.batches_sent.get(),
+            readings_sent: stats.readings_sent.get(),
+            batches_resent: stats.batches_resent.get(),
+            readings_resent: stats.readings_resent.get(),
+            batches_committed: stats.batches_committed.get(),
+            readings_accepted,
+            readings_rejected: stats.readings_rejected.get(),
+            duplicate_batches: stats.duplicate_batches.get(),
+            batches_recovered: stats.batches_recovered.get(),
+            dropped_batches: stats.dropped_batches.get(),
+            dropped_readings: stats.dropped_readings.get(),
+            unacked_batches,
+            retries: stats.retries.get(),
+            anomalies_injected: stats.anomalies_injected.get(),
+            accepted_per_sec: if duration_secs > 0.0 {
+                readings_accepted as f64 / duration_secs
+            } else {
+                0.0
+            },
+            batch_ack_latency: stats.latency_summary(),
+            settings,
+        }
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).context("encoding the JSON report")?;
+        json.push(b'\n');
+        std::fs::write(path, json)
+            .with_context(|| format!("writing JSON report {}", path.display()))
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let row = |f: &mut fmt::Formatter<'_>, label: &str, value: &dyn fmt::Display| {
+            writeln!(f, "  {label:<19}{value}")
+        };
+        writeln!(f, "device-sim report")?;
+        row(
+            f,
+            "devices",
+            &format_args!("{} ({} failed)", self.devices, self.devices_failed),
+        )?;
+        row(f, "duration", &format_args!("{:.1} s", self.duration_secs))?;
+        row(f, "readings sent", &self.readings_sent)?;
+        row(f, "readings resent", &self.readings_resent)?;
+        row(f, "readings accepted", &self.readings_accepted)?;
+        row(f, "readings rejected", &self.readings_rejected)?;
+        row(f, "duplicate batches", &self.duplicate_batches)?;
+        if self.batches_recovered > 0 {
+            row(
+                f,
+                "recovered batches",
+                &format_args!(
+                    "{} (committed, but their summary was lost)",
+                    self.batches_recovered
+                ),
+            )?;
+        }
+        row(f, "dropped batches", &self.dropped_batches)?;
+        row(
+            f,
+            "unacked at exit",
+            &format_args!("{} batches", self.unacked_batches),
+        )?;
+        row(f, "retries", &self.retries)?;
+        if self.settings.anomaly_rate.is_some() {
+            row(f, "anomalies", &self.anomalies_injected)?;
+        }
+        row(
+            f,
+            "accepted/s",
+            &format_args!("{:.0} (mean over run)", self.accepted_per_sec),
+        )?;
+        let latency = &self.batch_ack_latency;
+        if latency.count == 0 {
+            row(f, "batch ack latency", &"n/a (no batch acknowledged)")?;
+        } else {
+            row(
+                f,
+                "batch ack latency",
+                &format_args!(
+                    "p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (n={})",
+                    latency.p50_ms, latency.p99_ms, latency.max_ms, latency.count
+                ),
+            )?;
+        }
+        if !self.failures.is_empty() {
+            writeln!(f, "failed devices")?;
+            for failure in self.failures.iter().take(FAILURES_SHOWN) {
+                writeln!(f, "  {}: {}", failure.device_id, failure.reason)?;
+            }
+            if self.failures.len() > FAILURES_SHOWN {
+                writeln!(f, "  ... and {} more", self.failures.len() - FAILURES_SHOWN)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The once-a-second status line on stderr.
+pub struct Progress {
+    started: Instant,
+    devices: u64,
+    last_sent: u64,
+    last_at: Instant,
+    /// On a terminal the line is redrawn in place; elsewhere (a log file)
+    /// each update is its own line.
+    redraw: bool,
+}
+
+impl Progress {
+    pub fn new(devices: u64) -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            devices,
+            last_sent: 0,
+            last_at: now,
+            redraw: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn render(&mut self, stats: &Stats) -> String {
+        let now = Instant::now();
+        let sent = stats.readings_sent.get();
+        let window = now.duration_since(self.last_at).as_secs_f64();
+        let rate = if window > 0.0 {
+            sent.saturating_sub(self.last_sent) as f64 / window
+        } else {
+            0.0
+        };
+        self.last_sent = sent;
+        self.last_at = now;
+        format!(
+            "[{:>6.0}s] devices {}/{} connected | sent {} ({:.0}/s) | accepted {} | rejected {} | \
+             duplicate batches {} | retries {}",
+            now.duration_since(self.started).as_secs_f64(),
+            stats.devices_connected.get(),
+            self.devices,
+            sent,
+            rate,
+            stats.readings_accepted.get(),
+            stats.readings_rejected.get(),
+            stats.duplicate_batches.get(),
+            stats.retries.get(),
+        )
+    }
+
+    pub fn print(&mut self, stats: &Stats) {
+        let line = self.render(stats);
+        let mut stderr = std::io::stderr().lock();
+        // Progress output is best effort: a closed stderr must not stop the
+        // simulation.
+        let _ = if self.redraw {
+            write!(stderr, "\r\x1b[2K{line}")
+        } else {
+            writeln!(stderr, "{line}")
+        };
+        let _ = stderr.flush();
+    }
+
+    /// Shows the final figures and ends the redrawn line so the report
+    /// starts on a fresh one. Line-per-update output already has the last
+    /// update and needs nothing.
+    pub fn finish(&mut self, stats: &Stats) {
+        if self.redraw {
+            self.print(stats);
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> LoadSettings {
+        LoadSettings {
+            server: "http://127.0.0.1:50051".into(),
+            sensors: 4,
+            sample_rate: 10.0,
+            batch_size: 50,
+            batches_per_stream: 20,
+            connections: 1,
+            max_buffered_batches: 1000,
+            anomaly_rate: None,
+        }
+    }
+
+    #[test]
+    fn report_text_and_json() {
+        let stats = Stats::new();
+        stats.readings_sent.add(240_000);
+        stats.readings_accepted.add(240_000);
+        stats.record_ack_latencies(&[12_300, 40_100]);
+        let report = Report::new(
+            &stats,
+            20,
+            vec![DeviceFailure {
+                device_id: "sim-00003".into(),
+                reason: "token rejected".into(),
+            }],
+            0,
+            Duration::from_secs(30),
+            settings(),
+        );
+        let text = report.to_string();
+        assert!(
+            text.contains("  devices            20 (1 failed)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  accepted/s         8000 (mean over run)\n"),
+            "{text}"
+        );
+        assert!(text.contains("(n=2)"), "{text}");
+        assert!(text.contains("sim-00003: token rejected"), "{text}");
+
+        let json: serde_json::Value = serde_json::to_value(&report).expect("report serialises");
+        assert_eq!(json["readings_accepted"], 240_000);
+        assert_eq!(json["batch_ack_latency"]["count"], 2);
+        assert_eq!(json["settings"]["batch_size"], 50);
+    }
+}
