@@ -48,6 +48,14 @@ pub struct Limits {
     /// Concurrent HTTP/2 streams per connection: each device multiplexed on
     /// a connection holds one or two.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows, in bytes: how much a client may send
+    /// ahead of what the server has read, per stream and per connection.
+    /// They bound the memory a slow database lets clients fill. The
+    /// connection window also sizes h2's budget for small DATA frames, so
+    /// hundreds of devices' tiny unary calls on one connection are not
+    /// mistaken for a flood.
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
 }
 
 impl Default for Limits {
@@ -57,6 +65,8 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             max_inflight_batches: 8,
             max_concurrent_streams: 4096,
+            stream_window_bytes: 1024 * 1024,
+            connection_window_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -74,7 +74,8 @@ pub async fn run(
         }
     };
     let serve = Server::builder()
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(config.limits.stream_window_bytes)
+        .initial_connection_window_size(config.limits.connection_window_bytes)
         .max_concurrent_streams(config.limits.max_concurrent_streams)
         .layer(AuthLayer::new(auth))
         .add_service(health_service)

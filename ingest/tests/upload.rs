@@ -20,6 +20,7 @@ backend_tests!(
     message_over_the_size_limit_is_resource_exhausted,
     many_devices_uploading_at_once_lose_nothing,
     an_empty_stream_reports_the_stored_cursor,
+    hundreds_of_concurrent_calls_share_one_connection,
 );
 
 async fn summary_reports_every_figure(backend: Backend) {
@@ -379,4 +380,28 @@ async fn an_empty_stream_reports_the_stored_cursor(backend: Backend) {
     let summary = upload(&mut client, vec![]).await.unwrap();
     assert_eq!(summary.batches_received, 0);
     assert_eq!(summary.committed_sequence, 3);
+}
+
+async fn hundreds_of_concurrent_calls_share_one_connection(backend: Backend) {
+    // A fleet multiplexed on one connection starts with a burst of tiny
+    // unary calls; h2 must not take it for a flood of small DATA frames.
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let client = server.ingest(&token).await;
+    let calls = (0..400).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get_upload_cursor(pb::GetUploadCursorRequest {})
+                .await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        let reply = call
+            .unwrap()
+            .expect("every call on the shared connection succeeds");
+        assert_eq!(reply.into_inner().device_id, "dev-1");
+    }
 }

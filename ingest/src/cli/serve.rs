@@ -57,6 +57,12 @@ pub struct ServeArgs {
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, env = "INGEST_HTTP2_MAX_STREAMS", default_value_t = 4096)]
     http2_max_streams: u32,
+    /// HTTP/2 flow-control window per stream, in bytes.
+    #[arg(long, env = "INGEST_HTTP2_STREAM_WINDOW", default_value_t = 1024 * 1024)]
+    http2_stream_window: u32,
+    /// HTTP/2 flow-control window per connection, in bytes.
+    #[arg(long, env = "INGEST_HTTP2_CONNECTION_WINDOW", default_value_t = 16 * 1024 * 1024)]
+    http2_connection_window: u32,
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -108,6 +114,8 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             max_inflight_batches: self.max_inflight_batches as usize,
             max_concurrent_streams: self.http2_max_streams,
+            stream_window_bytes: self.http2_stream_window,
+            connection_window_bytes: self.http2_connection_window,
         };
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,
