@@ -54,6 +54,11 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_MAX_GROUP_READINGS", default_value_t = 50_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_group_readings: u32,
+    /// Writer tasks (and connections) committing in parallel on PostgreSQL;
+    /// SQLite always has one.
+    #[arg(long, env = "INGEST_POSTGRES_WRITERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    postgres_writers: u32,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, env = "INGEST_HTTP2_MAX_STREAMS", default_value_t = 4096)]
     http2_max_streams: u32,
@@ -120,6 +125,7 @@ impl ServeArgs {
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,
             max_group_readings: self.max_group_readings as usize,
+            postgres_writers: self.postgres_writers as usize,
         };
         config.shutdown_grace = self.shutdown_grace;
         Ok(config)

@@ -28,6 +28,11 @@ pub struct WriterConfig {
     pub queue_batches: usize,
     /// A group stops taking more batches once it holds this many readings.
     pub max_group_readings: usize,
+    /// Writer tasks on PostgreSQL, each committing its own groups on its own
+    /// connection. Devices are split among them by key, so one device's
+    /// batches always meet one writer, in order. SQLite has one writer
+    /// whatever this says: it allows one writing transaction at a time.
+    pub postgres_writers: usize,
 }
 
 impl Default for WriterConfig {
@@ -35,6 +40,7 @@ impl Default for WriterConfig {
         Self {
             queue_batches: 1024,
             max_group_readings: 50_000,
+            postgres_writers: 2,
         }
     }
 }
@@ -71,18 +77,20 @@ impl PendingBatch {
     }
 }
 
-/// The way to the writer. The writer stops once every handle is dropped and
-/// the queue is drained.
+/// The way to the writers. They stop once every handle is dropped and their
+/// queues are drained.
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: mpsc::Sender<PendingBatch>,
+    /// One queue per writer task.
+    queues: Arc<[mpsc::Sender<PendingBatch>]>,
 }
 
 impl WriterHandle {
     /// A submitter for one upload stream of one device.
     pub fn stream(&self, device_pk: i64) -> StreamWriter {
+        let shard = device_pk.unsigned_abs() as usize % self.queues.len();
         StreamWriter {
-            tx: self.tx.clone(),
+            tx: self.queues[shard].clone(),
             device_pk,
             failed: Arc::new(AtomicBool::new(false)),
         }
@@ -124,15 +132,36 @@ impl StreamWriter {
     }
 }
 
-/// Starts the writer for `store`.
+/// Starts the writers for `store`; the task ends when all have stopped.
 pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
-    let max = config.max_group_readings.max(1);
-    let task = match store {
-        Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max)),
-        Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max)),
+    let writers = match store {
+        Store::Sqlite(_) => 1,
+        Store::Postgres(_) => config.postgres_writers.max(1),
     };
-    (WriterHandle { tx }, task)
+    // The queue bound is for all writers together.
+    let depth = (config.queue_batches / writers).max(1);
+    let max = config.max_group_readings.max(1);
+    let mut queues = Vec::with_capacity(writers);
+    let mut tasks = Vec::with_capacity(writers);
+    for _ in 0..writers {
+        let (tx, rx) = mpsc::channel(depth);
+        queues.push(tx);
+        tasks.push(match store {
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max)),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max)),
+        });
+    }
+    let all = tokio::spawn(async move {
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
+    (
+        WriterHandle {
+            queues: queues.into(),
+        },
+        all,
+    )
 }
 
 /// A backend that can open a group-commit transaction.
