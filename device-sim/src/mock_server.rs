@@ -195,6 +195,20 @@ impl Ops for MockOps {
         Err(Status::unimplemented("mock"))
     }
 
+    async fn list_alerts(
+        &self,
+        _: Request<telemetry_proto::v1::ListAlertsRequest>,
+    ) -> Result<Response<telemetry_proto::v1::ListAlertsResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn ack_alert(
+        &self,
+        _: Request<telemetry_proto::v1::AckAlertRequest>,
+    ) -> Result<Response<telemetry_proto::v1::Alert>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
     async fn send_command(
         &self,
         _: Request<SendCommandRequest>,

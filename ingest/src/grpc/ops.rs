@@ -149,6 +149,20 @@ impl pb::ops_server::Ops for OpsService {
         Err(not_yet("DeleteAlertRule"))
     }
 
+    async fn list_alerts(
+        &self,
+        _request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        Err(not_yet("ListAlerts"))
+    }
+
+    async fn ack_alert(
+        &self,
+        _request: Request<pb::AckAlertRequest>,
+    ) -> Result<Response<pb::Alert>, Status> {
+        Err(not_yet("AckAlert"))
+    }
+
     async fn send_command(
         &self,
         _request: Request<pb::SendCommandRequest>,
