@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::alerts::WatchConfig;
 use crate::auth::OpsTokenSource;
 use crate::domain::ReadingLimits;
 use crate::storage::Database;
@@ -18,6 +19,7 @@ pub struct Config {
     pub ops_token: OpsTokenSource,
     pub limits: Limits,
     pub writer: WriterConfig,
+    pub alerts: AlertsConfig,
     /// After a shutdown signal, how long to wait for open calls to finish
     /// before closing their connections.
     pub shutdown_grace: Duration,
@@ -32,6 +34,7 @@ impl Config {
             ops_token,
             limits: Limits::default(),
             writer: WriterConfig::default(),
+            alerts: AlertsConfig::default(),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -67,6 +70,27 @@ impl Default for Limits {
             max_concurrent_streams: 4096,
             stream_window_bytes: 1024 * 1024,
             connection_window_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The alert engine and watch streams.
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    /// Committed batches waiting to be judged before uploads are slowed.
+    pub engine_queue: usize,
+    /// Live events kept for watchers; one further behind catches up from
+    /// the database.
+    pub live_buffer: usize,
+    pub watch: WatchConfig,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            engine_queue: 1024,
+            live_buffer: 4096,
+            watch: WatchConfig::default(),
         }
     }
 }

@@ -16,6 +16,7 @@
 //!
 //! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
 
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -26,5 +27,5 @@ pub mod shutdown;
 pub mod storage;
 pub mod upload;
 
-pub use config::{Config, Limits};
+pub use config::{AlertsConfig, Config, Limits};
 pub use server::run;

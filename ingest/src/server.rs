@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
 use crate::grpc::{IngestService, OpsService};
@@ -37,11 +38,19 @@ pub async fn run(
     let local_addr = listener.local_addr()?;
     tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
 
+    let (alerts, alerts_task) = AlertEngine::start(
+        store.clone(),
+        config.alerts.engine_queue,
+        config.alerts.live_buffer,
+    )
+    .await
+    .context("starting the alert engine")?;
     let (writer, writer_task) = writer::spawn(&store, &config.writer);
     let (stopping_tx, stopping) = watch::channel(false);
     let upload = UploadContext {
         store: store.clone(),
         writer,
+        alerts: alerts.clone(),
         limits: config.limits.readings.clone(),
         max_inflight_batches: config.limits.max_inflight_batches,
         shutdown: stopping.clone(),
@@ -49,7 +58,13 @@ pub async fn run(
     let max_message = config.limits.max_message_bytes;
     let ingest =
         IngestServer::new(IngestService::new(upload)).max_decoding_message_size(max_message);
-    let ops = OpsServer::new(OpsService::new(store.clone())).max_decoding_message_size(max_message);
+    let ops = OpsServer::new(OpsService::new(
+        store.clone(),
+        alerts,
+        config.alerts.watch.clone(),
+        stopping.clone(),
+    ))
+    .max_decoding_message_size(max_message);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<IngestService>>().await;
@@ -98,6 +113,10 @@ pub async fn run(
     // commits what is queued and stops.
     if tokio::time::timeout(grace, writer_task).await.is_err() {
         tracing::warn!("the writer did not drain within the grace period");
+    }
+    // The engine stops once the last upload stream and service let go of it.
+    if tokio::time::timeout(grace, alerts_task).await.is_err() {
+        tracing::warn!("the alert engine did not stop within the grace period");
     }
     store.close().await;
     tracing::info!("stopped");

@@ -68,6 +68,14 @@ pub struct ServeArgs {
     /// HTTP/2 flow-control window per connection, in bytes.
     #[arg(long, env = "INGEST_HTTP2_CONNECTION_WINDOW", default_value_t = 16 * 1024 * 1024)]
     http2_connection_window: u32,
+    /// Interval of heartbeats on quiet alert watch streams.
+    #[arg(long, env = "INGEST_ALERT_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    alert_heartbeat: Duration,
+    /// Live alert events kept for watchers; a watcher further behind
+    /// catches up from the database.
+    #[arg(long, env = "INGEST_ALERT_LIVE_BUFFER", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    alert_live_buffer: u32,
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -127,6 +135,8 @@ impl ServeArgs {
             max_group_readings: self.max_group_readings as usize,
             postgres_writers: self.postgres_writers as usize,
         };
+        config.alerts.watch.heartbeat = self.alert_heartbeat;
+        config.alerts.live_buffer = self.alert_live_buffer as usize;
         config.shutdown_grace = self.shutdown_grace;
         Ok(config)
     }

@@ -1,6 +1,7 @@
 //! Domain types and rules, free of I/O: a value of these types has passed
 //! validation, so code past the API boundary never re-checks it.
 
+pub mod alert;
 pub mod device;
 pub mod reading;
 pub mod summary;

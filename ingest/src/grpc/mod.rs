@@ -2,6 +2,7 @@
 //! into domain values, call the domain or storage layer, convert the answer;
 //! every error becomes a `tonic::Status` in [`status`].
 
+mod alert_messages;
 mod convert;
 pub mod ingest;
 pub mod ops;

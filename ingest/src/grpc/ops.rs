@@ -3,23 +3,43 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::alert_messages::{alert_to_pb, event_to_pb, rule_from_pb, rule_to_pb, severity_from_pb};
 use super::{convert, status};
+use crate::alerts::watch::{WatchEnd, WatchItem};
+use crate::alerts::{AlertEngine, WatchConfig, WatchFilter};
 use crate::auth::Token;
+use crate::domain::alert::RuleId;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{DeviceId, DisplayName, Labels};
 use crate::storage::{NewDevice, Store};
 
 pub struct OpsService {
     store: Store,
+    alerts: AlertEngine,
+    watch: WatchConfig,
+    /// Ends watch streams when the server stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl OpsService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(
+        store: Store,
+        alerts: AlertEngine,
+        watch: WatchConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            alerts,
+            watch,
+            shutdown,
+        }
     }
 }
 
@@ -68,6 +88,9 @@ impl pb::ops_server::Ops for OpsService {
             .register_device(&device)
             .await
             .map_err(|e| status::storage_about(e, &format!("device {}", device.id)))?;
+        self.alerts
+            .device_registered(record.pk, record.id.clone(), record.labels.clone())
+            .await;
         tracing::info!("device registered");
         Ok(Response::new(pb::RegisterDeviceResponse {
             device: Some(convert::device(record)),
@@ -123,44 +146,103 @@ impl pb::ops_server::Ops for OpsService {
 
     async fn watch_alerts(
         &self,
-        _request: Request<pb::WatchAlertsRequest>,
+        request: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
-        Err(not_yet("WatchAlerts"))
+        let req = request.into_inner();
+        let filter = WatchFilter {
+            min_severity: severity_from_pb(req.min_severity),
+            devices: req.device_ids.into_iter().collect(),
+            rules: req.rule_ids.into_iter().collect(),
+        };
+        let items = crate::alerts::watch::start(
+            self.store.clone(),
+            self.alerts.clone(),
+            filter,
+            req.after_event_id,
+            self.watch.clone(),
+            self.shutdown.clone(),
+        );
+        let stream = ReceiverStream::new(items).map(|item| match item {
+            WatchItem::Event(e) => Ok(event_to_pb(&e)),
+            WatchItem::Heartbeat {
+                last_event_id,
+                time,
+            } => Ok(pb::AlertEvent {
+                event_id: last_event_id,
+                kind: pb::AlertEventKind::Heartbeat as i32,
+                time_unix_nano: time.max(0) as u64,
+                ..Default::default()
+            }),
+            WatchItem::End(WatchEnd::ShuttingDown { last_event_id }) => {
+                Err(Status::unavailable(format!(
+                    "the server is shutting down; reconnect with after_event_id = {last_event_id}"
+                )))
+            }
+            WatchItem::End(WatchEnd::StorageFailed { last_event_id }) => Err(Status::unavailable(
+                format!("storage is unavailable; reconnect with after_event_id = {last_event_id}"),
+            )),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn put_alert_rule(
         &self,
-        _request: Request<pb::PutAlertRuleRequest>,
+        request: Request<pb::PutAlertRuleRequest>,
     ) -> Result<Response<pb::AlertRule>, Status> {
-        Err(not_yet("PutAlertRule"))
+        let rule = request
+            .into_inner()
+            .rule
+            .ok_or_else(|| Status::invalid_argument("rule is required"))?;
+        let rule = rule_from_pb(rule)?;
+        self.alerts.put_rule(rule.clone()).await?;
+        tracing::info!(rule = %rule.id, "alert rule stored");
+        Ok(Response::new(rule_to_pb(&rule)))
     }
 
     async fn list_alert_rules(
         &self,
         _request: Request<pb::ListAlertRulesRequest>,
     ) -> Result<Response<pb::ListAlertRulesResponse>, Status> {
-        Err(not_yet("ListAlertRules"))
+        let rules = self.store.list_rules().await.map_err(status::storage)?;
+        Ok(Response::new(pb::ListAlertRulesResponse {
+            rules: rules.iter().map(rule_to_pb).collect(),
+        }))
     }
 
     async fn delete_alert_rule(
         &self,
-        _request: Request<pb::DeleteAlertRuleRequest>,
+        request: Request<pb::DeleteAlertRuleRequest>,
     ) -> Result<Response<pb::DeleteAlertRuleResponse>, Status> {
-        Err(not_yet("DeleteAlertRule"))
+        let id = RuleId::parse(&request.get_ref().rule_id)?;
+        self.alerts.delete_rule(id).await?;
+        Ok(Response::new(pb::DeleteAlertRuleResponse {}))
     }
 
     async fn list_alerts(
         &self,
-        _request: Request<pb::ListAlertsRequest>,
+        request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
-        Err(not_yet("ListAlerts"))
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let alerts = self
+            .store
+            .list_alerts(req.include_resolved, &req.device_ids, limit)
+            .await
+            .map_err(status::storage)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: alerts.into_iter().map(alert_to_pb).collect(),
+        }))
     }
 
     async fn ack_alert(
         &self,
-        _request: Request<pb::AckAlertRequest>,
+        request: Request<pb::AckAlertRequest>,
     ) -> Result<Response<pb::Alert>, Status> {
-        Err(not_yet("AckAlert"))
+        let alert = self.alerts.ack(request.get_ref().alert_id).await?;
+        Ok(Response::new(alert_to_pb(alert)))
     }
 
     async fn send_command(

@@ -5,6 +5,8 @@
 
 use tonic::Status;
 
+use crate::alerts::EngineError;
+use crate::domain::alert::InvalidRule;
 use crate::domain::{BatchError, InvalidDevice};
 use crate::storage::StorageError;
 use crate::upload::{UploadError, UploadFailure};
@@ -78,6 +80,26 @@ impl From<InvalidDevice> for Status {
             | InvalidDevice::LabelKey(_)
             | InvalidDevice::LabelValue(_)
             | InvalidDevice::TooManyLabels(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+impl From<InvalidRule> for Status {
+    fn from(e: InvalidRule) -> Self {
+        Status::invalid_argument(format!("invalid alert rule: {e}"))
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NoRule => Status::not_found("no alert rule has that id"),
+            EngineError::NoAlert => Status::not_found("no alert has that id"),
+            EngineError::Resolved => Status::failed_precondition(
+                "the alert is already resolved; only open alerts can be acknowledged",
+            ),
+            EngineError::Storage(e) => storage(e),
+            EngineError::Stopped => Status::unavailable("the server is shutting down; retry"),
         }
     }
 }

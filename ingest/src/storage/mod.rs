@@ -4,6 +4,7 @@
 //! The backend is chosen at run time from the database URL: SQLite (the
 //! embedded default, a file in the data directory) or PostgreSQL.
 
+pub mod alerts;
 mod error;
 mod postgres;
 mod sqlite;

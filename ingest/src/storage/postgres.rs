@@ -10,11 +10,13 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
+use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
 use super::{
     DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError, device_from_parts,
     to_u64,
 };
 use crate::auth::TokenHash;
+use crate::domain::alert::{Rule, RuleId};
 use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName, Unit};
 
@@ -210,5 +212,153 @@ impl GroupTx for PgGroupTx {
 
     async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
+    }
+}
+
+// ---- alerts (SQL shared in storage::alerts) --------------------------------
+
+impl PgStore {
+    pub async fn put_rule(&self, rule: &Rule, now: UnixNanos) -> Result<(), StorageError> {
+        let definition = serde_json::to_string(rule).expect("rules serialise");
+        sqlx::query(&alerts::numbered(alerts::UPSERT_RULE))
+            .bind(rule.id.as_str())
+            .bind(rule.severity.as_str())
+            .bind(rule.sensor.as_ref().map(|s| s.as_str()))
+            .bind(definition)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_rule(&self, id: &RuleId) -> Result<bool, StorageError> {
+        let done = sqlx::query(&alerts::numbered(alerts::DELETE_RULE))
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn list_rules(&self) -> Result<Vec<Rule>, StorageError> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT definition::text FROM alert_rules ORDER BY rule_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|json| alerts::rule_from_json(json))
+            .collect()
+    }
+
+    pub async fn record_alert_events(
+        &self,
+        events: &[NewAlertEvent],
+        now: UnixNanos,
+    ) -> Result<Vec<AlertEventRecord>, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let mut recorded = Vec::with_capacity(events.len());
+        for e in events {
+            let alert_id: i64 = match (e.kind, e.alert_id) {
+                (EventKind::Fired, _) => {
+                    sqlx::query_scalar(&alerts::numbered(alerts::INSERT_ALERT))
+                        .bind(e.rule_id.as_str())
+                        .bind(e.device_pk)
+                        .bind(&e.sensor)
+                        .bind(e.severity.as_str())
+                        .bind(e.time)
+                        .bind(e.value)
+                        .bind(&e.message)
+                        .fetch_one(&mut *tx)
+                        .await?
+                }
+                (EventKind::Acked, Some(id)) => {
+                    sqlx::query(&alerts::numbered(alerts::ACK_ALERT))
+                        .bind(e.time)
+                        .bind(id as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    id as i64
+                }
+                (EventKind::Resolved, Some(id)) => {
+                    sqlx::query(&alerts::numbered(alerts::RESOLVE_ALERT))
+                        .bind(e.time)
+                        .bind(e.value)
+                        .bind(id as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    id as i64
+                }
+                (EventKind::Acked | EventKind::Resolved, None) => {
+                    return Err(StorageError::Corrupt("event without its alert".into()));
+                }
+            };
+            let event_id: i64 = sqlx::query_scalar(&alerts::numbered(alerts::INSERT_EVENT))
+                .bind(alert_id)
+                .bind(e.kind.as_str())
+                .bind(e.rule_id.as_str())
+                .bind(e.device_id.as_str())
+                .bind(&e.sensor)
+                .bind(e.severity.as_str())
+                .bind(e.value)
+                .bind(e.time)
+                .bind(&e.message)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+            recorded.push(AlertEventRecord {
+                event_id: alerts::id(event_id),
+                kind: e.kind,
+                alert_id: alerts::id(alert_id),
+                rule_id: e.rule_id.as_str().to_owned(),
+                device_id: e.device_id.as_str().to_owned(),
+                sensor: e.sensor.clone(),
+                severity: e.severity,
+                value: e.value,
+                time: e.time,
+                message: e.message.clone(),
+            });
+        }
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    pub async fn alert_events_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AlertEventRecord>, StorageError> {
+        let rows = sqlx::query(&alerts::numbered(alerts::EVENTS_AFTER))
+            .bind(after.min(i64::MAX as u64) as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(alerts::event_from_row).collect()
+    }
+
+    pub async fn list_alerts(
+        &self,
+        include_resolved: bool,
+        device_ids: &[String],
+        limit: u32,
+    ) -> Result<Vec<AlertRecord>, StorageError> {
+        let sql = alerts::numbered(&alerts::list_alerts_sql(include_resolved, device_ids.len()));
+        let mut query = sqlx::query(&sql);
+        for d in device_ids {
+            query = query.bind(d);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(alerts::alert_from_row).collect()
+    }
+
+    pub async fn get_alert(&self, alert_id: u64) -> Result<AlertRecord, StorageError> {
+        let sql = alerts::numbered(&format!(
+            "SELECT {} WHERE a.alert_id = ?",
+            alerts::ALERT_COLUMNS
+        ));
+        let row = sqlx::query(&sql)
+            .bind(alert_id.min(i64::MAX as u64) as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        alerts::alert_from_row(&row)
     }
 }

@@ -60,7 +60,15 @@ pub enum BatchOutcome {
 #[error("the batch could not be committed")]
 pub struct CommitFailed;
 
-pub type CommitResult = Result<BatchOutcome, CommitFailed>;
+/// A committed batch's outcome, with its readings handed back for the
+/// alert engine.
+#[derive(Debug)]
+pub struct Committed {
+    pub outcome: BatchOutcome,
+    pub series: Vec<SeriesRows>,
+}
+
+pub type CommitResult = Result<Committed, CommitFailed>;
 
 struct PendingBatch {
     device_pk: i64,
@@ -234,8 +242,12 @@ async fn run<B: BeginGroup>(
                     "group committed"
                 );
                 for (batch, outcome) in group.drain(..).zip(outcomes) {
+                    let committed = Committed {
+                        outcome,
+                        series: batch.series,
+                    };
                     // A stream that went away no longer needs the answer.
-                    let _ = batch.reply.send(Ok(outcome));
+                    let _ = batch.reply.send(Ok(committed));
                 }
             }
             Err(error) => {

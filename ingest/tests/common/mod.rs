@@ -133,11 +133,15 @@ impl TestStorage {
 
 pub const OPS_TOKEN: &str = "ops_test_token";
 
+/// Changes a test server's configuration; kept for restarts.
+pub type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// A running server.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub storage: TestStorage,
     pub limits: Limits,
+    configure: Option<Configure>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -149,10 +153,30 @@ impl TestServer {
 
     pub async fn start_with(backend: Backend, limits: Limits) -> Option<Self> {
         let storage = TestStorage::new(backend).await?;
-        Some(Self::start_on(storage, limits).await)
+        Some(Self::start_on(storage, limits, None).await)
     }
 
-    pub async fn start_on(storage: TestStorage, limits: Limits) -> Self {
+    /// Starts with a configuration changed by `configure`.
+    pub async fn start_configured(
+        backend: Backend,
+        configure: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> Option<Self> {
+        let storage = TestStorage::new(backend).await?;
+        Some(
+            Self::start_on(
+                storage,
+                Limits::default(),
+                Some(std::sync::Arc::new(configure)),
+            )
+            .await,
+        )
+    }
+
+    pub async fn start_on(
+        storage: TestStorage,
+        limits: Limits,
+        configure: Option<Configure>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::new(
@@ -161,6 +185,9 @@ impl TestServer {
             OpsTokenSource::Value(Token::new(OPS_TOKEN.into())),
         );
         config.limits = limits.clone();
+        if let Some(configure) = &configure {
+            configure(&mut config);
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ingest::run(config, listener, async {
             let _ = stopped.await;
@@ -169,6 +196,7 @@ impl TestServer {
             addr,
             storage,
             limits,
+            configure,
             stop: Some(stop),
             task: Some(task),
         }
@@ -188,7 +216,7 @@ impl TestServer {
     pub async fn restart(mut self) -> Self {
         self.stop().await;
         let storage = std::mem::replace(&mut self.storage, TestStorage::placeholder());
-        Self::start_on(storage, self.limits.clone()).await
+        Self::start_on(storage, self.limits.clone(), self.configure.clone()).await
     }
 
     pub fn url(&self) -> String {
