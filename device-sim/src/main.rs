@@ -18,6 +18,7 @@ mod auth;
 mod buffer;
 mod config;
 mod credentials;
+mod demo_alerts;
 mod device;
 mod fleet;
 mod local_server;
@@ -72,7 +73,19 @@ fn run(args: config::Args) -> anyhow::Result<ExitCode> {
         let server = local_server::LocalServer::start(&data_dir, listen).await?;
         config.server = server.url.clone();
         config.ops_token = Some(server.ops_token.clone());
+        let alerts = match config.anomaly_rate {
+            Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),
+            None => None,
+        };
         let code = fleet::run(config).await;
+        if let Some((counts, task)) = alerts {
+            task.abort();
+            println!(
+                "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
+                counts.fired.load(std::sync::atomic::Ordering::Relaxed),
+                counts.resolved.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         let database = server.database.clone();
         server.stop().await?;
         println!(

@@ -293,7 +293,7 @@ impl Condition {
                     return cleared.then(|| Verdict::Resolve {
                         value: Some(value),
                         time,
-                        message: format!("{value} is back past {clear}"),
+                        message: format!("{} is back past {clear}", short(value)),
                     });
                 }
                 if !past_fire {
@@ -319,7 +319,7 @@ impl Condition {
                 Some(Verdict::Fire {
                     value: Some(value),
                     time,
-                    message: format!("{value} {word} {fire}{during}"),
+                    message: format!("{} {word} {fire}{during}", short(value)),
                 })
             }
             Condition::RateOfChange { max_per_minute } => {
@@ -354,6 +354,12 @@ impl Condition {
             }),
         }
     }
+}
+
+/// A value as people read it in a message: at most four decimals.
+fn short(v: f64) -> String {
+    let s = format!("{v:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 #[cfg(test)]

@@ -1,0 +1,142 @@
+//! With `--local-server --anomalies`: alert rules that the injected
+//! anomalies trip, and a watcher that prints each alert as it fires and
+//! resolves, so the one-command demo shows the whole loop.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::auth::BearerAuth;
+
+/// Alert counts for the final report.
+#[derive(Default)]
+pub struct AlertCounts {
+    pub fired: AtomicU64,
+    pub resolved: AtomicU64,
+}
+
+fn rules() -> Vec<pb::AlertRule> {
+    let threshold = |fire, clear| {
+        pb::alert_rule::Condition::Threshold(pb::ThresholdCondition {
+            direction: pb::threshold_condition::Direction::Above as i32,
+            fire_value: fire,
+            clear_value: clear,
+            for_millis: 0,
+        })
+    };
+    vec![
+        // Spikes and drifts carry temperature far past its daily range.
+        pb::AlertRule {
+            rule_id: "demo-too-hot".into(),
+            devices: None,
+            sensor: "temperature".into(),
+            severity: pb::Severity::Critical as i32,
+            condition: Some(threshold(40.0, 35.0)),
+        },
+        // A pressure spike is a jump no weather makes.
+        pb::AlertRule {
+            rule_id: "demo-pressure-jump".into(),
+            devices: None,
+            sensor: "pressure".into(),
+            severity: pb::Severity::Warning as i32,
+            condition: Some(pb::alert_rule::Condition::RateOfChange(
+                pb::RateOfChangeCondition {
+                    max_change_per_minute: 600.0,
+                },
+            )),
+        },
+        // A dropout silences one sensor while the others go on.
+        pb::AlertRule {
+            rule_id: "demo-humidity-silent".into(),
+            devices: None,
+            sensor: "humidity".into(),
+            severity: pb::Severity::Warning as i32,
+            condition: Some(pb::alert_rule::Condition::Inactivity(
+                pb::InactivityCondition {
+                    silence_millis: 2000,
+                },
+            )),
+        },
+    ]
+}
+
+/// Installs the demo rules and starts printing alert events to stderr.
+pub async fn start(
+    url: &str,
+    ops_token: &str,
+) -> anyhow::Result<(Arc<AlertCounts>, JoinHandle<()>)> {
+    let channel = Channel::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .context("connecting to the local server")?;
+    let mut ops = OpsClient::with_interceptor(channel, BearerAuth::new(ops_token)?);
+    for rule in rules() {
+        ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
+            .await
+            .context("installing the demo alert rules")?;
+    }
+    // Earlier runs' alerts are replayed first; only news is printed.
+    let since = now_nanos();
+    let counts = Arc::new(AlertCounts::default());
+    let task = {
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let request = pb::WatchAlertsRequest {
+                after_event_id: 0,
+                ..Default::default()
+            };
+            let Ok(response) = ops.watch_alerts(request).await else {
+                return;
+            };
+            let mut events = response.into_inner();
+            while let Ok(Some(e)) = events.message().await {
+                if e.time_unix_nano < since {
+                    continue;
+                }
+                let kind = match e.kind() {
+                    pb::AlertEventKind::Fired => {
+                        counts.fired.fetch_add(1, Ordering::Relaxed);
+                        "FIRED   "
+                    }
+                    pb::AlertEventKind::Resolved => {
+                        counts.resolved.fetch_add(1, Ordering::Relaxed);
+                        "RESOLVED"
+                    }
+                    pb::AlertEventKind::Acked => "ACKED   ",
+                    pb::AlertEventKind::Heartbeat | pb::AlertEventKind::Unspecified => continue,
+                };
+                let value = e.value.map_or(String::new(), |v| format!(" value={v:.2}"));
+                // Over the progress line, when there is one.
+                let clear = if std::io::stderr().is_terminal() {
+                    "\r\x1b[K"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "{clear}alert {kind} {:<8} {:<21} {} {}{value}  {}",
+                    e.severity()
+                        .as_str_name()
+                        .trim_start_matches("SEVERITY_")
+                        .to_lowercase(),
+                    e.rule_id,
+                    e.device_id,
+                    e.sensor,
+                    e.message
+                );
+            }
+        })
+    };
+    Ok((counts, task))
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
