@@ -1,9 +1,11 @@
 //! The `ingest` command line: the server (`serve`, `migrate`) and the
 //! operator subcommands, one file each.
 
+mod alerts;
 mod client;
 mod devices;
 mod migrate;
+mod rules;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +30,12 @@ enum Command {
     /// Register, show and list devices.
     #[command(subcommand)]
     Devices(devices::DevicesCommand),
+    /// Create, list and delete alert rules.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
+    /// List, acknowledge and watch alerts.
+    #[command(subcommand)]
+    Alerts(alerts::AlertsCommand),
 }
 
 impl Cli {
@@ -36,6 +44,8 @@ impl Cli {
             Command::Serve(args) => serve::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
             Command::Devices(cmd) => devices::run(cmd).await,
+            Command::Rules(cmd) => rules::run(cmd).await,
+            Command::Alerts(cmd) => alerts::run(cmd).await,
         }
     }
 }

@@ -1,0 +1,146 @@
+//! Measures alert latency: from a device sending a reading that crosses a
+//! threshold to an operator's WatchAlerts stream receiving the event.
+//!
+//! Run it against a server under load (e.g. with device-sim uploading):
+//!
+//! ```sh
+//! cargo run --release -p ingest --example alert_latency -- \
+//!     --server http://127.0.0.1:50051 --ops-token-file ./data/ops.token --samples 400
+//! ```
+//!
+//! It registers a probe device, installs a rule for it alone, and sends one
+//! reading at a time, alternately far above and far below the threshold, so
+//! every reading fires or resolves an alert. Prints p50/p90/p99/max.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ingest_client::IngestClient;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[arg(long, default_value = "./data/ops.token")]
+    ops_token_file: std::path::PathBuf,
+    /// Readings to send (each one an alert event).
+    #[arg(long, default_value_t = 400)]
+    samples: usize,
+    /// Pause between readings.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+}
+
+fn bearer(token: &str) -> anyhow::Result<impl tonic::service::Interceptor + Clone> {
+    let value: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
+    Ok(move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", value.clone());
+        Ok(r)
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let ops_token =
+        std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
+    let channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let mut ops = OpsClient::with_interceptor(channel.clone(), bearer(&ops_token)?);
+
+    let probe = format!("latency-probe-{}", std::process::id());
+    let token = ops
+        .register_device(pb::RegisterDeviceRequest {
+            device_id: probe.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token;
+    let rule_id = format!("{probe}-rule");
+    let rule = pb::AlertRule {
+        rule_id: rule_id.clone(),
+        devices: Some(pb::DeviceSelector {
+            selector: Some(pb::device_selector::Selector::Ids(pb::DeviceIdList {
+                device_ids: vec![probe.clone()],
+            })),
+        }),
+        sensor: "probe".into(),
+        severity: pb::Severity::Info as i32,
+        condition: Some(pb::alert_rule::Condition::Threshold(
+            pb::ThresholdCondition {
+                direction: pb::threshold_condition::Direction::Above as i32,
+                fire_value: 100.0,
+                clear_value: 0.0,
+                for_millis: 0,
+            },
+        )),
+    };
+    ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
+        .await?;
+
+    // A watcher on its own connection, like an operator's.
+    let watch_channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let mut watcher = OpsClient::with_interceptor(watch_channel, bearer(&ops_token)?);
+    let mut events = watcher
+        .watch_alerts(pb::WatchAlertsRequest {
+            after_event_id: u64::MAX >> 1,
+            rule_ids: vec![rule_id.clone()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+
+    let mut device = IngestClient::with_interceptor(channel, bearer(&token)?);
+    let mut latencies = Vec::with_capacity(args.samples);
+    for i in 0..args.samples {
+        let value = if i % 2 == 0 { 1000.0 } else { -1000.0 };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64;
+        let batch = pb::ReadingBatch {
+            sequence: i as u64 + 1,
+            series: vec![pb::SensorSeries {
+                sensor: "probe".into(),
+                unit: String::new(),
+                time_unix_nano: vec![now],
+                value: vec![value],
+            }],
+        };
+        let sent = Instant::now();
+        let upload = device.upload_readings(tokio_stream::iter([batch]));
+        let receive = async {
+            loop {
+                let e = events.message().await?.context("watch stream ended")?;
+                if e.kind() != pb::AlertEventKind::Heartbeat {
+                    return anyhow::Ok(sent.elapsed());
+                }
+            }
+        };
+        let (uploaded, latency) = tokio::join!(upload, receive);
+        uploaded?;
+        latencies.push(latency?);
+        tokio::time::sleep(args.interval).await;
+    }
+    ops.delete_alert_rule(pb::DeleteAlertRuleRequest { rule_id })
+        .await?;
+
+    latencies.sort();
+    let q = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "alert latency over {} events: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        latencies.len(),
+        ms(q(0.50)),
+        ms(q(0.90)),
+        ms(q(0.99)),
+        ms(q(1.0))
+    );
+    Ok(())
+}
