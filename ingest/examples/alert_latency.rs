@@ -83,12 +83,13 @@ async fn main() -> anyhow::Result<()> {
     ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
         .await?;
 
-    // A watcher on its own connection, like an operator's.
+    // A watcher on its own connection, like an operator's; the rule is
+    // new, so replaying from 0 yields nothing of it.
     let watch_channel = Channel::from_shared(args.server.clone())?.connect().await?;
     let mut watcher = OpsClient::with_interceptor(watch_channel, bearer(&ops_token)?);
     let mut events = watcher
         .watch_alerts(pb::WatchAlertsRequest {
-            after_event_id: u64::MAX >> 1,
+            after_event_id: 0,
             rule_ids: vec![rule_id.clone()],
             ..Default::default()
         })
