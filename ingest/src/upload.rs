@@ -189,6 +189,10 @@ async fn settle(
                 series,
             })) => {
                 tally.committed(report, committed_sequence);
+                // A long stream must not collect one receiver per batch.
+                judging.retain_mut(|judged| {
+                    matches!(judged.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                });
                 if ctx.alerts.has_rules() {
                     match ctx.alerts.readings(device.pk, series).await {
                         Ok(judged) => judging.push(judged),
