@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::alerts::WatchConfig;
 use crate::auth::OpsTokenSource;
+use crate::control::ControlConfig;
 use crate::domain::ReadingLimits;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
@@ -20,6 +21,7 @@ pub struct Config {
     pub limits: Limits,
     pub writer: WriterConfig,
     pub alerts: AlertsConfig,
+    pub control: ControlConfig,
     /// After a shutdown signal, how long to wait for open calls to finish
     /// before closing their connections.
     pub shutdown_grace: Duration,
@@ -35,6 +37,7 @@ impl Config {
             limits: Limits::default(),
             writer: WriterConfig::default(),
             alerts: AlertsConfig::default(),
+            control: ControlConfig::default(),
             shutdown_grace: Duration::from_secs(30),
         }
     }

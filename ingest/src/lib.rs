@@ -20,6 +20,7 @@ pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod domain;
 pub mod grpc;
 pub mod server;

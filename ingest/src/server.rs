@@ -19,6 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
+use crate::control::CommandCenter;
 use crate::grpc::{IngestService, OpsService};
 use crate::storage::{Store, writer};
 use crate::upload::UploadContext;
@@ -47,6 +48,10 @@ pub async fn run(
     .context("starting the alert engine")?;
     let (writer, writer_task) = writer::spawn(&store, &config.writer);
     let (stopping_tx, stopping) = watch::channel(false);
+    let (control, sweeper) =
+        CommandCenter::start(store.clone(), config.control.clone(), stopping.clone())
+            .await
+            .context("starting device control")?;
     let upload = UploadContext {
         store: store.clone(),
         writer,
@@ -56,11 +61,12 @@ pub async fn run(
         shutdown: stopping.clone(),
     };
     let max_message = config.limits.max_message_bytes;
-    let ingest =
-        IngestServer::new(IngestService::new(upload)).max_decoding_message_size(max_message);
+    let ingest = IngestServer::new(IngestService::new(upload, control.clone()))
+        .max_decoding_message_size(max_message);
     let ops = OpsServer::new(OpsService::new(
         store.clone(),
         alerts,
+        control,
         config.alerts.watch.clone(),
         stopping.clone(),
     ))
@@ -118,6 +124,7 @@ pub async fn run(
     if tokio::time::timeout(grace, alerts_task).await.is_err() {
         tracing::warn!("the alert engine did not stop within the grace period");
     }
+    let _ = sweeper.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_ALERT_LIVE_BUFFER", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     alert_live_buffer: u32,
+    /// Commands queued or sent but not yet acknowledged, per device; beyond
+    /// it SendCommand answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "INGEST_MAX_PENDING_COMMANDS", default_value_t = 100)]
+    max_pending_commands: u64,
+    /// Time to live of a command that names none.
+    #[arg(long, env = "INGEST_COMMAND_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    command_ttl: Duration,
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -137,6 +144,8 @@ impl ServeArgs {
         };
         config.alerts.watch.heartbeat = self.alert_heartbeat;
         config.alerts.live_buffer = self.alert_live_buffer as usize;
+        config.control.max_pending_per_device = self.max_pending_commands;
+        config.control.default_ttl = self.command_ttl;
         config.shutdown_grace = self.shutdown_grace;
         Ok(config)
     }

@@ -2,6 +2,7 @@
 //! validation, so code past the API boundary never re-checks it.
 
 pub mod alert;
+pub mod command;
 pub mod device;
 pub mod reading;
 pub mod summary;

@@ -17,6 +17,9 @@ pub fn device(d: DeviceRecord) -> pb::Device {
         created_time_unix_nano: d.created.max(0) as u64,
         committed_sequence: d.committed_sequence,
         last_upload_time_unix_nano: d.last_upload.unwrap_or(0).max(0) as u64,
+        online: d.online,
+        last_seen_time_unix_nano: d.last_seen.unwrap_or(0).max(0) as u64,
+        firmware_version: d.firmware_version.unwrap_or_default(),
     }
 }
 

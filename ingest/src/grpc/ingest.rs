@@ -2,22 +2,35 @@
 //! is always the authenticated device, never a request field.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::command_messages::command_to_pb;
 use super::{convert, status};
 use crate::auth;
+use crate::control::CommandCenter;
+use crate::control::session::{self, Outgoing, SessionEnd};
 use crate::upload::{self, UploadContext};
 
 pub struct IngestService {
     ctx: UploadContext,
+    control: Arc<CommandCenter>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl IngestService {
-    pub fn new(ctx: UploadContext) -> Self {
-        Self { ctx }
+    pub fn new(ctx: UploadContext, control: Arc<CommandCenter>) -> Self {
+        let shutdown = ctx.shutdown.clone();
+        Self {
+            ctx,
+            control,
+            shutdown,
+        }
     }
 }
 
@@ -54,11 +67,28 @@ impl pb::ingest_server::Ingest for IngestService {
 
     async fn control(
         &self,
-        _request: Request<Streaming<pb::DeviceMessage>>,
+        request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        Err(Status::unimplemented(
-            "Ingest.Control is not available in this server version",
-        ))
+        let device = auth::device(&request)?.clone();
+        let outgoing = session::open(
+            self.control.clone(),
+            device,
+            request.into_inner(),
+            self.shutdown.clone(),
+        )
+        .await?;
+        let stream = ReceiverStream::new(outgoing).map(|out| match out {
+            Outgoing::Command(c) => Ok(pb::ServerMessage {
+                msg: Some(pb::server_message::Msg::Command(command_to_pb(&c))),
+            }),
+            Outgoing::End(SessionEnd::Superseded) => Err(Status::aborted(
+                "superseded: this device opened a newer Control stream; this one receives nothing more",
+            )),
+            Outgoing::End(SessionEnd::ShuttingDown) => {
+                Err(Status::unavailable("the server is shutting down; reconnect"))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_upload_cursor(

@@ -3,6 +3,7 @@
 //! every error becomes a `tonic::Status` in [`status`].
 
 mod alert_messages;
+mod command_messages;
 mod convert;
 pub mod ingest;
 pub mod ops;

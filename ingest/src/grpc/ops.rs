@@ -10,10 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::alert_messages::{alert_to_pb, event_to_pb, rule_from_pb, rule_to_pb, severity_from_pb};
+use super::command_messages::{command_to_pb, kind_from_pb, state_from_pb};
 use super::{convert, status};
 use crate::alerts::watch::{WatchEnd, WatchItem};
 use crate::alerts::{AlertEngine, WatchConfig, WatchFilter};
 use crate::auth::Token;
+use crate::control::CommandCenter;
 use crate::domain::alert::RuleId;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{DeviceId, DisplayName, Labels};
@@ -22,6 +24,7 @@ use crate::storage::{NewDevice, Store};
 pub struct OpsService {
     store: Store,
     alerts: AlertEngine,
+    control: std::sync::Arc<CommandCenter>,
     watch: WatchConfig,
     /// Ends watch streams when the server stops.
     shutdown: watch::Receiver<bool>,
@@ -31,12 +34,14 @@ impl OpsService {
     pub fn new(
         store: Store,
         alerts: AlertEngine,
+        control: std::sync::Arc<CommandCenter>,
         watch: WatchConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
             alerts,
+            control,
             watch,
             shutdown,
         }
@@ -47,10 +52,6 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 
 type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::AlertEvent, Status>> + Send>>;
-
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("Ops.{rpc} is not available in this server version"))
-}
 
 /// Page tokens are the hex of the last id returned: opaque to clients, and
 /// never mistaken for a device id typed by hand.
@@ -247,22 +248,85 @@ impl pb::ops_server::Ops for OpsService {
 
     async fn send_command(
         &self,
-        _request: Request<pb::SendCommandRequest>,
+        request: Request<pb::SendCommandRequest>,
     ) -> Result<Response<pb::Command>, Status> {
-        Err(not_yet("SendCommand"))
+        let req = request.into_inner();
+        let id = DeviceId::parse(&req.device_id)?;
+        let kind = kind_from_pb(req.command.and_then(|c| c.kind))?;
+        let device = self
+            .store
+            .get_device(&id)
+            .await
+            .map_err(|e| status::storage_about(e, &format!("device {id}")))?;
+        let millis = |ms: u64| (ms > 0).then(|| std::time::Duration::from_millis(ms));
+        let command = self
+            .control
+            .send(
+                device.pk,
+                kind,
+                millis(req.ttl_millis),
+                millis(req.wait_millis),
+            )
+            .await?;
+        Ok(Response::new(command_to_pb(&command)))
     }
 
     async fn get_command(
         &self,
-        _request: Request<pb::GetCommandRequest>,
+        request: Request<pb::GetCommandRequest>,
     ) -> Result<Response<pb::Command>, Status> {
-        Err(not_yet("GetCommand"))
+        let id = request.get_ref().command_id;
+        let command = self
+            .store
+            .get_command(id)
+            .await
+            .map_err(|e| status::storage_about(e, &format!("command {id}")))?;
+        Ok(Response::new(command_to_pb(&command)))
     }
 
     async fn list_commands(
         &self,
-        _request: Request<pb::ListCommandsRequest>,
+        request: Request<pb::ListCommandsRequest>,
     ) -> Result<Response<pb::ListCommandsResponse>, Status> {
-        Err(not_yet("ListCommands"))
+        let req = request.into_inner();
+        let device = if req.device_id.is_empty() {
+            None
+        } else {
+            Some(DeviceId::parse(&req.device_id)?)
+        };
+        let after = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| {
+                Status::invalid_argument("page_token is not one this server returned")
+            })?
+        };
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let mut commands = self
+            .store
+            .list_commands(
+                device.as_ref().map(DeviceId::as_str),
+                state_from_pb(req.state),
+                after,
+                page_size + 1,
+            )
+            .await
+            .map_err(status::storage)?;
+        let next_page_token = if commands.len() > page_size as usize {
+            commands.truncate(page_size as usize);
+            commands
+                .last()
+                .map(|c| c.command_id.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListCommandsResponse {
+            commands: commands.iter().map(command_to_pb).collect(),
+            next_page_token,
+        }))
     }
 }

@@ -6,7 +6,10 @@
 use tonic::Status;
 
 use crate::alerts::EngineError;
+use crate::control::SendError;
+use crate::control::session::OpenError;
 use crate::domain::alert::InvalidRule;
+use crate::domain::command::InvalidCommand;
 use crate::domain::{BatchError, InvalidDevice};
 use crate::storage::StorageError;
 use crate::upload::{UploadError, UploadFailure};
@@ -100,6 +103,31 @@ impl From<EngineError> for Status {
             ),
             EngineError::Storage(e) => storage(e),
             EngineError::Stopped => Status::unavailable("the server is shutting down; retry"),
+        }
+    }
+}
+
+impl From<InvalidCommand> for Status {
+    fn from(e: InvalidCommand) -> Self {
+        Status::invalid_argument(format!("invalid command: {e}"))
+    }
+}
+
+impl From<SendError> for Status {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+            SendError::TtlTooLong(_) => Status::invalid_argument(e.to_string()),
+            SendError::Storage(e) => storage(e),
+        }
+    }
+}
+
+impl From<OpenError> for Status {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::NoHello => Status::invalid_argument(e.to_string()),
+            OpenError::Transport(status) => status,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! embedded default, a file in the data directory) or PostgreSQL.
 
 pub mod alerts;
+pub mod commands;
 mod error;
 mod postgres;
 mod sqlite;
@@ -31,6 +32,10 @@ pub struct DeviceRecord {
     pub created: UnixNanos,
     pub committed_sequence: u64,
     pub last_upload: Option<UnixNanos>,
+    /// Holds a Control stream now.
+    pub online: bool,
+    pub last_seen: Option<UnixNanos>,
+    pub firmware_version: Option<String>,
 }
 
 /// A device to register.
@@ -209,6 +214,33 @@ fn to_u64(v: i64, what: &str) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
 }
 
+/// The columns `device_from_row` reads, in order.
+const DEVICE_COLUMNS: &str = "pk, device_id, display_name, CAST(labels AS TEXT), created_unix_nano, committed_sequence, \
+     last_upload_unix_nano, online, last_seen_unix_nano, firmware_version";
+
+fn device_from_row<'r, R>(row: &'r R) -> Result<DeviceRecord, StorageError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut device = device_from_parts(
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        &row.try_get::<String, _>(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    )?;
+    device.online = row.try_get(7)?;
+    device.last_seen = row.try_get(8)?;
+    device.firmware_version = row.try_get(9)?;
+    Ok(device)
+}
+
 fn device_from_parts(
     pk: i64,
     id: String,
@@ -227,5 +259,8 @@ fn device_from_parts(
         created,
         committed_sequence: to_u64(committed_sequence, "committed_sequence")?,
         last_upload,
+        online: false,
+        last_seen: None,
+        firmware_version: None,
     })
 }

@@ -7,16 +7,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
+use super::commands::{self, CommandRecord, EnqueueError};
 use super::{
-    DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError, device_from_parts,
-    to_u64,
+    DEVICE_COLUMNS, DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError,
+    device_from_row, to_u64,
 };
 use crate::auth::TokenHash;
 use crate::domain::alert::{Rule, RuleId};
+use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName, Unit};
 
@@ -25,20 +27,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-}
-
-const DEVICE_COLUMNS: &str = "pk, device_id, display_name, labels::text, created_unix_nano, committed_sequence, last_upload_unix_nano";
-
-fn device_row(row: &PgRow) -> Result<DeviceRecord, StorageError> {
-    device_from_parts(
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        &row.try_get::<String, _>(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-    )
 }
 
 impl PgStore {
@@ -73,7 +61,7 @@ impl PgStore {
             .bind(d.created)
             .fetch_one(&self.pool)
             .await?;
-        device_row(&row)
+        device_from_row(&row)
     }
 
     pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
@@ -82,7 +70,7 @@ impl PgStore {
             .bind(id.as_str())
             .fetch_one(&self.pool)
             .await?;
-        device_row(&row)
+        device_from_row(&row)
     }
 
     pub async fn list_devices(
@@ -101,7 +89,7 @@ impl PgStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(device_row).collect()
+        rows.iter().map(device_from_row).collect()
     }
 
     pub async fn device_by_token(
@@ -360,5 +348,150 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await?;
         alerts::alert_from_row(&row)
+    }
+}
+// ---- commands and presence (SQL shared in storage::commands) ----------------
+
+impl PgStore {
+    pub async fn enqueue_command(
+        &self,
+        device_pk: i64,
+        kind: &CommandKind,
+        created: UnixNanos,
+        expires: UnixNanos,
+        max_pending: u64,
+    ) -> Result<CommandRecord, EnqueueError> {
+        let mut tx = self.pool.begin().await.map_err(StorageError::from)?;
+        let pending: i64 = sqlx::query_scalar(&alerts::numbered(commands::COUNT_PENDING))
+            .bind(device_pk)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StorageError::from)?;
+        if pending as u64 >= max_pending {
+            return Err(EnqueueError::QueueFull(pending as u64));
+        }
+        let id: i64 = sqlx::query_scalar(&alerts::numbered(commands::INSERT_COMMAND))
+            .bind(device_pk)
+            .bind(kind.name())
+            .bind(kind.arguments().to_string())
+            .bind(created)
+            .bind(expires)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StorageError::from)?;
+        tx.commit().await.map_err(StorageError::from)?;
+        Ok(self.get_command(id as u64).await?)
+    }
+
+    pub async fn deliverable_commands(
+        &self,
+        device_pk: i64,
+        now: UnixNanos,
+    ) -> Result<Vec<CommandRecord>, StorageError> {
+        let rows = sqlx::query(&alerts::numbered(&commands::deliverable_sql()))
+            .bind(device_pk)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(commands::command_from_row).collect()
+    }
+
+    pub async fn mark_command_sent(
+        &self,
+        command_id: u64,
+        now: UnixNanos,
+    ) -> Result<bool, StorageError> {
+        let done = sqlx::query(&alerts::numbered(commands::MARK_SENT))
+            .bind(now)
+            .bind(command_id as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn ack_command(
+        &self,
+        device_pk: i64,
+        command_id: u64,
+        state: CommandState,
+        result: &str,
+        now: UnixNanos,
+    ) -> Result<Option<CommandRecord>, StorageError> {
+        let done = sqlx::query(&alerts::numbered(commands::ACK))
+            .bind(state.as_str())
+            .bind(result)
+            .bind(now)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .bind(device_pk)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.get_command(command_id).await?))
+    }
+
+    pub async fn expire_commands(&self, now: UnixNanos) -> Result<Vec<u64>, StorageError> {
+        let ids: Vec<i64> = sqlx::query_scalar(&alerts::numbered(commands::EXPIRE))
+            .bind(now)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
+    }
+
+    pub async fn get_command(&self, command_id: u64) -> Result<CommandRecord, StorageError> {
+        let sql = alerts::numbered(&format!(
+            "SELECT {} WHERE c.command_id = ?",
+            commands::COMMAND_COLUMNS
+        ));
+        let row = sqlx::query(&sql)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        commands::command_from_row(&row)
+    }
+
+    pub async fn list_commands(
+        &self,
+        device_id: Option<&str>,
+        state: Option<CommandState>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StorageError> {
+        let sql = alerts::numbered(&commands::list_sql(device_id.is_some(), state.is_some()));
+        let mut query = sqlx::query(&sql).bind(after.min(i64::MAX as u64) as i64);
+        if let Some(d) = device_id {
+            query = query.bind(d);
+        }
+        if let Some(s) = state {
+            query = query.bind(s.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(commands::command_from_row).collect()
+    }
+
+    pub async fn set_presence(
+        &self,
+        device_pk: i64,
+        online: bool,
+        seen: UnixNanos,
+        firmware: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(&alerts::numbered(commands::PRESENCE))
+            .bind(online)
+            .bind(seen)
+            .bind(firmware)
+            .bind(device_pk)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
+        sqlx::query(commands::ALL_OFFLINE)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

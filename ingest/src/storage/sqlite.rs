@@ -15,12 +15,14 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
+use super::commands::{self, CommandRecord, EnqueueError};
 use super::{
-    DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError, device_from_parts,
-    to_u64,
+    DEVICE_COLUMNS, DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError,
+    device_from_row, to_u64,
 };
 use crate::auth::TokenHash;
 use crate::domain::alert::{Rule, RuleId};
+use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName, Unit};
 
@@ -32,20 +34,6 @@ const MAX_ROWS_PER_INSERT: usize = 8192;
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-const DEVICE_COLUMNS: &str = "pk, device_id, display_name, labels, created_unix_nano, committed_sequence, last_upload_unix_nano";
-
-fn device_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeviceRecord, StorageError> {
-    device_from_parts(
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        &row.try_get::<String, _>(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-    )
 }
 
 impl SqliteStore {
@@ -86,7 +74,7 @@ impl SqliteStore {
             .bind(d.created)
             .fetch_one(&self.pool)
             .await?;
-        device_row(&row)
+        device_from_row(&row)
     }
 
     pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
@@ -95,7 +83,7 @@ impl SqliteStore {
             .bind(id.as_str())
             .fetch_one(&self.pool)
             .await?;
-        device_row(&row)
+        device_from_row(&row)
     }
 
     pub async fn list_devices(
@@ -111,7 +99,7 @@ impl SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(device_row).collect()
+        rows.iter().map(device_from_row).collect()
     }
 
     pub async fn device_by_token(
@@ -416,6 +404,156 @@ impl SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         alerts::alert_from_row(&row)
+    }
+}
+
+// ---- commands and presence (SQL shared in storage::commands) ----------------
+
+impl SqliteStore {
+    pub async fn enqueue_command(
+        &self,
+        device_pk: i64,
+        kind: &CommandKind,
+        created: UnixNanos,
+        expires: UnixNanos,
+        max_pending: u64,
+    ) -> Result<CommandRecord, EnqueueError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StorageError::from)?;
+        let pending: i64 = sqlx::query_scalar(&String::from(commands::COUNT_PENDING))
+            .bind(device_pk)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StorageError::from)?;
+        if pending as u64 >= max_pending {
+            return Err(EnqueueError::QueueFull(pending as u64));
+        }
+        let id: i64 = sqlx::query_scalar(&String::from(commands::INSERT_COMMAND))
+            .bind(device_pk)
+            .bind(kind.name())
+            .bind(kind.arguments().to_string())
+            .bind(created)
+            .bind(expires)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StorageError::from)?;
+        tx.commit().await.map_err(StorageError::from)?;
+        Ok(self.get_command(id as u64).await?)
+    }
+
+    pub async fn deliverable_commands(
+        &self,
+        device_pk: i64,
+        now: UnixNanos,
+    ) -> Result<Vec<CommandRecord>, StorageError> {
+        let rows = sqlx::query(&String::from(&commands::deliverable_sql()))
+            .bind(device_pk)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(commands::command_from_row).collect()
+    }
+
+    pub async fn mark_command_sent(
+        &self,
+        command_id: u64,
+        now: UnixNanos,
+    ) -> Result<bool, StorageError> {
+        let done = sqlx::query(&String::from(commands::MARK_SENT))
+            .bind(now)
+            .bind(command_id as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn ack_command(
+        &self,
+        device_pk: i64,
+        command_id: u64,
+        state: CommandState,
+        result: &str,
+        now: UnixNanos,
+    ) -> Result<Option<CommandRecord>, StorageError> {
+        let done = sqlx::query(&String::from(commands::ACK))
+            .bind(state.as_str())
+            .bind(result)
+            .bind(now)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .bind(device_pk)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.get_command(command_id).await?))
+    }
+
+    pub async fn expire_commands(&self, now: UnixNanos) -> Result<Vec<u64>, StorageError> {
+        let ids: Vec<i64> = sqlx::query_scalar(&String::from(commands::EXPIRE))
+            .bind(now)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
+    }
+
+    pub async fn get_command(&self, command_id: u64) -> Result<CommandRecord, StorageError> {
+        let sql = String::from(&format!(
+            "SELECT {} WHERE c.command_id = ?",
+            commands::COMMAND_COLUMNS
+        ));
+        let row = sqlx::query(&sql)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        commands::command_from_row(&row)
+    }
+
+    pub async fn list_commands(
+        &self,
+        device_id: Option<&str>,
+        state: Option<CommandState>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StorageError> {
+        let sql = String::from(&commands::list_sql(device_id.is_some(), state.is_some()));
+        let mut query = sqlx::query(&sql).bind(after.min(i64::MAX as u64) as i64);
+        if let Some(d) = device_id {
+            query = query.bind(d);
+        }
+        if let Some(s) = state {
+            query = query.bind(s.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(commands::command_from_row).collect()
+    }
+
+    pub async fn set_presence(
+        &self,
+        device_pk: i64,
+        online: bool,
+        seen: UnixNanos,
+        firmware: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(&String::from(commands::PRESENCE))
+            .bind(online)
+            .bind(seen)
+            .bind(firmware)
+            .bind(device_pk)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
+        sqlx::query(commands::ALL_OFFLINE)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

@@ -1,0 +1,194 @@
+//! The command center: queues commands, wakes the device's session, waits
+//! for final states, expires what outlived its time to live.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::domain::command::{CommandKind, CommandState};
+use crate::domain::time::now_unix_nanos;
+use crate::storage::commands::{CommandRecord, EnqueueError};
+use crate::storage::{StorageError, Store};
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Commands queued or sent but not acknowledged, per device.
+    pub max_pending_per_device: u64,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// How often expired commands are swept.
+    pub expiry_interval: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_per_device: 100,
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
+            expiry_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(
+        "the device's command queue is full ({0} commands waiting); wait for them or let them expire"
+    )]
+    QueueFull(u64),
+    #[error("ttl is longer than the server's maximum of {0:?}")]
+    TtlTooLong(Duration),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// One device's current session, so commands can wake it and a newer
+/// stream can supersede it.
+pub(crate) struct SessionSlot {
+    pub generation: u64,
+    pub wake: Arc<Notify>,
+    pub superseded: watch::Sender<bool>,
+}
+
+pub struct CommandCenter {
+    pub(crate) store: Store,
+    pub(crate) config: ControlConfig,
+    pub(crate) sessions: Mutex<HashMap<i64, SessionSlot>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    /// Every state change, for `SendCommand` with wait.
+    changes: broadcast::Sender<(u64, CommandState)>,
+}
+
+impl CommandCenter {
+    /// Marks every device offline (no stream survives a restart) and starts
+    /// the expiry sweeper, which stops when `shutdown` turns true.
+    pub async fn start(
+        store: Store,
+        config: ControlConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
+        store.mark_all_offline().await?;
+        let (changes, _) = broadcast::channel(4096);
+        let center = Arc::new(Self {
+            store,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            changes,
+        });
+        let sweeper = {
+            let center = center.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(center.config.expiry_interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => center.expire().await,
+                        () = stopping(&mut shutdown) => break,
+                    }
+                }
+            })
+        };
+        Ok((center, sweeper))
+    }
+
+    async fn expire(&self) {
+        match self.store.expire_commands(now_unix_nanos()).await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(command_id = id, "command expired before delivery");
+                    self.changed(id, CommandState::Expired);
+                }
+            }
+            Err(error) => tracing::error!(%error, "expiring commands failed"),
+        }
+    }
+
+    pub(crate) fn changed(&self, command_id: u64, state: CommandState) {
+        let _ = self.changes.send((command_id, state));
+    }
+
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stores a command and wakes the device's session, if any. With
+    /// `wait`, returns once the command is final or the wait runs out.
+    pub async fn send(
+        &self,
+        device_pk: i64,
+        kind: CommandKind,
+        ttl: Option<Duration>,
+        wait: Option<Duration>,
+    ) -> Result<CommandRecord, SendError> {
+        let ttl = ttl.unwrap_or(self.config.default_ttl);
+        if ttl > self.config.max_ttl {
+            return Err(SendError::TtlTooLong(self.config.max_ttl));
+        }
+        // Subscribed before the command exists: no change can slip past.
+        let mut changes = self.changes.subscribe();
+        let now = now_unix_nanos();
+        let expires = now.saturating_add(ttl.as_nanos().min(i64::MAX as u128) as i64);
+        let command = self
+            .store
+            .enqueue_command(
+                device_pk,
+                &kind,
+                now,
+                expires,
+                self.config.max_pending_per_device,
+            )
+            .await
+            .map_err(|e| match e {
+                EnqueueError::QueueFull(n) => SendError::QueueFull(n),
+                EnqueueError::Storage(e) => SendError::Storage(e),
+            })?;
+        tracing::info!(
+            command_id = command.command_id,
+            kind = kind.name(),
+            "command queued"
+        );
+        self.wake(device_pk);
+        let Some(wait) = wait else { return Ok(command) };
+        let id = command.command_id;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => break,
+                Ok(Ok((changed, state))) if changed == id && state.is_final() => break,
+                Ok(Ok(_)) => {}
+                // Missed some changes: the database knows.
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    if self.store.get_command(id).await?.state.is_final() {
+                        break;
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => break,
+            }
+        }
+        Ok(self.store.get_command(id).await?)
+    }
+
+    pub(crate) fn wake(&self, device_pk: i64) {
+        if let Some(slot) = self.sessions.lock().expect("lock poisoned").get(&device_pk) {
+            slot.wake.notify_one();
+        }
+    }
+
+    pub fn is_online(&self, device_pk: i64) -> bool {
+        self.sessions
+            .lock()
+            .expect("lock poisoned")
+            .contains_key(&device_pk)
+    }
+}
+
+/// Resolves once the server begins shutting down (the guard `wait_for`
+/// returns must not live across an await).
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}

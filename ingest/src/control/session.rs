@@ -1,0 +1,251 @@
+//! One device's Control stream: Hello first, then status and
+//! acknowledgements up, commands down.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use telemetry_proto::v1 as pb;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::center::{CommandCenter, SessionSlot, stopping};
+use crate::domain::command::CommandState;
+use crate::domain::time::now_unix_nanos;
+use crate::storage::DeviceKey;
+use crate::storage::commands::CommandRecord;
+
+/// What a session writes to its stream.
+#[derive(Debug)]
+pub enum Outgoing {
+    Command(CommandRecord),
+    End(SessionEnd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The device opened a newer Control stream.
+    Superseded,
+    ShuttingDown,
+}
+
+/// Why a stream could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the first message on a Control stream must be DeviceHello")]
+    NoHello,
+    #[error("{}", .0.message())]
+    Transport(tonic::Status),
+}
+
+/// How often status messages refresh `last_seen` in the database; in
+/// between, only the session knows.
+const PRESENCE_WRITE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts a session once the device has said hello.
+pub async fn open<S>(
+    center: Arc<CommandCenter>,
+    device: DeviceKey,
+    mut incoming: S,
+    shutdown: watch::Receiver<bool>,
+) -> Result<mpsc::Receiver<Outgoing>, OpenError>
+where
+    S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin + Send + 'static,
+{
+    let hello = match incoming.next().await {
+        Some(Ok(pb::DeviceMessage {
+            msg: Some(pb::device_message::Msg::Hello(hello)),
+        })) => hello,
+        Some(Err(status)) => return Err(OpenError::Transport(status)),
+        Some(Ok(_)) | None => return Err(OpenError::NoHello),
+    };
+    let generation = center.next_generation();
+    let wake = Arc::new(Notify::new());
+    let (superseded_tx, superseded) = watch::channel(false);
+    let previous = center.sessions.lock().expect("lock poisoned").insert(
+        device.pk,
+        SessionSlot {
+            generation,
+            wake: wake.clone(),
+            superseded: superseded_tx,
+        },
+    );
+    if let Some(previous) = previous {
+        tracing::info!(device = %device.id, "a newer Control stream supersedes the open one");
+        let _ = previous.superseded.send(true);
+    }
+    let firmware = Some(hello.firmware_version.as_str()).filter(|f| !f.is_empty());
+    if let Err(error) = center
+        .store
+        .set_presence(device.pk, true, now_unix_nanos(), firmware)
+        .await
+    {
+        tracing::error!(%error, "recording presence failed");
+    }
+    tracing::info!(device = %device.id, firmware = hello.firmware_version, "device online");
+    let (tx, rx) = mpsc::channel(16);
+    // Deliver what is waiting at once.
+    wake.notify_one();
+    tokio::spawn(run(
+        center, device, generation, incoming, wake, superseded, tx, shutdown,
+    ));
+    Ok(rx)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<S>(
+    center: Arc<CommandCenter>,
+    device: DeviceKey,
+    generation: u64,
+    mut incoming: S,
+    wake: Arc<Notify>,
+    mut superseded: watch::Receiver<bool>,
+    tx: mpsc::Sender<Outgoing>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
+{
+    // Ids written to this stream: a wake-up does not repeat them here.
+    let mut written = HashSet::new();
+    let mut presence_written = Instant::now();
+    let stale = superseded.clone();
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = stopping(&mut superseded) => break Some(SessionEnd::Superseded),
+            () = stopping(&mut shutdown) => break Some(SessionEnd::ShuttingDown),
+            () = wake.notified() => {
+                if !deliver(&center, &device, &stale, &tx, &mut written).await {
+                    break None;
+                }
+            }
+            message = incoming.next() => match message {
+                Some(Ok(message)) => {
+                    handle(&center, &device, message).await;
+                    if presence_written.elapsed() >= PRESENCE_WRITE_INTERVAL {
+                        presence_written = Instant::now();
+                        let _ = center.store.set_presence(device.pk, true, now_unix_nanos(), None).await;
+                    }
+                }
+                Some(Err(_)) | None => break None,
+            },
+            () = tx.closed() => break None,
+        }
+    };
+    if let Some(end) = end {
+        let _ = tx.send(Outgoing::End(end)).await;
+    }
+    let current = {
+        let mut sessions = center.sessions.lock().expect("lock poisoned");
+        let current = sessions
+            .get(&device.pk)
+            .is_some_and(|s| s.generation == generation);
+        if current {
+            sessions.remove(&device.pk);
+        }
+        current
+    };
+    // A superseded session leaves presence to its successor.
+    if current {
+        if let Err(error) = center
+            .store
+            .set_presence(device.pk, false, now_unix_nanos(), None)
+            .await
+        {
+            tracing::error!(%error, "recording presence failed");
+        }
+        tracing::info!(device = %device.id, "device offline");
+    }
+}
+
+/// Writes the device's deliverable commands, oldest first. False if the
+/// stream is gone.
+async fn deliver(
+    center: &CommandCenter,
+    device: &DeviceKey,
+    superseded: &watch::Receiver<bool>,
+    tx: &mpsc::Sender<Outgoing>,
+    written: &mut HashSet<u64>,
+) -> bool {
+    let commands = match center
+        .store
+        .deliverable_commands(device.pk, now_unix_nanos())
+        .await
+    {
+        Ok(commands) => commands,
+        Err(error) => {
+            tracing::error!(%error, "reading deliverable commands failed");
+            return true;
+        }
+    };
+    for command in commands {
+        if written.contains(&command.command_id) {
+            continue;
+        }
+        // Never write to a stream a newer one has replaced.
+        if *superseded.borrow() {
+            return true;
+        }
+        match center
+            .store
+            .mark_command_sent(command.command_id, now_unix_nanos())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::error!(%error, "marking a command sent failed");
+                return true;
+            }
+        }
+        center.changed(command.command_id, CommandState::Sent);
+        written.insert(command.command_id);
+        let mut command = command;
+        command.state = CommandState::Sent;
+        command.sent.get_or_insert_with(now_unix_nanos);
+        if tx.send(Outgoing::Command(command)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn handle(center: &CommandCenter, device: &DeviceKey, message: pb::DeviceMessage) {
+    let Some(msg) = message.msg else { return };
+    match msg {
+        pb::device_message::Msg::Hello(_) | pb::device_message::Msg::Status(_) => {}
+        pb::device_message::Msg::Ack(ack) => {
+            let state = match ack.state() {
+                pb::CommandAckState::Accepted | pb::CommandAckState::Done => CommandState::Acked,
+                pb::CommandAckState::Failed => CommandState::Failed,
+                pb::CommandAckState::Unspecified => return,
+            };
+            match center
+                .store
+                .ack_command(
+                    device.pk,
+                    ack.command_id,
+                    state,
+                    &ack.detail,
+                    now_unix_nanos(),
+                )
+                .await
+            {
+                Ok(Some(command)) => {
+                    tracing::info!(
+                        command_id = command.command_id,
+                        state = state.as_str(),
+                        "command acknowledged"
+                    );
+                    center.changed(command.command_id, command.state);
+                }
+                // Not this device's command, or already final: ignored, so
+                // a device can never settle another device's command.
+                Ok(None) => {
+                    tracing::warn!(device = %device.id, command_id = ack.command_id, "acknowledgement ignored")
+                }
+                Err(error) => tracing::error!(%error, "recording an acknowledgement failed"),
+            }
+        }
+    }
+}

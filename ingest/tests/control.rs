@@ -1,0 +1,423 @@
+//! Device control end to end on both backends: the Control stream, the
+//! durable command queue, redelivery, supersede and presence.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use telemetry_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+backend_tests!(
+    a_command_to_an_online_device_is_acknowledged,
+    an_offline_device_gets_its_queued_commands_in_order_on_connect,
+    a_command_expires_when_its_ttl_passes_before_delivery,
+    an_unacknowledged_command_is_redelivered_after_a_dropped_stream,
+    a_second_stream_supersedes_the_first,
+    wait_returns_on_failed_and_on_timeout,
+    the_queue_limit_is_enforced,
+    a_device_cannot_receive_or_acknowledge_another_devices_commands,
+    presence_follows_the_control_stream,
+    queued_commands_survive_a_restart,
+    the_first_message_must_be_hello,
+);
+
+struct Device {
+    tx: mpsc::Sender<pb::DeviceMessage>,
+    rx: tonic::Streaming<pb::ServerMessage>,
+}
+
+fn hello() -> pb::DeviceMessage {
+    pb::DeviceMessage {
+        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
+            firmware_version: "test-1.2".into(),
+            capabilities: vec!["ping".into()],
+            config: None,
+        })),
+    }
+}
+
+impl Device {
+    async fn connect(server: &TestServer, token: &str) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(hello()).await.unwrap();
+        let rx = server
+            .ingest(token)
+            .await
+            .control(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn next(&mut self) -> Result<pb::Command, tonic::Status> {
+        let message = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("no command arrived")?
+            .expect("the stream ended");
+        match message.msg {
+            Some(pb::server_message::Msg::Command(c)) => Ok(c),
+            None => panic!("empty server message"),
+        }
+    }
+
+    async fn command(&mut self) -> pb::Command {
+        self.next().await.unwrap()
+    }
+
+    async fn ack(&self, command_id: u64, state: pb::CommandAckState, detail: &str) {
+        let ack = pb::CommandAck {
+            command_id,
+            state: state as i32,
+            detail: detail.into(),
+        };
+        self.tx
+            .send(pb::DeviceMessage {
+                msg: Some(pb::device_message::Msg::Ack(ack)),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn ping() -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::Ping(pb::Ping {})),
+        ..Default::default()
+    }
+}
+
+fn interval(ms: u32) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::SetSamplingInterval(
+            pb::SetSamplingInterval { interval_ms: ms },
+        )),
+        ..Default::default()
+    }
+}
+
+async fn send(
+    ops: &mut Ops,
+    device: &str,
+    command: pb::Command,
+    ttl_millis: u64,
+    wait_millis: u64,
+) -> Result<pb::Command, tonic::Status> {
+    ops.send_command(pb::SendCommandRequest {
+        device_id: device.into(),
+        command: Some(command),
+        ttl_millis,
+        wait_millis,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn a_command_to_an_online_device_is_acknowledged(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut device = Device::connect(&server, &token).await;
+    let mut ops = server.ops().await;
+    let sending = tokio::spawn(async move { send(&mut ops, "dev-1", ping(), 0, 5000).await });
+    let command = device.command().await;
+    assert!(matches!(command.kind, Some(pb::command::Kind::Ping(_))));
+    assert_eq!(command.state(), pb::CommandState::Sent);
+    device
+        .ack(command.command_id, pb::CommandAckState::Done, "pong")
+        .await;
+    let done = sending.await.unwrap().unwrap();
+    assert_eq!(done.command_id, command.command_id);
+    assert_eq!(done.state(), pb::CommandState::Acked);
+    assert_eq!(done.result, "pong");
+    assert!(done.created_time_unix_nano <= done.sent_time_unix_nano);
+    assert!(done.sent_time_unix_nano <= done.finished_time_unix_nano);
+}
+
+async fn an_offline_device_gets_its_queued_commands_in_order_on_connect(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    let mut ids = Vec::new();
+    for ms in [100, 200, 300] {
+        let queued = send(&mut ops, "dev-1", interval(ms), 0, 0).await.unwrap();
+        assert_eq!(queued.state(), pb::CommandState::Queued);
+        ids.push(queued.command_id);
+    }
+    let mut device = Device::connect(&server, &token).await;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(device.command().await.command_id);
+    }
+    assert_eq!(received, ids);
+    let sent = ops
+        .get_command(pb::GetCommandRequest { command_id: ids[0] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sent.state(),
+        pb::CommandState::Sent,
+        "delivered is not acknowledged"
+    );
+}
+
+async fn a_command_expires_when_its_ttl_passes_before_delivery(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    let expired = send(&mut ops, "dev-1", interval(100), 300, 5000)
+        .await
+        .unwrap();
+    assert_eq!(expired.state(), pb::CommandState::Expired);
+    assert!(expired.finished_time_unix_nano > 0);
+    // On connect, only the fresh command arrives.
+    let fresh = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let mut device = Device::connect(&server, &token).await;
+    assert_eq!(device.command().await.command_id, fresh.command_id);
+}
+
+async fn an_unacknowledged_command_is_redelivered_after_a_dropped_stream(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    let mut device = Device::connect(&server, &token).await;
+    let queued = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    assert_eq!(device.command().await.command_id, queued.command_id);
+    drop(device); // the connection drops before the device acknowledges
+    let mut device = Device::connect(&server, &token).await;
+    let again = device.command().await;
+    assert_eq!(
+        again.command_id, queued.command_id,
+        "same id, so the device can ignore a repeat"
+    );
+    device
+        .ack(again.command_id, pb::CommandAckState::Done, "pong")
+        .await;
+    let done = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    // The next command arrives; the acknowledged one is not delivered again.
+    assert_eq!(device.command().await.command_id, done.command_id);
+    let first = ops
+        .get_command(pb::GetCommandRequest {
+            command_id: queued.command_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.state(), pb::CommandState::Acked);
+}
+
+async fn a_second_stream_supersedes_the_first(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut first = Device::connect(&server, &token).await;
+    let mut second = Device::connect(&server, &token).await;
+    let status = first.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(
+        status.message().contains("superseded"),
+        "{}",
+        status.message()
+    );
+    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(second.command().await.command_id, queued.command_id);
+}
+
+async fn wait_returns_on_failed_and_on_timeout(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    // Offline: the wait runs out and the command is still queued.
+    let started = std::time::Instant::now();
+    let waited = send(&mut ops, "dev-1", ping(), 0, 300).await.unwrap();
+    assert_eq!(waited.state(), pb::CommandState::Queued);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let mut device = Device::connect(&server, &token).await;
+    assert_eq!(device.command().await.command_id, waited.command_id);
+    device
+        .ack(waited.command_id, pb::CommandAckState::Done, "pong")
+        .await;
+    let mut ops2 = server.ops().await;
+    let sending =
+        tokio::spawn(async move { send(&mut ops2, "dev-1", interval(100), 0, 5000).await });
+    let command = device.command().await;
+    device
+        .ack(
+            command.command_id,
+            pb::CommandAckState::Failed,
+            "interval too short for this sensor",
+        )
+        .await;
+    let failed = sending.await.unwrap().unwrap();
+    assert_eq!(failed.state(), pb::CommandState::Failed);
+    assert_eq!(failed.result, "interval too short for this sensor");
+}
+
+async fn the_queue_limit_is_enforced(backend: Backend) {
+    let Some(server) =
+        TestServer::start_configured(backend, |config| config.control.max_pending_per_device = 2)
+            .await
+    else {
+        return;
+    };
+    server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let status = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("queue is full"),
+        "{}",
+        status.message()
+    );
+    let bad = send(&mut ops, "dev-1", interval(1), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let missing = send(&mut ops, "nobody", ping(), 0, 0).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+async fn a_device_cannot_receive_or_acknowledge_another_devices_commands(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let a = server.register("dev-a").await;
+    let b = server.register("dev-b").await;
+    let mut ops = server.ops().await;
+    let mut device_a = Device::connect(&server, &a).await;
+    let mut device_b = Device::connect(&server, &b).await;
+    let for_b = send(&mut ops, "dev-b", ping(), 0, 0).await.unwrap();
+    assert_eq!(device_b.command().await.command_id, for_b.command_id);
+    // A claims B's command.
+    device_a
+        .ack(for_b.command_id, pb::CommandAckState::Done, "mine")
+        .await;
+    // A's own command goes through A's stream, after its bogus ack was handled.
+    let mut ops2 = server.ops().await;
+    let sending = tokio::spawn(async move { send(&mut ops2, "dev-a", ping(), 0, 5000).await });
+    let for_a = device_a.command().await;
+    device_a
+        .ack(for_a.command_id, pb::CommandAckState::Done, "pong")
+        .await;
+    assert_eq!(
+        sending.await.unwrap().unwrap().state(),
+        pb::CommandState::Acked
+    );
+    let b_state = ops
+        .get_command(pb::GetCommandRequest {
+            command_id: for_b.command_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        b_state.state(),
+        pb::CommandState::Sent,
+        "A's acknowledgement was ignored"
+    );
+    assert_eq!(b_state.result, "");
+}
+
+async fn presence_follows_the_control_stream(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    let get = |ops: &mut Ops| {
+        let mut ops = ops.clone();
+        async move {
+            ops.get_device(pb::GetDeviceRequest {
+                device_id: "dev-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let before = get(&mut ops).await;
+    assert!(!before.online);
+    assert_eq!(before.last_seen_time_unix_nano, 0);
+    let device = Device::connect(&server, &token).await;
+    let online = get(&mut ops).await;
+    assert!(online.online);
+    assert_eq!(online.firmware_version, "test-1.2");
+    assert!(online.last_seen_time_unix_nano > 0);
+    let listed = ops
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    assert!(listed[0].online);
+    drop(device);
+    // The server notices the stream end on its own; wait for it.
+    let offline = loop {
+        let d = get(&mut ops).await;
+        if !d.online {
+            break d;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(offline.last_seen_time_unix_nano >= online.last_seen_time_unix_nano);
+}
+
+async fn queued_commands_survive_a_restart(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let queued = send(&mut server.ops().await, "dev-1", interval(250), 0, 0)
+        .await
+        .unwrap();
+    let server = server.restart().await;
+    let mut device = Device::connect(&server, &token).await;
+    let command = device.command().await;
+    assert_eq!(command.command_id, queued.command_id);
+    assert!(matches!(
+        command.kind,
+        Some(pb::command::Kind::SetSamplingInterval(
+            pb::SetSamplingInterval { interval_ms: 250 }
+        ))
+    ));
+}
+
+async fn the_first_message_must_be_hello(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let (tx, rx) = mpsc::channel(4);
+    let status_msg = pb::DeviceMessage {
+        msg: Some(pb::device_message::Msg::Status(pb::DeviceStatus::default())),
+    };
+    tx.send(status_msg).await.unwrap();
+    let status = server
+        .ingest(&token)
+        .await
+        .control(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("DeviceHello"));
+}
