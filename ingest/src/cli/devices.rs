@@ -85,7 +85,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             if json {
                 writeln!(std::io::stdout(), "{}", device_json(&device))?;
             } else {
-                print_table(&[device])?;
+                print_table(&mut std::io::stdout().lock(), &[device])?;
             }
         }
         DevicesCommand::List { server, json } => {
@@ -113,7 +113,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                     writeln!(out, "{}", device_json(d))?;
                 }
             } else {
-                print_table(&all)?;
+                print_table(&mut std::io::stdout().lock(), &all)?;
             }
         }
     }
@@ -141,28 +141,112 @@ fn device_json(d: &pb::Device) -> serde_json::Value {
         "created_time_unix_nano": d.created_time_unix_nano,
         "committed_sequence": d.committed_sequence,
         "last_upload_time_unix_nano": d.last_upload_time_unix_nano,
+        "online": d.online,
+        "last_seen_time_unix_nano": d.last_seen_time_unix_nano,
+        "firmware_version": d.firmware_version,
     })
 }
 
-fn print_table(devices: &[pb::Device]) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn print_table(out: &mut impl Write, devices: &[pb::Device]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<24} {:>10}  {:<19}  LABELS",
-        "DEVICE", "NAME", "SEQUENCE", "LAST UPLOAD (UTC)"
+        "{:<24} {:<24} {:<6} {:>10}  {:<19}  {:<19}  LABELS",
+        "DEVICE", "NAME", "ONLINE", "SEQUENCE", "LAST UPLOAD (UTC)", "LAST SEEN (UTC)"
     )?;
     for d in devices {
         let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
         writeln!(
             out,
-            "{:<24} {:<24} {:>10}  {:<19}  {}",
+            "{:<24} {:<24} {:<6} {:>10}  {:<19}  {:<19}  {}",
             d.device_id,
             d.display_name,
+            yes_no(d.online),
             d.committed_sequence,
             time(d.last_upload_time_unix_nano),
+            time(d.last_seen_time_unix_nano),
             labels.join(",")
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> pb::Device {
+        pb::Device {
+            device_id: "sim-00001".into(),
+            display_name: "Boiler room".into(),
+            labels: HashMap::from([
+                ("site".into(), "plant-3".into()),
+                ("floor".into(), "2".into()),
+            ]),
+            created_time_unix_nano: 1_795_474_000_000_000_000,
+            committed_sequence: 17,
+            // 2026-11-23 22:51:20 UTC
+            last_upload_time_unix_nano: 1_795_474_280_123_456_789,
+            online: true,
+            last_seen_time_unix_nano: 1_795_474_281_000_000_000,
+            firmware_version: "1.4.2".into(),
+        }
+    }
+
+    #[test]
+    fn table_has_online_and_last_seen() {
+        let never = pb::Device {
+            device_id: "sim-00002".into(),
+            display_name: "sim-00002".into(),
+            labels: HashMap::new(),
+            committed_sequence: 0,
+            last_upload_time_unix_nano: 0,
+            online: false,
+            last_seen_time_unix_nano: 0,
+            firmware_version: String::new(),
+            ..device()
+        };
+        let mut out = Vec::new();
+        print_table(&mut out, &[device(), never]).expect("write to a Vec");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("DEVICE ")
+                && lines[0].contains(" NAME ")
+                && lines[0].contains(" ONLINE ")
+                && lines[0].contains(" SEQUENCE  LAST UPLOAD (UTC)    LAST SEEN (UTC)      LABELS"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(
+                "yes            17  2026-11-23 22:51:20  2026-11-23 22:51:21  floor=2,site=plant-3"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[2].ends_with("no              0  -                    -                    "),
+            "{text}"
+        );
+        let online = lines[0].find("ONLINE").expect("header");
+        assert_eq!(lines[1].find("yes"), Some(online));
+        assert_eq!(lines[2].find("no "), Some(online));
+    }
+
+    #[test]
+    fn json_has_online_last_seen_and_firmware() {
+        let json = device_json(&device());
+        assert_eq!(json["online"], true);
+        assert_eq!(
+            json["last_seen_time_unix_nano"],
+            1_795_474_281_000_000_000u64
+        );
+        assert_eq!(json["firmware_version"], "1.4.2");
+        assert_eq!(json["committed_sequence"], 17);
+        assert_eq!(json["labels"]["site"], "plant-3");
+    }
 }

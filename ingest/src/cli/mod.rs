@@ -3,6 +3,7 @@
 
 mod alerts;
 mod client;
+mod command;
 mod devices;
 mod migrate;
 mod rules;
@@ -36,6 +37,10 @@ enum Command {
     /// List, acknowledge and watch alerts.
     #[command(subcommand)]
     Alerts(alerts::AlertsCommand),
+    /// Send commands to devices and follow them.
+    #[command(subcommand)]
+    #[allow(clippy::enum_variant_names)]
+    Command(command::CommandCommand),
 }
 
 impl Cli {
@@ -46,6 +51,7 @@ impl Cli {
             Command::Devices(cmd) => devices::run(cmd).await,
             Command::Rules(cmd) => rules::run(cmd).await,
             Command::Alerts(cmd) => alerts::run(cmd).await,
+            Command::Command(cmd) => command::run(cmd).await,
         }
     }
 }
