@@ -110,6 +110,15 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_buffered_batches: u32,
 
+    /// How often each device sends a status report (battery, uptime,
+    /// signal) on its Control stream.
+    #[arg(long, env = "DEVICE_SIM_STATUS_INTERVAL", default_value = "10s")]
+    pub status_interval: humantime::Duration,
+
+    /// How long a device told to reboot stays down before it reconnects.
+    #[arg(long, env = "DEVICE_SIM_REBOOT_DELAY", default_value = "1s")]
+    pub reboot_delay: humantime::Duration,
+
     /// Also write the final report as JSON to this file.
     #[arg(long, env = "DEVICE_SIM_REPORT_JSON")]
     pub report_json: Option<PathBuf>,
@@ -137,6 +146,8 @@ pub struct Config {
     /// `Some(rate)` when anomalies are on.
     pub anomaly_rate: Option<f64>,
     pub max_buffered_batches: usize,
+    pub status_interval: Duration,
+    pub reboot_delay: Duration,
     pub report_json: Option<PathBuf>,
     pub quiet: bool,
 }
@@ -145,6 +156,9 @@ pub struct Config {
 // message that names the flag instead of failing every registration.
 const MAX_DEVICE_ID_LEN: usize = 128;
 const DEVICE_NUMBER_WIDTH: usize = 5;
+/// Status reports are heartbeats; more often than this is only load.
+const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_REBOOT_DELAY: Duration = Duration::from_secs(3600);
 
 impl Config {
     pub fn from_args(args: Args) -> anyhow::Result<Self> {
@@ -176,6 +190,19 @@ impl Config {
 
         validate_device_prefix(&args.device_prefix)?;
 
+        let status_interval: Duration = args.status_interval.into();
+        ensure!(
+            status_interval >= MIN_STATUS_INTERVAL,
+            "--status-interval must be at least {} ms",
+            MIN_STATUS_INTERVAL.as_millis()
+        );
+        let reboot_delay: Duration = args.reboot_delay.into();
+        ensure!(
+            reboot_delay <= MAX_REBOOT_DELAY,
+            "--reboot-delay must be at most {} s",
+            MAX_REBOOT_DELAY.as_secs()
+        );
+
         Ok(Self {
             server,
             ops_token: args.ops_token,
@@ -197,6 +224,8 @@ impl Config {
             anomaly_rate: args.anomalies.then_some(args.anomaly_rate),
             max_buffered_batches: usize::try_from(args.max_buffered_batches)
                 .context("--max-buffered-batches is too large")?,
+            status_interval,
+            reboot_delay,
             report_json: args.report_json,
             quiet: args.quiet,
         })
@@ -262,6 +291,8 @@ mod tests {
         assert_eq!(cfg.anomaly_rate, None);
         assert_eq!(cfg.device_id(1), "sim-00001");
         assert_eq!(cfg.device_id(123_456), "sim-123456");
+        assert_eq!(cfg.status_interval, Duration::from_secs(10));
+        assert_eq!(cfg.reboot_delay, Duration::from_secs(1));
     }
 
     #[test]
@@ -279,5 +310,7 @@ mod tests {
         assert!(parse(&["--device-prefix", "sim 1"]).is_err());
         assert!(parse(&["--device-prefix", "-sim"]).is_err());
         assert!(parse(&["--server", "https://example.com"]).is_err());
+        assert!(parse(&["--status-interval", "0s"]).is_err());
+        assert!(parse(&["--reboot-delay", "2h"]).is_err());
     }
 }

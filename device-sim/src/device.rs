@@ -1,5 +1,6 @@
-//! One simulated device: a sampler task producing batches, and the upload
-//! loop that gets them durably into the server despite failures.
+//! One simulated device: a sampler task producing batches, the upload loop
+//! that gets them durably into the server despite failures, and the control
+//! channel through which the server changes its settings or reboots it.
 //!
 //! The server's committed sequence is the only acknowledgement that counts:
 //! a batch leaves the device's buffer when a stream summary or the upload
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -24,8 +25,10 @@ use tracing::{debug, warn};
 use crate::auth::BearerAuth;
 use crate::buffer::UploadBuffer;
 use crate::config::Config;
+use crate::control::Controller;
 use crate::retry::{Backoff, describe, is_transient};
 use crate::sampling::{Produced, Sampler, run_sampler};
+use crate::settings::{DeviceSettings, DeviceShared, Power, power_cycled, powered_up};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -60,24 +63,38 @@ pub async fn run_device(
     stats: Arc<Stats>,
     shutdown: Shutdown,
 ) -> DeviceOutcome {
+    let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
     let (produced_tx, produced_rx) = mpsc::channel(SAMPLER_QUEUE);
     let sampler = Sampler::new(
         &device_id,
         config.sensors,
-        config.sample_rate,
-        config.batch_size,
         config.anomaly_rate,
+        &shared.settings.borrow(),
     );
-    let period = config.batch_period();
-    let first_delay = period.mul_f64(rand::rng().random_range(0.0..1.0));
+    shared.set_battery(sampler.battery_level());
+    let first_delay = config
+        .batch_period()
+        .mul_f64(rand::rng().random_range(0.0..1.0));
     let sampler_task = tokio::spawn(run_sampler(
         sampler,
-        period,
+        Arc::clone(&shared),
         first_delay,
         produced_tx,
         Arc::clone(&stats),
         shutdown.clone(),
     ));
+    let log_id = device_id.clone();
+    let mut control_task = tokio::spawn(
+        Controller::new(
+            device_id.clone(),
+            client.clone(),
+            Arc::clone(&shared),
+            &config,
+            Arc::clone(&stats),
+            shutdown.clone(),
+        )
+        .run(),
+    );
 
     let mut uploader = Uploader {
         buffer: UploadBuffer::new(config.max_buffered_batches),
@@ -92,10 +109,34 @@ pub async fn run_device(
         backoff: Backoff::default(),
         connected: false,
         warned_rejections: false,
+        power: shared.power.subscribe(),
+        boot: 0,
     };
-    let result = uploader.run().await;
+    let result = {
+        let upload = uploader.run();
+        tokio::pin!(upload);
+        let mut controlling = true;
+        loop {
+            tokio::select! {
+                result = &mut upload => break result,
+                joined = &mut control_task, if controlling => {
+                    controlling = false;
+                    match joined {
+                        // Shutdown, or a server without Control: uploads go
+                        // on regardless.
+                        Ok(Ok(())) => {}
+                        // The control channel found a reason to stop the
+                        // whole device (its token is refused).
+                        Ok(Err(reason)) => break Err(reason),
+                        Err(e) => warn!(device = %log_id, "the control task failed: {e}"),
+                    }
+                }
+            }
+        }
+    };
     uploader.set_connected(false);
-    // After a fatal error the sampler would otherwise run until shutdown.
+    // After a fatal error these would otherwise run until shutdown.
+    control_task.abort();
     sampler_task.abort();
 
     if let Err(reason) = &result {
@@ -148,6 +189,17 @@ enum StreamEnd {
     Acknowledged,
     /// Shutdown was requested and the last stream is settled (or abandoned).
     ShuttingDown,
+    /// The device is rebooting; the stream was dropped unsettled.
+    Rebooting,
+}
+
+/// Why the uploader stopped uploading.
+#[derive(Debug)]
+enum Halt {
+    Shutdown,
+    /// The device is rebooting: resume once it is up.
+    Reboot,
+    Fatal(String),
 }
 
 struct Uploader {
@@ -166,34 +218,78 @@ struct Uploader {
     backoff: Backoff,
     connected: bool,
     warned_rejections: bool,
+    /// The device's power state, and the boot this uploader runs in.
+    power: watch::Receiver<Power>,
+    boot: u64,
 }
 
 impl Uploader {
     async fn run(&mut self) -> Result<(), String> {
-        let Some(cursor) = self.fetch_cursor(false).await? else {
-            return Ok(());
+        loop {
+            match self.run_powered().await {
+                Halt::Shutdown => return Ok(()),
+                Halt::Fatal(reason) => return Err(reason),
+                Halt::Reboot => {
+                    self.set_connected(false);
+                    self.buffer.forget_handoffs();
+                    self.backoff.reset();
+                    if !self.wait_for_power().await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uploads from (re)boot until shutdown, a reboot or a fatal error.
+    async fn run_powered(&mut self) -> Halt {
+        let cursor = match self.fetch_cursor(false).await {
+            Ok(cursor) => cursor,
+            Err(halt) => return halt,
         };
-        self.next_sequence = cursor.saturating_add(1);
+        if self.next_sequence == 0 {
+            self.next_sequence = cursor.saturating_add(1);
+        } else {
+            // After a reboot: the dropped stream may have committed some
+            // batches.
+            self.resume_from(cursor);
+        }
 
         while !self.shutdown.is_requested() {
             match self.upload_stream().await {
                 Ok(StreamEnd::Acknowledged) => self.backoff.reset(),
-                Ok(StreamEnd::ShuttingDown) => break,
-                Err(CallFailure::Fatal(reason)) => return Err(reason),
+                Ok(StreamEnd::ShuttingDown) => return Halt::Shutdown,
+                Ok(StreamEnd::Rebooting) => return Halt::Reboot,
+                Err(CallFailure::Fatal(reason)) => return Halt::Fatal(reason),
                 Err(CallFailure::Retryable(reason)) => {
                     self.note_transient("UploadReadings", &reason);
                     self.set_connected(false);
                     self.buffer.forget_handoffs();
                     // The stream may have committed some batches before it
                     // broke; only the cursor can tell which.
-                    match self.fetch_cursor(true).await? {
-                        Some(cursor) => self.resume_from(cursor),
-                        None => break,
+                    match self.fetch_cursor(true).await {
+                        Ok(cursor) => self.resume_from(cursor),
+                        Err(halt) => return halt,
                     }
                 }
             }
         }
-        Ok(())
+        Halt::Shutdown
+    }
+
+    /// Waits out a reboot; `false` if shutdown came first.
+    async fn wait_for_power(&mut self) -> bool {
+        loop {
+            tokio::select! {
+                boot = powered_up(&mut self.power) => {
+                    self.boot = boot;
+                    return true;
+                }
+                () = self.shutdown.requested() => return false,
+                // Whatever the sampler produced before the device went down.
+                produced = self.produced.recv(), if self.accepting() => self.accept(produced),
+            }
+        }
     }
 
     fn accepting(&self) -> bool {
@@ -238,14 +334,15 @@ impl Uploader {
         }
     }
 
-    /// Runs `fut` while still taking batches from the sampler; `None` if
-    /// shutdown came first.
-    async fn while_sampling<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+    /// Runs `fut` while still taking batches from the sampler, unless
+    /// shutdown or a reboot comes first.
+    async fn while_sampling<F: Future>(&mut self, fut: F) -> Result<F::Output, Halt> {
         tokio::pin!(fut);
         loop {
             tokio::select! {
-                out = &mut fut => return Some(out),
-                () = self.shutdown.requested() => return None,
+                out = &mut fut => return Ok(out),
+                () = self.shutdown.requested() => return Err(Halt::Shutdown),
+                () = power_cycled(&mut self.power, self.boot) => return Err(Halt::Reboot),
                 produced = self.produced.recv(), if self.accepting() => self.accept(produced),
             }
         }
@@ -253,20 +350,13 @@ impl Uploader {
 
     /// Asks the server for the committed sequence until it answers.
     /// `backoff_first` waits before the first attempt (after a failure).
-    /// `Ok(None)` means shutdown came first.
-    async fn fetch_cursor(&mut self, backoff_first: bool) -> Result<Option<u64>, String> {
+    async fn fetch_cursor(&mut self, backoff_first: bool) -> Result<u64, Halt> {
         let mut wait = backoff_first;
         loop {
             if wait {
                 let delay = self.backoff.next_delay(&mut rand::rng());
                 self.stats.retries.inc();
-                if self
-                    .while_sampling(tokio::time::sleep(delay))
-                    .await
-                    .is_none()
-                {
-                    return Ok(None);
-                }
+                self.while_sampling(tokio::time::sleep(delay)).await?;
             }
             wait = true;
 
@@ -278,20 +368,17 @@ impl Uploader {
                 )
                 .await
             };
-            let Some(result) = self.while_sampling(call).await else {
-                return Ok(None);
-            };
-            match result {
+            match self.while_sampling(call).await? {
                 Ok(Ok(response)) => {
                     self.set_connected(true);
-                    return Ok(Some(response.into_inner().committed_sequence));
+                    return Ok(response.into_inner().committed_sequence);
                 }
                 Ok(Err(status)) => match classify(&status) {
                     CallFailure::Retryable(reason) => {
                         self.set_connected(false);
                         self.note_transient("GetUploadCursor", &reason);
                     }
-                    CallFailure::Fatal(reason) => return Err(reason),
+                    CallFailure::Fatal(reason) => return Err(Halt::Fatal(reason)),
                 },
                 Err(_elapsed) => {
                     self.set_connected(false);
@@ -376,6 +463,13 @@ impl Uploader {
                 },
                 produced = self.produced.recv(), if self.accepting() && !shutting_down => {
                     self.accept(produced);
+                }
+                () = power_cycled(&mut self.power, self.boot), if !shutting_down => {
+                    // A reboot drops the stream unsettled, as a power cut
+                    // would; the cursor tells what it committed.
+                    call.abort();
+                    self.buffer.forget_handoffs();
+                    return Ok(StreamEnd::Rebooting);
                 }
                 () = self.shutdown.requested(), if !shutting_down => {
                     shutting_down = true;
@@ -529,7 +623,9 @@ mod tests {
 
     use super::*;
     use crate::config::Args;
-    use crate::mock_server::{GOOD_TOKEN, MockIngest, MockOps, serve, serve_on};
+    use crate::mock_server::{GOOD_TOKEN, MockControl, MockIngest, MockOps, serve, serve_on};
+    use telemetry_proto::v1::command::Kind;
+    use telemetry_proto::v1::{CommandAckState, Reboot, SetSamplingInterval};
 
     struct Running {
         device: tokio::task::JoinHandle<DeviceOutcome>,
@@ -540,7 +636,11 @@ mod tests {
     /// Starts one device against `server`, with batches every 10 ms and
     /// streams of 5 to keep tests short.
     fn start_device(server: String, token: &str) -> Running {
-        let argv = [
+        start_device_with(server, token, &[])
+    }
+
+    fn start_device_with(server: String, token: &str, extra: &[&str]) -> Running {
+        let mut argv = vec![
             "device-sim",
             "--server",
             &server,
@@ -551,6 +651,7 @@ mod tests {
             "--batches-per-stream",
             "5",
         ];
+        argv.extend_from_slice(extra);
         let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
         let channel = Endpoint::from_shared(server)
             .expect("endpoint")
@@ -691,6 +792,76 @@ mod tests {
         let reason = outcome.failure.expect("device fails");
         assert!(reason.contains("token"), "{reason}");
         assert_eq!(stats.readings_sent.get(), 0);
+    }
+
+    /// Readings handed to streams over `window`.
+    async fn readings_in_window(stats: &Stats, window: Duration) -> u64 {
+        let before = stats.readings_sent.get();
+        tokio::time::sleep(window).await;
+        stats.readings_sent.get() - before
+    }
+
+    #[tokio::test]
+    async fn obeys_its_control_stream_and_comes_back_after_a_reboot() {
+        let control = MockControl::default();
+        let mock = MockIngest {
+            control: Some(control.clone()),
+            ..MockIngest::default()
+        };
+        let ledger = Arc::clone(&mock.ledger);
+        let addr = serve(mock).await;
+        let running = start_device_with(
+            format!("http://{addr}"),
+            GOOD_TOKEN,
+            &["--reboot-delay", "100ms", "--status-interval", "50ms"],
+        );
+        let stats = Arc::clone(&running.stats);
+        let hello = control.next_hello().await;
+        assert_eq!(hello.config.expect("config").sampling_interval_ms, 1);
+
+        // 4 sensors, a sample a millisecond: about 4000 readings/s.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let fast = readings_in_window(&stats, Duration::from_millis(300)).await;
+        control.command(
+            1,
+            Kind::SetSamplingInterval(SetSamplingInterval { interval_ms: 10 }),
+        );
+        let ack = control.next_ack().await;
+        assert_eq!(ack.state, i32::from(CommandAckState::Done));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Now about 400/s.
+        let slow = readings_in_window(&stats, Duration::from_millis(300)).await;
+        assert!(slow * 4 < fast, "{fast} readings before, {slow} after");
+
+        let stored_before = ledger.lock().expect("ledger").stored.len();
+        control.command(2, Kind::Reboot(Reboot {}));
+        assert_eq!(control.next_ack().await.detail, "rebooting");
+        let hello = control.next_hello().await;
+        // Settings survive the reboot.
+        assert_eq!(hello.config.expect("config").sampling_interval_ms, 10);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let (outcome, stats) = running.stop().await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        assert_eq!(stats.reboots.get(), 1);
+        assert_eq!(stats.commands_done.get(), 2);
+        let ledger = ledger.lock().expect("ledger");
+        assert!(
+            ledger.stored.len() > stored_before,
+            "uploads resume after the reboot"
+        );
+        assert_contiguous(&ledger.stored, 1);
+        assert_eq!(stats.devices_connected.get(), 0, "disconnected at exit");
+    }
+
+    #[tokio::test]
+    async fn a_server_without_control_still_gets_uploads() {
+        let mock = MockIngest::default();
+        let ledger = Arc::clone(&mock.ledger);
+        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(300)).await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        assert_eq!(stats.control_unsupported.get(), 1);
+        assert!(!ledger.lock().expect("ledger").stored.is_empty());
     }
 
     #[test]

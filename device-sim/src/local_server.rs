@@ -72,6 +72,15 @@ mod tests {
     use crate::config::{Args, Config};
 
     async fn run_fleet(server: &LocalServer, dir: &Path, report: &Path) -> serde_json::Value {
+        run_fleet_for(server, dir, report, "1s").await
+    }
+
+    async fn run_fleet_for(
+        server: &LocalServer,
+        dir: &Path,
+        report: &Path,
+        duration: &str,
+    ) -> serde_json::Value {
         let argv = [
             "device-sim",
             "--server",
@@ -89,7 +98,7 @@ mod tests {
             "--batches-per-stream",
             "3",
             "--duration",
-            "1s",
+            duration,
             "--quiet",
             "--report-json",
             report.to_str().expect("utf-8 path"),
@@ -135,5 +144,73 @@ mod tests {
         let accepted = first["readings_accepted"].as_u64().expect("number")
             + second["readings_accepted"].as_u64().expect("number");
         assert_eq!(stored_readings(&database).await, accepted);
+    }
+
+    /// Commands through the real server: delivered on the Control stream,
+    /// carried out, acknowledged, and counted in the report.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn devices_obey_commands_sent_through_the_real_server() {
+        use telemetry_proto::v1::command::Kind;
+        use telemetry_proto::v1::ops_client::OpsClient;
+        use telemetry_proto::v1::{
+            Command, CommandState, GetDeviceRequest, Ping, SendCommandRequest, SetSamplingInterval,
+        };
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("server starts");
+        let report_path = dir.path().join("r.json");
+        let (report, ()) = tokio::join!(
+            run_fleet_for(&server, dir.path(), &report_path, "3s"),
+            async {
+                let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+                    .expect("endpoint")
+                    .connect_lazy();
+                let auth = crate::auth::BearerAuth::new(&server.ops_token).expect("token");
+                let mut ops = OpsClient::with_interceptor(channel, auth);
+                // Wait until the device holds its Control stream.
+                for _ in 0..100 {
+                    let online = ops
+                        .get_device(GetDeviceRequest {
+                            device_id: "sim-00001".into(),
+                        })
+                        .await
+                        .is_ok_and(|d| d.into_inner().online);
+                    if online {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let mut send = async |kind: Kind| {
+                    ops.send_command(SendCommandRequest {
+                        device_id: "sim-00001".into(),
+                        command: Some(Command {
+                            kind: Some(kind),
+                            ..Command::default()
+                        }),
+                        ttl_millis: 0,
+                        wait_millis: 2000,
+                    })
+                    .await
+                    .expect("command stored")
+                    .into_inner()
+                };
+                let pong = send(Kind::Ping(Ping {})).await;
+                assert_eq!(pong.state(), CommandState::Acked, "{pong:?}");
+                assert_eq!(pong.result, "pong");
+                let slower = send(Kind::SetSamplingInterval(SetSamplingInterval {
+                    interval_ms: 100,
+                }))
+                .await;
+                assert_eq!(slower.state(), CommandState::Acked, "{slower:?}");
+                assert_eq!(slower.result, "interval 100 ms");
+            }
+        );
+        server.stop().await.expect("server stops cleanly");
+        assert_eq!(report["commands_received"], 2);
+        assert_eq!(report["commands_done"], 2);
+        assert_eq!(report["control_unsupported_devices"], 0);
+        assert_eq!(report["readings_accepted"], report["readings_sent"]);
     }
 }

@@ -7,7 +7,9 @@
 //! signals and uploads them in batches over `Ingest.UploadReadings` streams.
 //! A batch counts as delivered only when a stream summary reports it
 //! committed; anything else is kept and resent after a failure, so a server
-//! restart loses nothing (the server skips duplicates).
+//! restart loses nothing (the server skips duplicates). Each device also
+//! holds an `Ingest.Control` stream and obeys the commands it receives:
+//! sampling interval, batch size, sensors on and off, reboot, ping.
 //!
 //! Run `device-sim --help` for the flags; every flag can also be set through
 //! a `DEVICE_SIM_*` environment variable. Logs go to stderr and follow
@@ -17,8 +19,10 @@ mod anomaly;
 mod auth;
 mod buffer;
 mod config;
+mod control;
 mod credentials;
 mod demo_alerts;
+mod demo_command;
 mod device;
 mod fleet;
 mod local_server;
@@ -28,11 +32,13 @@ mod report;
 mod retry;
 mod sampling;
 mod sensors;
+mod settings;
 mod shutdown;
 mod stats;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -77,7 +83,11 @@ fn run(args: config::Args) -> anyhow::Result<ExitCode> {
             Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),
             None => None,
         };
+        let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
+        let halfway = config.duration.map_or(Duration::from_secs(15), |d| d / 2);
+        let command = demo_command::start(server.url.clone(), server.ops_token.clone(), devices, config.sample_rate, halfway);
         let code = fleet::run(config).await;
+        command.abort();
         if let Some((counts, task)) = alerts {
             task.abort();
             println!(

@@ -1,24 +1,28 @@
 //! An in-process server for tests. Ingest keeps one device's committed
 //! sequence the way the real server is specified to, and can be told to
-//! break streams so the device's recovery path gets exercised; Ops only
-//! registers devices.
+//! break streams so the device's recovery path gets exercised; its Control
+//! call is UNIMPLEMENTED (like an older server) unless the test scripts it
+//! with a [`MockControl`]. Ops only registers devices.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use telemetry_proto::v1::ingest_server::{Ingest, IngestServer};
 use telemetry_proto::v1::ops_server::{Ops, OpsServer};
 use telemetry_proto::v1::{
-    AlertEvent, AlertRule, Command, DeleteAlertRuleRequest, DeleteAlertRuleResponse, Device,
-    DeviceMessage, GetCommandRequest, GetDeviceRequest, GetUploadCursorRequest,
+    AlertEvent, AlertRule, Command, CommandAck, DeleteAlertRuleRequest, DeleteAlertRuleResponse,
+    Device, DeviceMessage, GetCommandRequest, GetDeviceRequest, GetUploadCursorRequest,
     ListAlertRulesRequest, ListAlertRulesResponse, ListCommandsRequest, ListCommandsResponse,
     ListDevicesRequest, ListDevicesResponse, PutAlertRuleRequest, ReadingBatch,
     RegisterDeviceRequest, RegisterDeviceResponse, SendCommandRequest, ServerMessage, UploadCursor,
     UploadSummary, WatchAlertsRequest,
 };
+use telemetry_proto::v1::{device_message, server_message};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 /// The one device token Ingest accepts, and the token Ops hands out.
@@ -41,6 +45,122 @@ pub struct MockIngest {
     /// arrives, after committing the first two, like a storage failure
     /// mid-stream.
     pub break_every: Option<u64>,
+    /// Serves Control when set.
+    pub control: Option<MockControl>,
+}
+
+type ControlSender = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
+
+/// A scripted Control endpoint: the test reads what the device sends and
+/// writes to the device's latest stream.
+#[derive(Clone)]
+pub struct MockControl {
+    /// The latest stream, by number (counted from 1), while it is open.
+    current: Arc<Mutex<Option<(u64, ControlSender)>>>,
+    streams: Arc<Mutex<u64>>,
+    from_device_tx: mpsc::UnboundedSender<DeviceMessage>,
+    from_device: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<DeviceMessage>>>,
+}
+
+/// How long a test waits for the device before failing.
+const WAIT: Duration = Duration::from_secs(5);
+
+impl Default for MockControl {
+    fn default() -> Self {
+        let (from_device_tx, from_device) = mpsc::unbounded_channel();
+        Self {
+            current: Arc::default(),
+            streams: Arc::default(),
+            from_device_tx,
+            from_device: Arc::new(tokio::sync::Mutex::new(from_device)),
+        }
+    }
+}
+
+impl MockControl {
+    /// Control streams opened so far.
+    pub fn streams(&self) -> u64 {
+        *self.streams.lock().expect("streams")
+    }
+
+    /// Sends `command` on the device's open stream.
+    pub fn command(&self, command_id: u64, kind: telemetry_proto::v1::command::Kind) {
+        self.send(Ok(ServerMessage {
+            msg: Some(server_message::Msg::Command(Command {
+                command_id,
+                kind: Some(kind),
+                ..Command::default()
+            })),
+        }));
+    }
+
+    /// Sends a message, or ends the stream with an error status.
+    pub fn send(&self, message: Result<ServerMessage, Status>) {
+        let current = self.current.lock().expect("current");
+        let (_, tx) = current
+            .as_ref()
+            .expect("the device has a Control stream open");
+        tx.send(message).expect("the stream is open");
+    }
+
+    /// The next message the device sent, on any stream.
+    pub async fn next(&self) -> device_message::Msg {
+        let mut from_device = self.from_device.lock().await;
+        let message = tokio::time::timeout(WAIT, from_device.recv())
+            .await
+            .expect("the device sends within 5 s")
+            .expect("the mock keeps the channel");
+        message.msg.expect("a message has content")
+    }
+
+    /// The next acknowledgement, skipping status reports.
+    pub async fn next_ack(&self) -> CommandAck {
+        loop {
+            match self.next().await {
+                device_message::Msg::Ack(ack) => return ack,
+                device_message::Msg::Status(_) => {}
+                device_message::Msg::Hello(hello) => panic!("hello instead of an ack: {hello:?}"),
+            }
+        }
+    }
+
+    /// The next hello, skipping status reports.
+    pub async fn next_hello(&self) -> telemetry_proto::v1::DeviceHello {
+        loop {
+            match self.next().await {
+                device_message::Msg::Hello(hello) => return hello,
+                device_message::Msg::Status(_) => {}
+                device_message::Msg::Ack(ack) => panic!("ack instead of a hello: {ack:?}"),
+            }
+        }
+    }
+
+    fn open(
+        &self,
+        mut inbound: Streaming<DeviceMessage>,
+    ) -> UnboundedReceiverStream<Result<ServerMessage, Status>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let number = {
+            let mut streams = self.streams.lock().expect("streams");
+            *streams += 1;
+            *streams
+        };
+        *self.current.lock().expect("current") = Some((number, tx));
+        let from_device = self.from_device_tx.clone();
+        let current = Arc::clone(&self.current);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let _ = from_device.send(message);
+            }
+            // Like the real server: the call ends when the device closes
+            // its side.
+            let mut current = current.lock().expect("current");
+            if current.as_ref().is_some_and(|(n, _)| *n == number) {
+                *current = None;
+            }
+        });
+        UnboundedReceiverStream::new(rx)
+    }
 }
 
 fn check_auth<T>(request: &Request<T>) -> Result<(), Status> {
@@ -101,13 +221,17 @@ impl Ingest for MockIngest {
         Ok(Response::new(summary))
     }
 
-    type ControlStream = tokio_stream::Empty<Result<ServerMessage, Status>>;
+    type ControlStream = UnboundedReceiverStream<Result<ServerMessage, Status>>;
 
     async fn control(
         &self,
-        _request: Request<Streaming<DeviceMessage>>,
+        request: Request<Streaming<DeviceMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        Err(Status::unimplemented("not in the mock"))
+        check_auth(&request)?;
+        match &self.control {
+            Some(control) => Ok(Response::new(control.open(request.into_inner()))),
+            None => Err(Status::unimplemented("not in the mock")),
+        }
     }
 
     async fn get_upload_cursor(

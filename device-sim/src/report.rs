@@ -69,6 +69,15 @@ pub struct Report {
     pub unacked_batches: u64,
     pub retries: u64,
     pub anomalies_injected: u64,
+    pub commands_received: u64,
+    pub commands_done: u64,
+    pub commands_failed: u64,
+    pub commands_repeated: u64,
+    pub control_reconnects: u64,
+    pub reboots: u64,
+    /// Devices that ran without a control channel because the server does
+    /// not implement Ingest.Control.
+    pub control_unsupported_devices: u64,
     pub accepted_per_sec: f64,
     pub batch_ack_latency: LatencySummary,
     pub settings: LoadSettings,
@@ -104,6 +113,13 @@ impl Report {
             unacked_batches,
             retries: stats.retries.get(),
             anomalies_injected: stats.anomalies_injected.get(),
+            commands_received: stats.commands_received.get(),
+            commands_done: stats.commands_done.get(),
+            commands_failed: stats.commands_failed.get(),
+            commands_repeated: stats.commands_repeated.get(),
+            control_reconnects: stats.control_reconnects.get(),
+            reboots: stats.reboots.get(),
+            control_unsupported_devices: stats.control_unsupported.get(),
             accepted_per_sec: if duration_secs > 0.0 {
                 readings_accepted as f64 / duration_secs
             } else {
@@ -158,6 +174,31 @@ impl fmt::Display for Report {
         row(f, "retries", &self.retries)?;
         if self.settings.anomaly_rate.is_some() {
             row(f, "anomalies", &self.anomalies_injected)?;
+        }
+        row(
+            f,
+            "commands",
+            &format_args!(
+                "{} received, {} done, {} failed, {} repeats",
+                self.commands_received,
+                self.commands_done,
+                self.commands_failed,
+                self.commands_repeated
+            ),
+        )?;
+        if self.reboots > 0 {
+            row(f, "reboots", &self.reboots)?;
+        }
+        row(f, "control reconnects", &self.control_reconnects)?;
+        if self.control_unsupported_devices > 0 {
+            row(
+                f,
+                "control",
+                &format_args!(
+                    "not supported by the server ({} device(s) ran without a Control stream)",
+                    self.control_unsupported_devices
+                ),
+            )?;
         }
         row(
             f,
@@ -224,9 +265,13 @@ impl Progress {
         };
         self.last_sent = sent;
         self.last_at = now;
+        let commands = match stats.commands_received.get() {
+            0 => String::new(),
+            n => format!(" | commands {n}"),
+        };
         format!(
             "[{:>6.0}s] devices {}/{} connected | sent {} ({:.0}/s) | accepted {} | rejected {} | \
-             duplicate batches {} | retries {}",
+             duplicate batches {} | retries {}{commands}",
             now.duration_since(self.started).as_secs_f64(),
             stats.devices_connected.get(),
             self.devices,
@@ -286,6 +331,11 @@ mod tests {
         stats.readings_sent.add(240_000);
         stats.readings_accepted.add(240_000);
         stats.record_ack_latencies(&[12_300, 40_100]);
+        stats.commands_received.add(12);
+        stats.commands_done.add(10);
+        stats.commands_failed.add(1);
+        stats.commands_repeated.add(1);
+        stats.control_reconnects.add(3);
         let report = Report::new(
             &stats,
             20,
@@ -308,10 +358,19 @@ mod tests {
         );
         assert!(text.contains("(n=2)"), "{text}");
         assert!(text.contains("sim-00003: token rejected"), "{text}");
+        assert!(
+            text.contains("  commands           12 received, 10 done, 1 failed, 1 repeats\n"),
+            "{text}"
+        );
+        assert!(text.contains("  control reconnects 3\n"), "{text}");
+        assert!(!text.contains("reboots"), "{text}");
 
         let json: serde_json::Value = serde_json::to_value(&report).expect("report serialises");
         assert_eq!(json["readings_accepted"], 240_000);
         assert_eq!(json["batch_ack_latency"]["count"], 2);
         assert_eq!(json["settings"]["batch_size"], 50);
+        assert_eq!(json["commands_received"], 12);
+        assert_eq!(json["commands_repeated"], 1);
+        assert_eq!(json["control_reconnects"], 3);
     }
 }

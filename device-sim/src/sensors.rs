@@ -83,13 +83,25 @@ pub struct Sensor {
     anomaly: Option<AnomalyInjector>,
 }
 
+/// The name of a device's `index`-th sensor (0-based): temperature,
+/// humidity, pressure, battery, then `aux_1`, `aux_2`, ...
+pub fn sensor_name(index: usize) -> String {
+    match index {
+        0 => "temperature".to_owned(),
+        1 => "humidity".to_owned(),
+        2 => "pressure".to_owned(),
+        3 => "battery".to_owned(),
+        n => format!("aux_{}", n - 3),
+    }
+}
+
 impl Sensor {
-    /// The `index`-th sensor of a device (0-based): temperature, humidity,
-    /// pressure, battery, then `aux_1`, `aux_2`, ...
+    /// The `index`-th sensor of a device (0-based), named by
+    /// [`sensor_name`].
     pub fn nth(index: usize, anomaly_rate: Option<f64>, rng: &mut impl Rng) -> Self {
-        let (name, unit, model) = match index {
+        let name = sensor_name(index);
+        let (unit, model) = match index {
             0 => (
-                "temperature".to_owned(),
                 "Cel",
                 Model::Temperature {
                     offset: rng.random_range(-3.0..=3.0),
@@ -97,7 +109,6 @@ impl Sensor {
                 },
             ),
             1 => (
-                "humidity".to_owned(),
                 "%",
                 Model::Humidity(Walk::new(
                     rng.random_range(40.0..=70.0),
@@ -108,7 +119,6 @@ impl Sensor {
                 )),
             ),
             2 => (
-                "pressure".to_owned(),
                 "hPa",
                 // The clamp is the range of sea-level pressure ever recorded.
                 Model::Pressure(Walk::new(
@@ -120,7 +130,6 @@ impl Sensor {
                 )),
             ),
             3 => (
-                "battery".to_owned(),
                 "%",
                 Model::Battery {
                     level: rng.random_range(60.0..=100.0),
@@ -128,8 +137,7 @@ impl Sensor {
                     drain_per_sec: rng.random_range(0.5..=2.0) / 3_600.0,
                 },
             ),
-            n => (
-                format!("aux_{}", n - 3),
+            _ => (
                 "",
                 Model::Aux(Walk::new(
                     rng.random_range(0.0..=100.0),
@@ -154,6 +162,15 @@ impl Sensor {
 
     pub fn unit(&self) -> &'static str {
         self.unit
+    }
+
+    /// The charge of a battery sensor's model (its true value, not what an
+    /// anomaly may make it report); `None` for other sensors.
+    pub fn battery_level(&self) -> Option<f64> {
+        match self.model {
+            Model::Battery { level, .. } => Some(level),
+            _ => None,
+        }
     }
 
     /// Width of the sensor's normal range; anomalies are scaled by it.

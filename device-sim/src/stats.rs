@@ -70,8 +70,23 @@ pub struct Stats {
     /// Backoff waits after a failed call.
     pub retries: Counter,
     pub anomalies_injected: Counter,
+    /// Commands that arrived on Control streams, including repeats.
+    pub commands_received: Counter,
+    /// Commands carried out (acknowledged DONE).
+    pub commands_done: Counter,
+    /// Commands refused (acknowledged FAILED).
+    pub commands_failed: Counter,
+    /// Commands that arrived again after being handled: acknowledged again,
+    /// not carried out again.
+    pub commands_repeated: Counter,
+    /// Control streams reopened after a failure (not counting reboots).
+    pub control_reconnects: Counter,
+    pub reboots: Counter,
+    /// Devices whose server does not implement Ingest.Control.
+    pub control_unsupported: Counter,
     transient_warned: AtomicBool,
     failure_warned: AtomicBool,
+    unsupported_warned: AtomicBool,
     ack_latency_micros: Mutex<Histogram<u64>>,
 }
 
@@ -101,8 +116,16 @@ impl Stats {
             dropped_readings: Counter::default(),
             retries: Counter::default(),
             anomalies_injected: Counter::default(),
+            commands_received: Counter::default(),
+            commands_done: Counter::default(),
+            commands_failed: Counter::default(),
+            commands_repeated: Counter::default(),
+            control_reconnects: Counter::default(),
+            reboots: Counter::default(),
+            control_unsupported: Counter::default(),
             transient_warned: AtomicBool::new(false),
             failure_warned: AtomicBool::new(false),
+            unsupported_warned: AtomicBool::new(false),
             ack_latency_micros: Mutex::new(histogram),
         }
     }
@@ -117,6 +140,12 @@ impl Stats {
     /// fails every device the same way, and the report lists them all.
     pub fn claim_failure_warning(&self) -> bool {
         !self.failure_warned.swap(true, Ordering::Relaxed)
+    }
+
+    /// Likewise for the first device that finds the server has no Control
+    /// call: every device of the run finds the same.
+    pub fn claim_unsupported_warning(&self) -> bool {
+        !self.unsupported_warned.swap(true, Ordering::Relaxed)
     }
 
     /// Records the acknowledgement latencies of one stream under a single
