@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod commands;
 mod error;
 mod postgres;
+mod shared;
 mod sqlite;
 pub mod writer;
 

@@ -1,0 +1,301 @@
+//! Queries of alerts, commands and presence, written once for both
+//! backends: `shared_queries!(Store)` expands them into an `impl` of a
+//! backend's store, which supplies `pool`, `sql` (its placeholder style) and
+//! `begin_write`.
+
+macro_rules! shared_queries {
+    ($store:ty) => {
+        impl $store {
+            pub async fn put_rule(&self, rule: &Rule, now: UnixNanos) -> Result<(), StorageError> {
+                let definition = serde_json::to_string(rule).expect("rules serialise");
+                sqlx::query(&Self::sql(alerts::UPSERT_RULE))
+                    .bind(rule.id.as_str())
+                    .bind(rule.severity.as_str())
+                    .bind(rule.sensor.as_ref().map(|s| s.as_str()))
+                    .bind(definition)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            pub async fn delete_rule(&self, id: &RuleId) -> Result<bool, StorageError> {
+                let done = sqlx::query(&Self::sql(alerts::DELETE_RULE))
+                    .bind(id.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            pub async fn list_rules(&self) -> Result<Vec<Rule>, StorageError> {
+                let rows: Vec<String> =
+                    sqlx::query_scalar("SELECT definition FROM alert_rules ORDER BY rule_id")
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.iter()
+                    .map(|json| alerts::rule_from_json(json))
+                    .collect()
+            }
+
+            pub async fn record_alert_events(
+                &self,
+                events: &[NewAlertEvent],
+                now: UnixNanos,
+            ) -> Result<Vec<AlertEventRecord>, StorageError> {
+                let mut tx = self.begin_write().await?;
+                let mut recorded = Vec::with_capacity(events.len());
+                for e in events {
+                    let alert_id: i64 = match (e.kind, e.alert_id) {
+                        (EventKind::Fired, _) => {
+                            sqlx::query_scalar(&Self::sql(alerts::INSERT_ALERT))
+                                .bind(e.rule_id.as_str())
+                                .bind(e.device_pk)
+                                .bind(&e.sensor)
+                                .bind(e.severity.as_str())
+                                .bind(e.time)
+                                .bind(e.value)
+                                .bind(&e.message)
+                                .fetch_one(&mut *tx)
+                                .await?
+                        }
+                        (EventKind::Acked, Some(id)) => {
+                            sqlx::query(&Self::sql(alerts::ACK_ALERT))
+                                .bind(e.time)
+                                .bind(id as i64)
+                                .execute(&mut *tx)
+                                .await?;
+                            id as i64
+                        }
+                        (EventKind::Resolved, Some(id)) => {
+                            sqlx::query(&Self::sql(alerts::RESOLVE_ALERT))
+                                .bind(e.time)
+                                .bind(e.value)
+                                .bind(id as i64)
+                                .execute(&mut *tx)
+                                .await?;
+                            id as i64
+                        }
+                        (EventKind::Acked | EventKind::Resolved, None) => {
+                            return Err(StorageError::Corrupt("event without its alert".into()));
+                        }
+                    };
+                    let event_id: i64 = sqlx::query_scalar(&Self::sql(alerts::INSERT_EVENT))
+                        .bind(alert_id)
+                        .bind(e.kind.as_str())
+                        .bind(e.rule_id.as_str())
+                        .bind(e.device_id.as_str())
+                        .bind(&e.sensor)
+                        .bind(e.severity.as_str())
+                        .bind(e.value)
+                        .bind(e.time)
+                        .bind(&e.message)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    recorded.push(AlertEventRecord {
+                        event_id: alerts::id(event_id),
+                        kind: e.kind,
+                        alert_id: alerts::id(alert_id),
+                        rule_id: e.rule_id.as_str().to_owned(),
+                        device_id: e.device_id.as_str().to_owned(),
+                        sensor: e.sensor.clone(),
+                        severity: e.severity,
+                        value: e.value,
+                        time: e.time,
+                        message: e.message.clone(),
+                    });
+                }
+                tx.commit().await?;
+                Ok(recorded)
+            }
+
+            pub async fn alert_events_after(
+                &self,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<AlertEventRecord>, StorageError> {
+                let rows = sqlx::query(&Self::sql(alerts::EVENTS_AFTER))
+                    .bind(after.min(i64::MAX as u64) as i64)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(alerts::event_from_row).collect()
+            }
+
+            pub async fn list_alerts(
+                &self,
+                include_resolved: bool,
+                device_ids: &[String],
+                limit: u32,
+            ) -> Result<Vec<AlertRecord>, StorageError> {
+                let sql = Self::sql(&alerts::list_alerts_sql(include_resolved, device_ids.len()));
+                let mut query = sqlx::query(&sql);
+                for d in device_ids {
+                    query = query.bind(d);
+                }
+                let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+                rows.iter().map(alerts::alert_from_row).collect()
+            }
+
+            pub async fn get_alert(&self, alert_id: u64) -> Result<AlertRecord, StorageError> {
+                let sql = Self::sql(&format!(
+                    "SELECT {} WHERE a.alert_id = ?",
+                    alerts::ALERT_COLUMNS
+                ));
+                let row = sqlx::query(&sql)
+                    .bind(alert_id.min(i64::MAX as u64) as i64)
+                    .fetch_one(&self.pool)
+                    .await?;
+                alerts::alert_from_row(&row)
+            }
+
+            pub async fn enqueue_command(
+                &self,
+                device_pk: i64,
+                kind: &CommandKind,
+                created: UnixNanos,
+                expires: UnixNanos,
+                max_pending: u64,
+            ) -> Result<CommandRecord, EnqueueError> {
+                let mut tx = self.begin_write().await.map_err(StorageError::from)?;
+                let pending: i64 = sqlx::query_scalar(&Self::sql(commands::COUNT_PENDING))
+                    .bind(device_pk)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StorageError::from)?;
+                if pending as u64 >= max_pending {
+                    return Err(EnqueueError::QueueFull(pending as u64));
+                }
+                let id: i64 = sqlx::query_scalar(&Self::sql(commands::INSERT_COMMAND))
+                    .bind(device_pk)
+                    .bind(kind.name())
+                    .bind(kind.arguments().to_string())
+                    .bind(created)
+                    .bind(expires)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StorageError::from)?;
+                tx.commit().await.map_err(StorageError::from)?;
+                Ok(self.get_command(id as u64).await?)
+            }
+
+            pub async fn deliverable_commands(
+                &self,
+                device_pk: i64,
+                now: UnixNanos,
+            ) -> Result<Vec<CommandRecord>, StorageError> {
+                let rows = sqlx::query(&Self::sql(&commands::deliverable_sql()))
+                    .bind(device_pk)
+                    .bind(now)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(commands::command_from_row).collect()
+            }
+
+            pub async fn mark_command_sent(
+                &self,
+                command_id: u64,
+                now: UnixNanos,
+            ) -> Result<bool, StorageError> {
+                let done = sqlx::query(&Self::sql(commands::MARK_SENT))
+                    .bind(now)
+                    .bind(command_id as i64)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            pub async fn ack_command(
+                &self,
+                device_pk: i64,
+                command_id: u64,
+                state: CommandState,
+                result: &str,
+                now: UnixNanos,
+            ) -> Result<Option<CommandRecord>, StorageError> {
+                let done = sqlx::query(&Self::sql(commands::ACK))
+                    .bind(state.as_str())
+                    .bind(result)
+                    .bind(now)
+                    .bind(command_id.min(i64::MAX as u64) as i64)
+                    .bind(device_pk)
+                    .execute(&self.pool)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(None);
+                }
+                Ok(Some(self.get_command(command_id).await?))
+            }
+
+            pub async fn expire_commands(&self, now: UnixNanos) -> Result<Vec<u64>, StorageError> {
+                let ids: Vec<i64> = sqlx::query_scalar(&Self::sql(commands::EXPIRE))
+                    .bind(now)
+                    .bind(now)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
+            }
+
+            pub async fn get_command(
+                &self,
+                command_id: u64,
+            ) -> Result<CommandRecord, StorageError> {
+                let sql = Self::sql(&format!(
+                    "SELECT {} WHERE c.command_id = ?",
+                    commands::COMMAND_COLUMNS
+                ));
+                let row = sqlx::query(&sql)
+                    .bind(command_id.min(i64::MAX as u64) as i64)
+                    .fetch_one(&self.pool)
+                    .await?;
+                commands::command_from_row(&row)
+            }
+
+            pub async fn list_commands(
+                &self,
+                device_id: Option<&str>,
+                state: Option<CommandState>,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<CommandRecord>, StorageError> {
+                let sql = Self::sql(&commands::list_sql(device_id.is_some(), state.is_some()));
+                let mut query = sqlx::query(&sql).bind(after.min(i64::MAX as u64) as i64);
+                if let Some(d) = device_id {
+                    query = query.bind(d);
+                }
+                if let Some(s) = state {
+                    query = query.bind(s.as_str());
+                }
+                let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+                rows.iter().map(commands::command_from_row).collect()
+            }
+
+            pub async fn set_presence(
+                &self,
+                device_pk: i64,
+                online: bool,
+                seen: UnixNanos,
+                firmware: Option<&str>,
+            ) -> Result<(), StorageError> {
+                sqlx::query(&Self::sql(commands::PRESENCE))
+                    .bind(online)
+                    .bind(seen)
+                    .bind(firmware)
+                    .bind(device_pk)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
+                sqlx::query(commands::ALL_OFFLINE)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(super) use shared_queries;
