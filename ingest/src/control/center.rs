@@ -87,7 +87,7 @@ impl CommandCenter {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => center.expire().await,
-                        () = stopping(&mut shutdown) => break,
+                        () = until_set(&mut shutdown) => break,
                     }
                 }
             })
@@ -187,8 +187,9 @@ impl CommandCenter {
     }
 }
 
-/// Resolves once the server begins shutting down (the guard `wait_for`
-/// returns must not live across an await).
-pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stopping| *stopping).await;
+/// Resolves once the flag turns true: the server is shutting down, or a
+/// session is superseded. (The guard `wait_for` returns must not live
+/// across an await, so it is dropped here.)
+pub(crate) async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }

@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::center::{CommandCenter, SessionSlot, stopping};
+use super::center::{CommandCenter, SessionSlot, until_set};
 use crate::domain::command::CommandState;
 use crate::domain::time::now_unix_nanos;
 use crate::storage::DeviceKey;
@@ -112,8 +112,8 @@ async fn run<S>(
     let end = loop {
         tokio::select! {
             biased;
-            () = stopping(&mut superseded) => break Some(SessionEnd::Superseded),
-            () = stopping(&mut shutdown) => break Some(SessionEnd::ShuttingDown),
+            () = until_set(&mut superseded) => break Some(SessionEnd::Superseded),
+            () = until_set(&mut shutdown) => break Some(SessionEnd::ShuttingDown),
             () = wake.notified() => {
                 if !deliver(&center, &device, &stale, &tx, &mut written).await {
                     break None;
