@@ -764,7 +764,16 @@ mod tests {
         let ledger = Arc::clone(&mock.ledger);
         let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
         tokio::spawn(serve_on(listener, mock, MockOps::default()));
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Wait for the first stored batch rather than a fixed time: the
+        // backoff may be long on a busy machine.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ledger.lock().expect("ledger").stored.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the device never reached the late server"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (outcome, stats) = running.stop().await;
         assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
         let ledger = ledger.lock().expect("ledger");
