@@ -16,7 +16,8 @@ use telemetry_proto::v1 as pb;
 use tonic::Code;
 
 use super::client::{Ops, ServerArgs};
-use super::rules::{SeverityArg, severity_name, status_error};
+use super::output::{status_error, time};
+use super::rules::{SeverityArg, severity_name};
 
 #[derive(Debug, Subcommand)]
 pub enum AlertsCommand {
@@ -164,16 +165,6 @@ fn alert_state(alert: &pb::Alert) -> &'static str {
     } else {
         "open"
     }
-}
-
-/// Seconds precision: a table is read by people, JSON has the nanoseconds.
-fn time(nanos: u64) -> String {
-    if nanos == 0 {
-        return "-".into();
-    }
-    chrono::DateTime::from_timestamp_nanos(nanos as i64)
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string()
 }
 
 fn or_dash(s: &str) -> &str {

@@ -13,7 +13,7 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::command::Kind;
 
 use super::client::ServerArgs;
-use super::rules::status_error;
+use super::output::{duration_text, status_error, time};
 
 #[derive(Debug, Subcommand)]
 pub enum CommandCommand {
@@ -330,11 +330,6 @@ fn state_json(state: i32) -> serde_json::Value {
     }
 }
 
-/// `500ms`, `2s`, `1m 30s`.
-fn duration_text(millis: u64) -> String {
-    humantime::format_duration(Duration::from_millis(millis)).to_string()
-}
-
 /// The command as it is typed: `set-interval 500ms`, `disable-sensor
 /// humidity`, `custom {"led":"blink"}`.
 fn kind_text(kind: Option<&Kind>) -> String {
@@ -431,16 +426,6 @@ fn command_json(c: &pb::Command) -> serde_json::Value {
         "finished_time_unix_nano": c.finished_time_unix_nano,
         "expires_time_unix_nano": c.expires_time_unix_nano,
     })
-}
-
-/// Seconds precision: a table is read by people, JSON has the nanoseconds.
-fn time(nanos: u64) -> String {
-    if nanos == 0 {
-        return "-".into();
-    }
-    chrono::DateTime::from_timestamp_nanos(nanos as i64)
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string()
 }
 
 /// `s` in at most `width` characters, the cut marked with `…`.

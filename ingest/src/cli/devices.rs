@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
+use super::output::{status_error, time};
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
@@ -118,19 +119,6 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-fn time(nanos: u64) -> String {
-    if nanos == 0 {
-        return "-".into();
-    }
-    chrono::DateTime::from_timestamp_nanos(nanos as i64)
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string()
 }
 
 fn device_json(d: &pb::Device) -> serde_json::Value {

@@ -6,6 +6,7 @@ mod client;
 mod command;
 mod devices;
 mod migrate;
+mod output;
 mod rules;
 mod serve;
 

@@ -15,6 +15,7 @@ use telemetry_proto::v1::device_selector::Selector;
 use telemetry_proto::v1::threshold_condition::Direction;
 
 use super::client::ServerArgs;
+use super::output::{duration_text, status_error};
 
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
@@ -175,12 +176,6 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `InvalidArgument: <message>`: the server's explanation is the useful part,
-/// so no context is layered on top of it.
-pub(super) fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -254,10 +249,6 @@ fn severity_json(severity: i32) -> serde_json::Value {
         "-" => serde_json::Value::Null,
         name => name.into(),
     }
-}
-
-fn duration_text(millis: u64) -> String {
-    humantime::format_duration(Duration::from_millis(millis)).to_string()
 }
 
 /// E.g. `above 40 (clear 35, for 30s)`, `rate > 5/min`, `silent 1m`.

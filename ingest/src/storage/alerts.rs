@@ -147,15 +147,6 @@ pub(super) fn id(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            Store::Sqlite($s) => $e,
-            Store::Postgres($s) => $e,
-        }
-    };
-}
-
 impl Store {
     pub async fn put_rule(&self, rule: &Rule, now: UnixNanos) -> Result<(), StorageError> {
         dispatch!(self, s => s.put_rule(rule, now).await)

@@ -95,15 +95,6 @@ where
     })
 }
 
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            Store::Sqlite($s) => $e,
-            Store::Postgres($s) => $e,
-        }
-    };
-}
-
 impl Store {
     /// Queues a command unless the device already has `max_pending`
     /// commands queued or sent.

@@ -4,6 +4,16 @@
 //! The backend is chosen at run time from the database URL: SQLite (the
 //! embedded default, a file in the data directory) or PostgreSQL.
 
+/// Calls the same method on whichever backend the store is.
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
 pub mod alerts;
 pub mod commands;
 mod error;
@@ -89,15 +99,6 @@ impl Database {
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
     Postgres(postgres::PgStore),
-}
-
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            Store::Sqlite($s) => $e,
-            Store::Postgres($s) => $e,
-        }
-    };
 }
 
 impl Store {
