@@ -8,6 +8,7 @@ use crate::alerts::WatchConfig;
 use crate::auth::OpsTokenSource;
 use crate::control::ControlConfig;
 use crate::domain::ReadingLimits;
+use crate::retention::RetentionConfig;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
 
@@ -22,6 +23,7 @@ pub struct Config {
     pub writer: WriterConfig,
     pub alerts: AlertsConfig,
     pub control: ControlConfig,
+    pub retention: RetentionConfig,
     /// After a shutdown signal, how long to wait for open calls to finish
     /// before closing their connections.
     pub shutdown_grace: Duration,
@@ -38,6 +40,7 @@ impl Config {
             writer: WriterConfig::default(),
             alerts: AlertsConfig::default(),
             control: ControlConfig::default(),
+            retention: RetentionConfig::default(),
             shutdown_grace: Duration::from_secs(30),
         }
     }

@@ -12,7 +12,9 @@
 //! - [`storage::writer`]: group commit of many streams' batches; bounded, so
 //!   a slow database slows devices through HTTP/2 flow control.
 //! - [`storage`]: one interface, a module per backend, migrations in
-//!   `migrations/{sqlite,postgres}`.
+//!   `migrations/{sqlite,postgres}`; the writer also keeps the hourly
+//!   rollup ([`storage::rollup`]) the reporting views read.
+//! - [`retention`]: removes old readings and rollups in small steps.
 //!
 //! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
 
@@ -23,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod domain;
 pub mod grpc;
+pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod storage;

@@ -52,6 +52,12 @@ pub async fn run(
         CommandCenter::start(store.clone(), config.control.clone(), stopping.clone())
             .await
             .context("starting device control")?;
+    let retention = tokio::spawn(crate::retention::run(
+        store.clone(),
+        config.retention.clone(),
+        config.limits.readings.retention,
+        stopping.clone(),
+    ));
     let upload = UploadContext {
         store: store.clone(),
         writer,
@@ -125,6 +131,9 @@ pub async fn run(
         tracing::warn!("the alert engine did not stop within the grace period");
     }
     let _ = sweeper.await;
+    // A pass cut short loses nothing: each step is its own transaction.
+    retention.abort();
+    let _ = retention.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -11,6 +11,7 @@ use crate::auth::{OpsTokenSource, Token};
 use crate::config::{Config, Limits};
 use crate::domain::ReadingLimits;
 use crate::domain::reading::SensorName;
+use crate::retention::RetentionConfig;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
 
@@ -38,9 +39,30 @@ pub struct ServeArgs {
     /// How far ahead of the server's clock a reading's timestamp may be.
     #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
     max_future_skew: Duration,
-    /// How long readings are kept; older readings are refused on arrival.
+    /// How long raw readings are kept: older ones are removed in the
+    /// background and refused on arrival.
     #[arg(long, env = "INGEST_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// How long hourly rollups (readings_hourly, readings_daily) are kept.
+    #[arg(long, env = "INGEST_ROLLUP_RETENTION", default_value = "730d", value_parser = humantime::parse_duration)]
+    rollup_retention: Duration,
+    /// How often old data is removed (and, on PostgreSQL, partitions for the
+    /// coming days are created).
+    #[arg(long, env = "INGEST_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    retention_interval: Duration,
+    /// Rows one retention delete step removes at most; each step is one
+    /// short transaction, so ingest waits for one step at most.
+    #[arg(long, env = "INGEST_RETENTION_STEP_ROWS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    retention_step_rows: u32,
+    /// PostgreSQL: days of readings partitions created ahead of today.
+    #[arg(long, env = "INGEST_PARTITIONS_AHEAD_DAYS", default_value_t = 3)]
+    partitions_ahead_days: u32,
+    /// Do not maintain the hourly rollup. Only to measure what it costs:
+    /// readings_hourly, readings_daily, latest_readings and device_status
+    /// then miss what is written meanwhile.
+    #[arg(long, env = "INGEST_DISABLE_ROLLUPS")]
+    disable_rollups: bool,
     /// Batches of one upload stream waiting for their commit.
     #[arg(long, env = "INGEST_MAX_INFLIGHT_BATCHES", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -141,6 +163,13 @@ impl ServeArgs {
             queue_batches: self.writer_queue_batches as usize,
             max_group_readings: self.max_group_readings as usize,
             postgres_writers: self.postgres_writers as usize,
+            rollups: !self.disable_rollups,
+        };
+        config.retention = RetentionConfig {
+            rollups: self.rollup_retention,
+            interval: self.retention_interval,
+            step_rows: self.retention_step_rows as usize,
+            partitions_ahead_days: self.partitions_ahead_days,
         };
         config.alerts.watch.heartbeat = self.alert_heartbeat;
         config.alerts.live_buffer = self.alert_live_buffer as usize;

@@ -17,7 +17,9 @@ macro_rules! dispatch {
 pub mod alerts;
 pub mod commands;
 mod error;
+pub mod partitions;
 mod postgres;
+pub mod rollup;
 mod shared;
 mod sqlite;
 pub mod writer;
@@ -154,6 +156,76 @@ impl Store {
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
     }
+
+    /// Makes sure readings of these days (see [`partitions::day_of`]) have
+    /// somewhere to go: creates PostgreSQL's missing day partitions. SQLite
+    /// has one table and needs nothing.
+    pub async fn ensure_partitions(&self, days: &[i64]) -> Result<usize, StorageError> {
+        match self {
+            Self::Sqlite(_) => Ok(0),
+            Self::Postgres(s) => s.ensure_partitions(days).await,
+        }
+    }
+
+    /// Removes raw readings older than `cutoff`: PostgreSQL drops the
+    /// partitions of whole days before it, SQLite deletes rows in steps of
+    /// `step_rows`.
+    pub async fn expire_readings(
+        &self,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<Expired, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.expire_readings(cutoff, step_rows.max(1)).await,
+            Self::Postgres(s) => s.expire_readings(cutoff).await,
+        }
+    }
+
+    /// Removes hourly rollup rows of hours before `cutoff`, in steps.
+    pub async fn expire_rollups(
+        &self,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<Expired, StorageError> {
+        dispatch!(self, s => s.expire_rollups(cutoff, step_rows.max(1)).await)
+    }
+}
+
+/// What one retention pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Rows deleted one by one (SQLite readings; rollups on both).
+    pub rows: u64,
+    /// Whole day partitions dropped (PostgreSQL readings).
+    pub partitions: u64,
+    /// Separate transactions (or partition drops) it took.
+    pub steps: u64,
+}
+
+impl std::ops::AddAssign for Expired {
+    fn add_assign(&mut self, other: Self) {
+        self.rows += other.rows;
+        self.partitions += other.partitions;
+        self.steps += other.steps;
+    }
+}
+
+/// Repeats `step`, which deletes at most `step_rows` rows and says how many,
+/// until one deletes fewer: nothing is left.
+async fn in_steps<F, Fut>(step_rows: usize, mut step: F) -> Result<Expired, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, StorageError>>,
+{
+    let mut expired = Expired::default();
+    loop {
+        let deleted = step().await?;
+        expired.rows += deleted;
+        expired.steps += 1;
+        if deleted < step_rows as u64 {
+            return Ok(expired);
+        }
+    }
 }
 
 /// The columns of many batches' readings, ready for one bulk insert.
@@ -201,6 +273,12 @@ pub(crate) trait GroupTx: Send + Sized {
     fn insert_readings(
         &mut self,
         rows: &ReadingColumns,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Adds a group's sums to the hourly rollup.
+    fn add_rollups(
+        &mut self,
+        rows: &rollup::RollupRows,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     fn set_committed_sequences(

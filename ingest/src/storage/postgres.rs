@@ -4,17 +4,21 @@
 //! three array parameters however many rows, so the statement is prepared
 //! once and the rows travel in PostgreSQL's binary array format.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::Mutex;
 
 use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
 use super::commands::{self, CommandRecord, EnqueueError};
+use super::partitions::{DAY_NANOS, parse_partition_name, partition_name};
+use super::rollup::RollupRows;
 use super::{
-    DEVICE_COLUMNS, DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError,
-    device_from_row, to_u64,
+    DEVICE_COLUMNS, DeviceKey, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns,
+    StorageError, device_from_row, in_steps, to_u64,
 };
 use crate::auth::TokenHash;
 use crate::domain::alert::{Rule, RuleId};
@@ -27,6 +31,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Days whose readings partition is known to exist. The lock also keeps
+    /// this process's writers from creating the same partition at once.
+    partitions: Arc<Mutex<BTreeSet<i64>>>,
 }
 
 impl PgStore {
@@ -36,7 +43,10 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            partitions: Arc::default(),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
@@ -134,6 +144,119 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Creates the readings partitions of `days` that do not exist yet;
+    /// returns how many it created.
+    pub async fn ensure_partitions(&self, days: &[i64]) -> Result<usize, StorageError> {
+        let mut known = self.partitions.lock().await;
+        let mut created = 0;
+        for &day in days {
+            if known.contains(&day) {
+                continue;
+            }
+            let name = partition_name(day);
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(&name)
+                .fetch_one(&self.pool)
+                .await?;
+            if !exists {
+                let sql = format!(
+                    "CREATE TABLE IF NOT EXISTS {name} PARTITION OF readings \
+                     FOR VALUES FROM ({}) TO ({})",
+                    day * DAY_NANOS,
+                    (day + 1) * DAY_NANOS
+                );
+                match sqlx::raw_sql(&sql).execute(&self.pool).await {
+                    Ok(_) => {
+                        created += 1;
+                        tracing::info!(partition = %name, "created readings partition");
+                    }
+                    // Another server process created it a moment ago.
+                    Err(e) if self.partition_exists(&name).await? => {
+                        tracing::debug!(partition = %name, error = %e, "partition created concurrently");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            known.insert(day);
+        }
+        Ok(created)
+    }
+
+    async fn partition_exists(&self, name: &str) -> Result<bool, StorageError> {
+        Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The readings partitions, by day, with whether a detach of it is
+    /// pending (an interrupted earlier retention run).
+    pub async fn list_partitions(&self) -> Result<Vec<(i64, String, bool)>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT c.relname::text, i.inhdetachpending FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'readings'::regclass ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.try_get(0)?;
+            if let Some(day) = parse_partition_name(&name) {
+                out.push((day, name, row.try_get(1)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every readings partition whose whole day is before `cutoff`.
+    /// A partition is detached CONCURRENTLY first, which waits for
+    /// transactions using it instead of locking out the writers.
+    pub async fn expire_readings(&self, cutoff: UnixNanos) -> Result<Expired, StorageError> {
+        let mut expired = Expired::default();
+        for (day, name, pending) in self.list_partitions().await? {
+            if (day + 1) * DAY_NANOS > cutoff {
+                continue;
+            }
+            self.partitions.lock().await.remove(&day);
+            let detach = if pending {
+                format!("ALTER TABLE readings DETACH PARTITION {name} FINALIZE")
+            } else {
+                format!("ALTER TABLE readings DETACH PARTITION {name} CONCURRENTLY")
+            };
+            sqlx::raw_sql(&detach).execute(&self.pool).await?;
+            sqlx::raw_sql(&format!("DROP TABLE {name}"))
+                .execute(&self.pool)
+                .await?;
+            tracing::info!(partition = %name, "dropped readings partition past retention");
+            expired.partitions += 1;
+            expired.steps += 1;
+        }
+        Ok(expired)
+    }
+
+    /// Deletes rollup rows of hours before `cutoff`, `step_rows` at a time.
+    pub async fn expire_rollups(
+        &self,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<Expired, StorageError> {
+        in_steps(step_rows, || async {
+            let done = sqlx::query(
+                "DELETE FROM readings_hourly_rollup WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM readings_hourly_rollup WHERE hour_unix_nano < $1 LIMIT $2))",
+            )
+            .bind(cutoff)
+            .bind(step_rows as i64)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
+        .await
+    }
+}
+
 pub(crate) struct PgGroupTx {
     tx: Transaction<'static, Postgres>,
 }
@@ -183,6 +306,36 @@ impl GroupTx for PgGroupTx {
         .bind(&rows.sensor_pk)
         .bind(&rows.time)
         .bind(&rows.value)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_rollups(&mut self, rows: &RollupRows) -> Result<(), sqlx::Error> {
+        // Rows are unique by key (summed per group first), as ON CONFLICT
+        // requires, and sorted, so writers lock buckets in one order.
+        sqlx::query(
+            "INSERT INTO readings_hourly_rollup AS r (sensor_pk, hour_unix_nano, reading_count, \
+             value_sum, value_min, value_max, last_time_unix_nano, last_value) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::float8[], $5::float8[], \
+                                  $6::float8[], $7::int8[], $8::float8[]) \
+             ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
+             reading_count = r.reading_count + excluded.reading_count, \
+             value_sum = r.value_sum + excluded.value_sum, \
+             value_min = LEAST(r.value_min, excluded.value_min), \
+             value_max = GREATEST(r.value_max, excluded.value_max), \
+             last_value = CASE WHEN excluded.last_time_unix_nano >= r.last_time_unix_nano \
+                 THEN excluded.last_value ELSE r.last_value END, \
+             last_time_unix_nano = GREATEST(r.last_time_unix_nano, excluded.last_time_unix_nano)",
+        )
+        .bind(&rows.sensor_pk)
+        .bind(&rows.hour)
+        .bind(&rows.count)
+        .bind(&rows.sum)
+        .bind(&rows.min)
+        .bind(&rows.max)
+        .bind(&rows.last_time)
+        .bind(&rows.last_value)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -7,18 +7,21 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
 use super::commands::{self, CommandRecord, EnqueueError};
+use super::rollup::RollupRows;
 use super::{
-    DEVICE_COLUMNS, DeviceKey, DeviceRecord, GroupTx, NewDevice, ReadingColumns, StorageError,
-    device_from_row, to_u64,
+    DEVICE_COLUMNS, DeviceKey, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns,
+    StorageError, device_from_row, in_steps, to_u64,
 };
 use crate::auth::TokenHash;
 use crate::domain::alert::{Rule, RuleId};
@@ -28,12 +31,15 @@ use crate::domain::{DeviceId, SensorName, Unit};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// SQLite allows at most 32766 bound parameters per statement; 3 per row.
-const MAX_ROWS_PER_INSERT: usize = 8192;
-
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Taken by the group writer and by retention for each of their write
+    /// transactions. SQLite has one writer at a time and makes the others
+    /// wait by sleeping and polling (up to 100 ms per nap), so two of our
+    /// own tasks contending on the file lock would stall ingest; queueing
+    /// them on this fair lock instead hands the file over without a nap.
+    write_gate: Arc<Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -49,7 +55,10 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            write_gate: Arc::new(Mutex::new(())),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
@@ -143,49 +152,191 @@ impl SqliteStore {
     /// that reads then writes can fail with SQLITE_BUSY when another
     /// connection wrote in between, which no busy timeout can resolve.
     pub(crate) async fn begin_group(&self) -> Result<SqliteGroupTx, sqlx::Error> {
+        let gate = self.write_gate.clone().lock_owned().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(SqliteGroupTx {
             tx,
-            insert_sql: HashMap::new(),
+            statements: HashMap::new(),
+            _gate: gate,
         })
+    }
+}
+
+impl SqliteStore {
+    /// Deletes readings older than `cutoff`, sensor by sensor (the index is
+    /// by sensor and time), at most `step_rows` per transaction. Each step
+    /// queues on the write gate like a group commit, so ingest waits for one
+    /// short step at most.
+    pub async fn expire_readings(
+        &self,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<Expired, StorageError> {
+        let sensors: Vec<i64> = sqlx::query_scalar("SELECT pk FROM sensors ORDER BY pk")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut expired = Expired::default();
+        for pk in sensors {
+            expired += in_steps(step_rows, || {
+                self.delete_step(
+                    "DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings \
+                     WHERE sensor_pk = ? AND time_unix_nano < ? LIMIT ?)",
+                    Some(pk),
+                    cutoff,
+                    step_rows,
+                )
+            })
+            .await?;
+        }
+        Ok(expired)
+    }
+
+    /// Deletes rollup rows of hours before `cutoff`, `step_rows` at a time.
+    pub async fn expire_rollups(
+        &self,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<Expired, StorageError> {
+        in_steps(step_rows, || {
+            self.delete_step(
+                "DELETE FROM readings_hourly_rollup WHERE rowid IN (SELECT rowid \
+                 FROM readings_hourly_rollup WHERE hour_unix_nano < ? LIMIT ?)",
+                None,
+                cutoff,
+                step_rows,
+            )
+        })
+        .await
+    }
+
+    async fn delete_step(
+        &self,
+        sql: &str,
+        sensor_pk: Option<i64>,
+        cutoff: UnixNanos,
+        step_rows: usize,
+    ) -> Result<u64, StorageError> {
+        let _gate = self.write_gate.lock().await;
+        let mut query = sqlx::query(sql);
+        if let Some(pk) = sensor_pk {
+            query = query.bind(pk);
+        }
+        let done = query
+            .bind(cutoff)
+            .bind(step_rows as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 }
 
 pub(crate) struct SqliteGroupTx {
     tx: Transaction<'static, Sqlite>,
-    /// Multi-row INSERT texts by row count. Chunks are sized in powers of two
-    /// so that only a handful of distinct statements exist, and the
-    /// connection's prepared-statement cache keeps them all.
-    insert_sql: HashMap<usize, String>,
+    /// Multi-row statement texts by table and row count. Chunks are sized
+    /// in powers of two so that only a handful of distinct statements exist,
+    /// and the connection's prepared-statement cache keeps them all.
+    statements: HashMap<(BulkStatement, usize), String>,
+    /// Held until commit: see `SqliteStore::write_gate`.
+    _gate: OwnedMutexGuard<()>,
 }
 
-impl SqliteGroupTx {
-    fn insert_sql(&mut self, rows: usize) -> String {
-        self.insert_sql
-            .entry(rows)
-            .or_insert_with(|| {
-                let mut sql = String::with_capacity(64 + rows * 8);
-                sql.push_str("INSERT INTO readings (sensor_pk, time_unix_nano, value) VALUES ");
-                for i in 0..rows {
-                    if i > 0 {
-                        sql.push(',');
-                    }
-                    sql.push_str("(?,?,?)");
-                }
-                sql
-            })
-            .clone()
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum BulkStatement {
+    Readings,
+    Rollups,
+}
+
+impl BulkStatement {
+    const fn columns(self) -> usize {
+        match self {
+            Self::Readings => 3,
+            Self::Rollups => 8,
+        }
+    }
+
+    /// Most rows per statement within SQLite's 32766 bound parameters.
+    const fn max_rows(self) -> usize {
+        match self {
+            Self::Readings => 8192,
+            Self::Rollups => 2048,
+        }
+    }
+
+    fn sql(self, rows: usize) -> String {
+        let (head, tail) = match self {
+            Self::Readings => (
+                "INSERT INTO readings (sensor_pk, time_unix_nano, value) VALUES ",
+                "",
+            ),
+            // Adding to a bucket that already has readings (late data, or
+            // the rest of the hour) merges the aggregates. SET expressions
+            // all see the row as it was, so last_time decides both columns.
+            Self::Rollups => (
+                "INSERT INTO readings_hourly_rollup (sensor_pk, hour_unix_nano, reading_count, \
+                 value_sum, value_min, value_max, last_time_unix_nano, last_value) VALUES ",
+                " ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
+                 reading_count = reading_count + excluded.reading_count, \
+                 value_sum = value_sum + excluded.value_sum, \
+                 value_min = MIN(value_min, excluded.value_min), \
+                 value_max = MAX(value_max, excluded.value_max), \
+                 last_value = CASE WHEN excluded.last_time_unix_nano >= last_time_unix_nano \
+                     THEN excluded.last_value ELSE last_value END, \
+                 last_time_unix_nano = MAX(last_time_unix_nano, excluded.last_time_unix_nano)",
+            ),
+        };
+        let row = format!("({})", vec!["?"; self.columns()].join(","));
+        let mut sql = String::with_capacity(head.len() + tail.len() + rows * (row.len() + 1));
+        sql.push_str(head);
+        for i in 0..rows {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&row);
+        }
+        sql.push_str(tail);
+        sql
     }
 }
 
-/// Splits `n` rows into chunks of `MAX_ROWS_PER_INSERT`, then powers of two.
-fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+impl SqliteGroupTx {
+    fn statement(&mut self, kind: BulkStatement, rows: usize) -> String {
+        self.statements
+            .entry((kind, rows))
+            .or_insert_with(|| kind.sql(rows))
+            .clone()
+    }
+
+    /// Runs `kind` over rows `0..n` in chunks; `bind` binds row `i`.
+    async fn bulk(
+        &mut self,
+        kind: BulkStatement,
+        n: usize,
+        bind: impl for<'q> Fn(SqliteQuery<'q>, usize) -> SqliteQuery<'q>,
+    ) -> Result<(), sqlx::Error> {
+        let mut start = 0;
+        for size in chunk_sizes(n, kind.max_rows()) {
+            let sql = self.statement(kind, size);
+            let mut query = sqlx::query(&sql);
+            for i in start..start + size {
+                query = bind(query, i);
+            }
+            query.execute(&mut *self.tx).await?;
+            start += size;
+        }
+        Ok(())
+    }
+}
+
+/// Splits `n` rows into chunks of `max` rows, then powers of two.
+fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if n == 0 {
             return None;
         }
-        let size = if n >= MAX_ROWS_PER_INSERT {
-            MAX_ROWS_PER_INSERT
+        let size = if n >= max {
+            max
         } else {
             1 << (usize::BITS - 1 - n.leading_zeros())
         };
@@ -231,20 +382,26 @@ impl GroupTx for SqliteGroupTx {
     }
 
     async fn insert_readings(&mut self, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
-        let mut start = 0;
-        for size in chunk_sizes(rows.len()) {
-            let sql = self.insert_sql(size);
-            let mut query = sqlx::query(&sql);
-            for i in start..start + size {
-                query = query
-                    .bind(rows.sensor_pk[i])
-                    .bind(rows.time[i])
-                    .bind(rows.value[i]);
-            }
-            query.execute(&mut *self.tx).await?;
-            start += size;
-        }
-        Ok(())
+        self.bulk(BulkStatement::Readings, rows.len(), |q, i| {
+            q.bind(rows.sensor_pk[i])
+                .bind(rows.time[i])
+                .bind(rows.value[i])
+        })
+        .await
+    }
+
+    async fn add_rollups(&mut self, rows: &RollupRows) -> Result<(), sqlx::Error> {
+        self.bulk(BulkStatement::Rollups, rows.len(), |q, i| {
+            q.bind(rows.sensor_pk[i])
+                .bind(rows.hour[i])
+                .bind(rows.count[i])
+                .bind(rows.sum[i])
+                .bind(rows.min[i])
+                .bind(rows.max[i])
+                .bind(rows.last_time[i])
+                .bind(rows.last_value[i])
+        })
+        .await
     }
 
     async fn set_committed_sequences(
@@ -278,14 +435,17 @@ mod tests {
 
     #[test]
     fn chunks_cover_all_rows_with_few_shapes() {
-        for n in [0, 1, 2, 3, 1000, 8191, 8192, 8193, 50_000] {
-            let sizes: Vec<_> = chunk_sizes(n).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), n);
+        for kind in [BulkStatement::Readings, BulkStatement::Rollups] {
+            let max = kind.max_rows();
             assert!(
-                sizes
-                    .iter()
-                    .all(|s| s.is_power_of_two() && *s <= MAX_ROWS_PER_INSERT)
+                max * kind.columns() <= 32766,
+                "{kind:?} exceeds SQLite's parameter limit"
             );
+            for n in [0, 1, 2, 3, 1000, 2047, 2048, 2049, 8191, 8192, 8193, 50_000] {
+                let sizes: Vec<_> = chunk_sizes(n, max).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), n);
+                assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
+            }
         }
     }
 }

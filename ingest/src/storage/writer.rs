@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::partitions;
 use super::postgres::{PgGroupTx, PgStore};
+use super::rollup::RollupRows;
 use super::sqlite::{SqliteGroupTx, SqliteStore};
 use super::{GroupTx, ReadingColumns, StorageError, Store};
 use crate::domain::reading::SeriesRows;
@@ -33,6 +35,10 @@ pub struct WriterConfig {
     /// batches always meet one writer, in order. SQLite has one writer
     /// whatever this says: it allows one writing transaction at a time.
     pub postgres_writers: usize,
+    /// Keep `readings_hourly_rollup` up to date in each group's transaction.
+    /// Off only to measure what the rollup costs: the reporting views over
+    /// it then miss the readings written meanwhile.
+    pub rollups: bool,
 }
 
 impl Default for WriterConfig {
@@ -41,6 +47,7 @@ impl Default for WriterConfig {
             queue_batches: 1024,
             max_group_readings: 50_000,
             postgres_writers: 2,
+            rollups: true,
         }
     }
 }
@@ -155,8 +162,8 @@ pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<
         let (tx, rx) = mpsc::channel(depth);
         queues.push(tx);
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max)),
-            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max)),
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max, config.rollups)),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max, config.rollups)),
         });
     }
     let all = tokio::spawn(async move {
@@ -175,11 +182,23 @@ pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<
 /// A backend that can open a group-commit transaction.
 trait BeginGroup: Send + Sync + 'static {
     type Tx: GroupTx;
+
+    /// Whatever must exist before the group's transaction, done outside it.
+    fn prepare(
+        &self,
+        group: &[PendingBatch],
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     fn begin(&self) -> impl Future<Output = Result<Self::Tx, sqlx::Error>> + Send;
 }
 
 impl BeginGroup for SqliteStore {
     type Tx = SqliteGroupTx;
+
+    async fn prepare(&self, _group: &[PendingBatch]) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     async fn begin(&self) -> Result<SqliteGroupTx, sqlx::Error> {
         self.begin_group().await
     }
@@ -187,6 +206,21 @@ impl BeginGroup for SqliteStore {
 
 impl BeginGroup for PgStore {
     type Tx = PgGroupTx;
+
+    /// The day partitions of the group's readings: already there unless the
+    /// data is late or backfilled past what was created ahead. Creating one
+    /// is DDL, kept out of the group's transaction so that the parent
+    /// table's lock is held only for that moment.
+    async fn prepare(&self, group: &[PendingBatch]) -> Result<(), StorageError> {
+        let days = partitions::days_of(
+            group
+                .iter()
+                .flat_map(|b| b.series.iter())
+                .flat_map(|s| s.times.iter().copied()),
+        );
+        self.ensure_partitions(&days).await.map(drop)
+    }
+
     async fn begin(&self) -> Result<PgGroupTx, sqlx::Error> {
         self.begin_group().await
     }
@@ -203,6 +237,7 @@ async fn run<B: BeginGroup>(
     backend: B,
     mut rx: mpsc::Receiver<PendingBatch>,
     max_group_readings: usize,
+    rollups: bool,
 ) {
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
@@ -233,7 +268,13 @@ async fn run<B: BeginGroup>(
             continue;
         }
         let started = std::time::Instant::now();
-        match commit_group(&backend, &group, &mut sensors, &mut columns).await {
+        let committed = match backend.prepare(&group).await {
+            Ok(()) => commit_group(&backend, &group, &mut sensors, &mut columns, rollups)
+                .await
+                .map_err(StorageError::from),
+            Err(e) => Err(e),
+        };
+        match committed {
             Ok(outcomes) => {
                 tracing::debug!(
                     batches = group.len(),
@@ -276,6 +317,7 @@ async fn commit_group<B: BeginGroup>(
     group: &[PendingBatch],
     sensors: &mut HashMap<SensorKey, i64>,
     columns: &mut ReadingColumns,
+    rollups: bool,
 ) -> Result<Vec<BatchOutcome>, sqlx::Error> {
     let mut tx = backend.begin().await?;
     let mut device_pks: Vec<i64> = group.iter().map(|b| b.device_pk).collect();
@@ -324,6 +366,9 @@ async fn commit_group<B: BeginGroup>(
 
     if !columns.is_empty() {
         tx.insert_readings(columns).await?;
+        if rollups {
+            tx.add_rollups(&RollupRows::from_readings(columns)).await?;
+        }
     }
     let advanced: Vec<(i64, u64)> = marks
         .iter()
