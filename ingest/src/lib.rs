@@ -25,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod domain;
 pub mod grpc;
+pub mod reports;
 pub mod retention;
 pub mod server;
 pub mod shutdown;

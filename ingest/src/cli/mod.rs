@@ -7,6 +7,7 @@ mod command;
 mod devices;
 mod migrate;
 mod output;
+mod report;
 mod rules;
 mod serve;
 
@@ -42,6 +43,8 @@ enum Command {
     #[command(subcommand)]
     #[allow(clippy::enum_variant_names)]
     Command(command::CommandCommand),
+    /// Print a reporting view (read-only): a table, CSV or JSON lines.
+    Report(report::ReportArgs),
 }
 
 impl Cli {
@@ -53,6 +56,7 @@ impl Cli {
             Command::Rules(cmd) => rules::run(cmd).await,
             Command::Alerts(cmd) => alerts::run(cmd).await,
             Command::Command(cmd) => command::run(cmd).await,
+            Command::Report(args) => report::run(args).await,
         }
     }
 }

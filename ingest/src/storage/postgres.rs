@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::Mutex;
@@ -135,6 +136,11 @@ impl PgStore {
 
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
+    }
+
+    /// PostgreSQL takes concurrent writers as they come.
+    async fn write_conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        self.pool.acquire().await
     }
 
     pub(crate) async fn begin_group(&self) -> Result<PgGroupTx, sqlx::Error> {

@@ -148,8 +148,9 @@ mod tests {
                 columns.value.push(f64::from(v));
             }
             let rollup = RollupRows::from_readings(&columns);
-            let mut expected: std::collections::BTreeMap<(i64, i64), (i64, f64, f64, f64, i64, f64)> =
-                Default::default();
+            // (count, sum, min, max, last time, last value) by (sensor, hour)
+            type Aggregates = (i64, f64, f64, f64, i64, f64);
+            let mut expected: std::collections::BTreeMap<(i64, i64), Aggregates> = Default::default();
             for &(pk, t, v) in &rows {
                 let v = f64::from(v);
                 let e = expected.entry((pk, hour_of(t))).or_insert((0, 0.0, v, v, t, v));

@@ -1,7 +1,8 @@
 //! Queries of alerts, commands and presence, written once for both
 //! backends: `shared_queries!(Store)` expands them into an `impl` of a
-//! backend's store, which supplies `pool`, `sql` (its placeholder style) and
-//! `begin_write`.
+//! backend's store, which supplies `pool` (for reads), `sql` (its
+//! placeholder style), `write_conn` (one write statement) and `begin_write`
+//! (a write transaction).
 
 macro_rules! shared_queries {
     ($store:ty) => {
@@ -15,7 +16,7 @@ macro_rules! shared_queries {
                     .bind(definition)
                     .bind(now)
                     .bind(now)
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 Ok(())
             }
@@ -23,7 +24,7 @@ macro_rules! shared_queries {
             pub async fn delete_rule(&self, id: &RuleId) -> Result<bool, StorageError> {
                 let done = sqlx::query(&Self::sql(alerts::DELETE_RULE))
                     .bind(id.as_str())
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 Ok(done.rows_affected() > 0)
             }
@@ -201,7 +202,7 @@ macro_rules! shared_queries {
                 let done = sqlx::query(&Self::sql(commands::MARK_SENT))
                     .bind(now)
                     .bind(command_id as i64)
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 Ok(done.rows_affected() > 0)
             }
@@ -220,7 +221,7 @@ macro_rules! shared_queries {
                     .bind(now)
                     .bind(command_id.min(i64::MAX as u64) as i64)
                     .bind(device_pk)
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 if done.rows_affected() == 0 {
                     return Ok(None);
@@ -232,7 +233,7 @@ macro_rules! shared_queries {
                 let ids: Vec<i64> = sqlx::query_scalar(&Self::sql(commands::EXPIRE))
                     .bind(now)
                     .bind(now)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *self.write_conn().await?)
                     .await?;
                 Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
             }
@@ -283,14 +284,14 @@ macro_rules! shared_queries {
                     .bind(seen)
                     .bind(firmware)
                     .bind(device_pk)
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 Ok(())
             }
 
             pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
                 sqlx::query(commands::ALL_OFFLINE)
-                    .execute(&self.pool)
+                    .execute(&mut *self.write_conn().await?)
                     .await?;
                 Ok(())
             }

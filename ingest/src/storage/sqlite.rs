@@ -10,10 +10,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
@@ -81,7 +82,7 @@ impl SqliteStore {
             .bind(d.labels.to_json())
             .bind(d.token_hash.as_bytes().as_slice())
             .bind(d.created)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.write_conn().await?)
             .await?;
         device_from_row(&row)
     }
@@ -143,9 +144,23 @@ impl SqliteStore {
     }
 
     /// A write transaction, holding the write lock from the start (see
-    /// `begin_group`).
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    /// `begin_group`) and the write gate until it ends.
+    async fn begin_write(&self) -> Result<SqliteWriteTx, sqlx::Error> {
+        let gate = self.write_gate.clone().lock_owned().await;
+        Ok(SqliteWriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _gate: gate,
+        })
+    }
+
+    /// A connection for one write statement, holding the write gate while
+    /// it lives: use it as a temporary, `.execute(&mut *self.write_conn().await?)`.
+    async fn write_conn(&self) -> Result<SqliteWriteConn, sqlx::Error> {
+        let gate = self.write_gate.clone().lock_owned().await;
+        Ok(SqliteWriteConn {
+            conn: self.pool.acquire().await?,
+            _gate: gate,
+        })
     }
 
     /// `BEGIN IMMEDIATE` takes the write lock up front: a deferred transaction
@@ -227,6 +242,50 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
+    }
+}
+
+/// A write transaction holding the write gate.
+struct SqliteWriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _gate: OwnedMutexGuard<()>,
+}
+
+impl SqliteWriteTx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for SqliteWriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for SqliteWriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+/// A pooled connection holding the write gate.
+struct SqliteWriteConn {
+    conn: PoolConnection<Sqlite>,
+    _gate: OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for SqliteWriteConn {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for SqliteWriteConn {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
     }
 }
 
