@@ -11,6 +11,8 @@
 //! It registers a probe device, installs a rule for it alone, and sends one
 //! reading at a time, alternately far above and far below the threshold, so
 //! every reading fires or resolves an alert. Prints p50/p90/p99/max.
+//! `--extra-rules 99` adds rules over the whole fleet, for the benchmark's
+//! "100 active rules".
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,31 @@ struct Args {
     /// Pause between readings.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     interval: Duration,
+    /// Rules to install beside the probe's, over every device and the
+    /// fleet's sensors, so the engine judges each reading against that many
+    /// rules. Their thresholds are out of reach: they cost evaluation, not
+    /// events. They are deleted at the end.
+    #[arg(long, default_value_t = 0)]
+    extra_rules: usize,
+}
+
+/// A rule over all devices that never fires.
+fn background_rule(i: usize) -> pb::AlertRule {
+    const SENSORS: [&str; 4] = ["temperature", "humidity", "pressure", "battery"];
+    pb::AlertRule {
+        rule_id: format!("bench-background-{i:03}"),
+        devices: None,
+        sensor: SENSORS[i % SENSORS.len()].into(),
+        severity: pb::Severity::Info as i32,
+        condition: Some(pb::alert_rule::Condition::Threshold(
+            pb::ThresholdCondition {
+                direction: pb::threshold_condition::Direction::Above as i32,
+                fire_value: 1e12 + i as f64,
+                clear_value: 1e11,
+                for_millis: 0,
+            },
+        )),
+    }
 }
 
 fn bearer(token: &str) -> anyhow::Result<impl tonic::service::Interceptor + Clone> {
@@ -82,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
     };
     ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
         .await?;
+    for i in 0..args.extra_rules {
+        ops.put_alert_rule(pb::PutAlertRuleRequest {
+            rule: Some(background_rule(i)),
+        })
+        .await?;
+    }
 
     // A watcher on its own connection, like an operator's; the rule is
     // new, so replaying from 0 yields nothing of it.
@@ -129,6 +162,12 @@ async fn main() -> anyhow::Result<()> {
     }
     ops.delete_alert_rule(pb::DeleteAlertRuleRequest { rule_id })
         .await?;
+    for i in 0..args.extra_rules {
+        ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
+            rule_id: background_rule(i).rule_id,
+        })
+        .await?;
+    }
 
     latencies.sort();
     let q = |p: f64| {

@@ -134,6 +134,12 @@ pub async fn run(
     // A pass cut short loses nothing: each step is its own transaction.
     retention.abort();
     let _ = retention.await;
+    // Control streams closed with their connections, some without a goodbye
+    // when the grace period ran out: the devices table must not show them
+    // online to SQL readers while no server runs.
+    if let Err(error) = store.mark_all_offline().await {
+        tracing::warn!(%error, "could not mark devices offline");
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

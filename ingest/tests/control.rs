@@ -21,6 +21,7 @@ backend_tests!(
     the_queue_limit_is_enforced,
     a_device_cannot_receive_or_acknowledge_another_devices_commands,
     presence_follows_the_control_stream,
+    devices_are_offline_once_the_server_stops,
     queued_commands_survive_a_restart,
     the_first_message_must_be_hello,
 );
@@ -380,6 +381,21 @@ async fn presence_follows_the_control_stream(backend: Backend) {
         tokio::task::yield_now().await;
     };
     assert!(offline.last_seen_time_unix_nano >= online.last_seen_time_unix_nano);
+}
+
+/// SQL readers see no device online while no server runs, even one whose
+/// control stream was open when the server stopped.
+async fn devices_are_offline_once_the_server_stops(backend: Backend) {
+    let Some(mut server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let device = Device::connect(&server, &token).await;
+    let online = "SELECT online FROM device_status WHERE device_id = 'dev-1'";
+    assert_eq!(server.storage.scalar(online).await, 1);
+    server.stop().await;
+    assert_eq!(server.storage.scalar(online).await, 0);
+    drop(device);
 }
 
 async fn queued_commands_survive_a_restart(backend: Backend) {

@@ -420,7 +420,45 @@ async fn partitions_are_created_ahead_and_on_demand(backend: Backend) {
     store.close().await;
 }
 
+/// The views promise the same value types on both backends: integers,
+/// doubles and text. On PostgreSQL that means bigint, double precision and
+/// text only (an int4 or numeric would decode differently).
+async fn view_columns_have_portable_types(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    server.register("types").await;
+    if backend == Backend::Postgres {
+        let odd = server
+            .storage
+            .scalar(
+                "SELECT COUNT(*) FROM information_schema.columns \
+                 WHERE table_name IN ('readings_hourly', 'readings_daily', 'latest_readings', \
+                   'device_status', 'alert_history', 'command_log') \
+                 AND data_type NOT IN ('bigint', 'double precision', 'text')",
+            )
+            .await;
+        assert_eq!(
+            odd, 0,
+            "a view column has a type other than bigint, double, text"
+        );
+    }
+    let columns = |view: &str| format!("SELECT COUNT(*) FROM {view}");
+    for view in [
+        "readings_hourly",
+        "readings_daily",
+        "latest_readings",
+        "device_status",
+        "alert_history",
+        "command_log",
+    ] {
+        // Every view exists and is readable on both backends.
+        server.storage.scalar(&columns(view)).await;
+    }
+}
+
 backend_tests!(
+    view_columns_have_portable_types,
     rollups_match_raw_readings,
     retention_removes_only_old_readings_and_keeps_rollups,
     retention_runs_beside_ingest,

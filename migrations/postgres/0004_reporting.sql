@@ -136,7 +136,7 @@ JOIN readings_hourly_rollup r
 CREATE VIEW device_status AS
 SELECT d.device_id                                                         AS device_id,
        d.display_name                                                      AS display_name,
-       CASE WHEN d.online THEN 1 ELSE 0 END                                           AS online,
+       CAST(CASE WHEN d.online THEN 1 ELSE 0 END AS BIGINT)                               AS online,
        d.firmware_version                                                  AS firmware_version,
        d.last_seen_unix_nano                                               AS last_seen_unix_nano,
        to_char(to_timestamp(d.last_seen_unix_nano / 1000000000) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS last_seen_utc,
