@@ -32,6 +32,9 @@ use crate::domain::{DeviceId, SensorName, Unit};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
+/// Page cache per connection, in KiB (64 MiB).
+const SQLITE_CACHE_KIB: u32 = 64 * 1024;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -51,7 +54,14 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // SQLite's default page cache is 2 MiB. Inserting readings walks
+            // the (sensor, time) index at a spot per sensor, and a profile at
+            // saturation showed a fifth of the writer's time in pread()
+            // fetching evicted index pages back from the OS. A page cache the
+            // size of the index's working set keeps them. Per connection, as
+            // an upper bound: readers rarely fill theirs.
+            .pragma("cache_size", format!("-{}", SQLITE_CACHE_KIB));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
