@@ -186,25 +186,28 @@ async fn deliver(
         if *superseded.borrow() {
             return true;
         }
-        match center
-            .store
-            .mark_command_sent(command.command_id, now_unix_nanos())
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(error) => {
-                tracing::error!(%error, "marking a command sent failed");
-                return true;
-            }
+        let now = now_unix_nanos();
+        // Past its deadline a queued command is the sweeper's to expire;
+        // it is never delivered late.
+        if command.state == CommandState::Queued && command.expires <= now {
+            continue;
         }
-        center.changed(command.command_id, CommandState::Sent);
-        written.insert(command.command_id);
+        let id = command.command_id;
+        written.insert(id);
         let mut command = command;
         command.state = CommandState::Sent;
-        command.sent.get_or_insert_with(now_unix_nanos);
+        command.sent.get_or_insert(now);
         if tx.send(Outgoing::Command(command)).await.is_err() {
             return false;
+        }
+        // Recorded after the write, off the command's critical path: the
+        // device need not wait for a commit to hear it. Should the server
+        // stop before this lands, the command is still queued and is
+        // delivered again with the same id, which a device answers without
+        // applying it twice.
+        match center.store.mark_command_sent(id, now).await {
+            Ok(_) => center.changed(id, CommandState::Sent),
+            Err(error) => tracing::error!(%error, command_id = id, "marking a command sent failed"),
         }
     }
     true

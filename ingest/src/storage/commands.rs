@@ -38,8 +38,11 @@ pub(super) const COUNT_PENDING: &str =
     "SELECT COUNT(*) FROM commands WHERE device_pk = ? AND state IN ('queued', 'sent')";
 pub(super) const INSERT_COMMAND: &str = "INSERT INTO commands (device_pk, kind, arguments, state, created_unix_nano, expires_unix_nano) \
      VALUES (?, ?, ?, 'queued', ?, ?) RETURNING command_id";
-pub(super) const MARK_SENT: &str = "UPDATE commands SET state = 'sent', sent_unix_nano = COALESCE(sent_unix_nano, ?) \
-     WHERE command_id = ? AND state IN ('queued', 'sent')";
+// Also for a command the device already answered (its acknowledgement can
+// be recorded first): the delivery time is kept, the final state stays.
+pub(super) const MARK_SENT: &str = "UPDATE commands SET sent_unix_nano = COALESCE(sent_unix_nano, ?), \
+     state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END \
+     WHERE command_id = ? AND state <> 'expired'";
 // ACCEPTED then DONE (or FAILED) both land: only final-by-server states
 // (expired) and failures are left alone.
 pub(super) const ACK: &str = "UPDATE commands SET state = ?, result = ?, finished_unix_nano = ? \
@@ -119,7 +122,8 @@ impl Store {
         dispatch!(self, s => s.deliverable_commands(device_pk, now).await)
     }
 
-    /// False if the command had meanwhile reached a final state.
+    /// Records when a command went down its stream. False if it had
+    /// expired meanwhile (an acknowledged command keeps its state).
     pub async fn mark_command_sent(
         &self,
         command_id: u64,
