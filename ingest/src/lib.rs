@@ -15,6 +15,8 @@
 //!   `migrations/{sqlite,postgres}`; the writer also keeps the hourly
 //!   rollup ([`storage::rollup`]) the reporting views read.
 //! - [`retention`]: removes old readings and rollups in small steps.
+//! - [`reports`]: the public reporting views read back, read-only
+//!   (`ingest report`).
 //!
 //! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
 
