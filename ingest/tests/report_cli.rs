@@ -794,6 +794,12 @@ async fn all_reports(
     reports
 }
 
+fn json_values<T: Into<serde_json::Value>>(
+    values: impl IntoIterator<Item = T>,
+) -> Vec<serde_json::Value> {
+    values.into_iter().map(Into::into).collect()
+}
+
 fn column_of<'a>(rows: &'a [serde_json::Value], column: &str) -> Vec<&'a serde_json::Value> {
     rows.iter().map(|r| &r[column]).collect()
 }
@@ -830,38 +836,27 @@ async fn sqlite_and_postgres_give_the_same_reports() {
     assert_eq!(latest.len(), 5);
     assert_eq!(
         column_of(latest, "value"),
-        [49.5, 21.75, 1012.75, 50.0, 60.0]
-            .map(serde_json::Value::from)
+        json_values([49.5, 21.75, 1012.75, 50.0, 60.0])
             .iter()
             .collect::<Vec<_>>()
     );
     let status = rows(ReportName::DeviceStatus);
     assert_eq!(
         column_of(status, "online"),
-        [1, 0, 0]
-            .map(serde_json::Value::from)
-            .iter()
-            .collect::<Vec<_>>()
+        json_values([1, 0, 0]).iter().collect::<Vec<_>>()
     );
     assert_eq!(
         column_of(status, "readings_24h"),
-        [9, 3, 1]
-            .map(serde_json::Value::from)
-            .iter()
-            .collect::<Vec<_>>()
+        json_values([9, 3, 1]).iter().collect::<Vec<_>>()
     );
     assert_eq!(
         column_of(status, "open_alerts"),
-        [0, 1, 0]
-            .map(serde_json::Value::from)
-            .iter()
-            .collect::<Vec<_>>()
+        json_values([0, 1, 0]).iter().collect::<Vec<_>>()
     );
     let alerts = rows(ReportName::AlertHistory);
     assert_eq!(
         column_of(alerts, "state"),
-        ["resolved", "acknowledged"]
-            .map(serde_json::Value::from)
+        json_values(["resolved", "acknowledged"])
             .iter()
             .collect::<Vec<_>>()
     );
@@ -870,10 +865,7 @@ async fn sqlite_and_postgres_give_the_same_reports() {
     let commands = rows(ReportName::CommandLog);
     assert_eq!(
         column_of(commands, "state"),
-        ["acked", "queued"]
-            .map(serde_json::Value::from)
-            .iter()
-            .collect::<Vec<_>>()
+        json_values(["acked", "queued"]).iter().collect::<Vec<_>>()
     );
     assert_eq!(commands[0]["result"], "pong");
     assert!(commands[1]["seconds_to_ack"].is_null());

@@ -16,6 +16,22 @@ use super::query::{Bind, Dialect, Sql};
 use super::{ReportError, ReportName, ReportQuery, RowWriter, Value};
 use crate::storage::Database;
 
+/// The report's statement with its parameters bound, for either backend.
+fn bound<'q, DB: sqlx::Database>(
+    sql: &'q Sql,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sql.binds
+        .iter()
+        .fold(sqlx::query(&sql.text), |query, bind| match bind {
+            Bind::Int(v) => query.bind(*v),
+            Bind::Text(v) => query.bind(v.as_str()),
+        })
+}
+
 /// A read-only connection for reports. It never creates a database nor
 /// changes its schema: SQLite is opened read-only and must exist; on
 /// PostgreSQL every transaction is read-only
@@ -133,32 +149,14 @@ impl ReportDb {
         report: &'a Report,
     ) -> BoxStream<'a, Result<Vec<Value>, ReportError>> {
         match &mut self.0 {
-            Conn::Sqlite(c) => {
-                let mut query = sqlx::query(&report.sql.text);
-                for bind in &report.sql.binds {
-                    query = match bind {
-                        Bind::Int(v) => query.bind(*v),
-                        Bind::Text(v) => query.bind(v.as_str()),
-                    };
-                }
-                query
-                    .fetch(c)
-                    .map(|row| decode_row(&row?, sqlite_kind))
-                    .boxed()
-            }
-            Conn::Postgres(c) => {
-                let mut query = sqlx::query(&report.sql.text);
-                for bind in &report.sql.binds {
-                    query = match bind {
-                        Bind::Int(v) => query.bind(*v),
-                        Bind::Text(v) => query.bind(v.as_str()),
-                    };
-                }
-                query
-                    .fetch(c)
-                    .map(|row| decode_row(&row?, postgres_kind))
-                    .boxed()
-            }
+            Conn::Sqlite(c) => bound::<sqlx::Sqlite>(&report.sql)
+                .fetch(c)
+                .map(|row| decode_row(&row?, sqlite_kind))
+                .boxed(),
+            Conn::Postgres(c) => bound::<sqlx::Postgres>(&report.sql)
+                .fetch(c)
+                .map(|row| decode_row(&row?, postgres_kind))
+                .boxed(),
         }
     }
 

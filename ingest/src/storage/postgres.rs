@@ -161,11 +161,7 @@ impl PgStore {
                 continue;
             }
             let name = partition_name(day);
-            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                .bind(&name)
-                .fetch_one(&self.pool)
-                .await?;
-            if !exists {
+            if !self.partition_exists(&name).await? {
                 let sql = format!(
                     "CREATE TABLE IF NOT EXISTS {name} PARTITION OF readings \
                      FOR VALUES FROM ({}) TO ({})",

@@ -177,12 +177,9 @@ impl SqliteStore {
     /// that reads then writes can fail with SQLITE_BUSY when another
     /// connection wrote in between, which no busy timeout can resolve.
     pub(crate) async fn begin_group(&self) -> Result<SqliteGroupTx, sqlx::Error> {
-        let gate = self.write_gate.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(SqliteGroupTx {
-            tx,
+            tx: self.begin_write().await?,
             statements: HashMap::new(),
-            _gate: gate,
         })
     }
 }
@@ -300,13 +297,12 @@ impl std::ops::DerefMut for SqliteWriteConn {
 }
 
 pub(crate) struct SqliteGroupTx {
-    tx: Transaction<'static, Sqlite>,
+    /// Holds the write gate until commit.
+    tx: SqliteWriteTx,
     /// Multi-row statement texts by table and row count. Chunks are sized
     /// in powers of two so that only a handful of distinct statements exist,
     /// and the connection's prepared-statement cache keeps them all.
     statements: HashMap<(BulkStatement, usize), String>,
-    /// Held until commit: see `SqliteStore::write_gate`.
-    _gate: OwnedMutexGuard<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
