@@ -83,8 +83,6 @@ impl Default for Limits {
 /// The alert engine and watch streams.
 #[derive(Debug, Clone)]
 pub struct AlertsConfig {
-    /// Committed batches waiting to be judged before uploads are slowed.
-    pub engine_queue: usize,
     /// Live events kept for watchers; one further behind catches up from
     /// the database.
     pub live_buffer: usize,
@@ -94,7 +92,6 @@ pub struct AlertsConfig {
 impl Default for AlertsConfig {
     fn default() -> Self {
         Self {
-            engine_queue: 1024,
             live_buffer: 4096,
             watch: WatchConfig::default(),
         }

@@ -39,15 +39,12 @@ pub async fn run(
     let local_addr = listener.local_addr()?;
     tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
 
-    let (alerts, alerts_task) = AlertEngine::start(
-        store.clone(),
-        config.alerts.engine_queue,
-        config.alerts.live_buffer,
-    )
-    .await
-    .context("starting the alert engine")?;
-    let (writer, writer_task) = writer::spawn(&store, &config.writer);
     let (stopping_tx, stopping) = watch::channel(false);
+    let (alerts, alerts_task) =
+        AlertEngine::start(store.clone(), config.alerts.live_buffer, stopping.clone())
+            .await
+            .context("starting the alert engine")?;
+    let (writer, writer_task) = writer::spawn(&store, &config.writer, &alerts);
     let (control, sweeper) =
         CommandCenter::start(store.clone(), config.control.clone(), stopping.clone())
             .await
@@ -61,7 +58,6 @@ pub async fn run(
     let upload = UploadContext {
         store: store.clone(),
         writer,
-        alerts: alerts.clone(),
         limits: config.limits.readings.clone(),
         max_inflight_batches: config.limits.max_inflight_batches,
         shutdown: stopping.clone(),
@@ -126,10 +122,8 @@ pub async fn run(
     if tokio::time::timeout(grace, writer_task).await.is_err() {
         tracing::warn!("the writer did not drain within the grace period");
     }
-    // The engine stops once the last upload stream and service let go of it.
-    if tokio::time::timeout(grace, alerts_task).await.is_err() {
-        tracing::warn!("the alert engine did not stop within the grace period");
-    }
+    // The alert feed stopped with the shutdown signal.
+    let _ = alerts_task.await;
     let _ = sweeper.await;
     // A pass cut short loses nothing: each step is its own transaction.
     retention.abort();

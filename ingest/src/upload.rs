@@ -12,21 +12,20 @@ use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 
-use crate::alerts::AlertEngine;
 use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{BatchError, ReadingLimits, UploadTally};
-use crate::storage::writer::{BatchOutcome, CommitResult, Committed, WriterHandle};
+use crate::storage::writer::{BatchOutcome, CommitResult, WriterHandle};
 use crate::storage::{DeviceKey, StorageError, Store};
 
 /// What every upload stream shares.
 #[derive(Clone)]
 pub struct UploadContext {
     pub store: Store,
+    /// Commits batches, and records the alerts they cause in the same
+    /// transaction: the summary never runs ahead of an alert.
     pub writer: WriterHandle,
-    /// Judges committed readings before the summary goes out.
-    pub alerts: AlertEngine,
     pub limits: ReadingLimits,
     /// Batches of one stream submitted but not yet committed.
     pub max_inflight_batches: usize,
@@ -65,9 +64,6 @@ pub struct UploadFailure {
 
 type InFlight = VecDeque<(BatchReport, oneshot::Receiver<CommitResult>)>;
 
-/// Batches handed to the alert engine, not yet judged.
-type Judging = Vec<oneshot::Receiver<()>>;
-
 /// Runs an upload stream for `device` to its end.
 pub async fn run<S>(
     messages: S,
@@ -79,24 +75,10 @@ where
 {
     let mut tally = UploadTally::new(ctx.limits.max_listed_rejections, 0);
     let mut inflight = InFlight::new();
-    let mut judging = Judging::new();
-    let ended = receive(
-        messages,
-        device,
-        ctx,
-        &mut tally,
-        &mut inflight,
-        &mut judging,
-    )
-    .await;
+    let ended = receive(messages, device, ctx, &mut tally, &mut inflight).await;
     // Batches already handed over commit whatever happened to the stream;
     // wait for them, so the summary (or error) tells the truth.
-    let settled = settle(ctx, device, &mut tally, &mut inflight, &mut judging, 0).await;
-    // Alerts caused by this stream's readings are recorded before the
-    // device hears that they are stored.
-    for judged in judging {
-        let _ = judged.await;
-    }
+    let settled = settle(&mut tally, &mut inflight, 0).await;
     let outcome = ended.and(settled);
     if tally.batches_committed + tally.duplicate_batches == 0 {
         // No batch reached the writer: ask the database for the mark.
@@ -126,7 +108,6 @@ async fn receive<S>(
     ctx: &UploadContext,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
-    judging: &mut Judging,
 ) -> Result<(), UploadError>
 where
     S: Stream<Item = Result<pb::ReadingBatch, tonic::Status>> + Unpin,
@@ -156,54 +137,26 @@ where
             .collect();
         let batch = validate_batch(message.sequence, series, &ctx.limits, now_unix_nanos())?;
         tally.receive(batch.sequence)?;
-        settle(
-            ctx,
-            device,
-            tally,
-            inflight,
-            judging,
-            ctx.max_inflight_batches.max(1) - 1,
-        )
-        .await?;
+        settle(tally, inflight, ctx.max_inflight_batches.max(1) - 1).await?;
         let committed = writer.submit(batch.sequence, batch.series).await?;
         inflight.push_back((batch.report, committed));
     }
 }
 
-/// Waits for the oldest in-flight batches until at most `keep` remain, and
-/// hands the committed ones to the alert engine.
+/// Waits for the oldest in-flight batches until at most `keep` remain.
 async fn settle(
-    ctx: &UploadContext,
-    device: &DeviceKey,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
-    judging: &mut Judging,
     keep: usize,
 ) -> Result<(), UploadError> {
     let mut failed = false;
     while inflight.len() > keep {
         let (report, committed) = inflight.pop_front().expect("len > keep >= 0");
         match committed.await {
-            Ok(Ok(Committed {
-                outcome: BatchOutcome::Committed { committed_sequence },
-                series,
-            })) => {
+            Ok(Ok(BatchOutcome::Committed { committed_sequence })) => {
                 tally.committed(report, committed_sequence);
-                // A long stream must not collect one receiver per batch.
-                judging.retain_mut(|judged| {
-                    matches!(judged.try_recv(), Err(oneshot::error::TryRecvError::Empty))
-                });
-                if ctx.alerts.has_rules() {
-                    match ctx.alerts.readings(device.pk, series).await {
-                        Ok(judged) => judging.push(judged),
-                        Err(error) => tracing::warn!(%error, "readings not judged for alerts"),
-                    }
-                }
             }
-            Ok(Ok(Committed {
-                outcome: BatchOutcome::Duplicate { committed_sequence },
-                ..
-            })) => {
+            Ok(Ok(BatchOutcome::Duplicate { committed_sequence })) => {
                 tally.duplicate(committed_sequence);
             }
             // The writer dropped the reply only if it stopped mid-group.

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::alert_helpers::*;
 use common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
@@ -25,140 +26,6 @@ backend_tests!(
     deleting_a_rule_resolves_its_alerts,
     filters_select_events,
 );
-
-const SEC: u64 = 1_000_000_000;
-
-async fn alert_server(backend: Backend) -> Option<TestServer> {
-    TestServer::start_configured(backend, |config| {
-        // A quick heartbeat tells a test that a stream has gone quiet.
-        config.alerts.watch.heartbeat = Duration::from_millis(200);
-    })
-    .await
-}
-
-fn rule(
-    id: &str,
-    sensor: &str,
-    severity: pb::Severity,
-    condition: pb::alert_rule::Condition,
-) -> pb::AlertRule {
-    pb::AlertRule {
-        rule_id: id.into(),
-        devices: None,
-        sensor: sensor.into(),
-        severity: severity as i32,
-        condition: Some(condition),
-    }
-}
-
-fn above(fire: f64, clear: f64, for_millis: u64) -> pb::alert_rule::Condition {
-    pb::alert_rule::Condition::Threshold(pb::ThresholdCondition {
-        direction: pb::threshold_condition::Direction::Above as i32,
-        fire_value: fire,
-        clear_value: clear,
-        for_millis,
-    })
-}
-
-async fn put(ops: &mut Ops, rule: pb::AlertRule) {
-    ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
-        .await
-        .unwrap();
-}
-
-/// Uploads one batch of `temperature` readings, one second apart.
-async fn temperatures(
-    client: &mut Ingest,
-    sequence: u64,
-    start: u64,
-    values: &[f64],
-) -> pb::UploadSummary {
-    let points: Vec<_> = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (start + i as u64 * SEC, v))
-        .collect();
-    upload(
-        client,
-        vec![batch(sequence, vec![series("temperature", "Cel", &points)])],
-    )
-    .await
-    .unwrap()
-}
-
-struct Watcher(tonic::Streaming<pb::AlertEvent>);
-
-impl Watcher {
-    async fn open(server: &TestServer, request: pb::WatchAlertsRequest) -> Self {
-        let stream = server
-            .ops()
-            .await
-            .watch_alerts(request)
-            .await
-            .unwrap()
-            .into_inner();
-        Self(stream)
-    }
-
-    async fn from(server: &TestServer, after_event_id: u64) -> Self {
-        Self::open(
-            server,
-            pb::WatchAlertsRequest {
-                after_event_id,
-                ..Default::default()
-            },
-        )
-        .await
-    }
-
-    /// The next stream item, heartbeats included.
-    async fn item(&mut self) -> pb::AlertEvent {
-        tokio::time::timeout(Duration::from_secs(20), self.0.message())
-            .await
-            .expect("the watch stream went silent: not even a heartbeat")
-            .unwrap()
-            .expect("the watch stream ended")
-    }
-
-    /// The next event that is not a heartbeat.
-    async fn event(&mut self) -> pb::AlertEvent {
-        loop {
-            let item = self.item().await;
-            if item.kind() != pb::AlertEventKind::Heartbeat {
-                return item;
-            }
-        }
-    }
-
-    /// Events until the stream goes quiet (a heartbeat).
-    async fn until_quiet(&mut self) -> Vec<pb::AlertEvent> {
-        let mut events = Vec::new();
-        loop {
-            let item = self.item().await;
-            if item.kind() == pb::AlertEventKind::Heartbeat {
-                return events;
-            }
-            events.push(item);
-        }
-    }
-}
-
-fn kinds(events: &[pb::AlertEvent]) -> Vec<pb::AlertEventKind> {
-    events.iter().map(|e| e.kind()).collect()
-}
-
-async fn stored_event_ids(server: &TestServer) -> Vec<u64> {
-    let n = server
-        .storage
-        .scalar("SELECT COUNT(*) FROM alert_events")
-        .await;
-    let mut ids = Vec::new();
-    let mut watcher = Watcher::from(server, 0).await;
-    while (ids.len() as i64) < n {
-        ids.push(watcher.event().await.event_id);
-    }
-    ids
-}
 
 async fn threshold_fires_and_resolves_before_the_summary(backend: Backend) {
     let Some(server) = alert_server(backend).await else {

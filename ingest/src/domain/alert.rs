@@ -268,6 +268,22 @@ pub struct Memory {
     last: Option<(UnixNanos, f64)>,
 }
 
+impl Memory {
+    /// What a rule remembered, as kept in the database: the pending hold
+    /// (stored on each change) and the device's newest reading of the
+    /// sensor (its readings are stored in the same transaction).
+    pub fn restored(pending_since: Option<UnixNanos>, last: Option<(UnixNanos, f64)>) -> Self {
+        Self {
+            pending_since,
+            last,
+        }
+    }
+
+    pub fn pending_since(&self) -> Option<UnixNanos> {
+        self.pending_since
+    }
+}
+
 impl Condition {
     /// Judges one reading, given whether the (rule, device) alert is open.
     pub fn judge(

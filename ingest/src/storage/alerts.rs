@@ -87,13 +87,60 @@ impl AlertRecord {
     }
 }
 
+/// What became of an event handed to `record_alert_events`. The checks
+/// are the database's, so an event is never recorded twice whoever judged
+/// it (a restarted server, another server process).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    Recorded(AlertEventRecord),
+    /// A FIRED for a (rule, device) whose alert is open already: not
+    /// recorded; this is the open alert.
+    AlreadyOpen {
+        alert_id: u64,
+    },
+    /// An ACKED or RESOLVED for an alert that is resolved (or, for ACKED,
+    /// acknowledged) already: not recorded.
+    Skipped,
+}
+
+/// The `alert_id` of a RESOLVED whose FIRED comes earlier in the same
+/// call, before its id exists.
+pub const FIRED_EARLIER: u64 = u64::MAX;
+
+/// A change of a rule's remembered hold start for a device; `None` clears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub rule_id: RuleId,
+    pub device_pk: i64,
+    pub since: Option<UnixNanos>,
+}
+
+/// `alerts_one_open` decides: a second FIRED for an open alert inserts nothing.
 pub(super) const INSERT_ALERT: &str = "INSERT INTO alerts (rule_id, device_pk, sensor, severity, fired_unix_nano, fired_value, message) \
-     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING alert_id";
-pub(super) const ACK_ALERT: &str = "UPDATE alerts SET acked_unix_nano = ? WHERE alert_id = ?";
-pub(super) const RESOLVE_ALERT: &str =
-    "UPDATE alerts SET resolved_unix_nano = ?, resolved_value = ? WHERE alert_id = ?";
-pub(super) const INSERT_EVENT: &str = "INSERT INTO alert_events (alert_id, kind, rule_id, device_id, sensor, severity, value, time_unix_nano, message, recorded_unix_nano) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING event_id";
+     VALUES (?, ?, ?, ?, ?, ?, ?) \
+     ON CONFLICT (rule_id, device_pk) WHERE resolved_unix_nano IS NULL DO NOTHING RETURNING alert_id";
+pub(super) const OPEN_ALERT: &str = "SELECT alert_id FROM alerts WHERE rule_id = ? AND device_pk = ? AND resolved_unix_nano IS NULL";
+pub(super) const ACK_ALERT: &str = "UPDATE alerts SET acked_unix_nano = ? \
+     WHERE alert_id = ? AND resolved_unix_nano IS NULL AND acked_unix_nano IS NULL";
+pub(super) const RESOLVE_ALERT: &str = "UPDATE alerts SET resolved_unix_nano = ?, resolved_value = ? \
+     WHERE alert_id = ? AND resolved_unix_nano IS NULL";
+/// Taken last in a transaction: the row lock is held until commit, so the
+/// next writer of events numbers after this one is visible.
+pub(super) const TAKE_EVENT_IDS: &str =
+    "UPDATE alert_event_counter SET last_id = last_id + ? RETURNING last_id";
+pub(super) const INSERT_EVENT: &str = "INSERT INTO alert_events (event_id, alert_id, kind, rule_id, device_id, sensor, severity, value, time_unix_nano, message, recorded_unix_nano) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+pub(super) const UPSERT_PENDING: &str = "INSERT INTO alert_pending (rule_id, device_pk, since_unix_nano) VALUES (?, ?, ?) \
+     ON CONFLICT (device_pk, rule_id) DO UPDATE SET since_unix_nano = excluded.since_unix_nano";
+pub(super) const DELETE_PENDING: &str =
+    "DELETE FROM alert_pending WHERE device_pk = ? AND rule_id = ?";
+pub(super) const DELETE_RULE_PENDING: &str = "DELETE FROM alert_pending WHERE rule_id = ?";
+/// The newest stored reading of a device's sensor (any unit).
+pub(super) const LAST_READING: &str = "SELECT r.time_unix_nano, r.value FROM readings r \
+     JOIN sensors s ON s.pk = r.sensor_pk WHERE s.device_pk = ? AND s.sensor = ? \
+     ORDER BY r.time_unix_nano DESC LIMIT 1";
+pub(super) const OPEN_ALERTS_OF_RULE: &str =
+    "SELECT alert_id, device_pk FROM alerts WHERE rule_id = ? AND resolved_unix_nano IS NULL";
 pub(super) const EVENTS_AFTER: &str = "SELECT event_id, kind, alert_id, rule_id, device_id, sensor, severity, value, time_unix_nano, message \
      FROM alert_events WHERE event_id > ? ORDER BY event_id LIMIT ?";
 pub(super) const ALERT_COLUMNS: &str = "a.alert_id, a.rule_id, a.device_pk, d.device_id, a.sensor, a.severity, a.fired_unix_nano, a.fired_value, \
@@ -148,27 +195,51 @@ pub(super) fn id(v: i64) -> u64 {
 }
 
 impl Store {
-    pub async fn put_rule(&self, rule: &Rule, now: UnixNanos) -> Result<(), StorageError> {
-        dispatch!(self, s => s.put_rule(rule, now).await)
+    /// Creates or replaces a rule, forgets its remembered hold starts and
+    /// records `closing` (RESOLVED events of alerts the new version no
+    /// longer selects), in one transaction.
+    pub async fn put_rule(
+        &self,
+        rule: &Rule,
+        closing: &[NewAlertEvent],
+        now: UnixNanos,
+    ) -> Result<Vec<EventOutcome>, StorageError> {
+        dispatch!(self, s => s.put_rule(rule, closing, now).await)
     }
 
-    /// False if there was no such rule.
-    pub async fn delete_rule(&self, id: &RuleId) -> Result<bool, StorageError> {
-        dispatch!(self, s => s.delete_rule(id).await)
+    /// Deletes a rule and records `closing` (its alerts' RESOLVED events) in
+    /// one transaction; `None` if there was no such rule.
+    pub async fn delete_rule(
+        &self,
+        id: &RuleId,
+        closing: &[NewAlertEvent],
+        now: UnixNanos,
+    ) -> Result<Option<Vec<EventOutcome>>, StorageError> {
+        dispatch!(self, s => s.delete_rule(id, closing, now).await)
     }
 
     pub async fn list_rules(&self) -> Result<Vec<Rule>, StorageError> {
         dispatch!(self, s => s.list_rules().await)
     }
 
+    /// The open alerts of a rule: (alert id, device pk).
+    pub async fn open_alerts_of_rule(&self, id: &RuleId) -> Result<Vec<(u64, i64)>, StorageError> {
+        dispatch!(self, s => s.open_alerts_of_rule(id).await)
+    }
+
     /// Records events in one transaction, in order, creating, acknowledging
-    /// or resolving their alerts. Returns them with their ids.
+    /// or resolving their alerts (see [`EventOutcome`]).
     pub async fn record_alert_events(
         &self,
         events: &[NewAlertEvent],
         now: UnixNanos,
-    ) -> Result<Vec<AlertEventRecord>, StorageError> {
+    ) -> Result<Vec<EventOutcome>, StorageError> {
         dispatch!(self, s => s.record_alert_events(events, now).await)
+    }
+
+    /// The id of the newest recorded event (0 if none).
+    pub async fn last_event_id(&self) -> Result<u64, StorageError> {
+        dispatch!(self, s => s.last_event_id().await)
     }
 
     pub async fn alert_events_after(

@@ -287,6 +287,37 @@ pub(crate) trait GroupTx: Send + Sized {
         now: UnixNanos,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// The open alerts of these devices: (device pk, rule id, alert id).
+    fn open_alerts(
+        &mut self,
+        device_pks: &[i64],
+    ) -> impl Future<Output = Result<Vec<(i64, String, i64)>, sqlx::Error>> + Send;
+
+    /// The remembered hold starts of these devices: (device pk, rule id, since).
+    fn pending_holds(
+        &mut self,
+        device_pks: &[i64],
+    ) -> impl Future<Output = Result<Vec<(i64, String, i64)>, sqlx::Error>> + Send;
+
+    /// The newest stored reading of a device's sensor.
+    fn last_reading(
+        &mut self,
+        device_pk: i64,
+        sensor: &SensorName,
+    ) -> impl Future<Output = Result<Option<(UnixNanos, f64)>, sqlx::Error>> + Send;
+
+    /// Records alert events in this transaction (see `Store::record_alert_events`).
+    fn record_alert_events(
+        &mut self,
+        events: &[alerts::NewAlertEvent],
+        now: UnixNanos,
+    ) -> impl Future<Output = Result<Vec<alerts::EventOutcome>, sqlx::Error>> + Send;
+
+    fn set_pending_holds(
+        &mut self,
+        changes: &[alerts::PendingChange],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
     fn commit(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 

@@ -13,7 +13,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::Mutex;
 
-use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
+use super::alerts::{
+    self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
+};
 use super::commands::{self, CommandRecord, EnqueueError};
 use super::partitions::{DAY_NANOS, parse_partition_name, partition_name};
 use super::rollup::RollupRows;
@@ -362,9 +364,54 @@ impl GroupTx for PgGroupTx {
         Ok(())
     }
 
+    async fn open_alerts(
+        &mut self,
+        device_pks: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT device_pk, rule_id, alert_id FROM alerts WHERE resolved_unix_nano IS NULL \
+             AND device_pk = ANY($1)",
+        )
+        .bind(device_pks)
+        .fetch_all(&mut *self.tx)
+        .await
+    }
+
+    async fn pending_holds(
+        &mut self,
+        device_pks: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT device_pk, rule_id, since_unix_nano FROM alert_pending WHERE device_pk = ANY($1)",
+        )
+        .bind(device_pks)
+        .fetch_all(&mut *self.tx)
+        .await
+    }
+
+    async fn last_reading(
+        &mut self,
+        device_pk: i64,
+        sensor: &SensorName,
+    ) -> Result<Option<(UnixNanos, f64)>, sqlx::Error> {
+        PgStore::last_reading_on(&mut self.tx, device_pk, sensor).await
+    }
+
+    async fn record_alert_events(
+        &mut self,
+        events: &[NewAlertEvent],
+        now: UnixNanos,
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+        PgStore::record_events_on(&mut self.tx, events, now).await
+    }
+
+    async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {
+        PgStore::set_pending_on(&mut self.tx, changes).await
+    }
+
     async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
     }
 }
 
-super::shared::shared_queries!(PgStore);
+super::shared::shared_queries!(PgStore, sqlx::PgConnection);

@@ -2,13 +2,19 @@
 //! backends: `shared_queries!(Store)` expands them into an `impl` of a
 //! backend's store, which supplies `pool` (for reads), `sql` (its
 //! placeholder style), `write_conn` (one write statement) and `begin_write`
-//! (a write transaction).
+//! (a write transaction, which derefs to the connection type `$conn`).
 
 macro_rules! shared_queries {
-    ($store:ty) => {
+    ($store:ty, $conn:ty) => {
         impl $store {
-            pub async fn put_rule(&self, rule: &Rule, now: UnixNanos) -> Result<(), StorageError> {
+            pub async fn put_rule(
+                &self,
+                rule: &Rule,
+                closing: &[NewAlertEvent],
+                now: UnixNanos,
+            ) -> Result<Vec<EventOutcome>, StorageError> {
                 let definition = serde_json::to_string(rule).expect("rules serialise");
+                let mut tx = self.begin_write().await?;
                 sqlx::query(&Self::sql(alerts::UPSERT_RULE))
                     .bind(rule.id.as_str())
                     .bind(rule.severity.as_str())
@@ -16,17 +22,39 @@ macro_rules! shared_queries {
                     .bind(definition)
                     .bind(now)
                     .bind(now)
-                    .execute(&mut *self.write_conn().await?)
+                    .execute(&mut *tx)
                     .await?;
-                Ok(())
+                // A new version judges from scratch, as it did in memory.
+                sqlx::query(&Self::sql(alerts::DELETE_RULE_PENDING))
+                    .bind(rule.id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                let outcomes = Self::record_events_on(&mut *tx, closing, now).await?;
+                tx.commit().await?;
+                Ok(outcomes)
             }
 
-            pub async fn delete_rule(&self, id: &RuleId) -> Result<bool, StorageError> {
+            pub async fn delete_rule(
+                &self,
+                id: &RuleId,
+                closing: &[NewAlertEvent],
+                now: UnixNanos,
+            ) -> Result<Option<Vec<EventOutcome>>, StorageError> {
+                let mut tx = self.begin_write().await?;
                 let done = sqlx::query(&Self::sql(alerts::DELETE_RULE))
                     .bind(id.as_str())
-                    .execute(&mut *self.write_conn().await?)
+                    .execute(&mut *tx)
                     .await?;
-                Ok(done.rows_affected() > 0)
+                if done.rows_affected() == 0 {
+                    return Ok(None);
+                }
+                sqlx::query(&Self::sql(alerts::DELETE_RULE_PENDING))
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                let outcomes = Self::record_events_on(&mut *tx, closing, now).await?;
+                tx.commit().await?;
+                Ok(Some(outcomes))
             }
 
             pub async fn list_rules(&self) -> Result<Vec<Rule>, StorageError> {
@@ -39,49 +67,131 @@ macro_rules! shared_queries {
                     .collect()
             }
 
+            pub async fn open_alerts_of_rule(
+                &self,
+                id: &RuleId,
+            ) -> Result<Vec<(u64, i64)>, StorageError> {
+                let rows: Vec<(i64, i64)> = sqlx::query_as(&Self::sql(alerts::OPEN_ALERTS_OF_RULE))
+                    .bind(id.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(|(a, d)| (alerts::id(a), d)).collect())
+            }
+
             pub async fn record_alert_events(
                 &self,
                 events: &[NewAlertEvent],
                 now: UnixNanos,
-            ) -> Result<Vec<AlertEventRecord>, StorageError> {
+            ) -> Result<Vec<EventOutcome>, StorageError> {
                 let mut tx = self.begin_write().await?;
-                let mut recorded = Vec::with_capacity(events.len());
+                let outcomes = Self::record_events_on(&mut *tx, events, now).await?;
+                tx.commit().await?;
+                Ok(outcomes)
+            }
+
+            pub async fn last_event_id(&self) -> Result<u64, StorageError> {
+                let last: i64 = sqlx::query_scalar("SELECT last_id FROM alert_event_counter")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(alerts::id(last))
+            }
+
+            /// The one writer of `alert_events`: every event of every path
+            /// (a group's readings, silences, acks, rule changes) is recorded
+            /// here, inside the caller's transaction. Alert rows first, the
+            /// event ids last (see `TAKE_EVENT_IDS`).
+            pub(super) async fn record_events_on(
+                conn: &mut $conn,
+                events: &[NewAlertEvent],
+                now: UnixNanos,
+            ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+                let mut outcomes = Vec::with_capacity(events.len());
+                // FIRED earlier in this call, for the RESOLVED that follow.
+                let mut fired: Vec<((&RuleId, i64), i64)> = Vec::new();
+                let mut to_record = Vec::new();
                 for e in events {
-                    let alert_id: i64 = match (e.kind, e.alert_id) {
+                    let alert_id: Option<i64> = match (e.kind, e.alert_id) {
                         (EventKind::Fired, _) => {
-                            sqlx::query_scalar(&Self::sql(alerts::INSERT_ALERT))
-                                .bind(e.rule_id.as_str())
-                                .bind(e.device_pk)
-                                .bind(&e.sensor)
-                                .bind(e.severity.as_str())
-                                .bind(e.time)
-                                .bind(e.value)
-                                .bind(&e.message)
-                                .fetch_one(&mut *tx)
-                                .await?
+                            let inserted: Option<i64> =
+                                sqlx::query_scalar(&Self::sql(alerts::INSERT_ALERT))
+                                    .bind(e.rule_id.as_str())
+                                    .bind(e.device_pk)
+                                    .bind(&e.sensor)
+                                    .bind(e.severity.as_str())
+                                    .bind(e.time)
+                                    .bind(e.value)
+                                    .bind(&e.message)
+                                    .fetch_optional(&mut *conn)
+                                    .await?;
+                            if inserted.is_none() {
+                                let open: i64 = sqlx::query_scalar(&Self::sql(alerts::OPEN_ALERT))
+                                    .bind(e.rule_id.as_str())
+                                    .bind(e.device_pk)
+                                    .fetch_one(&mut *conn)
+                                    .await?;
+                                fired.push(((&e.rule_id, e.device_pk), open));
+                                outcomes.push(EventOutcome::AlreadyOpen {
+                                    alert_id: alerts::id(open),
+                                });
+                                continue;
+                            }
+                            inserted
                         }
-                        (EventKind::Acked, Some(id)) => {
-                            sqlx::query(&Self::sql(alerts::ACK_ALERT))
-                                .bind(e.time)
-                                .bind(id as i64)
-                                .execute(&mut *tx)
-                                .await?;
-                            id as i64
-                        }
-                        (EventKind::Resolved, Some(id)) => {
-                            sqlx::query(&Self::sql(alerts::RESOLVE_ALERT))
-                                .bind(e.time)
-                                .bind(e.value)
-                                .bind(id as i64)
-                                .execute(&mut *tx)
-                                .await?;
-                            id as i64
-                        }
-                        (EventKind::Acked | EventKind::Resolved, None) => {
-                            return Err(StorageError::Corrupt("event without its alert".into()));
+                        (EventKind::Acked | EventKind::Resolved, id) => {
+                            let id = match id {
+                                Some(alerts::FIRED_EARLIER) | None => fired
+                                    .iter()
+                                    .rev()
+                                    .find(|(key, _)| *key == (&e.rule_id, e.device_pk))
+                                    .map(|(_, id)| *id),
+                                Some(id) => Some(id.min(i64::MAX as u64) as i64),
+                            };
+                            match id {
+                                Some(id) => {
+                                    let done = if e.kind == EventKind::Acked {
+                                        sqlx::query(&Self::sql(alerts::ACK_ALERT))
+                                            .bind(e.time)
+                                            .bind(id)
+                                            .execute(&mut *conn)
+                                            .await?
+                                    } else {
+                                        sqlx::query(&Self::sql(alerts::RESOLVE_ALERT))
+                                            .bind(e.time)
+                                            .bind(e.value)
+                                            .bind(id)
+                                            .execute(&mut *conn)
+                                            .await?
+                                    };
+                                    (done.rows_affected() > 0).then_some(id)
+                                }
+                                None => None,
+                            }
                         }
                     };
-                    let event_id: i64 = sqlx::query_scalar(&Self::sql(alerts::INSERT_EVENT))
+                    let Some(alert_id) = alert_id else {
+                        outcomes.push(EventOutcome::Skipped);
+                        continue;
+                    };
+                    if e.kind == EventKind::Fired {
+                        fired.push(((&e.rule_id, e.device_pk), alert_id));
+                    }
+                    to_record.push((outcomes.len(), alert_id));
+                    // Replaced below, once the event has its id.
+                    outcomes.push(EventOutcome::Skipped);
+                }
+                if to_record.is_empty() {
+                    return Ok(outcomes);
+                }
+                let last: i64 = sqlx::query_scalar(&Self::sql(alerts::TAKE_EVENT_IDS))
+                    .bind(to_record.len() as i64)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let first = last - to_record.len() as i64 + 1;
+                for (n, (i, alert_id)) in to_record.into_iter().enumerate() {
+                    let e = &events[i];
+                    let event_id = first + n as i64;
+                    sqlx::query(&Self::sql(alerts::INSERT_EVENT))
+                        .bind(event_id)
                         .bind(alert_id)
                         .bind(e.kind.as_str())
                         .bind(e.rule_id.as_str())
@@ -92,9 +202,9 @@ macro_rules! shared_queries {
                         .bind(e.time)
                         .bind(&e.message)
                         .bind(now)
-                        .fetch_one(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
-                    recorded.push(AlertEventRecord {
+                    outcomes[i] = EventOutcome::Recorded(AlertEventRecord {
                         event_id: alerts::id(event_id),
                         kind: e.kind,
                         alert_id: alerts::id(alert_id),
@@ -107,8 +217,47 @@ macro_rules! shared_queries {
                         message: e.message.clone(),
                     });
                 }
-                tx.commit().await?;
-                Ok(recorded)
+                Ok(outcomes)
+            }
+
+            /// Stores changes of remembered hold starts, inside the caller's
+            /// transaction.
+            pub(super) async fn set_pending_on(
+                conn: &mut $conn,
+                changes: &[PendingChange],
+            ) -> Result<(), sqlx::Error> {
+                for c in changes {
+                    match c.since {
+                        Some(since) => {
+                            sqlx::query(&Self::sql(alerts::UPSERT_PENDING))
+                                .bind(c.rule_id.as_str())
+                                .bind(c.device_pk)
+                                .bind(since)
+                                .execute(&mut *conn)
+                                .await?
+                        }
+                        None => {
+                            sqlx::query(&Self::sql(alerts::DELETE_PENDING))
+                                .bind(c.device_pk)
+                                .bind(c.rule_id.as_str())
+                                .execute(&mut *conn)
+                                .await?
+                        }
+                    };
+                }
+                Ok(())
+            }
+
+            pub(super) async fn last_reading_on(
+                conn: &mut $conn,
+                device_pk: i64,
+                sensor: &SensorName,
+            ) -> Result<Option<(UnixNanos, f64)>, sqlx::Error> {
+                sqlx::query_as(&Self::sql(alerts::LAST_READING))
+                    .bind(device_pk)
+                    .bind(sensor.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
             }
 
             pub async fn alert_events_after(

@@ -17,7 +17,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::alerts::{self, AlertEventRecord, AlertRecord, EventKind, NewAlertEvent};
+use super::alerts::{
+    self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
+};
 use super::commands::{self, CommandRecord, EnqueueError};
 use super::rollup::RollupRows;
 use super::{
@@ -487,12 +489,58 @@ impl GroupTx for SqliteGroupTx {
         Ok(())
     }
 
+    async fn open_alerts(
+        &mut self,
+        device_pks: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT device_pk, rule_id, alert_id FROM alerts WHERE resolved_unix_nano IS NULL \
+             AND device_pk IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(device_pks).expect("integers serialise"))
+        .fetch_all(&mut *self.tx)
+        .await
+    }
+
+    async fn pending_holds(
+        &mut self,
+        device_pks: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT device_pk, rule_id, since_unix_nano FROM alert_pending \
+             WHERE device_pk IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(device_pks).expect("integers serialise"))
+        .fetch_all(&mut *self.tx)
+        .await
+    }
+
+    async fn last_reading(
+        &mut self,
+        device_pk: i64,
+        sensor: &SensorName,
+    ) -> Result<Option<(UnixNanos, f64)>, sqlx::Error> {
+        SqliteStore::last_reading_on(&mut self.tx, device_pk, sensor).await
+    }
+
+    async fn record_alert_events(
+        &mut self,
+        events: &[NewAlertEvent],
+        now: UnixNanos,
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+        SqliteStore::record_events_on(&mut self.tx, events, now).await
+    }
+
+    async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {
+        SqliteStore::set_pending_on(&mut self.tx, changes).await
+    }
+
     async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
     }
 }
 
-super::shared::shared_queries!(SqliteStore);
+super::shared::shared_queries!(SqliteStore, SqliteConnection);
 
 #[cfg(test)]
 mod tests {

@@ -10,15 +10,19 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::alerts::EventOutcome;
 use super::partitions;
 use super::postgres::{PgGroupTx, PgStore};
 use super::rollup::RollupRows;
 use super::sqlite::{SqliteGroupTx, SqliteStore};
 use super::{GroupTx, ReadingColumns, StorageError, Store};
+use crate::alerts::AlertEngine;
+use crate::alerts::judge::{Judge, JudgedBatch};
 use crate::domain::reading::SeriesRows;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{SensorName, Unit};
@@ -67,15 +71,7 @@ pub enum BatchOutcome {
 #[error("the batch could not be committed")]
 pub struct CommitFailed;
 
-/// A committed batch's outcome, with its readings handed back for the
-/// alert engine.
-#[derive(Debug)]
-pub struct Committed {
-    pub outcome: BatchOutcome,
-    pub series: Vec<SeriesRows>,
-}
-
-pub type CommitResult = Result<Committed, CommitFailed>;
+pub type CommitResult = Result<BatchOutcome, CommitFailed>;
 
 struct PendingBatch {
     device_pk: i64,
@@ -100,12 +96,21 @@ pub struct WriterHandle {
     queues: Arc<[mpsc::Sender<PendingBatch>]>,
 }
 
+/// Which writer a device's batches go to. The writer owns the device's
+/// alert state too, so this also decides who judges the device's silences.
+fn shard_of(device_pk: i64, shards: usize) -> usize {
+    device_pk.unsigned_abs() as usize % shards
+}
+
+fn owns(device_pk: i64, shard: usize, shards: usize) -> bool {
+    shard_of(device_pk, shards) == shard
+}
+
 impl WriterHandle {
     /// A submitter for one upload stream of one device.
     pub fn stream(&self, device_pk: i64) -> StreamWriter {
-        let shard = device_pk.unsigned_abs() as usize % self.queues.len();
         StreamWriter {
-            tx: self.queues[shard].clone(),
+            tx: self.queues[shard_of(device_pk, self.queues.len())].clone(),
             device_pk,
             failed: Arc::new(AtomicBool::new(false)),
         }
@@ -147,8 +152,13 @@ impl StreamWriter {
     }
 }
 
-/// Starts the writers for `store`; the task ends when all have stopped.
-pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<()>) {
+/// Starts the writers for `store`, each judging its devices' batches for
+/// `alerts`; the task ends when all have stopped.
+pub fn spawn(
+    store: &Store,
+    config: &WriterConfig,
+    alerts: &AlertEngine,
+) -> (WriterHandle, JoinHandle<()>) {
     let writers = match store {
         Store::Sqlite(_) => 1,
         Store::Postgres(_) => config.postgres_writers.max(1),
@@ -158,12 +168,13 @@ pub fn spawn(store: &Store, config: &WriterConfig) -> (WriterHandle, JoinHandle<
     let max = config.max_group_readings.max(1);
     let mut queues = Vec::with_capacity(writers);
     let mut tasks = Vec::with_capacity(writers);
-    for _ in 0..writers {
+    for shard in 0..writers {
         let (tx, rx) = mpsc::channel(depth);
         queues.push(tx);
+        let judge = alerts.judge(owns, shard, writers);
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, max, config.rollups)),
-            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, max, config.rollups)),
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, max, config.rollups)),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, max, config.rollups)),
         });
     }
     let all = tokio::spawn(async move {
@@ -233,16 +244,35 @@ type SensorKey = (i64, SensorName, Unit);
 /// against a pathological fleet.
 const MAX_CACHED_SENSORS: usize = 1_000_000;
 
+/// How often silences are checked: the lateness of an inactivity alert.
+const INACTIVITY_TICK: Duration = Duration::from_millis(100);
+
 async fn run<B: BeginGroup>(
     backend: B,
     mut rx: mpsc::Receiver<PendingBatch>,
+    mut judge: Judge,
     max_group_readings: usize,
     rollups: bool,
 ) {
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
     let mut group = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut tick = tokio::time::interval(INACTIVITY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // The tick first: under load the queue is never empty, and silences
+        // must still be judged.
+        let first = tokio::select! {
+            biased;
+            _ = tick.tick() => {
+                judge_silences(&backend, &mut judge).await;
+                continue;
+            }
+            next = rx.recv() => match next {
+                Some(first) => first,
+                None => break,
+            },
+        };
         // Whatever queued while the previous group committed joins this one:
         // under load groups grow by themselves, when idle a batch commits
         // alone without waiting.
@@ -269,9 +299,16 @@ async fn run<B: BeginGroup>(
         }
         let started = std::time::Instant::now();
         let committed = match backend.prepare(&group).await {
-            Ok(()) => commit_group(&backend, &group, &mut sensors, &mut columns, rollups)
-                .await
-                .map_err(StorageError::from),
+            Ok(()) => commit_group(
+                &backend,
+                &group,
+                &mut sensors,
+                &mut columns,
+                rollups,
+                &mut judge,
+            )
+            .await
+            .map_err(StorageError::from),
             Err(e) => Err(e),
         };
         match committed {
@@ -283,12 +320,8 @@ async fn run<B: BeginGroup>(
                     "group committed"
                 );
                 for (batch, outcome) in group.drain(..).zip(outcomes) {
-                    let committed = Committed {
-                        outcome,
-                        series: batch.series,
-                    };
                     // A stream that went away no longer needs the answer.
-                    let _ = batch.reply.send(Ok(committed));
+                    let _ = batch.reply.send(Ok(outcome));
                 }
             }
             Err(error) => {
@@ -309,16 +342,47 @@ async fn run<B: BeginGroup>(
     tracing::debug!("writer stopped: queue closed and drained");
 }
 
+/// Records inactivity alerts of this writer's devices in a transaction of
+/// their own. A failure changes nothing: the next tick finds the same
+/// silences and tries again.
+async fn judge_silences<B: BeginGroup>(backend: &B, judge: &mut Judge) {
+    let book = judge.engine().rules().await;
+    let events = judge.silences(&book).await;
+    if events.is_empty() {
+        return;
+    }
+    let recorded = async {
+        let mut tx = backend.begin().await?;
+        let outcomes = tx.record_alert_events(&events, now_unix_nanos()).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(outcomes)
+    }
+    .await;
+    match recorded {
+        Ok(outcomes) => {
+            judge.apply_silences(&events, &outcomes);
+            judge.engine().recorded();
+        }
+        Err(error) => {
+            tracing::warn!(%error, events = events.len(), "recording inactivity alerts failed; retrying on the next tick");
+        }
+    }
+}
+
 /// Commits one group: decides duplicates against the stored high-water
-/// marks, inserts every other batch's readings with one bulk statement and
-/// advances the marks, all in one transaction.
+/// marks, judges the new batches against the alert rules, inserts their
+/// readings with one bulk statement, records the alert events they caused
+/// and advances the marks, all in one transaction.
 async fn commit_group<B: BeginGroup>(
     backend: &B,
     group: &[PendingBatch],
     sensors: &mut HashMap<SensorKey, i64>,
     columns: &mut ReadingColumns,
     rollups: bool,
+    judge: &mut Judge,
 ) -> Result<Vec<BatchOutcome>, sqlx::Error> {
+    // Held to the end: no rule changes between judging and commit.
+    let book = judge.engine().rules().await;
     let mut tx = backend.begin().await?;
     let mut device_pks: Vec<i64> = group.iter().map(|b| b.device_pk).collect();
     device_pks.sort_unstable();
@@ -364,12 +428,34 @@ async fn commit_group<B: BeginGroup>(
         });
     }
 
+    // Before the readings go in: a rebuilt rate-of-change state starts at
+    // the newest reading stored before this group.
+    let judged: Vec<JudgedBatch> = group
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, BatchOutcome::Committed { .. }))
+        .map(|(b, _)| JudgedBatch {
+            device_pk: b.device_pk,
+            series: &b.series,
+        })
+        .collect();
+    let verdicts = judge.judge_group(&book, &mut tx, &judged, &stored).await?;
+
     if !columns.is_empty() {
         tx.insert_readings(columns).await?;
         if rollups {
             tx.add_rollups(&RollupRows::from_readings(columns)).await?;
         }
     }
+    if !verdicts.holds.is_empty() {
+        tx.set_pending_holds(&verdicts.holds).await?;
+    }
+    let recorded = if verdicts.events.is_empty() {
+        Vec::new()
+    } else {
+        tx.record_alert_events(&verdicts.events, now_unix_nanos())
+            .await?
+    };
     let advanced: Vec<(i64, u64)> = marks
         .iter()
         .filter(|(pk, mark)| stored.get(pk) != Some(mark))
@@ -380,7 +466,15 @@ async fn commit_group<B: BeginGroup>(
             .await?;
     }
     tx.commit().await?;
-    // Only now: a rolled-back group's new sensor rows do not exist.
+    // Only now: a rolled-back group's new sensor rows do not exist, and its
+    // judgments never happened.
     sensors.extend(new_sensors);
+    let any_event = recorded
+        .iter()
+        .any(|o| matches!(o, EventOutcome::Recorded(_)));
+    judge.apply(&book, verdicts, &recorded, &marks);
+    if any_event {
+        judge.engine().recorded();
+    }
     Ok(outcomes)
 }

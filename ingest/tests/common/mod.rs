@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod alert_helpers;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -113,6 +115,54 @@ impl TestStorage {
     /// A direct connection for checking what is stored.
     pub async fn count_readings(&self) -> i64 {
         self.scalar("SELECT COUNT(*) FROM readings").await
+    }
+
+    /// Runs statements (several, separated by `;`) directly.
+    pub async fn execute(&self, sql: &str) {
+        match &self.database {
+            Database::Sqlite { path } => {
+                let url = format!("sqlite://{}", path.display());
+                let mut conn: sqlx::SqliteConnection =
+                    sqlx::Connection::connect(&url).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+            Database::Postgres { url } => {
+                let mut conn: sqlx::PgConnection = sqlx::Connection::connect(url).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
+    /// Makes every insert into `table` fail while `fail_inserts` holds a
+    /// row: the database refusing a write, the way a full disk or a lost
+    /// connection does, at a moment the test chooses.
+    pub async fn install_insert_failure(&self, table: &str) {
+        let sql = match &self.database {
+            Database::Sqlite { .. } => format!(
+                "CREATE TABLE IF NOT EXISTS fail_inserts (x INTEGER); \
+                 CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} \
+                 WHEN EXISTS (SELECT 1 FROM fail_inserts) \
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+            ),
+            Database::Postgres { .. } => format!(
+                "CREATE TABLE IF NOT EXISTS fail_inserts (x INTEGER); \
+                 CREATE OR REPLACE FUNCTION fail_inserts() RETURNS trigger AS $$ \
+                 BEGIN IF EXISTS (SELECT 1 FROM fail_inserts) THEN \
+                 RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} \
+                 FOR EACH ROW EXECUTE FUNCTION fail_inserts();"
+            ),
+        };
+        self.execute(&sql).await;
+    }
+
+    pub async fn set_insert_failure(&self, failing: bool) {
+        self.execute(if failing {
+            "INSERT INTO fail_inserts VALUES (1)"
+        } else {
+            "DELETE FROM fail_inserts"
+        })
+        .await;
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {

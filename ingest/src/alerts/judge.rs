@@ -1,0 +1,423 @@
+//! Judging inside the group commit: each writer owns the alert state of its
+//! devices and judges their batches in the transaction that stores them.
+//!
+//! The state a rule keeps per device (open alert, hold start, previous
+//! reading) can always be rebuilt from the database: open alerts are rows
+//! of `alerts`, hold starts rows of `alert_pending` (both written in the
+//! same transaction as the readings), the previous reading is the newest
+//! stored one. What a writer keeps in memory is a cache of it, valid for
+//! one committed sequence of the device and one rules epoch. The device's
+//! row is locked by the group before judging, so if anything else committed
+//! for it meanwhile (a lost commit outcome, a restart, another process) the
+//! sequence read differs and the state is rebuilt first.
+//!
+//! Judging works on copies; they replace the cache only once the group has
+//! committed. A group that fails leaves the cache as it was, true for the
+//! unchanged database, and the device's resent batches are judged the same
+//! way again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use super::AlertEngine;
+use super::engine::{DeviceInfo, RuleBook};
+use crate::domain::alert::{Condition, Memory, Rule, RuleId, Verdict};
+use crate::domain::reading::SeriesRows;
+use crate::domain::time::now_unix_nanos;
+use crate::storage::GroupTx;
+use crate::storage::alerts::{
+    EventKind, EventOutcome, FIRED_EARLIER, NewAlertEvent, PendingChange,
+};
+
+/// One writer's judge.
+pub struct Judge {
+    engine: AlertEngine,
+    owns: fn(i64, usize, usize) -> bool,
+    shard: usize,
+    shards: usize,
+    devices: HashMap<i64, DeviceAlerts>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct DeviceAlerts {
+    /// The rules epoch `rules` was built for.
+    epoch: u64,
+    /// The device's committed sequence the state is true for; `None` while
+    /// only what silences needed is known.
+    judged_at: Option<u64>,
+    /// The rules selecting the device (all of them once judged).
+    rules: BTreeMap<RuleId, RuleState>,
+    /// When matching readings of each rule were last committed, on the
+    /// server's clock (inactivity). Not stored: a restart starts silences
+    /// afresh, as a new rule does.
+    seen: HashMap<RuleId, Instant>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RuleState {
+    memory: Memory,
+    open: Option<u64>,
+}
+
+/// What judging a group concluded, to be written in its transaction and
+/// applied once it commits.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    pub events: Vec<NewAlertEvent>,
+    pub holds: Vec<PendingChange>,
+    states: HashMap<i64, DeviceAlerts>,
+}
+
+impl Verdicts {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.holds.is_empty()
+    }
+}
+
+/// One committed batch of a group, in group order.
+pub struct JudgedBatch<'a> {
+    pub device_pk: i64,
+    pub series: &'a [SeriesRows],
+}
+
+impl Judge {
+    pub(super) fn new(
+        engine: AlertEngine,
+        owns: fn(i64, usize, usize) -> bool,
+        shard: usize,
+        shards: usize,
+    ) -> Self {
+        Self {
+            engine,
+            owns,
+            shard,
+            shards,
+            devices: HashMap::new(),
+        }
+    }
+
+    pub fn engine(&self) -> &AlertEngine {
+        &self.engine
+    }
+
+    /// Judges a group's committed batches. `stored` holds each device's
+    /// committed sequence as read (and locked) by the group before its
+    /// batches.
+    pub(crate) async fn judge_group<T: GroupTx>(
+        &mut self,
+        book: &RuleBook,
+        tx: &mut T,
+        batches: &[JudgedBatch<'_>],
+        stored: &HashMap<i64, u64>,
+    ) -> Result<Verdicts, sqlx::Error> {
+        let mut verdicts = Verdicts::default();
+        if book.rules.is_empty() || batches.is_empty() {
+            return Ok(verdicts);
+        }
+        let mut pks: Vec<i64> = batches.iter().map(|b| b.device_pk).collect();
+        pks.sort_unstable();
+        pks.dedup();
+        let (mut current, stale): (Vec<i64>, Vec<i64>) = pks.into_iter().partition(|pk| {
+            self.devices.get(pk).is_some_and(|d| {
+                d.epoch == book.epoch
+                    && d.judged_at.is_some()
+                    && d.judged_at == stored.get(pk).copied()
+            })
+        });
+        let mut states: HashMap<i64, DeviceAlerts> = current
+            .drain(..)
+            .filter_map(|pk| self.devices.get(&pk).map(|d| (pk, d.clone())))
+            .collect();
+        if !stale.is_empty() {
+            states.extend(self.reload(book, tx, &stale).await?);
+        }
+        let before: HashMap<(i64, RuleId), Option<i64>> = states
+            .iter()
+            .flat_map(|(pk, d)| {
+                d.rules
+                    .iter()
+                    .map(move |(id, r)| ((*pk, id.clone()), r.memory.pending_since()))
+            })
+            .collect();
+
+        let now = Instant::now();
+        let mut infos: HashMap<i64, Option<DeviceInfo>> = HashMap::new();
+        for batch in batches {
+            let pk = batch.device_pk;
+            if let std::collections::hash_map::Entry::Vacant(e) = infos.entry(pk) {
+                e.insert(self.engine.device(pk).await);
+            }
+            let (Some(Some(info)), Some(state)) = (infos.get(&pk), states.get_mut(&pk)) else {
+                continue;
+            };
+            for (rule_id, rule_state) in state.rules.iter_mut() {
+                let Some(entry) = book.rules.get(rule_id) else {
+                    continue;
+                };
+                let rule = &entry.rule;
+                for s in batch.series {
+                    if rule.sensor.as_ref().is_some_and(|want| *want != s.sensor) {
+                        continue;
+                    }
+                    state.seen.insert(rule_id.clone(), now);
+                    judge_series(rule, rule_state, pk, info, s, &mut verdicts.events);
+                }
+            }
+        }
+
+        for (pk, state) in &states {
+            for (rule_id, r) in &state.rules {
+                let was = before.get(&(*pk, rule_id.clone())).copied().flatten();
+                let now = r.memory.pending_since();
+                if was != now {
+                    verdicts.holds.push(PendingChange {
+                        rule_id: rule_id.clone(),
+                        device_pk: *pk,
+                        since: now,
+                    });
+                }
+            }
+        }
+        verdicts.states = states;
+        Ok(verdicts)
+    }
+
+    /// Rebuilds the state of devices from the database, inside the group's
+    /// transaction (before its readings are inserted).
+    async fn reload<T: GroupTx>(
+        &mut self,
+        book: &RuleBook,
+        tx: &mut T,
+        pks: &[i64],
+    ) -> Result<HashMap<i64, DeviceAlerts>, sqlx::Error> {
+        let mut open: HashMap<(i64, String), u64> = HashMap::new();
+        for (pk, rule, alert) in tx.open_alerts(pks).await? {
+            open.insert((pk, rule), alert.max(0) as u64);
+        }
+        let mut holds: HashMap<(i64, String), i64> = HashMap::new();
+        for (pk, rule, since) in tx.pending_holds(pks).await? {
+            holds.insert((pk, rule), since);
+        }
+        let mut out = HashMap::with_capacity(pks.len());
+        for &pk in pks {
+            let seen = self.devices.remove(&pk).map(|d| d.seen).unwrap_or_default();
+            let mut state = DeviceAlerts {
+                epoch: book.epoch,
+                judged_at: None,
+                rules: BTreeMap::new(),
+                seen,
+            };
+            if let Some(info) = self.engine.device(pk).await {
+                let mut last_of: HashMap<&str, Option<(i64, f64)>> = HashMap::new();
+                for (id, entry) in &book.rules {
+                    let rule = &entry.rule;
+                    if !rule.devices.matches(&info.id, &info.labels) {
+                        continue;
+                    }
+                    let key = (pk, id.as_str().to_owned());
+                    let last = match (&rule.condition, &rule.sensor) {
+                        (Condition::RateOfChange { .. }, Some(sensor)) => {
+                            match last_of.get(sensor.as_str()) {
+                                Some(last) => *last,
+                                None => {
+                                    let last = tx.last_reading(pk, sensor).await?;
+                                    last_of.insert(sensor.as_str(), last);
+                                    last
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    state.rules.insert(
+                        id.clone(),
+                        RuleState {
+                            memory: Memory::restored(holds.get(&key).copied(), last),
+                            open: open.get(&key).copied(),
+                        },
+                    );
+                }
+            }
+            out.insert(pk, state);
+        }
+        Ok(out)
+    }
+
+    /// Once the group has committed: its states become the cache, true for
+    /// the devices' new committed sequences.
+    pub fn apply(
+        &mut self,
+        book: &RuleBook,
+        verdicts: Verdicts,
+        outcomes: &[EventOutcome],
+        committed: &HashMap<i64, u64>,
+    ) {
+        let mut states = verdicts.states;
+        settle_open(&mut states, &verdicts.events, outcomes);
+        for (pk, mut state) in states {
+            state.epoch = book.epoch;
+            state.judged_at = committed.get(&pk).copied();
+            self.devices.insert(pk, state);
+        }
+    }
+
+    /// FIRED events for this writer's devices that have been silent too
+    /// long under an inactivity rule. Nothing changes until
+    /// [`Judge::apply_silences`]: if recording fails, the next call finds
+    /// the same silences again.
+    pub async fn silences(&mut self, book: &RuleBook) -> Vec<NewAlertEvent> {
+        let watching: Vec<_> = book
+            .rules
+            .values()
+            .filter_map(|e| match e.rule.condition {
+                Condition::Inactivity { silence } => Some((e, silence)),
+                _ => None,
+            })
+            .collect();
+        if watching.is_empty() {
+            return Vec::new();
+        }
+        let (owns, shard, shards) = (self.owns, self.shard, self.shards);
+        let devices = self.engine.devices_where(|pk| owns(pk, shard, shards));
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for (pk, info) in devices {
+            let state = self.devices.entry(pk).or_default();
+            if state.epoch != book.epoch {
+                // Rules changed: nothing known is certain any more.
+                state.epoch = book.epoch;
+                state.judged_at = None;
+                state.rules.clear();
+            }
+            for (entry, silence) in &watching {
+                let rule = &entry.rule;
+                if !rule.devices.matches(&info.id, &info.labels) {
+                    continue;
+                }
+                // An unknown state tries to fire: `alerts_one_open` answers
+                // with the open alert if there is one.
+                if state.rules.get(&rule.id).is_some_and(|r| r.open.is_some()) {
+                    continue;
+                }
+                let last = state.seen.get(&rule.id).copied().unwrap_or(entry.since);
+                let quiet = now.saturating_duration_since(last);
+                if quiet < *silence {
+                    continue;
+                }
+                events.push(silence_event(rule, pk, &info, quiet));
+            }
+        }
+        events
+    }
+
+    /// Once silences' events have committed.
+    pub fn apply_silences(&mut self, events: &[NewAlertEvent], outcomes: &[EventOutcome]) {
+        let pks: HashSet<i64> = events.iter().map(|e| e.device_pk).collect();
+        let mut states: HashMap<i64, DeviceAlerts> = pks
+            .into_iter()
+            .filter_map(|pk| self.devices.remove(&pk).map(|d| (pk, d)))
+            .collect();
+        for e in events {
+            if let Some(d) = states.get_mut(&e.device_pk) {
+                d.rules.entry(e.rule_id.clone()).or_default();
+            }
+        }
+        settle_open(&mut states, events, outcomes);
+        self.devices.extend(states);
+    }
+}
+
+/// Judges one series' readings under one rule, appending events.
+fn judge_series(
+    rule: &Rule,
+    state: &mut RuleState,
+    pk: i64,
+    info: &DeviceInfo,
+    s: &SeriesRows,
+    events: &mut Vec<NewAlertEvent>,
+) {
+    for (&time, &value) in s.times.iter().zip(&s.values) {
+        let Some(verdict) =
+            rule.condition
+                .judge(&mut state.memory, state.open.is_some(), time, value)
+        else {
+            continue;
+        };
+        let (kind, value, time, message) = match verdict {
+            Verdict::Fire {
+                value,
+                time,
+                message,
+            } => (EventKind::Fired, value, time, message),
+            Verdict::Resolve {
+                value,
+                time,
+                message,
+            } => (EventKind::Resolved, value, time, message),
+        };
+        events.push(NewAlertEvent {
+            kind,
+            alert_id: state.open,
+            rule_id: rule.id.clone(),
+            device_pk: pk,
+            device_id: info.id.clone(),
+            sensor: s.sensor.as_str().to_owned(),
+            severity: rule.severity,
+            value,
+            time,
+            message,
+        });
+        // The alert id of a FIRED is known once recorded, in this same
+        // transaction; meanwhile a marker keeps the judging consistent.
+        state.open = match kind {
+            EventKind::Fired => Some(FIRED_EARLIER),
+            _ => None,
+        };
+    }
+}
+
+/// Sets each judged rule's open alert from what recording decided.
+fn settle_open(
+    states: &mut HashMap<i64, DeviceAlerts>,
+    events: &[NewAlertEvent],
+    outcomes: &[EventOutcome],
+) {
+    for (e, outcome) in events.iter().zip(outcomes) {
+        let Some(r) = states
+            .get_mut(&e.device_pk)
+            .and_then(|d| d.rules.get_mut(&e.rule_id))
+        else {
+            continue;
+        };
+        match (e.kind, outcome) {
+            (EventKind::Fired, EventOutcome::Recorded(rec)) => r.open = Some(rec.alert_id),
+            (EventKind::Fired, EventOutcome::AlreadyOpen { alert_id }) => r.open = Some(*alert_id),
+            (EventKind::Resolved, _) => r.open = None,
+            (EventKind::Fired, EventOutcome::Skipped) | (EventKind::Acked, _) => {}
+        }
+    }
+}
+
+fn silence_event(rule: &Rule, pk: i64, info: &DeviceInfo, quiet: Duration) -> NewAlertEvent {
+    let what = rule
+        .sensor
+        .as_ref()
+        .map_or("any sensor".to_owned(), |s| s.to_string());
+    NewAlertEvent {
+        kind: EventKind::Fired,
+        alert_id: None,
+        rule_id: rule.id.clone(),
+        device_pk: pk,
+        device_id: info.id.clone(),
+        sensor: rule
+            .sensor
+            .as_ref()
+            .map_or(String::new(), |s| s.as_str().to_owned()),
+        severity: rule.severity,
+        value: None,
+        time: now_unix_nanos(),
+        message: format!(
+            "no reading of {what} for {}",
+            humantime::format_duration(Duration::from_millis(quiet.as_millis() as u64))
+        ),
+    }
+}
