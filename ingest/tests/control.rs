@@ -21,6 +21,7 @@ backend_tests!(
     the_queue_limit_is_enforced,
     a_device_cannot_receive_or_acknowledge_another_devices_commands,
     presence_follows_the_control_stream,
+    last_seen_is_the_last_message_heard,
     devices_are_offline_once_the_server_stops,
     queued_commands_survive_a_restart,
     the_first_message_must_be_hello,
@@ -381,6 +382,50 @@ async fn presence_follows_the_control_stream(backend: Backend) {
         tokio::task::yield_now().await;
     };
     assert!(offline.last_seen_time_unix_nano >= online.last_seen_time_unix_nano);
+}
+
+/// The database's `last_seen` is refreshed every few seconds; the RPCs
+/// answer with the live value.
+async fn last_seen_is_the_last_message_heard(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut device = Device::connect(&server, &token).await;
+    let mut ops = server.ops().await;
+    let connected = ops
+        .get_device(pb::GetDeviceRequest {
+            device_id: "dev-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_seen_time_unix_nano;
+    let mut sender = ops.clone();
+    let sending = tokio::spawn(async move { send(&mut sender, "dev-1", ping(), 0, 5000).await });
+    let command = device.command().await;
+    let before_ack = now_nanos();
+    device
+        .ack(command.command_id, pb::CommandAckState::Done, "pong")
+        .await;
+    // Returns once the server has handled the acknowledgement.
+    sending.await.unwrap().unwrap();
+    let got = ops
+        .get_device(pb::GetDeviceRequest {
+            device_id: "dev-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.last_seen_time_unix_nano >= before_ack);
+    assert!(before_ack > connected);
+    let listed = ops
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    assert!(listed[0].last_seen_time_unix_nano >= before_ack);
 }
 
 /// SQL readers see no device online while no server runs, even one whose

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestServer, TestStorage, batch, now_nanos, series, upload};
+use common::{Backend, TestServer, TestStorage, batch, now_nanos, series, simple_batch, upload};
 use ingest::retention::{self, RetentionConfig};
 use ingest::storage::Store;
 use ingest::storage::partitions::{DAY_NANOS, day_of, partition_name};
@@ -457,7 +457,34 @@ async fn view_columns_have_portable_types(backend: Backend) {
     }
 }
 
+/// Right after an upload, not a hair below zero (whole-second "now" made
+/// it about -0.1 s).
+async fn seconds_since_last_upload_is_never_negative(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("fresh").await;
+    let mut client = server.ingest(&token).await;
+    for sequence in 1..=3 {
+        upload(&mut client, vec![simple_batch(sequence, 3)])
+            .await
+            .unwrap();
+        let micros = server
+            .storage
+            .scalar(
+                "SELECT CAST(seconds_since_last_upload * 1000000 AS BIGINT) \
+                 FROM device_status WHERE device_id = 'fresh'",
+            )
+            .await;
+        assert!(
+            (0..5_000_000).contains(&micros),
+            "{micros} µs since the upload"
+        );
+    }
+}
+
 backend_tests!(
+    seconds_since_last_upload_is_never_negative,
     view_columns_have_portable_types,
     rollups_match_raw_readings,
     retention_removes_only_old_readings_and_keeps_rollups,

@@ -2,6 +2,7 @@
 //! for final states, expires what outlived its time to live.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,9 +10,9 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::domain::command::{CommandKind, CommandState};
-use crate::domain::time::now_unix_nanos;
+use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::storage::commands::{CommandRecord, EnqueueError};
-use crate::storage::{StorageError, Store};
+use crate::storage::{DeviceRecord, StorageError, Store};
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -52,6 +53,9 @@ pub(crate) struct SessionSlot {
     pub generation: u64,
     pub wake: Arc<Notify>,
     pub superseded: watch::Sender<bool>,
+    /// When the device's last message arrived. The database is refreshed
+    /// only every few seconds; the RPCs read the live value from here.
+    pub last_seen: Arc<AtomicI64>,
 }
 
 pub struct CommandCenter {
@@ -177,6 +181,25 @@ impl CommandCenter {
         if let Some(slot) = self.sessions.lock().expect("lock poisoned").get(&device_pk) {
             slot.wake.notify_one();
         }
+    }
+
+    /// When a device connected here last sent a message, if it is connected.
+    pub fn live_last_seen(&self, device_pk: i64) -> Option<UnixNanos> {
+        self.sessions
+            .lock()
+            .expect("lock poisoned")
+            .get(&device_pk)
+            .map(|s| s.last_seen.load(Ordering::Relaxed))
+    }
+
+    /// A stored device as it is now: online and last seen from its
+    /// session, which the database lags by up to the presence interval.
+    pub fn with_live_presence(&self, mut device: DeviceRecord) -> DeviceRecord {
+        if let Some(seen) = self.live_last_seen(device.pk) {
+            device.online = true;
+            device.last_seen = Some(device.last_seen.map_or(seen, |stored| stored.max(seen)));
+        }
+        device
     }
 
     pub fn is_online(&self, device_pk: i64) -> bool {

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -61,6 +62,8 @@ where
     };
     let generation = center.next_generation();
     let wake = Arc::new(Notify::new());
+    let seen = now_unix_nanos();
+    let last_seen = Arc::new(AtomicI64::new(seen));
     let (superseded_tx, superseded) = watch::channel(false);
     let previous = center.sessions.lock().expect("lock poisoned").insert(
         device.pk,
@@ -68,6 +71,7 @@ where
             generation,
             wake: wake.clone(),
             superseded: superseded_tx,
+            last_seen: last_seen.clone(),
         },
     );
     if let Some(previous) = previous {
@@ -77,7 +81,7 @@ where
     let firmware = Some(hello.firmware_version.as_str()).filter(|f| !f.is_empty());
     if let Err(error) = center
         .store
-        .set_presence(device.pk, true, now_unix_nanos(), firmware)
+        .set_presence(device.pk, true, seen, firmware)
         .await
     {
         tracing::error!(%error, "recording presence failed");
@@ -87,7 +91,7 @@ where
     // Deliver what is waiting at once.
     wake.notify_one();
     tokio::spawn(run(
-        center, device, generation, incoming, wake, superseded, tx, shutdown,
+        center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown,
     ));
     Ok(rx)
 }
@@ -100,6 +104,7 @@ async fn run<S>(
     mut incoming: S,
     wake: Arc<Notify>,
     mut superseded: watch::Receiver<bool>,
+    last_seen: Arc<AtomicI64>,
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -121,10 +126,12 @@ async fn run<S>(
             }
             message = incoming.next() => match message {
                 Some(Ok(message)) => {
+                    let seen = now_unix_nanos();
+                    last_seen.store(seen, Ordering::Relaxed);
                     handle(&center, &device, message).await;
                     if presence_written.elapsed() >= PRESENCE_WRITE_INTERVAL {
                         presence_written = Instant::now();
-                        let _ = center.store.set_presence(device.pk, true, now_unix_nanos(), None).await;
+                        let _ = center.store.set_presence(device.pk, true, seen, None).await;
                     }
                 }
                 Some(Err(_)) | None => break None,

@@ -109,7 +109,9 @@ impl pb::ops_server::Ops for OpsService {
             .get_device(&id)
             .await
             .map_err(|e| status::storage_about(e, &format!("device {id}")))?;
-        Ok(Response::new(convert::device(record)))
+        Ok(Response::new(convert::device(
+            self.control.with_live_presence(record),
+        )))
     }
 
     async fn list_devices(
@@ -138,7 +140,10 @@ impl pb::ops_server::Ops for OpsService {
             String::new()
         };
         Ok(Response::new(pb::ListDevicesResponse {
-            devices: records.into_iter().map(convert::device).collect(),
+            devices: records
+                .into_iter()
+                .map(|d| convert::device(self.control.with_live_presence(d)))
+                .collect(),
             next_page_token,
         }))
     }
