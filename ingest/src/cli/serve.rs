@@ -76,6 +76,13 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_MAX_GROUP_READINGS", default_value_t = 50_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_group_readings: u32,
+    /// How long one group commit should take: a group stops taking batches
+    /// once its commit, at the speed the last commits went, would take
+    /// longer. Bounds the acknowledgement latency a queue adds; under
+    /// saturation groups still grow to this size. 0 turns it off.
+    #[arg(long, env = "INGEST_GROUP_COMMIT_BUDGET", default_value = "10ms",
+          value_parser = humantime::parse_duration)]
+    group_commit_budget: std::time::Duration,
     /// Writer tasks (and connections) committing in parallel on PostgreSQL;
     /// SQLite always has one.
     #[arg(long, env = "INGEST_POSTGRES_WRITERS", default_value_t = 2,
@@ -162,6 +169,7 @@ impl ServeArgs {
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,
             max_group_readings: self.max_group_readings as usize,
+            group_budget: self.group_commit_budget,
             postgres_writers: self.postgres_writers as usize,
             rollups: !self.disable_rollups,
         };

@@ -34,6 +34,11 @@ pub struct WriterConfig {
     pub queue_batches: usize,
     /// A group stops taking more batches once it holds this many readings.
     pub max_group_readings: usize,
+    /// ... or once committing it would take longer than this, judged by
+    /// how fast recent groups committed: a group's size follows the
+    /// database's speed, so a batch waits for at most about two budgets
+    /// when the database keeps up. Zero: no bound but the readings.
+    pub group_budget: Duration,
     /// Writer tasks on PostgreSQL, each committing its own groups on its own
     /// connection. Devices are split among them by key, so one device's
     /// batches always meet one writer, in order. SQLite has one writer
@@ -50,6 +55,7 @@ impl Default for WriterConfig {
         Self {
             queue_batches: 1024,
             max_group_readings: 50_000,
+            group_budget: Duration::from_millis(10),
             postgres_writers: 2,
             rollups: true,
         }
@@ -165,7 +171,7 @@ pub fn spawn(
     };
     // The queue bound is for all writers together.
     let depth = (config.queue_batches / writers).max(1);
-    let max = config.max_group_readings.max(1);
+    let sizing = GroupSizing::new(config.max_group_readings.max(1), config.group_budget);
     let mut queues = Vec::with_capacity(writers);
     let mut tasks = Vec::with_capacity(writers);
     for shard in 0..writers {
@@ -173,8 +179,8 @@ pub fn spawn(
         queues.push(tx);
         let judge = alerts.judge(owns, shard, writers);
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, max, config.rollups)),
-            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, max, config.rollups)),
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.rollups)),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.rollups)),
         });
     }
     let all = tokio::spawn(async move {
@@ -251,7 +257,7 @@ async fn run<B: BeginGroup>(
     backend: B,
     mut rx: mpsc::Receiver<PendingBatch>,
     mut judge: Judge,
-    max_group_readings: usize,
+    mut sizing: GroupSizing,
     rollups: bool,
 ) {
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
@@ -278,7 +284,8 @@ async fn run<B: BeginGroup>(
         // alone without waiting.
         let mut readings = first.readings();
         group.push(first);
-        while readings < max_group_readings {
+        let limit = sizing.limit();
+        while readings < limit {
             match rx.try_recv() {
                 Ok(next) => {
                     readings += next.readings();
@@ -313,6 +320,7 @@ async fn run<B: BeginGroup>(
         };
         match committed {
             Ok(outcomes) => {
+                sizing.observe(readings, started.elapsed());
                 tracing::debug!(
                     batches = group.len(),
                     readings,
@@ -335,11 +343,52 @@ async fn run<B: BeginGroup>(
         if sensors.len() > MAX_CACHED_SENSORS {
             sensors.clear();
         }
-        if columns.sensor_pk.capacity() > 4 * max_group_readings {
+        if columns.sensor_pk.capacity() > 4 * sizing.max_readings {
             columns = ReadingColumns::default();
         }
     }
     tracing::debug!("writer stopped: queue closed and drained");
+}
+
+/// How many readings the next group may take.
+#[derive(Debug, Clone, Copy)]
+struct GroupSizing {
+    max_readings: usize,
+    budget_nanos: f64,
+    /// Recent commit time per reading, fixed costs included: small groups
+    /// look dearer per reading, which makes the size settle where a group
+    /// takes about the budget, whatever the fixed part.
+    nanos_per_reading: f64,
+}
+
+impl GroupSizing {
+    fn new(max_readings: usize, budget: Duration) -> Self {
+        Self {
+            max_readings,
+            budget_nanos: budget.as_nanos() as f64,
+            // A guess until the first commit says better: about what
+            // SQLite on a small machine does.
+            nanos_per_reading: 1_500.0,
+        }
+    }
+
+    fn limit(&self) -> usize {
+        if self.budget_nanos == 0.0 {
+            return self.max_readings;
+        }
+        let fits = (self.budget_nanos / self.nanos_per_reading) as usize;
+        fits.clamp(1, self.max_readings)
+    }
+
+    fn observe(&mut self, readings: usize, took: Duration) {
+        if readings == 0 {
+            return;
+        }
+        let per = took.as_nanos() as f64 / readings as f64;
+        // Quick to follow a slowdown, steadier on the way back.
+        let weight = if per > self.nanos_per_reading { 0.5 } else { 0.2 };
+        self.nanos_per_reading += weight * (per - self.nanos_per_reading);
+    }
 }
 
 /// Records inactivity alerts of this writer's devices in a transaction of
@@ -477,4 +526,32 @@ async fn commit_group<B: BeginGroup>(
         judge.engine().recorded();
     }
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Groups settle where a commit takes about the budget, whatever the
+    /// fixed part of a commit's cost.
+    #[test]
+    fn group_size_settles_at_the_budget() {
+        for (fixed_us, per_reading_ns) in [(200.0, 1_000.0), (2_000.0, 1_000.0), (500.0, 5_000.0)] {
+            let mut sizing = GroupSizing::new(1_000_000, Duration::from_millis(10));
+            for _ in 0..100 {
+                let n = sizing.limit();
+                let took = fixed_us * 1e3 + per_reading_ns * n as f64;
+                sizing.observe(n, Duration::from_nanos(took as u64));
+            }
+            let n = sizing.limit() as f64;
+            let took_ms = (fixed_us * 1e3 + per_reading_ns * n) / 1e6;
+            assert!((9.0..=11.0).contains(&took_ms), "{fixed_us} µs fixed, {per_reading_ns} ns/reading: {took_ms} ms");
+        }
+    }
+
+    #[test]
+    fn no_budget_means_the_readings_cap() {
+        let sizing = GroupSizing::new(50_000, Duration::ZERO);
+        assert_eq!(sizing.limit(), 50_000);
+    }
 }
