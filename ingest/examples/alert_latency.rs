@@ -11,6 +11,11 @@
 //! It registers a probe device, installs a rule for it alone, and sends one
 //! reading at a time, alternately far above and far below the threshold, so
 //! every reading fires or resolves an alert. Prints p50/p90/p99/max.
+//!
+//! An event that has not arrived within `--timeout` is counted LOST and the
+//! probe moves on: a probe that meets a fault reports it rather than wait
+//! forever. Any lost sample makes the exit code non-zero, after the
+//! remaining samples are measured and the summary is printed.
 //! `--extra-rules 99` adds rules over the whole fleet, for the benchmark's
 //! "100 active rules".
 
@@ -42,6 +47,10 @@ struct Args {
     /// events. They are deleted at the end.
     #[arg(long, default_value_t = 0)]
     extra_rules: usize,
+    /// How long to wait for a sample's upload and its event before counting
+    /// it lost.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 /// A rule over all devices that never fires.
@@ -120,17 +129,17 @@ async fn main() -> anyhow::Result<()> {
     // new, so replaying from 0 yields nothing of it.
     let watch_channel = Channel::from_shared(args.server.clone())?.connect().await?;
     let mut watcher = OpsClient::with_interceptor(watch_channel, bearer(&ops_token)?);
-    let mut events = watcher
-        .watch_alerts(pb::WatchAlertsRequest {
-            after_event_id: 0,
-            rule_ids: vec![rule_id.clone()],
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let watch_request = |after_event_id| pb::WatchAlertsRequest {
+        after_event_id,
+        rule_ids: vec![rule_id.clone()],
+        ..Default::default()
+    };
+    let mut events = Some(watcher.watch_alerts(watch_request(0)).await?.into_inner());
+    let mut last_event_id = 0;
 
     let mut device = IngestClient::with_interceptor(channel, bearer(&token)?);
     let mut latencies = Vec::with_capacity(args.samples);
+    let mut lost = Vec::new();
     for i in 0..args.samples {
         let value = if i % 2 == 0 { 1000.0 } else { -1000.0 };
         let now = std::time::SystemTime::now()
@@ -145,42 +154,100 @@ async fn main() -> anyhow::Result<()> {
                 value: vec![value],
             }],
         };
+        if events.is_none() {
+            // The watch broke on an earlier sample: resume after the last
+            // event seen, so nothing is counted twice.
+            events = watcher
+                .watch_alerts(watch_request(last_event_id))
+                .await
+                .ok()
+                .map(|r| r.into_inner());
+        }
         let sent = Instant::now();
         let upload = device.upload_readings(tokio_stream::iter([batch]));
         let receive = async {
+            let stream = events.as_mut().context("no watch stream")?;
             loop {
-                let e = events.message().await?.context("watch stream ended")?;
-                if e.kind() != pb::AlertEventKind::Heartbeat {
+                let e = stream.message().await?.context("watch stream ended")?;
+                if e.kind() == pb::AlertEventKind::Heartbeat {
+                    continue;
+                }
+                last_event_id = e.event_id;
+                // A late event of an earlier, lost sample is not this one's.
+                if e.time_unix_nano == now {
                     return anyhow::Ok(sent.elapsed());
                 }
             }
         };
-        let (uploaded, latency) = tokio::join!(upload, receive);
-        uploaded?;
-        latencies.push(latency?);
+        let (uploaded, latency) = tokio::join!(
+            tokio::time::timeout(args.timeout, upload),
+            tokio::time::timeout(args.timeout, receive)
+        );
+        let failure = match (uploaded, latency) {
+            (Ok(Ok(_)), Ok(Ok(latency))) => {
+                latencies.push(latency);
+                None
+            }
+            (Err(_), _) => Some(format!("upload not acknowledged within {:?}", args.timeout)),
+            (Ok(Err(status)), _) => Some(format!("upload failed: {}", status.message())),
+            (_, Err(_)) => Some(format!("no event within {:?}", args.timeout)),
+            (_, Ok(Err(e))) => {
+                events = None;
+                Some(format!("watch failed: {e:#}"))
+            }
+        };
+        if let Some(why) = failure {
+            lost.push((i + 1, why));
+        }
         tokio::time::sleep(args.interval).await;
     }
-    ops.delete_alert_rule(pb::DeleteAlertRuleRequest { rule_id })
-        .await?;
-    for i in 0..args.extra_rules {
-        ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
-            rule_id: background_rule(i).rule_id,
-        })
-        .await?;
+    // A server that went away mid-run keeps its rules; the measurements
+    // are still reported below.
+    let rule_ids =
+        std::iter::once(rule_id).chain((0..args.extra_rules).map(|i| background_rule(i).rule_id));
+    for rule_id in rule_ids {
+        if let Err(status) = ops
+            .delete_alert_rule(pb::DeleteAlertRuleRequest {
+                rule_id: rule_id.clone(),
+            })
+            .await
+        {
+            eprintln!("could not delete rule {rule_id}: {}", status.message());
+            break;
+        }
     }
 
     latencies.sort();
-    let q = |p: f64| {
-        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
-    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let quantiles = if latencies.is_empty() {
+        "no event arrived".to_owned()
+    } else {
+        let q = |p: f64| {
+            latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+        };
+        format!(
+            "p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms(q(0.50)),
+            ms(q(0.90)),
+            ms(q(0.99)),
+            ms(q(1.0))
+        )
+    };
     println!(
-        "alert latency over {} events: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        "alert latency over {} events: {quantiles}  LOST {} of {} (timeout {:?})",
         latencies.len(),
-        ms(q(0.50)),
-        ms(q(0.90)),
-        ms(q(0.99)),
-        ms(q(1.0))
+        lost.len(),
+        args.samples,
+        args.timeout
     );
+    for (sample, why) in lost.iter().take(5) {
+        eprintln!("lost sample {sample}: {why}");
+    }
+    if !lost.is_empty() {
+        // The summary above is the report; an error's backtrace would only
+        // bury it.
+        eprintln!("{} of {} alert samples lost", lost.len(), args.samples);
+        std::process::exit(1);
+    }
     Ok(())
 }

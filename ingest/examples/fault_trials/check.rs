@@ -1,0 +1,291 @@
+//! The checks after a trial: the stored data against what the fleet was
+//! told, the plan and the oracle. Each problem becomes one line of text.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::db::{Snapshot, StoredEvent};
+use super::fleet::DeviceLog;
+use super::oracle::{self, Event, Kind};
+use super::plan::{Plan, READINGS_PER_BATCH, RULES, STEP_NANOS};
+use super::watcher::Seen;
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub acked_batches: u64,
+    pub readings_stored: usize,
+    pub events_expected: usize,
+    pub events_stored: usize,
+    /// Per rule: (expected, stored, missing, extra).
+    pub per_rule: BTreeMap<&'static str, (usize, usize, usize, usize)>,
+    pub problems: Vec<String>,
+}
+
+pub fn check(plan: &Plan, snap: &Snapshot, logs: &[DeviceLog], seen: &Seen) -> Report {
+    let mut report = Report {
+        readings_stored: snap.readings.len(),
+        events_stored: snap.events.len(),
+        ..Report::default()
+    };
+    let committed: HashMap<&str, i64> =
+        snap.devices.iter().map(|(d, s)| (d.as_str(), *s)).collect();
+    let mut readings: HashMap<&str, Vec<(i64, f64)>> = HashMap::new();
+    for (d, t, v) in &snap.readings {
+        readings.entry(d.as_str()).or_default().push((*t, *v));
+    }
+    for log in logs {
+        report.acked_batches += log.acked;
+        let id = plan.device_id(log.device);
+        let Some(&stored_seq) = committed.get(id.as_str()) else {
+            report.problems.push(format!("{id}: not stored at all"));
+            continue;
+        };
+        let stored_seq = stored_seq.max(0) as u64;
+        if stored_seq < log.acked || stored_seq < log.cursor {
+            report.problems.push(format!(
+                "{id}: committed_sequence {stored_seq} below what the device was told (acked {}, cursor {})",
+                log.acked, log.cursor
+            ));
+        }
+        if !log.finished {
+            report.problems.push(format!(
+                "{id}: did not finish uploading (acked {} of {})",
+                log.acked, plan.batches
+            ));
+        }
+        let stored = readings.get(id.as_str()).map_or(&[][..], |r| r.as_slice());
+        check_readings(
+            plan,
+            log.device,
+            &id,
+            stored_seq,
+            stored,
+            &mut report.problems,
+        );
+        check_alerts(&id, stored, snap, &mut report);
+    }
+    check_event_ids(&snap.events, &mut report.problems);
+    check_alert_rows(snap, &mut report.problems);
+    check_watcher(&snap.events, seen, &mut report.problems);
+    report
+}
+
+fn check_readings(
+    plan: &Plan,
+    device: u32,
+    id: &str,
+    committed: u64,
+    stored: &[(i64, f64)],
+    problems: &mut Vec<String>,
+) {
+    let expected = plan.readings_through(device, committed);
+    let mut times: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for &(t, v) in stored {
+        times.entry(t).or_default().push(v);
+    }
+    let duplicated = stored.len() - times.len();
+    if duplicated > 0 {
+        problems.push(format!("{id}: {duplicated} readings stored twice"));
+    }
+    let mut per_batch: BTreeMap<i64, u64> = BTreeMap::new();
+    for &t in times.keys() {
+        let batch = (t - plan.base_time).div_euclid(STEP_NANOS * READINGS_PER_BATCH as i64) + 1;
+        *per_batch.entry(batch).or_default() += 1;
+    }
+    let partial: Vec<_> = per_batch
+        .iter()
+        .filter(|(_, n)| **n != READINGS_PER_BATCH)
+        .map(|(b, n)| format!("{b} ({n} of {READINGS_PER_BATCH})"))
+        .collect();
+    if !partial.is_empty() {
+        problems.push(format!(
+            "{id}: partly stored batches {}",
+            partial.join(", ")
+        ));
+    }
+    let want: BTreeMap<i64, f64> = expected.iter().copied().collect();
+    let missing = want.keys().filter(|t| !times.contains_key(t)).count();
+    let beyond: Vec<_> = per_batch
+        .keys()
+        .filter(|b| **b as u64 > committed)
+        .collect();
+    let wrong = times
+        .iter()
+        .filter(|(t, vs)| {
+            want.get(t)
+                .is_some_and(|w| vs.iter().any(|v| v.to_bits() != w.to_bits()))
+        })
+        .count();
+    if missing > 0 {
+        problems.push(format!(
+            "{id}: {missing} readings of batches 1..={committed} missing"
+        ));
+    }
+    if !beyond.is_empty() {
+        problems.push(format!(
+            "{id}: readings of batches beyond committed_sequence {committed}: {:?}",
+            beyond.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+    if wrong > 0 {
+        problems.push(format!("{id}: {wrong} readings with a value not sent"));
+    }
+}
+
+fn check_alerts(id: &str, stored: &[(i64, f64)], snap: &Snapshot, report: &mut Report) {
+    for (rule_id, rule) in RULES {
+        let expected = oracle::replay(&rule, stored);
+        let got: Vec<Event> = snap
+            .events
+            .iter()
+            .filter(|e| e.rule_id == rule_id && e.device_id == id)
+            .filter_map(as_event)
+            .collect();
+        let (missing, extra) = multiset_diff(&expected, &got);
+        let entry = report.per_rule.entry(rule_id).or_default();
+        entry.0 += expected.len();
+        entry.1 += got.len();
+        entry.2 += missing.len();
+        entry.3 += extra.len();
+        report.events_expected += expected.len();
+        if let Some(i) =
+            (0..expected.len().max(got.len())).find(|&i| match (expected.get(i), got.get(i)) {
+                (Some(a), Some(b)) => !a.same(b),
+                _ => true,
+            })
+        {
+            report.problems.push(format!(
+                "{id} {rule_id}: events differ from #{i}: expected {}, stored {} ({} missing, {} extra; first missing {}, first extra {})",
+                show(expected.get(i)),
+                show(got.get(i)),
+                missing.len(),
+                extra.len(),
+                show(missing.first()),
+                show(extra.first()),
+            ));
+        }
+    }
+}
+
+fn as_event(e: &StoredEvent) -> Option<Event> {
+    Some(Event {
+        kind: Kind::parse(&e.kind)?,
+        time: e.time,
+        value: e.value.unwrap_or(f64::NAN),
+    })
+}
+
+fn show(e: Option<&Event>) -> String {
+    match e {
+        Some(e) => format!("{:?}@{}={}", e.kind, e.time, e.value),
+        None => "nothing".into(),
+    }
+}
+
+/// Events in `a` not matched in `b`, and in `b` not matched in `a`.
+fn multiset_diff(a: &[Event], b: &[Event]) -> (Vec<Event>, Vec<Event>) {
+    let key = |e: &Event| (e.kind, e.time, e.value.to_bits());
+    let mut count: HashMap<_, i64> = HashMap::new();
+    for e in a {
+        *count.entry(key(e)).or_default() += 1;
+    }
+    let mut extra = Vec::new();
+    for e in b {
+        match count.get_mut(&key(e)) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => extra.push(*e),
+        }
+    }
+    let mut missing = Vec::new();
+    for e in a {
+        if let Some(n) = count.get_mut(&key(e))
+            && *n > 0
+        {
+            *n -= 1;
+            missing.push(*e);
+        }
+    }
+    (missing, extra)
+}
+
+fn check_event_ids(events: &[StoredEvent], problems: &mut Vec<String>) {
+    if let Some((i, e)) = events
+        .iter()
+        .enumerate()
+        .find(|(i, e)| e.event_id != *i as i64 + 1)
+    {
+        problems.push(format!(
+            "event ids are not 1..={}: position {} holds id {}",
+            events.len(),
+            i + 1,
+            e.event_id
+        ));
+    }
+    let acked = events.iter().filter(|e| e.kind == "acked").count();
+    if acked > 0 {
+        problems.push(format!("{acked} ACKED events, but nobody acknowledged"));
+    }
+}
+
+fn check_alert_rows(snap: &Snapshot, problems: &mut Vec<String>) {
+    let mut fired: HashMap<i64, Vec<&StoredEvent>> = HashMap::new();
+    let mut resolved: HashMap<i64, Vec<&StoredEvent>> = HashMap::new();
+    for e in &snap.events {
+        match e.kind.as_str() {
+            "fired" => fired.entry(e.alert_id).or_default().push(e),
+            "resolved" => resolved.entry(e.alert_id).or_default().push(e),
+            _ => {}
+        }
+    }
+    let mut bad = Vec::new();
+    for a in &snap.alerts {
+        let f = fired.remove(&a.alert_id).unwrap_or_default();
+        let r = resolved.remove(&a.alert_id).unwrap_or_default();
+        let fired_ok = matches!(f.as_slice(), [e] if e.time == a.fired_time
+            && e.value.map(f64::to_bits) == a.fired_value.map(f64::to_bits)
+            && e.rule_id == a.rule_id && e.device_id == a.device_id);
+        let resolved_ok = match (a.resolved_time, r.as_slice()) {
+            (None, []) => true,
+            (Some(t), [e]) => e.time == t,
+            _ => false,
+        };
+        if !fired_ok || !resolved_ok {
+            bad.push(format!(
+                "alert {} ({} FIRED, {} RESOLVED events; resolved {:?})",
+                a.alert_id,
+                f.len(),
+                r.len(),
+                a.resolved_time
+            ));
+        }
+    }
+    for (id, _) in fired.iter().chain(resolved.iter()) {
+        bad.push(format!("events of alert {id}, which has no row"));
+    }
+    if !bad.is_empty() {
+        problems.push(format!(
+            "{} alert rows disagree with their events: {}",
+            bad.len(),
+            bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+        ));
+    }
+}
+
+fn check_watcher(events: &[StoredEvent], seen: &Seen, problems: &mut Vec<String>) {
+    let stored: Vec<u64> = events.iter().map(|e| e.event_id as u64).collect();
+    if seen.ids == stored {
+        return;
+    }
+    let duplicates = seen.ids.windows(2).filter(|w| w[1] <= w[0]).count();
+    let gaps = seen.ids.windows(2).filter(|w| w[1] > w[0] + 1).count();
+    let first = (0..stored.len().max(seen.ids.len()))
+        .find(|&i| stored.get(i) != seen.ids.get(i))
+        .unwrap_or(0);
+    problems.push(format!(
+        "watcher saw {} events, table has {}: {duplicates} out of order or repeated, {gaps} gaps; first difference at #{first}: saw {:?}, stored {:?} ({} reconnects)",
+        seen.ids.len(),
+        stored.len(),
+        seen.ids.get(first),
+        stored.get(first),
+        seen.reconnects
+    ));
+}

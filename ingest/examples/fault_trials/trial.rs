@@ -1,0 +1,378 @@
+//! One trial, start to verdict: a fresh database and server, the rules, the
+//! fleet and a watcher, the faults on a schedule drawn from the seed (by
+//! upload progress, so they strike while batches are in flight), then the
+//! checks on what is stored.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use super::check::{self, Report};
+use super::db::{self, Db};
+use super::fleet::{self, Progress};
+use super::plan::{self, Plan};
+use super::server::{self, Server};
+use super::watcher;
+use crate::Backend;
+
+pub struct TrialConfig {
+    pub seed: u64,
+    pub backend: Backend,
+    pub devices: u32,
+    pub batches_per_device: u64,
+    pub kills: u32,
+    pub graceful: bool,
+    pub restart_postgres: Option<String>,
+    pub postgres_url: String,
+    pub ingest_bin: PathBuf,
+    pub deadline: Duration,
+}
+
+/// How long the watcher may take to catch up once the fleet is done.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    Kill,
+    RestartPostgres,
+}
+
+#[derive(Default)]
+pub struct Outcome {
+    seed: u64,
+    backend: &'static str,
+    kills: u32,
+    pg_restarts: u32,
+    unexpected_exits: Vec<String>,
+    watcher_ids: usize,
+    elapsed: Duration,
+    report: Option<Report>,
+    /// Why the trial could not run to its checks.
+    error: Option<String>,
+    /// What a failed trial leaves behind for inspection.
+    kept: Vec<String>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.report.as_ref().is_some_and(|r| r.problems.is_empty())
+    }
+
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "seed {} {}: kills {}, pg restarts {}",
+            self.seed, self.backend, self.kills, self.pg_restarts
+        );
+        if !self.unexpected_exits.is_empty() {
+            s += &format!(
+                ", server exited by itself {}x ({})",
+                self.unexpected_exits.len(),
+                self.unexpected_exits.join(", ")
+            );
+        }
+        if let Some(r) = &self.report {
+            s += &format!(
+                ", batches acked {}, readings stored {}, events expected {} stored {}",
+                r.acked_batches, r.readings_stored, r.events_expected, r.events_stored
+            );
+            let rules: Vec<_> = r
+                .per_rule
+                .iter()
+                .map(|(id, (e, st, m, x))| format!("{id} {e}/{st}, {m} missing, {x} extra"))
+                .collect();
+            s += &format!(" ({}), watcher {} ids", rules.join("; "), self.watcher_ids);
+        }
+        s += &format!(
+            ", {:.1} s: {}",
+            self.elapsed.as_secs_f64(),
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
+        if let Some(e) = &self.error {
+            s += &format!("\n  error: {e}");
+        }
+        if let Some(r) = &self.report {
+            for p in r.problems.iter().take(8) {
+                s += &format!("\n  - {p}");
+            }
+            if r.problems.len() > 8 {
+                s += &format!("\n  ... and {} more problems", r.problems.len() - 8);
+            }
+        }
+        for k in &self.kept {
+            s += &format!("\n  kept: {k}");
+        }
+        s
+    }
+}
+
+pub async fn run(config: &TrialConfig) -> Outcome {
+    let started = Instant::now();
+    let mut outcome = Outcome {
+        seed: config.seed,
+        backend: match config.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        },
+        ..Outcome::default()
+    };
+    let dir =
+        std::env::temp_dir().join(format!("fault_trials-{}-{}", outcome.backend, config.seed));
+    let database = format!("fault_{}", config.seed);
+    // Past the deadline the trial is dropped, and with it the server child.
+    let result = tokio::time::timeout(
+        config.deadline,
+        run_inner(config, &dir, &database, &mut outcome),
+    )
+    .await;
+    match result {
+        Ok(Ok(report)) => outcome.report = Some(report),
+        Ok(Err(e)) => outcome.error = Some(format!("{e:#}")),
+        Err(_) => {
+            outcome.error = Some(format!(
+                "the trial did not finish within {:?}",
+                config.deadline
+            ))
+        }
+    }
+    outcome.elapsed = started.elapsed();
+    if outcome.passed() {
+        let _ = std::fs::remove_dir_all(&dir);
+        if config.backend == Backend::Postgres {
+            let drop = format!("DROP DATABASE IF EXISTS {database}");
+            if let Err(e) = db::postgres_admin(&config.postgres_url, &[&drop]).await {
+                eprintln!("could not drop {database}: {e:#}");
+            }
+        }
+    } else {
+        // The line shows the first problems; the file has all of them.
+        if let Some(r) = &outcome.report {
+            let path = dir.join("problems.txt");
+            if std::fs::write(&path, r.problems.join("\n") + "\n").is_ok() {
+                outcome
+                    .kept
+                    .push(format!("every problem: {}", path.display()));
+            }
+        }
+        outcome.kept.push(format!(
+            "{} (server log: {})",
+            dir.display(),
+            dir.join("server.log").display()
+        ));
+        if config.backend == Backend::Postgres {
+            outcome
+                .kept
+                .push(format!("database {}/{database}", config.postgres_url));
+        }
+    }
+    outcome
+}
+
+async fn run_inner(
+    config: &TrialConfig,
+    dir: &std::path::Path,
+    database: &str,
+    outcome: &mut Outcome,
+) -> anyhow::Result<Report> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let database_url = match config.backend {
+        Backend::Sqlite => format!("sqlite://{}/telemetry.db", dir.display()),
+        Backend::Postgres => {
+            let drop = format!("DROP DATABASE IF EXISTS {database}");
+            let create = format!("CREATE DATABASE {database}");
+            db::postgres_admin(&config.postgres_url, &[&drop, &create]).await?;
+            format!("{}/{database}", config.postgres_url)
+        }
+    };
+    let mut server = Server::new(&config.ingest_bin, dir, database_url.clone())?;
+    let result = drive(config, &mut server, &database_url, outcome).await;
+    outcome.unexpected_exits = server.unexpected_exits.clone();
+    result
+}
+
+async fn drive(
+    config: &TrialConfig,
+    server: &mut Server,
+    database_url: &str,
+    outcome: &mut Outcome,
+) -> anyhow::Result<Report> {
+    let trial_started = Instant::now();
+    server.start().await?;
+    let ops_token = server.ops_token()?;
+    let url = server.url();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let plan = Arc::new(Plan {
+        seed: config.seed,
+        devices: config.devices,
+        batches: config.batches_per_device,
+        // Ten minutes back: well inside retention and the future skew, and
+        // the whole trial's readings span only seconds.
+        base_time: (now_ms - 600_000) * 1_000_000,
+    });
+
+    let channel = Channel::from_shared(url.clone())?.connect().await?;
+    let header: MetadataValue<_> = format!("Bearer {ops_token}").parse()?;
+    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", header.clone());
+        Ok(r)
+    });
+    for rule in plan::rule_protos() {
+        ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
+            .await
+            .context("installing a rule")?;
+    }
+    let mut tokens = Vec::new();
+    for d in 0..plan.devices {
+        let token = ops
+            .register_device(pb::RegisterDeviceRequest {
+                device_id: plan.device_id(d),
+                ..Default::default()
+            })
+            .await
+            .context("registering a device")?
+            .into_inner()
+            .token;
+        tokens.push(token);
+    }
+    drop(ops);
+
+    let (last_tx, mut last_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(watcher::run(url.clone(), ops_token, last_tx, stop_rx));
+
+    // The fleet gets what is left of the trial, less time for the checks.
+    let fleet_deadline = trial_started
+        + config
+            .deadline
+            .saturating_sub(CATCH_UP + Duration::from_secs(5));
+    let progress = Arc::new(Progress::default());
+    let devices: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(d, token)| {
+            tokio::spawn(fleet::run_device(
+                plan.clone(),
+                d as u32,
+                token,
+                url.clone(),
+                progress.clone(),
+                fleet_deadline,
+            ))
+        })
+        .collect();
+
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let total = plan.batches * u64::from(plan.devices);
+    let mut faults: Vec<(u64, Fault)> = (0..config.kills)
+        .map(|_| {
+            (
+                (rng.random_range(0.05..0.85) * total as f64) as u64,
+                Fault::Kill,
+            )
+        })
+        .collect();
+    if config.restart_postgres.is_some() {
+        faults.push((
+            (rng.random_range(0.2..0.7) * total as f64) as u64,
+            Fault::RestartPostgres,
+        ));
+    }
+    faults.sort_by_key(|f| f.0);
+
+    for (at, fault) in faults {
+        // Wait for the moment; a fleet that finished early ends the schedule.
+        while progress.acked_batches.load(Ordering::Relaxed) < at
+            && !devices.iter().all(|h| h.is_finished())
+        {
+            server.supervise().await?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if devices.iter().all(|h| h.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+        match fault {
+            Fault::Kill => {
+                if config.graceful {
+                    server.stop().await?;
+                    server::mark(&server.log, &format!("SIGTERM at {at} batches acked"));
+                } else {
+                    server.kill().await?;
+                    server::mark(&server.log, &format!("SIGKILL at {at} batches acked"));
+                }
+                outcome.kills += 1;
+                // Down a moment: the fleet meets refused connections.
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+                server.start().await?;
+            }
+            Fault::RestartPostgres => {
+                let Some(cmd) = config.restart_postgres.clone() else {
+                    continue;
+                };
+                server::mark(
+                    &server.log,
+                    &format!("PostgreSQL restart at {at} batches acked"),
+                );
+                let status = tokio::task::spawn_blocking(move || {
+                    std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(&cmd)
+                        .status()
+                })
+                .await?
+                .context("running the PostgreSQL restart command")?;
+                anyhow::ensure!(
+                    status.success(),
+                    "the PostgreSQL restart command failed ({status})"
+                );
+                outcome.pg_restarts += 1;
+                server::mark(&server.log, "PostgreSQL is back");
+            }
+        }
+    }
+    while !devices.iter().all(|h| h.is_finished()) {
+        server.supervise().await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut logs = Vec::new();
+    for h in devices {
+        logs.push(h.await?);
+    }
+
+    // Every batch is acknowledged, so every alert it caused is recorded:
+    // wait for the watcher to have seen the newest.
+    let db = Db::open(database_url).await?;
+    let caught_up_by = Instant::now() + CATCH_UP;
+    loop {
+        let newest = db.max_event_id().await?.max(0) as u64;
+        if *last_rx.borrow_and_update() >= newest || Instant::now() >= caught_up_by {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), last_rx.changed()).await;
+    }
+    stop_tx.send_replace(true);
+    let seen = watcher.await?;
+    outcome.watcher_ids = seen.ids.len();
+    let status = server.stop().await?;
+    let snapshot = db.snapshot().await?;
+    db.close().await;
+    let mut report = check::check(&plan, &snapshot, &logs, &seen);
+    if let Some(status) = status
+        && !status.success()
+    {
+        report
+            .problems
+            .push(format!("the server's SIGTERM stop ended {status}"));
+    }
+    Ok(report)
+}

@@ -1,0 +1,81 @@
+//! An operator's WatchAlerts stream held through every kill: it reconnects
+//! from the last event id it saw, so the ids it collects must be every
+//! stored event once, in order.
+
+use std::time::Duration;
+
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Event ids in the order received (heartbeats left out).
+    pub ids: Vec<u64>,
+    pub reconnects: u64,
+}
+
+/// Watches until `stop` turns true; `last` publishes the newest id seen, so
+/// the trial can wait for the watcher to catch up.
+pub async fn run(
+    url: String,
+    ops_token: String,
+    last: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let Ok(header) = format!("Bearer {ops_token}").parse::<MetadataValue<_>>() else {
+        return seen;
+    };
+    let Ok(endpoint) = Endpoint::from_shared(url) else {
+        return seen;
+    };
+    let channel = endpoint
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", header.clone());
+        Ok(r)
+    });
+    let mut first = true;
+    while !*stop.borrow() {
+        if !first {
+            seen.reconnects += 1;
+        }
+        first = false;
+        let after = seen.ids.last().copied().unwrap_or(0);
+        let request = pb::WatchAlertsRequest {
+            after_event_id: after,
+            ..Default::default()
+        };
+        let opened = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            r = ops.watch_alerts(request) => r,
+        };
+        if let Ok(response) = opened {
+            let mut events = response.into_inner();
+            loop {
+                let message = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return seen,
+                    m = events.message() => m,
+                };
+                match message {
+                    Ok(Some(e)) if e.kind() == pb::AlertEventKind::Heartbeat => {}
+                    Ok(Some(e)) => {
+                        seen.ids.push(e.event_id);
+                        last.send_replace(e.event_id);
+                    }
+                    // Ended or broken: the server went away.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    seen
+}
