@@ -150,17 +150,36 @@ impl Judge {
             let (Some(Some(info)), Some(state)) = (infos.get(&pk), states.get_mut(&pk)) else {
                 continue;
             };
+            // Each series' range, once for all rules.
+            let bounds: Vec<(f64, f64)> = batch
+                .series
+                .iter()
+                .map(|s| {
+                    s.values
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                            (lo.min(v), hi.max(v))
+                        })
+                })
+                .collect();
             for (rule_id, rule_state) in state.rules.iter_mut() {
                 let Some(entry) = book.rules.get(rule_id) else {
                     continue;
                 };
                 let rule = &entry.rule;
-                for s in batch.series {
+                for (s, &range) in batch.series.iter().zip(&bounds) {
                     if rule.sensor.as_ref().is_some_and(|want| *want != s.sensor) {
                         continue;
                     }
-                    state.seen.insert(rule_id.clone(), now);
-                    judge_series(rule, rule_state, pk, info, s, &mut verdicts.events);
+                    if matches!(rule.condition, Condition::Inactivity { .. }) {
+                        match state.seen.get_mut(rule_id) {
+                            Some(seen) => *seen = now,
+                            None => {
+                                state.seen.insert(rule_id.clone(), now);
+                            }
+                        }
+                    }
+                    judge_series(rule, rule_state, pk, info, s, range, &mut verdicts.events);
                 }
             }
         }
@@ -333,8 +352,15 @@ fn judge_series(
     pk: i64,
     info: &DeviceInfo,
     s: &SeriesRows,
+    (lo, hi): (f64, f64),
     events: &mut Vec<NewAlertEvent>,
 ) {
+    if rule
+        .condition
+        .quiet_between(&mut state.memory, state.open.is_some(), lo, hi)
+    {
+        return;
+    }
     for (&time, &value) in s.times.iter().zip(&s.values) {
         let Some(verdict) =
             rule.condition

@@ -120,7 +120,14 @@ impl SqliteStore {
             .pragma("cache_size", format!("-{}", SQLITE_CACHE_KIB))
             // See `Checkpoints`. The limit truncates the WAL file when it
             // restarts after a burst.
-            .pragma("wal_autocheckpoint", "0")
+            .pragma(
+                "wal_autocheckpoint",
+                if std::env::var("TMP_AUTOCKPT").is_ok() {
+                    "1000"
+                } else {
+                    "0"
+                },
+            )
             .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -130,10 +137,12 @@ impl SqliteStore {
             wake: Notify::new(),
             restart: AtomicBool::new(false),
         });
-        tokio::spawn(checkpoint_beside_the_writer(
-            pool.clone(),
-            checkpoints.clone(),
-        ));
+        if std::env::var("TMP_AUTOCKPT").is_err() {
+            tokio::spawn(checkpoint_beside_the_writer(
+                pool.clone(),
+                checkpoints.clone(),
+            ));
+        }
         Ok(Self {
             pool,
             write_gate: Arc::new(Mutex::new(())),

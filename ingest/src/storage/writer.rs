@@ -55,7 +55,8 @@ impl Default for WriterConfig {
         Self {
             queue_batches: 1024,
             max_group_readings: 50_000,
-            group_budget: Duration::from_millis(10),
+            // Off: see `--group-commit-budget`.
+            group_budget: Duration::ZERO,
             postgres_writers: 2,
             rollups: true,
         }
@@ -386,7 +387,11 @@ impl GroupSizing {
         }
         let per = took.as_nanos() as f64 / readings as f64;
         // Quick to follow a slowdown, steadier on the way back.
-        let weight = if per > self.nanos_per_reading { 0.5 } else { 0.2 };
+        let weight = if per > self.nanos_per_reading {
+            0.5
+        } else {
+            0.2
+        };
         self.nanos_per_reading += weight * (per - self.nanos_per_reading);
     }
 }
@@ -545,7 +550,10 @@ mod tests {
             }
             let n = sizing.limit() as f64;
             let took_ms = (fixed_us * 1e3 + per_reading_ns * n) / 1e6;
-            assert!((9.0..=11.0).contains(&took_ms), "{fixed_us} µs fixed, {per_reading_ns} ns/reading: {took_ms} ms");
+            assert!(
+                (9.0..=11.0).contains(&took_ms),
+                "{fixed_us} µs fixed, {per_reading_ns} ns/reading: {took_ms} ms"
+            );
         }
     }
 
