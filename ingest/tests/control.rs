@@ -159,16 +159,25 @@ async fn an_offline_device_gets_its_queued_commands_in_order_on_connect(backend:
         received.push(device.command().await.command_id);
     }
     assert_eq!(received, ids);
-    let sent = ops
-        .get_command(pb::GetCommandRequest { command_id: ids[0] })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        sent.state(),
-        pb::CommandState::Sent,
-        "delivered is not acknowledged"
-    );
+    // The sent mark is written just after the command goes down the stream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let sent = ops
+            .get_command(pb::GetCommandRequest { command_id: ids[0] })
+            .await
+            .unwrap()
+            .into_inner();
+        if sent.state() != pb::CommandState::Queued {
+            assert_eq!(
+                sent.state(),
+                pb::CommandState::Sent,
+                "delivered is not acknowledged"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never marked sent");
+        tokio::task::yield_now().await;
+    }
 }
 
 async fn a_command_expires_when_its_ttl_passes_before_delivery(backend: Backend) {
@@ -426,6 +435,17 @@ async fn last_seen_is_the_last_message_heard(backend: Backend) {
         .into_inner()
         .devices;
     assert!(listed[0].last_seen_time_unix_nano >= before_ack);
+    // The database catches up within its write interval (5 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let sql = "SELECT COALESCE(last_seen_unix_nano, 0) FROM devices WHERE device_id = 'dev-1'";
+    while (server.storage.scalar(sql).await as u64) < before_ack {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "last_seen never written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(device);
 }
 
 /// SQL readers see no device online while no server runs, even one whose

@@ -56,7 +56,15 @@ pub(crate) struct SessionSlot {
     /// When the device's last message arrived. The database is refreshed
     /// only every few seconds; the RPCs read the live value from here.
     pub last_seen: Arc<AtomicI64>,
+    /// The `last_seen` the database has.
+    pub last_seen_stored: UnixNanos,
 }
+
+/// How often the `last_seen` of connected devices is written, all devices
+/// in one transaction: one write per device per status message would be
+/// hundreds of small transactions a second, each waiting its turn at
+/// SQLite's one writer with the readings.
+pub const LAST_SEEN_WRITE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct CommandCenter {
     pub(crate) store: Store,
@@ -88,9 +96,12 @@ impl CommandCenter {
             let center = center.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(center.config.expiry_interval);
+                let mut seen = tokio::time::interval(LAST_SEEN_WRITE_INTERVAL);
+                seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => center.expire().await,
+                        _ = seen.tick() => center.write_last_seen().await,
                         () = until_set(&mut shutdown) => break,
                     }
                 }
@@ -108,6 +119,37 @@ impl CommandCenter {
                 }
             }
             Err(error) => tracing::error!(%error, "expiring commands failed"),
+        }
+    }
+
+    /// Writes the `last_seen` of every session heard from since the last
+    /// write. A failure is retried at the next interval.
+    async fn write_last_seen(&self) {
+        let due: Vec<(i64, UnixNanos)> = self
+            .sessions
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .filter_map(|(&pk, slot)| {
+                let seen = slot.last_seen.load(Ordering::Relaxed);
+                (seen > slot.last_seen_stored).then_some((pk, seen))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        match self.store.record_last_seen(&due).await {
+            Ok(()) => {
+                let mut sessions = self.sessions.lock().expect("lock poisoned");
+                for (pk, seen) in due {
+                    if let Some(slot) = sessions.get_mut(&pk) {
+                        slot.last_seen_stored = slot.last_seen_stored.max(seen);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, devices = due.len(), "recording last seen failed; retrying")
+            }
         }
     }
 

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
@@ -39,10 +38,6 @@ pub enum OpenError {
     Transport(tonic::Status),
 }
 
-/// How often status messages refresh `last_seen` in the database; in
-/// between, only the session knows.
-const PRESENCE_WRITE_INTERVAL: Duration = Duration::from_secs(5);
-
 /// Starts a session once the device has said hello.
 pub async fn open<S>(
     center: Arc<CommandCenter>,
@@ -72,6 +67,7 @@ where
             wake: wake.clone(),
             superseded: superseded_tx,
             last_seen: last_seen.clone(),
+            last_seen_stored: seen,
         },
     );
     if let Some(previous) = previous {
@@ -112,7 +108,6 @@ async fn run<S>(
 {
     // Ids written to this stream: a wake-up does not repeat them here.
     let mut written = HashSet::new();
-    let mut presence_written = Instant::now();
     let stale = superseded.clone();
     let end = loop {
         tokio::select! {
@@ -126,13 +121,9 @@ async fn run<S>(
             }
             message = incoming.next() => match message {
                 Some(Ok(message)) => {
-                    let seen = now_unix_nanos();
-                    last_seen.store(seen, Ordering::Relaxed);
+                    // Written to the database with all sessions' (`LAST_SEEN_WRITE_INTERVAL`).
+                    last_seen.store(now_unix_nanos(), Ordering::Relaxed);
                     handle(&center, &device, message).await;
-                    if presence_written.elapsed() >= PRESENCE_WRITE_INTERVAL {
-                        presence_written = Instant::now();
-                        let _ = center.store.set_presence(device.pk, true, seen, None).await;
-                    }
                 }
                 Some(Err(_)) | None => break None,
             },
@@ -168,7 +159,7 @@ async fn run<S>(
 /// Writes the device's deliverable commands, oldest first. False if the
 /// stream is gone.
 async fn deliver(
-    center: &CommandCenter,
+    center: &Arc<CommandCenter>,
     device: &DeviceKey,
     superseded: &watch::Receiver<bool>,
     tx: &mpsc::Sender<Outgoing>,
@@ -207,15 +198,22 @@ async fn deliver(
         if tx.send(Outgoing::Command(command)).await.is_err() {
             return false;
         }
-        // Recorded after the write, off the command's critical path: the
-        // device need not wait for a commit to hear it. Should the server
-        // stop before this lands, the command is still queued and is
-        // delivered again with the same id, which a device answers without
-        // applying it twice.
-        match center.store.mark_command_sent(id, now).await {
-            Ok(_) => center.changed(id, CommandState::Sent),
-            Err(error) => tracing::error!(%error, command_id = id, "marking a command sent failed"),
-        }
+        // Recorded after the write and beside the session, off the
+        // command's critical path: the device need not wait for a commit to
+        // hear it, and its acknowledgement need not wait behind this one
+        // (an acknowledgement recorded first keeps its state; the delivery
+        // time is filled in). Should the server stop before this lands, the
+        // command is still queued and is delivered again with the same id,
+        // which a device answers without applying it twice.
+        let center = center.clone();
+        tokio::spawn(async move {
+            match center.store.mark_command_sent(id, now).await {
+                Ok(_) => center.changed(id, CommandState::Sent),
+                Err(error) => {
+                    tracing::error!(%error, command_id = id, "marking a command sent failed")
+                }
+            }
+        });
     }
     true
 }

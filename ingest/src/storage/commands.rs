@@ -51,6 +51,10 @@ pub(super) const EXPIRE: &str = "UPDATE commands SET state = 'expired', finished
      WHERE state = 'queued' AND expires_unix_nano <= ? RETURNING command_id";
 pub(super) const PRESENCE: &str = "UPDATE devices SET online = ?, last_seen_unix_nano = ?, \
      firmware_version = COALESCE(?, firmware_version) WHERE pk = ?";
+/// Devices per `last_seen` refresh transaction: each holds SQLite's write
+/// lock (and PostgreSQL's row locks, which group commits also take) for
+/// about a millisecond.
+pub(super) const LAST_SEEN_CHUNK: usize = 500;
 pub(super) const ALL_OFFLINE: &str = "UPDATE devices SET online = FALSE WHERE online";
 
 pub(super) fn deliverable_sql() -> String {
@@ -172,6 +176,16 @@ impl Store {
         firmware: Option<&str>,
     ) -> Result<(), StorageError> {
         dispatch!(self, s => s.set_presence(device_pk, online, seen, firmware).await)
+    }
+
+    /// Refreshes the `last_seen` of many connected devices in one
+    /// transaction: (device pk, last seen).
+    /// Never moves `last_seen` back: a disconnect may have written a later one.
+    pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
+        for chunk in seen.chunks(LAST_SEEN_CHUNK) {
+            dispatch!(self, s => s.record_last_seen(chunk).await)?;
+        }
+        Ok(())
     }
 
     /// At start-up no device holds a stream to this server yet.

@@ -131,6 +131,20 @@ impl PgStore {
         to_u64(seq, "committed_sequence")
     }
 
+    pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
+        let (pks, times): (Vec<i64>, Vec<i64>) = seen.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE devices d SET last_seen_unix_nano = u.seen \
+             FROM UNNEST($1::int8[], $2::int8[]) AS u(pk, seen) \
+             WHERE d.pk = u.pk AND (d.last_seen_unix_nano IS NULL OR d.last_seen_unix_nano < u.seen)",
+        )
+        .bind(&pks)
+        .bind(&times)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// SQL with `?` placeholders, numbered as PostgreSQL takes them.
     fn sql(sql: &str) -> String {
         alerts::numbered(sql)

@@ -226,6 +226,19 @@ impl SqliteStore {
         to_u64(seq, "committed_sequence")
     }
 
+    pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
+        let rows = serde_json::to_string(seen).expect("integers serialise");
+        sqlx::query(
+            "UPDATE devices SET last_seen_unix_nano = j.value ->> 1 FROM json_each(?) j \
+             WHERE devices.pk = j.value ->> 0 \
+             AND (last_seen_unix_nano IS NULL OR last_seen_unix_nano < j.value ->> 1)",
+        )
+        .bind(rows)
+        .execute(&mut *self.write_conn().await?)
+        .await?;
+        Ok(())
+    }
+
     /// SQL with `?` placeholders, as SQLite takes it.
     fn sql(sql: &str) -> String {
         sql.to_owned()
