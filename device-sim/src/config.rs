@@ -86,6 +86,12 @@ pub struct Args {
     #[arg(long, env = "DEVICE_SIM_DURATION")]
     pub duration: Option<humantime::Duration>,
 
+    /// Leave the acknowledgement latencies of the first this long out of
+    /// the report: a fleet started at once sends its first batches in the
+    /// same instant, and their wait says nothing of the steady state.
+    #[arg(long, env = "DEVICE_SIM_LATENCY_WARMUP", default_value = "0s")]
+    pub latency_warmup: humantime::Duration,
+
     /// Number of HTTP/2 connections shared by the devices.
     #[arg(long, env = "DEVICE_SIM_CONNECTIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -141,6 +147,7 @@ pub struct Config {
     pub batch_size: usize,
     pub batches_per_stream: usize,
     pub duration: Option<Duration>,
+    pub latency_warmup: Duration,
     pub connections: usize,
     pub credentials_file: PathBuf,
     /// `Some(rate)` when anomalies are on.
@@ -217,6 +224,7 @@ impl Config {
             batches_per_stream: usize::try_from(args.batches_per_stream)
                 .context("--batches-per-stream is too large")?,
             duration: args.duration.map(Into::into),
+            latency_warmup: args.latency_warmup.into(),
             connections: usize::try_from(args.connections).context("--connections is too large")?,
             credentials_file: args
                 .credentials_file

@@ -50,7 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let channels = open_channels(&config)?;
     let (credentials, mut failures) = ensure_credentials(&config, &channels[0], &shutdown).await?;
 
-    let stats = Arc::new(Stats::new());
+    let stats = Arc::new(Stats::with_latency_warmup(config.latency_warmup));
     let devices = spawn_devices(
         &config,
         &credentials,

@@ -88,6 +88,8 @@ pub struct Stats {
     failure_warned: AtomicBool,
     unsupported_warned: AtomicBool,
     ack_latency_micros: Mutex<Histogram<u64>>,
+    /// Latencies acknowledged before this are not recorded (the warm-up).
+    record_latencies_from: std::time::Instant,
 }
 
 impl Default for Stats {
@@ -127,6 +129,15 @@ impl Stats {
             failure_warned: AtomicBool::new(false),
             unsupported_warned: AtomicBool::new(false),
             ack_latency_micros: Mutex::new(histogram),
+            record_latencies_from: std::time::Instant::now(),
+        }
+    }
+
+    /// Stats that leave out the latencies of the first `warmup`.
+    pub fn with_latency_warmup(warmup: std::time::Duration) -> Self {
+        Self {
+            record_latencies_from: std::time::Instant::now() + warmup,
+            ..Self::new()
         }
     }
 
@@ -151,7 +162,7 @@ impl Stats {
     /// Records the acknowledgement latencies of one stream under a single
     /// lock, so thousands of devices do not contend once per batch.
     pub fn record_ack_latencies(&self, micros: &[u64]) {
-        if micros.is_empty() {
+        if micros.is_empty() || std::time::Instant::now() < self.record_latencies_from {
             return;
         }
         // A poisoned lock only means another task panicked mid-record; the
@@ -206,6 +217,17 @@ impl LatencySummary {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn latencies_of_the_warm_up_are_left_out() {
+        let stats = Stats::with_latency_warmup(std::time::Duration::from_secs(3600));
+        stats.record_ack_latencies(&[1_000, 2_000]);
+        assert_eq!(stats.latency_summary().count, 0);
+        let stats = Stats::with_latency_warmup(std::time::Duration::ZERO);
+        stats.record_ack_latencies(&[1_000, 2_000]);
+        assert_eq!(stats.latency_summary().count, 2);
+    }
+
     use super::*;
 
     #[test]
