@@ -10,7 +10,11 @@
 //! - [`upload`]: an upload stream: validate each batch ([`domain::reading`]),
 //!   hand it to the writer, tally the summary ([`domain::summary`]).
 //! - [`storage::writer`]: group commit of many streams' batches; bounded, so
-//!   a slow database slows devices through HTTP/2 flow control.
+//!   a slow database slows devices through HTTP/2 flow control. Each group
+//!   is judged against the alert rules ([`alerts::judge`]) and its alert
+//!   events are written in the same transaction as its readings;
+//!   [`alerts`] also holds the rules, the feed of committed events and the
+//!   WatchAlerts streams.
 //! - [`storage`]: one interface, a module per backend, migrations in
 //!   `migrations/{sqlite,postgres}`; the writer also keeps the hourly
 //!   rollup ([`storage::rollup`]) the reporting views read.

@@ -1,7 +1,7 @@
 //! Alerts: rules judged against committed readings inside the transaction
 //! that stores them ([`judge`], driven by the group-commit writer), the
 //! rules and operator actions ([`engine`]), the feed of recorded FIRED /
-//! ACKED / RESOLVED events ([`feed`]), and the watch streams that deliver
+//! ACKED / RESOLVED events (`feed`), and the watch streams that deliver
 //! them to operators ([`watch`]).
 
 pub mod engine;

@@ -1,6 +1,7 @@
 //! The group-commit writer: every upload stream hands its validated batches
 //! to one task, which commits the batches of many streams in one transaction
-//! and answers each stream once its batch is durable.
+//! (with the alert events they cause, see [`crate::alerts::judge`]) and
+//! answers each stream once its batch is durable.
 //!
 //! The queue in front of it is bounded. When the database is slow the queue
 //! fills, `submit` waits, the upload handler stops reading its stream, and
