@@ -308,21 +308,14 @@ fn closing_event(
     alert_id: u64,
     why: &str,
 ) -> NewAlertEvent {
-    NewAlertEvent {
-        kind: EventKind::Resolved,
-        alert_id: Some(alert_id),
-        rule_id: rule.id.clone(),
-        device_pk: pk,
+    NewAlertEvent::of_rule(
+        EventKind::Resolved,
+        Some(alert_id),
+        rule,
+        pk,
         device_id,
-        sensor: rule
-            .sensor
-            .as_ref()
-            .map_or(String::new(), |s| s.as_str().to_owned()),
-        severity: rule.severity,
-        value: None,
-        time: now_unix_nanos(),
-        message: why.to_owned(),
-    }
+        why.to_owned(),
+    )
 }
 
 async fn load_devices(store: &Store) -> Result<HashMap<i64, DeviceInfo>, StorageError> {

@@ -23,7 +23,6 @@ use super::AlertEngine;
 use super::engine::{DeviceInfo, RuleBook};
 use crate::domain::alert::{Condition, Memory, Rule, RuleId, Verdict};
 use crate::domain::reading::SeriesRows;
-use crate::domain::time::now_unix_nanos;
 use crate::storage::GroupTx;
 use crate::storage::alerts::{
     EventKind, EventOutcome, FIRED_EARLIER, NewAlertEvent, PendingChange,
@@ -66,12 +65,6 @@ pub struct Verdicts {
     pub events: Vec<NewAlertEvent>,
     pub holds: Vec<PendingChange>,
     states: HashMap<i64, DeviceAlerts>,
-}
-
-impl Verdicts {
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.holds.is_empty()
-    }
 }
 
 /// One committed batch of a group, in group order.
@@ -428,22 +421,13 @@ fn silence_event(rule: &Rule, pk: i64, info: &DeviceInfo, quiet: Duration) -> Ne
         .sensor
         .as_ref()
         .map_or("any sensor".to_owned(), |s| s.to_string());
-    NewAlertEvent {
-        kind: EventKind::Fired,
-        alert_id: None,
-        rule_id: rule.id.clone(),
-        device_pk: pk,
-        device_id: info.id.clone(),
-        sensor: rule
-            .sensor
-            .as_ref()
-            .map_or(String::new(), |s| s.as_str().to_owned()),
-        severity: rule.severity,
-        value: None,
-        time: now_unix_nanos(),
-        message: format!(
-            "no reading of {what} for {}",
-            humantime::format_duration(Duration::from_millis(quiet.as_millis() as u64))
-        ),
-    }
+    let quiet = humantime::format_duration(Duration::from_millis(quiet.as_millis() as u64));
+    NewAlertEvent::of_rule(
+        EventKind::Fired,
+        None,
+        rule,
+        pk,
+        info.id.clone(),
+        format!("no reading of {what} for {quiet}"),
+    )
 }

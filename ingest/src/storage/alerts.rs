@@ -50,6 +50,36 @@ pub struct NewAlertEvent {
     pub message: String,
 }
 
+impl NewAlertEvent {
+    /// An event of a rule itself rather than of a reading (a silence, a
+    /// rule changed or deleted): no value, the server's time, the rule's
+    /// sensor (empty for inactivity of any sensor).
+    pub fn of_rule(
+        kind: EventKind,
+        alert_id: Option<u64>,
+        rule: &Rule,
+        device_pk: i64,
+        device_id: DeviceId,
+        message: String,
+    ) -> Self {
+        Self {
+            kind,
+            alert_id,
+            rule_id: rule.id.clone(),
+            device_pk,
+            device_id,
+            sensor: rule
+                .sensor
+                .as_ref()
+                .map_or(String::new(), |s| s.as_str().to_owned()),
+            severity: rule.severity,
+            value: None,
+            time: crate::domain::time::now_unix_nanos(),
+            message,
+        }
+    }
+}
+
 /// A recorded event, as watchers receive it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlertEventRecord {
