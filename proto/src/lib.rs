@@ -10,6 +10,8 @@ pub mod v1 {
     tonic::include_proto!("telemetry.v1");
 }
 
+pub mod raw;
+
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/telemetry_descriptor.bin"));

@@ -22,6 +22,8 @@ pub struct ControlConfig {
     pub max_ttl: Duration,
     /// How often expired commands are swept.
     pub expiry_interval: Duration,
+    /// How long a new Control stream may take to send its DeviceHello.
+    pub hello_timeout: Duration,
 }
 
 impl Default for ControlConfig {
@@ -31,6 +33,7 @@ impl Default for ControlConfig {
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             expiry_interval: Duration::from_millis(200),
+            hello_timeout: Duration::from_secs(30),
         }
     }
 }

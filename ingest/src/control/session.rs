@@ -11,6 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::center::{CommandCenter, SessionSlot, until_set};
 use crate::domain::command::CommandState;
+use crate::domain::device_message::{self, InvalidDeviceMessage};
 use crate::domain::time::now_unix_nanos;
 use crate::storage::DeviceKey;
 use crate::storage::commands::CommandRecord;
@@ -22,11 +23,13 @@ pub enum Outgoing {
     End(SessionEnd),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SessionEnd {
     /// The device opened a newer Control stream.
     Superseded,
     ShuttingDown,
+    /// The device sent a message past the limits; nothing of it was stored.
+    Refused(InvalidDeviceMessage),
 }
 
 /// Why a stream could not start.
@@ -34,6 +37,12 @@ pub enum SessionEnd {
 pub enum OpenError {
     #[error("the first message on a Control stream must be DeviceHello")]
     NoHello,
+    #[error(
+        "no DeviceHello within {0:?} of opening the Control stream (the server's --control-hello-timeout)"
+    )]
+    HelloTimeout(std::time::Duration),
+    #[error(transparent)]
+    InvalidHello(#[from] InvalidDeviceMessage),
     #[error("{}", .0.message())]
     Transport(tonic::Status),
 }
@@ -48,13 +57,25 @@ pub async fn open<S>(
 where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin + Send + 'static,
 {
-    let hello = match incoming.next().await {
+    let hello_timeout = center.config.hello_timeout;
+    let first = tokio::time::timeout(hello_timeout, incoming.next())
+        .await
+        .map_err(|_| OpenError::HelloTimeout(hello_timeout))?;
+    let hello = match first {
         Some(Ok(pb::DeviceMessage {
             msg: Some(pb::device_message::Msg::Hello(hello)),
         })) => hello,
         Some(Err(status)) => return Err(OpenError::Transport(status)),
         Some(Ok(_)) | None => return Err(OpenError::NoHello),
     };
+    let firmware = device_message::firmware_version(&hello.firmware_version)?;
+    device_message::hello_lists(
+        &hello.capabilities,
+        hello
+            .config
+            .as_ref()
+            .map_or(&[][..], |c| &c.disabled_sensors[..]),
+    )?;
     let generation = center.next_generation();
     let wake = Arc::new(Notify::new());
     let seen = now_unix_nanos();
@@ -74,15 +95,14 @@ where
         tracing::info!(device = %device.id, "a newer Control stream supersedes the open one");
         let _ = previous.superseded.send(true);
     }
-    let firmware = Some(hello.firmware_version.as_str()).filter(|f| !f.is_empty());
     if let Err(error) = center
         .store
-        .set_presence(device.pk, true, seen, firmware)
+        .set_presence(device.pk, true, seen, firmware.as_ref().map(|f| f.as_str()))
         .await
     {
         tracing::error!(%error, "recording presence failed");
     }
-    tracing::info!(device = %device.id, firmware = hello.firmware_version, "device online");
+    tracing::info!(device = %device.id, firmware = firmware.as_ref().map(|f| f.as_str()), "device online");
     let (tx, rx) = mpsc::channel(16);
     // Deliver what is waiting at once.
     wake.notify_one();
@@ -123,7 +143,10 @@ async fn run<S>(
                 Some(Ok(message)) => {
                     // Written to the database with all sessions' (`LAST_SEEN_WRITE_INTERVAL`).
                     last_seen.store(now_unix_nanos(), Ordering::Relaxed);
-                    handle(&center, &device, message).await;
+                    if let Err(refused) = handle(&center, &device, message).await {
+                        tracing::info!(device = %device.id, error = %refused, "Control message refused; ending the stream");
+                        break Some(SessionEnd::Refused(refused));
+                    }
                 }
                 Some(Err(_)) | None => break None,
             },
@@ -218,15 +241,36 @@ async fn deliver(
     true
 }
 
-async fn handle(center: &CommandCenter, device: &DeviceKey, message: pb::DeviceMessage) {
-    let Some(msg) = message.msg else { return };
+/// Acts on one message; refuses (storing nothing of it) one past the limits.
+async fn handle(
+    center: &CommandCenter,
+    device: &DeviceKey,
+    message: pb::DeviceMessage,
+) -> Result<(), InvalidDeviceMessage> {
+    let Some(msg) = message.msg else {
+        return Ok(());
+    };
     match msg {
-        pb::device_message::Msg::Hello(_) | pb::device_message::Msg::Status(_) => {}
+        // A repeated hello changes nothing, but is held to the same limits.
+        pb::device_message::Msg::Hello(hello) => {
+            device_message::firmware_version(&hello.firmware_version)?;
+            device_message::hello_lists(
+                &hello.capabilities,
+                hello
+                    .config
+                    .as_ref()
+                    .map_or(&[][..], |c| &c.disabled_sensors[..]),
+            )?;
+        }
+        pb::device_message::Msg::Status(status) => {
+            device_message::status(status.battery_percent, status.signal_dbm)?;
+        }
         pb::device_message::Msg::Ack(ack) => {
+            let detail = device_message::ack_detail(ack.command_id, &ack.detail)?;
             let state = match ack.state() {
                 pb::CommandAckState::Accepted | pb::CommandAckState::Done => CommandState::Acked,
                 pb::CommandAckState::Failed => CommandState::Failed,
-                pb::CommandAckState::Unspecified => return,
+                pb::CommandAckState::Unspecified => return Ok(()),
             };
             match center
                 .store
@@ -234,7 +278,7 @@ async fn handle(center: &CommandCenter, device: &DeviceKey, message: pb::DeviceM
                     device.pk,
                     ack.command_id,
                     state,
-                    &ack.detail,
+                    detail.as_str(),
                     now_unix_nanos(),
                 )
                 .await
@@ -256,4 +300,5 @@ async fn handle(center: &CommandCenter, device: &DeviceKey, message: pb::DeviceM
             }
         }
     }
+    Ok(())
 }

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use super::text::{InvalidText, Layout, check};
+
 /// Why a device attribute was refused; the text is shown to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidDevice {
@@ -10,14 +12,13 @@ pub enum InvalidDevice {
         "device id {0:?} is invalid: use 1 to 128 ASCII letters, digits, '_', '.', '-' or ':', starting with a letter or digit"
     )]
     Id(String),
-    #[error("display name is too long: {0} characters, at most 256")]
-    DisplayName(usize),
+    /// A display name or label value: too long, or not printable text.
+    #[error(transparent)]
+    Text(#[from] InvalidText),
     #[error(
         "label key {0:?} is invalid: use 1 to 63 lowercase letters, digits, '_', '.', '-' or '/', starting with a letter"
     )]
     LabelKey(String),
-    #[error("label {0:?} has a value longer than 256 characters")]
-    LabelValue(String),
     #[error("too many labels: {0}, at most 32")]
     TooManyLabels(usize),
 }
@@ -63,11 +64,12 @@ impl DisplayName {
     pub const MAX_CHARS: usize = 256;
 
     pub fn parse(s: &str, id: &DeviceId) -> Result<Self, InvalidDevice> {
-        let trimmed = s.trim();
-        let chars = trimmed.chars().count();
-        if chars > Self::MAX_CHARS {
-            return Err(InvalidDevice::DisplayName(chars));
-        }
+        let trimmed = check(
+            || "display_name".into(),
+            s.trim(),
+            Self::MAX_CHARS,
+            Layout::SingleLine,
+        )?;
         if trimmed.is_empty() {
             return Ok(Self(id.as_str().to_owned()));
         }
@@ -113,9 +115,12 @@ impl Labels {
             if !key_ok {
                 return Err(InvalidDevice::LabelKey(key.chars().take(80).collect()));
             }
-            if value.chars().count() > Self::MAX_VALUE_CHARS {
-                return Err(InvalidDevice::LabelValue(key));
-            }
+            check(
+                || format!("the value of label {key:?}"),
+                &value,
+                Self::MAX_VALUE_CHARS,
+                Layout::SingleLine,
+            )?;
             labels.insert(key, value);
         }
         Ok(Self(labels))
@@ -162,6 +167,14 @@ mod tests {
         assert_eq!(DisplayName::parse("  ", &id).unwrap().as_str(), "d1");
         assert_eq!(DisplayName::parse(" Pump ", &id).unwrap().as_str(), "Pump");
         assert!(DisplayName::parse(&"é".repeat(257), &id).is_err());
+        assert!(DisplayName::parse(&"é".repeat(256), &id).is_ok());
+        for bad in ["a\0b", "\x1b[31mred", "two\nlines"] {
+            let err = DisplayName::parse(bad, &id).unwrap_err();
+            assert!(
+                err.to_string().starts_with("display_name contains"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -174,6 +187,15 @@ mod tests {
             let raw = HashMap::from([(bad.to_owned(), "v".to_owned())]);
             assert!(Labels::parse(raw).is_err(), "{bad}");
         }
+        let nul = HashMap::from([("site".to_owned(), "a\0".to_owned())]);
+        let err = Labels::parse(nul).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the value of label \"site\" contains NUL"),
+            "{err}"
+        );
+        let long = HashMap::from([("site".to_owned(), "x".repeat(257))]);
+        assert!(Labels::parse(long).is_err());
         let many = (0..33).map(|i| (format!("k{i}"), String::new())).collect();
         assert_eq!(Labels::parse(many), Err(InvalidDevice::TooManyLabels(33)));
     }

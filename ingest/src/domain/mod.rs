@@ -4,8 +4,10 @@
 pub mod alert;
 pub mod command;
 pub mod device;
+pub mod device_message;
 pub mod reading;
 pub mod summary;
+pub mod text;
 pub mod time;
 
 pub use device::{DeviceId, DisplayName, InvalidDevice, Labels};

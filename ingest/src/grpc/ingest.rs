@@ -14,7 +14,7 @@ use super::command_messages::command_to_pb;
 use super::{convert, status};
 use crate::auth;
 use crate::control::CommandCenter;
-use crate::control::session::{self, Outgoing, SessionEnd};
+use crate::control::session::{self, Outgoing};
 use crate::upload::{self, UploadContext};
 
 pub struct IngestService {
@@ -81,12 +81,7 @@ impl pb::ingest_server::Ingest for IngestService {
             Outgoing::Command(c) => Ok(pb::ServerMessage {
                 msg: Some(pb::server_message::Msg::Command(command_to_pb(&c))),
             }),
-            Outgoing::End(SessionEnd::Superseded) => Err(Status::aborted(
-                "superseded: this device opened a newer Control stream; this one receives nothing more",
-            )),
-            Outgoing::End(SessionEnd::ShuttingDown) => {
-                Err(Status::unavailable("the server is shutting down; reconnect"))
-            }
+            Outgoing::End(end) => Err(Status::from(end)),
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -7,7 +7,7 @@ use tonic::Status;
 
 use crate::alerts::EngineError;
 use crate::control::SendError;
-use crate::control::session::OpenError;
+use crate::control::session::{OpenError, SessionEnd};
 use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
 use crate::domain::{BatchError, InvalidDevice};
@@ -79,9 +79,8 @@ impl From<InvalidDevice> for Status {
     fn from(e: InvalidDevice) -> Self {
         match e {
             InvalidDevice::Id(_)
-            | InvalidDevice::DisplayName(_)
+            | InvalidDevice::Text(_)
             | InvalidDevice::LabelKey(_)
-            | InvalidDevice::LabelValue(_)
             | InvalidDevice::TooManyLabels(_) => Status::invalid_argument(e.to_string()),
         }
     }
@@ -126,8 +125,27 @@ impl From<SendError> for Status {
 impl From<OpenError> for Status {
     fn from(e: OpenError) -> Self {
         match e {
-            OpenError::NoHello => Status::invalid_argument(e.to_string()),
+            OpenError::NoHello | OpenError::InvalidHello(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            OpenError::HelloTimeout(_) => Status::deadline_exceeded(e.to_string()),
             OpenError::Transport(status) => status,
+        }
+    }
+}
+
+impl From<SessionEnd> for Status {
+    fn from(end: SessionEnd) -> Self {
+        match end {
+            SessionEnd::Superseded => Status::aborted(
+                "superseded: this device opened a newer Control stream; this one receives nothing more",
+            ),
+            SessionEnd::ShuttingDown => {
+                Status::unavailable("the server is shutting down; reconnect")
+            }
+            SessionEnd::Refused(e) => Status::invalid_argument(format!(
+                "{e}; the message was not recorded and the stream is closed"
+            )),
         }
     }
 }
