@@ -17,7 +17,7 @@
 //!   unpacked, 9 bytes per 8-byte element;
 //! - `long-sensor`: one series whose sensor name fills the message.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};

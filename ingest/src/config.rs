@@ -11,6 +11,7 @@ use crate::domain::ReadingLimits;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
+use crate::upload::UploadTimeouts;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -65,6 +66,21 @@ pub struct Limits {
     /// mistaken for a flood.
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
+    pub upload_timeouts: UploadTimeouts,
+    /// A connection must complete its TLS and HTTP/2 handshake (send the
+    /// HTTP/2 preface) within this, or it is closed.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING sent on a connection quiet for this long; a connection
+    /// that does not answer within `keepalive_timeout` is closed. This is
+    /// what keeps a healthy, quiet Control stream open.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Readings per second one device may send, over all its streams; a
+    /// device over it is held back by flow control. 0: no limit.
+    pub max_readings_per_second_per_device: u64,
+    /// UploadReadings and Control streams one device may open per minute;
+    /// past it, RESOURCE_EXHAUSTED with a retry delay. 0: no limit.
+    pub max_stream_opens_per_minute_per_device: u64,
 }
 
 impl Default for Limits {
@@ -76,6 +92,12 @@ impl Default for Limits {
             max_concurrent_streams: 4096,
             stream_window_bytes: 1024 * 1024,
             connection_window_bytes: 16 * 1024 * 1024,
+            upload_timeouts: UploadTimeouts::default(),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_readings_per_second_per_device: 0,
+            max_stream_opens_per_minute_per_device: 0,
         }
     }
 }

@@ -31,6 +31,8 @@ pub mod config;
 pub mod control;
 pub mod domain;
 pub mod grpc;
+pub mod handshake;
+pub mod rate_limit;
 pub mod reports;
 pub mod retention;
 pub mod server;

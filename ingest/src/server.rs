@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures::StreamExt;
 use telemetry_proto::v1::ingest_server::IngestServer;
 use telemetry_proto::v1::ops_server::OpsServer;
 use tokio::net::TcpListener;
@@ -20,7 +21,10 @@ use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
 use crate::control::CommandCenter;
-use crate::grpc::{IngestService, OpsService};
+use crate::grpc::transport_status::TransportStatusLayer;
+use crate::grpc::{IngestRoutes, IngestService, OpsService};
+use crate::handshake::PrefaceDeadline;
+use crate::rate_limit::DeviceRateLimits;
 use crate::storage::{Store, writer};
 use crate::upload::UploadContext;
 
@@ -61,10 +65,19 @@ pub async fn run(
         limits: config.limits.readings.clone(),
         max_inflight_batches: config.limits.max_inflight_batches,
         shutdown: stopping.clone(),
+        rate_limits: Arc::new(DeviceRateLimits::new(
+            config.limits.max_readings_per_second_per_device,
+            config.limits.max_stream_opens_per_minute_per_device,
+        )),
+        timeouts: config.limits.upload_timeouts,
     };
     let max_message = config.limits.max_message_bytes;
-    let ingest = IngestServer::new(IngestService::new(upload, control.clone()))
-        .max_decoding_message_size(max_message);
+    let ingest = IngestRoutes::new(
+        IngestService::new(upload, control.clone()),
+        config.limits.readings.max_batch_series,
+        max_message,
+        &[],
+    );
     let ops = OpsServer::new(OpsService::new(
         store.clone(),
         alerts,
@@ -96,16 +109,25 @@ pub async fn run(
             let _ = stopping_tx.send(true);
         }
     };
+    let handshake_timeout = config.limits.handshake_timeout;
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|tcp| PrefaceDeadline::new(tcp, handshake_timeout)));
     let serve = Server::builder()
         .initial_stream_window_size(config.limits.stream_window_bytes)
         .initial_connection_window_size(config.limits.connection_window_bytes)
         .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
+        .layer(TransportStatusLayer {
+            max_message_bytes: max_message,
+        })
         .layer(AuthLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
         .add_service(ops)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
 
     let mut stopped = stopping;
     let grace = config.shutdown_grace;

@@ -7,6 +7,8 @@
 //! filling the writer's queue on its own.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
@@ -15,7 +17,8 @@ use tokio::sync::{oneshot, watch};
 use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
 use crate::domain::time::now_unix_nanos;
-use crate::domain::{BatchError, ReadingLimits, UploadTally};
+use crate::domain::{BatchError, ReadingLimits, RejectReason, UploadTally};
+use crate::rate_limit::DeviceRateLimits;
 use crate::storage::writer::{BatchOutcome, CommitResult, WriterHandle};
 use crate::storage::{DeviceKey, StorageError, Store};
 
@@ -31,6 +34,26 @@ pub struct UploadContext {
     pub max_inflight_batches: usize,
     /// Turns true when the server begins shutting down.
     pub shutdown: watch::Receiver<bool>,
+    pub rate_limits: Arc<DeviceRateLimits>,
+    pub timeouts: UploadTimeouts,
+}
+
+/// How long an upload stream may keep the server waiting for a message.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadTimeouts {
+    /// From opening the stream to its first batch.
+    pub first_message: Duration,
+    /// Between two batches.
+    pub idle: Duration,
+}
+
+impl Default for UploadTimeouts {
+    fn default() -> Self {
+        Self {
+            first_message: Duration::from_secs(30),
+            idle: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Why an upload stream ended without a summary.
@@ -40,12 +63,18 @@ pub enum UploadError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Sequence(#[from] SequenceNotIncreasing),
-    /// The gRPC framing refused a message over `--max-message-bytes`.
-    #[error("{0}")]
-    MessageTooLarge(String),
-    /// The client's stream broke (cancelled, reset, undecodable).
+    /// The client's stream broke (cancelled, reset, undecodable, over a
+    /// size limit; see `grpc::transport_status`).
     #[error("{}", .0.message())]
     Transport(tonic::Status),
+    #[error(
+        "no batch within {0:?} of opening the stream (the server's --upload-first-message-timeout)"
+    )]
+    FirstMessageTimeout(Duration),
+    #[error(
+        "no batch within {0:?} of the previous one (the server's --upload-idle-timeout); close the stream when there is nothing to send"
+    )]
+    IdleTimeout(Duration),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("a batch could not be committed")]
@@ -114,17 +143,34 @@ where
 {
     let writer = ctx.writer.stream(device.pk);
     let mut shutdown = ctx.shutdown.clone();
+    let mut first = true;
     loop {
+        let (wait, timed_out) = if first {
+            let t = ctx.timeouts.first_message;
+            (t, UploadError::FirstMessageTimeout(t))
+        } else {
+            let t = ctx.timeouts.idle;
+            (t, UploadError::IdleTimeout(t))
+        };
         let next = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
-            next = messages.next() => next,
+            next = tokio::time::timeout(wait, messages.next()) => match next {
+                Ok(next) => next,
+                Err(_) => return Err(timed_out),
+            },
         };
+        first = false;
         let message = match next {
             None => return Ok(()),
             Some(Ok(message)) => message,
-            Some(Err(status)) => return Err(transport_error(status)),
+            Some(Err(status)) => return Err(UploadError::Transport(status)),
         };
+        let received: u64 = message
+            .series
+            .iter()
+            .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
+            .sum();
         let series = message
             .series
             .into_iter()
@@ -140,6 +186,16 @@ where
         settle(tally, inflight, ctx.max_inflight_batches.max(1) - 1).await?;
         let committed = writer.submit(batch.sequence, batch.series).await?;
         inflight.push_back((batch.report, committed));
+        // Over its rate the device waits here, with its stream unread: HTTP/2
+        // flow control holds it back and nothing is refused or lost.
+        let hold = ctx.rate_limits.readings(device.pk, received);
+        if !hold.is_zero() {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
+                () = tokio::time::sleep(hold) => tally.throttled += hold,
+            }
+        }
     }
 }
 
@@ -153,7 +209,14 @@ async fn settle(
     while inflight.len() > keep {
         let (report, committed) = inflight.pop_front().expect("len > keep >= 0");
         match committed.await {
-            Ok(Ok(BatchOutcome::Committed { committed_sequence })) => {
+            Ok(Ok(BatchOutcome::Committed {
+                committed_sequence,
+                refused_series,
+            })) => {
+                let mut report = report;
+                if !refused_series.is_empty() {
+                    report.refuse_series(&refused_series, RejectReason::TooManySensors);
+                }
                 tally.committed(report, committed_sequence);
             }
             Ok(Ok(BatchOutcome::Duplicate { committed_sequence })) => {
@@ -167,15 +230,5 @@ async fn settle(
         Err(UploadError::CommitFailed)
     } else {
         Ok(())
-    }
-}
-
-/// tonic reports an oversized message as OUT_OF_RANGE; gRPC clients expect
-/// RESOURCE_EXHAUSTED for it, with a hint at what to change.
-fn transport_error(status: tonic::Status) -> UploadError {
-    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
-        UploadError::MessageTooLarge(status.message().to_owned())
-    } else {
-        UploadError::Transport(status)
     }
 }

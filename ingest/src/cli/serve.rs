@@ -14,6 +14,7 @@ use crate::domain::reading::SensorName;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
+use crate::upload::UploadTimeouts;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -32,6 +33,60 @@ pub struct ServeArgs {
     /// Most readings in one batch.
     #[arg(long, env = "INGEST_MAX_BATCH_READINGS", default_value_t = 10_000)]
     max_batch_readings: usize,
+    /// Most series in one batch, enforced while the batch is decoded: it
+    /// bounds what a message can make the server allocate (an empty series
+    /// is 2 bytes on the wire and about 100 in memory).
+    #[arg(long, env = "INGEST_MAX_BATCH_SERIES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch_series: u32,
+    /// Sensors (name and unit pairs) one device may have; readings of a new
+    /// sensor past it are rejected (TOO_MANY_SENSORS), the rest of their
+    /// batch is kept.
+    #[arg(long, env = "INGEST_MAX_SENSORS_PER_DEVICE", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_sensors_per_device: u32,
+    /// Readings per second one device may send over all its streams; a
+    /// device over it is held back by HTTP/2 flow control (nothing is
+    /// refused) and its summary says for how long. 0: no limit.
+    #[arg(
+        long,
+        env = "INGEST_MAX_READINGS_PER_SECOND_PER_DEVICE",
+        default_value_t = 0
+    )]
+    max_readings_per_second_per_device: u64,
+    /// UploadReadings and Control streams one device may open per minute;
+    /// past it, RESOURCE_EXHAUSTED with google.rpc.RetryInfo. 0: no limit.
+    #[arg(
+        long,
+        env = "INGEST_MAX_STREAM_OPENS_PER_MINUTE_PER_DEVICE",
+        default_value_t = 0
+    )]
+    max_stream_opens_per_minute_per_device: u64,
+    /// How long a new upload stream may wait before its first batch.
+    #[arg(long, env = "INGEST_UPLOAD_FIRST_MESSAGE_TIMEOUT", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    upload_first_message_timeout: Duration,
+    /// How long an upload stream may stay silent between two batches.
+    #[arg(long, env = "INGEST_UPLOAD_IDLE_TIMEOUT", default_value = "2m",
+          value_parser = humantime::parse_duration)]
+    upload_idle_timeout: Duration,
+    /// How long a new Control stream may wait before its DeviceHello.
+    #[arg(long, env = "INGEST_CONTROL_HELLO_TIMEOUT", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    control_hello_timeout: Duration,
+    /// How long a new connection may take to send the HTTP/2 preface.
+    #[arg(long, env = "INGEST_HANDSHAKE_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// HTTP/2 PING on a connection quiet this long; keeps healthy quiet
+    /// Control streams open and finds dead peers.
+    #[arg(long, env = "INGEST_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    http2_keepalive_interval: Duration,
+    /// A connection that does not answer a PING within this is closed.
+    #[arg(long, env = "INGEST_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s",
+          value_parser = humantime::parse_duration)]
+    http2_keepalive_timeout: Duration,
     /// Longest sensor name, in bytes (at most 255).
     #[arg(long, env = "INGEST_MAX_SENSOR_NAME_LEN", default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..=SensorName::HARD_MAX_LEN as i64))]
@@ -161,6 +216,7 @@ impl ServeArgs {
                 max_sensor_name_len: usize::from(self.max_sensor_name_len),
                 max_future_skew: self.max_future_skew,
                 retention: self.retention,
+                max_batch_series: self.max_batch_series as usize,
                 ..ReadingLimits::default()
             },
             max_message_bytes: self.max_message_bytes,
@@ -168,6 +224,15 @@ impl ServeArgs {
             max_concurrent_streams: self.http2_max_streams,
             stream_window_bytes: self.http2_stream_window,
             connection_window_bytes: self.http2_connection_window,
+            upload_timeouts: UploadTimeouts {
+                first_message: self.upload_first_message_timeout,
+                idle: self.upload_idle_timeout,
+            },
+            handshake_timeout: self.handshake_timeout,
+            keepalive_interval: self.http2_keepalive_interval,
+            keepalive_timeout: self.http2_keepalive_timeout,
+            max_readings_per_second_per_device: self.max_readings_per_second_per_device,
+            max_stream_opens_per_minute_per_device: self.max_stream_opens_per_minute_per_device,
         };
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,
@@ -175,6 +240,7 @@ impl ServeArgs {
             group_budget: self.group_commit_budget,
             postgres_writers: self.postgres_writers as usize,
             rollups: !self.disable_rollups,
+            max_sensors_per_device: self.max_sensors_per_device as usize,
         };
         config.retention = RetentionConfig {
             rollups: self.rollup_retention,
@@ -186,6 +252,7 @@ impl ServeArgs {
         config.alerts.live_buffer = self.alert_live_buffer as usize;
         config.control.max_pending_per_device = self.max_pending_commands;
         config.control.default_ttl = self.command_ttl;
+        config.control.hello_timeout = self.control_hello_timeout;
         config.shutdown_grace = self.shutdown_grace;
         Ok(config)
     }

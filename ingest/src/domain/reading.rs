@@ -22,10 +22,13 @@ pub enum RejectReason {
     SensorNameTooLong,
     SensorNameMalformed,
     UnitMalformed,
+    /// The device already has `--max-sensors-per-device` sensors and this
+    /// reading's sensor would be a new one.
+    TooManySensors,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         Self::NonFiniteValue,
         Self::TimestampInFuture,
         Self::TimestampTooOld,
@@ -33,6 +36,7 @@ impl RejectReason {
         Self::SensorNameTooLong,
         Self::SensorNameMalformed,
         Self::UnitMalformed,
+        Self::TooManySensors,
     ];
 
     fn index(self) -> usize {
@@ -79,6 +83,9 @@ pub struct ReadingLimits {
     pub retention: Duration,
     /// How many rejected readings an upload summary lists by position.
     pub max_listed_rejections: usize,
+    /// Series one batch may hold; enforced while decoding, see
+    /// `grpc::batch_codec`.
+    pub max_batch_series: usize,
 }
 
 impl Default for ReadingLimits {
@@ -89,6 +96,7 @@ impl Default for ReadingLimits {
             max_future_skew: Duration::from_secs(5 * 60),
             retention: Duration::from_secs(30 * 24 * 3600),
             max_listed_rejections: 10,
+            max_batch_series: 1024,
         }
     }
 }
@@ -213,19 +221,67 @@ impl ValueStats {
     }
 }
 
+/// What one accepted series contributes to the summary.
+#[derive(Debug, Clone)]
+pub struct SeriesReport {
+    /// Its index in the batch as sent.
+    pub series_index: u32,
+    pub sensor: SensorName,
+    pub stats: ValueStats,
+    /// Earliest and latest timestamps.
+    pub range: (UnixNanos, UnixNanos),
+}
+
 /// What a batch contributes to the upload summary once it is committed.
 #[derive(Debug, Clone, Default)]
 pub struct BatchReport {
+    pub sequence: u64,
     pub accepted: u64,
     pub rejected_by_reason: [u64; RejectReason::ALL.len()],
     /// The first few rejections, at most `max_listed_rejections`.
     pub first_rejected: Vec<Rejection>,
-    pub sensors: Vec<(SensorName, ValueStats)>,
-    /// Earliest and latest accepted timestamps.
-    pub time_range: Option<(UnixNanos, UnixNanos)>,
+    /// One per stored series, in the order of `ValidatedBatch::series`.
+    pub series: Vec<SeriesReport>,
+    pub max_listed: usize,
 }
 
 impl BatchReport {
+    /// Earliest and latest accepted timestamps.
+    pub fn time_range(&self) -> Option<(UnixNanos, UnixNanos)> {
+        self.series
+            .iter()
+            .map(|s| s.range)
+            .reduce(|(a, b), (lo, hi)| (a.min(lo), b.max(hi)))
+    }
+
+    /// Moves the readings of stored series `rows` (indices into
+    /// `ValidatedBatch::series`) from accepted to rejected for `reason`: the
+    /// writer refused them at commit time.
+    pub fn refuse_series(&mut self, rows: &[u32], reason: RejectReason) {
+        let mut index = 0u32;
+        let max_listed = self.max_listed;
+        let sequence = self.sequence;
+        let mut refused = Vec::new();
+        self.series.retain(|s| {
+            let keep = !rows.contains(&index);
+            index += 1;
+            if !keep {
+                refused.push((s.series_index, s.stats.count));
+            }
+            keep
+        });
+        for (series_index, count) in refused {
+            self.accepted -= count;
+            let at = Rejection {
+                sequence,
+                series_index,
+                reading_index: 0,
+                reason,
+            };
+            self.reject(at, count, max_listed);
+        }
+    }
+
     pub fn rejected(&self) -> u64 {
         self.rejected_by_reason.iter().sum()
     }
@@ -301,7 +357,11 @@ pub fn validate_batch(
     let newest = now.saturating_add(nanos(limits.max_future_skew));
     let oldest = now.saturating_sub(nanos(limits.retention));
     let max_listed = limits.max_listed_rejections;
-    let mut report = BatchReport::default();
+    let mut report = BatchReport {
+        sequence,
+        max_listed,
+        ..BatchReport::default()
+    };
     let mut rows = Vec::with_capacity(series.len());
 
     for (series_index, raw) in series.into_iter().enumerate() {
@@ -363,15 +423,16 @@ pub fn validate_batch(
         let Some(stats) = ValueStats::of(&values) else {
             continue;
         };
-        let (lo, hi) = times
+        let range = times
             .iter()
             .fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
-        report.time_range = Some(match report.time_range {
-            Some((a, b)) => (a.min(lo), b.max(hi)),
-            None => (lo, hi),
-        });
         report.accepted += stats.count;
-        report.sensors.push((sensor.clone(), stats));
+        report.series.push(SeriesReport {
+            series_index: series_index as u32,
+            sensor: sensor.clone(),
+            stats,
+            range,
+        });
         rows.push(SeriesRows {
             sensor,
             unit,
@@ -489,9 +550,9 @@ mod tests {
         assert_eq!(batch.series.len(), 1);
         assert_eq!(batch.series[0].times, vec![NOW, NOW + 2]);
         assert_eq!(batch.series[0].values, vec![20.0, 22.0]);
-        assert_eq!(r.time_range, Some((NOW, NOW + 2)));
+        assert_eq!(r.time_range(), Some((NOW, NOW + 2)));
         assert_eq!(
-            r.sensors[0].1,
+            r.series[0].stats,
             ValueStats {
                 count: 2,
                 min: 20.0,
@@ -531,6 +592,41 @@ mod tests {
             validate_batch(1, vec![uneven], &limits, NOW),
             Err(BatchError::ColumnMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn series_refused_at_commit_become_rejections() {
+        let limits = ReadingLimits::default();
+        let t = NOW as u64;
+        let mut batch = validate_batch(
+            4,
+            vec![
+                raw("Bad", &[(t, 1.0)]),
+                raw("a", &[(t, 1.0), (t + 5, 2.0)]),
+                raw("b", &[(t + 1, 3.0)]),
+            ],
+            &limits,
+            NOW,
+        )
+        .unwrap();
+        // Stored row 1 is the sensor "b", sent as series 2.
+        batch
+            .report
+            .refuse_series(&[1], RejectReason::TooManySensors);
+        let r = &batch.report;
+        assert_eq!(r.accepted, 2);
+        assert_eq!(r.rejected_for(RejectReason::TooManySensors), 1);
+        assert_eq!(r.series.len(), 1);
+        assert_eq!(r.time_range(), Some((NOW, NOW + 5)));
+        assert_eq!(
+            r.first_rejected[1],
+            Rejection {
+                sequence: 4,
+                series_index: 2,
+                reading_index: 0,
+                reason: RejectReason::TooManySensors
+            }
+        );
     }
 
     #[test]

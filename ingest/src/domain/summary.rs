@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(test)]
+use super::reading::SeriesReport;
 use super::reading::{BatchReport, RejectReason, Rejection, SensorName, ValueStats};
 use super::time::UnixNanos;
 
@@ -17,6 +19,11 @@ pub struct SequenceNotIncreasing {
     pub got: u64,
 }
 
+/// Sensors an upload summary lists at most: with names of up to 255 bytes
+/// the list stays far below a default client's 4 MiB receive limit, however
+/// many sensors a stream wrote.
+pub const MAX_SUMMARY_SENSORS: usize = 1024;
+
 /// Everything an upload stream reports back, accumulated as its batches are
 /// received and committed.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +37,12 @@ pub struct UploadTally {
     /// The device's high-water mark as last seen by the writer.
     pub committed_sequence: u64,
     pub time_range: Option<(UnixNanos, UnixNanos)>,
+    /// Per sensor, at most [`MAX_SUMMARY_SENSORS`].
     pub sensors: BTreeMap<SensorName, ValueStats>,
+    /// Some sensors were left out of `sensors` for its cap.
+    pub sensors_truncated: bool,
+    /// Time the stream was held back by the device's rate limit.
+    pub throttled: std::time::Duration,
     max_listed_rejections: usize,
     last_sequence: Option<u64>,
 }
@@ -70,22 +82,26 @@ impl UploadTally {
                 *self.rejected_by_reason.entry(reason).or_default() += n;
             }
         }
+        let time_range = report.time_range();
         let room = self
             .max_listed_rejections
             .saturating_sub(self.first_rejected.len());
         self.first_rejected
             .extend(report.first_rejected.into_iter().take(room));
-        if let Some((lo, hi)) = report.time_range {
+        if let Some((lo, hi)) = time_range {
             self.time_range = Some(match self.time_range {
                 Some((a, b)) => (a.min(lo), b.max(hi)),
                 None => (lo, hi),
             });
         }
-        for (sensor, stats) in report.sensors {
-            self.sensors
-                .entry(sensor)
-                .and_modify(|s| s.merge(&stats))
-                .or_insert(stats);
+        for series in report.series {
+            if let Some(s) = self.sensors.get_mut(&series.sensor) {
+                s.merge(&series.stats);
+            } else if self.sensors.len() < MAX_SUMMARY_SENSORS {
+                self.sensors.insert(series.sensor, series.stats);
+            } else {
+                self.sensors_truncated = true;
+            }
         }
     }
 
@@ -107,11 +123,12 @@ mod tests {
     fn report(sensor: &str, values: &[f64], t: (i64, i64)) -> BatchReport {
         BatchReport {
             accepted: values.len() as u64,
-            sensors: vec![(
-                SensorName::parse(sensor, 64).unwrap(),
-                ValueStats::of(values).unwrap(),
-            )],
-            time_range: Some(t),
+            series: vec![SeriesReport {
+                series_index: 0,
+                sensor: SensorName::parse(sensor, 64).unwrap(),
+                stats: ValueStats::of(values).unwrap(),
+                range: t,
+            }],
             ..Default::default()
         }
     }
@@ -151,5 +168,17 @@ mod tests {
         assert_eq!(tally.time_range, Some((5, 20)));
         let t = &tally.sensors[&SensorName::parse("t", 64).unwrap()];
         assert_eq!((t.count, t.min, t.max, t.mean()), (3, 1.0, 5.0, 3.0));
+        assert!(!tally.sensors_truncated);
+    }
+
+    #[test]
+    fn caps_the_sensor_list() {
+        let mut tally = UploadTally::new(10, 0);
+        for i in 0..MAX_SUMMARY_SENSORS + 5 {
+            tally.committed(report(&format!("s{i}"), &[1.0], (1, 1)), i as u64 + 1);
+        }
+        assert_eq!(tally.sensors.len(), MAX_SUMMARY_SENSORS);
+        assert!(tally.sensors_truncated);
+        assert_eq!(tally.readings_accepted, MAX_SUMMARY_SENSORS as u64 + 5);
     }
 }

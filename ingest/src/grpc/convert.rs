@@ -32,6 +32,7 @@ pub fn reject_reason(r: RejectReason) -> pb::RejectReason {
         RejectReason::SensorNameTooLong => pb::RejectReason::SensorNameTooLong,
         RejectReason::SensorNameMalformed => pb::RejectReason::SensorNameMalformed,
         RejectReason::UnitMalformed => pb::RejectReason::UnitMalformed,
+        RejectReason::TooManySensors => pb::RejectReason::TooManySensors,
     }
 }
 
@@ -76,5 +77,7 @@ pub fn summary(t: UploadTally) -> pb::UploadSummary {
                 mean: s.mean(),
             })
             .collect(),
+        sensors_truncated: t.sensors_truncated,
+        throttled_millis: t.throttled.as_millis() as u64,
     }
 }

@@ -45,6 +45,10 @@ impl pb::ingest_server::Ingest for IngestService {
     ) -> Result<Response<pb::UploadSummary>, Status> {
         let device = auth::device(&request)?.clone();
         tracing::Span::current().record("device", device.id.as_str());
+        self.ctx
+            .rate_limits
+            .open_stream(device.pk)
+            .map_err(status::stream_rate_exceeded)?;
         match upload::run(request.into_inner(), &device, &self.ctx).await {
             Ok(tally) => {
                 tracing::debug!(
@@ -70,6 +74,10 @@ impl pb::ingest_server::Ingest for IngestService {
         request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
         let device = auth::device(&request)?.clone();
+        self.ctx
+            .rate_limits
+            .open_stream(device.pk)
+            .map_err(status::stream_rate_exceeded)?;
         let outgoing = session::open(
             self.control.clone(),
             device,

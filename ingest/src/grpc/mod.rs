@@ -3,11 +3,14 @@
 //! every error becomes a `tonic::Status` in [`status`].
 
 mod alert_messages;
+pub mod batch_codec;
 mod command_messages;
 mod convert;
 pub mod ingest;
 pub mod ops;
 pub mod status;
+pub mod transport_status;
 
+pub use batch_codec::IngestRoutes;
 pub use ingest::IngestService;
 pub use ops::OpsService;

@@ -55,6 +55,29 @@ type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::AlertEvent, Status>> + S
 
 /// Page tokens are the hex of the last id returned: opaque to clients, and
 /// never mistaken for a device id typed by hand.
+/// Ids a filter may list: enough for any dashboard, and a bound on what
+/// one request makes the server hold and compare.
+const MAX_FILTER_IDS: usize = 1000;
+
+/// A request's list of device ids, each parsed: an id no device can have
+/// is a mistake worth telling, and never reaches the database.
+fn parse_device_ids(field: &str, ids: Vec<String>) -> Result<Vec<String>, Status> {
+    check_filter_len(field, ids.len())?;
+    for id in &ids {
+        DeviceId::parse(id).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+    }
+    Ok(ids)
+}
+
+fn check_filter_len(field: &str, n: usize) -> Result<(), Status> {
+    if n > MAX_FILTER_IDS {
+        return Err(Status::invalid_argument(format!(
+            "{field} lists {n} ids, at most {MAX_FILTER_IDS}"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_page_token(token: &str) -> Result<Option<DeviceId>, Status> {
     if token.is_empty() {
         return Ok(None);
@@ -67,13 +90,15 @@ fn parse_page_token(token: &str) -> Result<Option<DeviceId>, Status> {
 
 #[tonic::async_trait]
 impl pb::ops_server::Ops for OpsService {
-    #[tracing::instrument(skip_all, fields(device = %request.get_ref().device_id))]
+    #[tracing::instrument(skip_all, fields(device = tracing::field::Empty))]
     async fn register_device(
         &self,
         request: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
         let req = request.into_inner();
+        // Only a parsed id reaches the logs.
         let id = DeviceId::parse(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
         let display_name = DisplayName::parse(&req.display_name, &id)?;
         let labels = Labels::parse(req.labels)?;
         let token = Token::generate("dev_");
@@ -155,9 +180,14 @@ impl pb::ops_server::Ops for OpsService {
         request: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
         let req = request.into_inner();
+        let devices = parse_device_ids("device_ids", req.device_ids)?;
+        check_filter_len("rule_ids", req.rule_ids.len())?;
+        for id in &req.rule_ids {
+            RuleId::parse(id).map_err(|e| Status::invalid_argument(format!("rule_ids: {e}")))?;
+        }
         let filter = WatchFilter {
             min_severity: severity_from_pb(req.min_severity),
-            devices: req.device_ids.into_iter().collect(),
+            devices: devices.into_iter().collect(),
             rules: req.rule_ids.into_iter().collect(),
         };
         let items = crate::alerts::watch::start(
@@ -233,9 +263,10 @@ impl pb::ops_server::Ops for OpsService {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
+        let device_ids = parse_device_ids("device_ids", req.device_ids)?;
         let alerts = self
             .store
-            .list_alerts(req.include_resolved, &req.device_ids, limit)
+            .list_alerts(req.include_resolved, &device_ids, limit)
             .await
             .map_err(status::storage)?;
         Ok(Response::new(pb::ListAlertsResponse {

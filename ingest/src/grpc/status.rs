@@ -32,11 +32,13 @@ impl From<UploadFailure> for Status {
                 }
             },
             UploadError::Sequence(e) => Status::invalid_argument(format!("{e}; {resume}")),
-            UploadError::MessageTooLarge(detail) => Status::resource_exhausted(format!(
-                "{detail}; send smaller batches or raise the server's --max-message-bytes; {resume}"
-            )),
-            // The client's own stream broke; it will not read an answer.
-            UploadError::Transport(status) => status,
+            // The client's stream broke, or a message could not be taken
+            // (too large, undecodable: made precise for every method in
+            // `transport_status`).
+            UploadError::Transport(status) => with_context(status, &resume),
+            e @ (UploadError::FirstMessageTimeout(_) | UploadError::IdleTimeout(_)) => {
+                Status::deadline_exceeded(format!("{e}; {resume}"))
+            }
             UploadError::Storage(e) => with_context(storage(e), &resume),
             UploadError::CommitFailed => {
                 Status::unavailable(format!("storage could not commit a batch; retry: {resume}"))
@@ -148,4 +150,19 @@ impl From<SessionEnd> for Status {
             )),
         }
     }
+}
+
+/// A device opened streams faster than `--max-stream-opens-per-minute-per-device`:
+/// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo`, so clients that read it
+/// wait exactly long enough.
+pub fn stream_rate_exceeded(retry_after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let millis = retry_after.as_millis().max(1);
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "this device opens streams faster than the server allows (--max-stream-opens-per-minute-per-device); retry in {millis} ms"
+        ),
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
 }

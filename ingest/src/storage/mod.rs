@@ -262,13 +262,15 @@ pub(crate) trait GroupTx: Send + Sized {
         device_pks: &[i64],
     ) -> impl Future<Output = Result<HashMap<i64, u64>, sqlx::Error>> + Send;
 
-    /// The pk of a device's sensor, created if new.
+    /// The pk of a device's sensor, created if new, unless the device has
+    /// `max_sensors` already: then `None`.
     fn sensor_pk(
         &mut self,
         device_pk: i64,
         sensor: &SensorName,
         unit: &Unit,
-    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+        max_sensors: usize,
+    ) -> impl Future<Output = Result<Option<i64>, sqlx::Error>> + Send;
 
     fn insert_readings(
         &mut self,

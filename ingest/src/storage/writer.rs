@@ -49,6 +49,9 @@ pub struct WriterConfig {
     /// Off only to measure what the rollup costs: the reporting views over
     /// it then miss the readings written meanwhile.
     pub rollups: bool,
+    /// Sensors (name and unit) a device may have; readings of a new sensor
+    /// past it are refused, the rest of their batch is kept.
+    pub max_sensors_per_device: usize,
 }
 
 impl Default for WriterConfig {
@@ -60,15 +63,21 @@ impl Default for WriterConfig {
             group_budget: Duration::ZERO,
             postgres_writers: 2,
             rollups: true,
+            max_sensors_per_device: 256,
         }
     }
 }
 
 /// What became of a submitted batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOutcome {
     /// Stored; the device's high-water mark is now at least `committed_sequence`.
-    Committed { committed_sequence: u64 },
+    /// `refused_series` (indices into the batch's series) were not: they
+    /// would have been new sensors past `max_sensors_per_device`.
+    Committed {
+        committed_sequence: u64,
+        refused_series: Vec<u32>,
+    },
     /// Its sequence was already committed; nothing was stored.
     Duplicate { committed_sequence: u64 },
 }
@@ -181,8 +190,8 @@ pub fn spawn(
         queues.push(tx);
         let judge = alerts.judge(owns, shard, writers);
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.rollups)),
-            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.rollups)),
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.clone())),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.clone())),
         });
     }
     let all = tokio::spawn(async move {
@@ -260,7 +269,7 @@ async fn run<B: BeginGroup>(
     mut rx: mpsc::Receiver<PendingBatch>,
     mut judge: Judge,
     mut sizing: GroupSizing,
-    rollups: bool,
+    config: WriterConfig,
 ) {
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
@@ -313,7 +322,7 @@ async fn run<B: BeginGroup>(
                 &group,
                 &mut sensors,
                 &mut columns,
-                rollups,
+                &config,
                 &mut judge,
             )
             .await
@@ -433,7 +442,7 @@ async fn commit_group<B: BeginGroup>(
     group: &[PendingBatch],
     sensors: &mut HashMap<SensorKey, i64>,
     columns: &mut ReadingColumns,
-    rollups: bool,
+    config: &WriterConfig,
     judge: &mut Judge,
 ) -> Result<Vec<BatchOutcome>, sqlx::Error> {
     // Held to the end: no rule changes between judging and commit.
@@ -460,17 +469,29 @@ async fn commit_group<B: BeginGroup>(
             continue;
         }
         *mark = batch.sequence;
-        for series in &batch.series {
+        let mut refused_series = Vec::new();
+        for (index, series) in batch.series.iter().enumerate() {
             let key = (batch.device_pk, series.sensor.clone(), series.unit.clone());
             let pk = match sensors.get(&key).or_else(|| new_sensors.get(&key)) {
                 Some(&pk) => pk,
-                None => {
-                    let pk = tx
-                        .sensor_pk(batch.device_pk, &series.sensor, &series.unit)
-                        .await?;
-                    new_sensors.insert(key, pk);
-                    pk
-                }
+                None => match tx
+                    .sensor_pk(
+                        batch.device_pk,
+                        &series.sensor,
+                        &series.unit,
+                        config.max_sensors_per_device,
+                    )
+                    .await?
+                {
+                    Some(pk) => {
+                        new_sensors.insert(key, pk);
+                        pk
+                    }
+                    None => {
+                        refused_series.push(index as u32);
+                        continue;
+                    }
+                },
             };
             columns
                 .sensor_pk
@@ -480,25 +501,44 @@ async fn commit_group<B: BeginGroup>(
         }
         outcomes.push(BatchOutcome::Committed {
             committed_sequence: batch.sequence,
+            refused_series,
         });
     }
 
+    // Refused series are judged no more than they are stored (rare: a copy
+    // of the rest of such a batch).
+    let kept: Vec<Option<Vec<SeriesRows>>> = group
+        .iter()
+        .zip(&outcomes)
+        .map(|(b, o)| match o {
+            BatchOutcome::Committed { refused_series, .. } if !refused_series.is_empty() => Some(
+                b.series
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !refused_series.contains(&(*i as u32)))
+                    .map(|(_, s)| s.clone())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
     // Before the readings go in: a rebuilt rate-of-change state starts at
     // the newest reading stored before this group.
     let judged: Vec<JudgedBatch> = group
         .iter()
         .zip(&outcomes)
-        .filter(|(_, o)| matches!(o, BatchOutcome::Committed { .. }))
-        .map(|(b, _)| JudgedBatch {
+        .zip(&kept)
+        .filter(|((_, o), _)| matches!(o, BatchOutcome::Committed { .. }))
+        .map(|((b, _), kept)| JudgedBatch {
             device_pk: b.device_pk,
-            series: &b.series,
+            series: kept.as_deref().unwrap_or(&b.series),
         })
         .collect();
     let verdicts = judge.judge_group(&book, &mut tx, &judged, &stored).await?;
 
     if !columns.is_empty() {
         tx.insert_readings(columns).await?;
-        if rollups {
+        if config.rollups {
             tx.add_rollups(&RollupRows::from_readings(columns)).await?;
         }
     }
