@@ -100,4 +100,5 @@ async fn health_and_reflection_are_served(backend: Backend) {
     let ops = kinds("Ops");
     assert!(ops.contains(&("WatchAlerts".into(), false, true)));
     assert!(ops.contains(&("RegisterDevice".into(), false, false)));
+    assert!(ops.contains(&("ResetUploadCursor".into(), false, false)));
 }

@@ -1,4 +1,4 @@
-//! `ingest devices register | get | list`.
+//! `ingest devices register | get | list | reset-cursor`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -28,6 +28,22 @@ pub enum DevicesCommand {
         #[command(flatten)]
         server: ServerArgs,
         /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a device's committed sequence, e.g. back to 0 after its firmware
+    /// sent a sequence so high that every later batch is a duplicate.
+    /// Stored readings stay: batches resent above N are stored again.
+    ResetCursor {
+        #[command(flatten)]
+        server: ServerArgs,
+        device_id: String,
+        /// The new committed sequence: batches up to N are skipped as
+        /// duplicates, later ones stored; 0 for none (the device resumes
+        /// at 1).
+        #[arg(long = "to", value_name = "N")]
+        to: u64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -117,8 +133,43 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 print_table(&mut std::io::stdout().lock(), &all)?;
             }
         }
+        DevicesCommand::ResetCursor {
+            server,
+            device_id,
+            to,
+            json,
+        } => {
+            let mut ops = server.ops().await?;
+            let response = ops
+                .reset_upload_cursor(pb::ResetUploadCursorRequest {
+                    device_id,
+                    committed_sequence: to,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let device = response.device.context("server returned no device")?;
+            let previous = response.previous_committed_sequence;
+            if json {
+                let reset = serde_json::json!({
+                    "previous_committed_sequence": previous,
+                    "device": device_json(&device),
+                });
+                writeln!(std::io::stdout(), "{reset}")?;
+            } else {
+                writeln!(std::io::stdout(), "{}", reset_text(previous, &device))?;
+            }
+        }
     }
     Ok(())
+}
+
+/// `sim-00001: committed sequence 9223372036854775807 -> 0`
+fn reset_text(previous: u64, device: &pb::Device) -> String {
+    format!(
+        "{}: committed sequence {previous} -> {}",
+        device.device_id, device.committed_sequence
+    )
 }
 
 fn device_json(d: &pb::Device) -> serde_json::Value {
@@ -236,5 +287,13 @@ mod tests {
         assert_eq!(json["firmware_version"], "1.4.2");
         assert_eq!(json["committed_sequence"], 17);
         assert_eq!(json["labels"]["site"], "plant-3");
+    }
+
+    #[test]
+    fn reset_names_the_device_and_both_sequences() {
+        assert_eq!(
+            reset_text(9_223_372_036_854_775_807, &device()),
+            "sim-00001: committed sequence 9223372036854775807 -> 17"
+        );
     }
 }

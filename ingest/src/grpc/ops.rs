@@ -173,6 +173,39 @@ impl pb::ops_server::Ops for OpsService {
         }))
     }
 
+    async fn reset_upload_cursor(
+        &self,
+        request: Request<pb::ResetUploadCursorRequest>,
+    ) -> Result<Response<pb::ResetUploadCursorResponse>, Status> {
+        let req = request.into_inner();
+        let id = DeviceId::parse(&req.device_id)?;
+        // Stored as a signed 64-bit integer, as batch sequences are.
+        if req.committed_sequence > i64::MAX as u64 {
+            return Err(Status::invalid_argument(format!(
+                "committed_sequence {} is above the maximum, {}",
+                req.committed_sequence,
+                i64::MAX
+            )));
+        }
+        let (previous, record) = self
+            .store
+            .reset_committed_sequence(&id, req.committed_sequence)
+            .await
+            .map_err(|e| status::storage_about(e, &format!("device {id}")))?;
+        // An operator overriding duplicate detection: readings may be
+        // stored twice after it, so each reset leaves a trace.
+        tracing::warn!(
+            device = %id,
+            previous,
+            new = req.committed_sequence,
+            "upload cursor reset"
+        );
+        Ok(Response::new(pb::ResetUploadCursorResponse {
+            previous_committed_sequence: previous,
+            device: Some(convert::device(self.control.with_live_presence(record))),
+        }))
+    }
+
     type WatchAlertsStream = AlertStream;
 
     async fn watch_alerts(

@@ -153,6 +153,17 @@ impl Store {
         dispatch!(self, s => s.committed_sequence(device_pk).await)
     }
 
+    /// Sets a device's committed sequence (at most `i64::MAX`), in one
+    /// transaction holding the device's row against group commits; returns
+    /// the previous one and the device after. `NotFound` for an unknown id.
+    pub async fn reset_committed_sequence(
+        &self,
+        id: &DeviceId,
+        to: u64,
+    ) -> Result<(u64, DeviceRecord), StorageError> {
+        dispatch!(self, s => s.reset_committed_sequence(id, to).await)
+    }
+
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
     }

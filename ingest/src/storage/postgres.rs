@@ -150,6 +150,10 @@ impl PgStore {
         alerts::numbered(sql)
     }
 
+    /// Appended to a read of a row the transaction goes on to change, so
+    /// that a group commit reading the same row waits for it.
+    const ROW_LOCK: &str = " FOR UPDATE";
+
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin().await
     }

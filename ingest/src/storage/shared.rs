@@ -1,8 +1,9 @@
 //! Queries of alerts, commands and presence, written once for both
 //! backends: `shared_queries!(Store)` expands them into an `impl` of a
 //! backend's store, which supplies `pool` (for reads), `sql` (its
-//! placeholder style), `write_conn` (one write statement) and `begin_write`
-//! (a write transaction, which derefs to the connection type `$conn`).
+//! placeholder style), `ROW_LOCK` (how a read locks the rows it will
+//! change), `write_conn` (one write statement) and `begin_write` (a write
+//! transaction, which derefs to the connection type `$conn`).
 
 macro_rules! shared_queries {
     ($store:ty, $conn:ty) => {
@@ -419,6 +420,44 @@ macro_rules! shared_queries {
                 }
                 let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
                 rows.iter().map(commands::command_from_row).collect()
+            }
+
+            /// Sets a device's committed sequence to `to` (at most
+            /// `i64::MAX`; the API refuses more) and returns the previous
+            /// one with the device as it is now. The device's row is locked
+            /// first (`ROW_LOCK`), as a group commit locks it before reading
+            /// the marks, so the reset lands between two groups, never
+            /// inside one.
+            pub async fn reset_committed_sequence(
+                &self,
+                id: &DeviceId,
+                to: u64,
+            ) -> Result<(u64, DeviceRecord), StorageError> {
+                let mut tx = self.begin_write().await?;
+                let previous: Option<i64> = sqlx::query_scalar(&Self::sql(&format!(
+                    "SELECT committed_sequence FROM devices WHERE device_id = ?{}",
+                    Self::ROW_LOCK
+                )))
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let previous = to_u64(
+                    previous.ok_or(StorageError::NotFound)?,
+                    "committed_sequence",
+                )?;
+                let row = sqlx::query(&Self::sql(&format!(
+                    "UPDATE devices SET committed_sequence = ? WHERE device_id = ? \
+                     RETURNING {DEVICE_COLUMNS}"
+                )))
+                // The API refused more; the bound only keeps the cast from
+                // wrapping.
+                .bind(to.min(i64::MAX as u64) as i64)
+                .bind(id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                let device = device_from_row(&row)?;
+                tx.commit().await?;
+                Ok((previous, device))
             }
 
             pub async fn set_presence(

@@ -237,6 +237,10 @@ impl SqliteStore {
         sql.to_owned()
     }
 
+    /// SQLite has no row locks: a write transaction (`begin_write`) holds
+    /// the database's one write lock from its start, which is more.
+    const ROW_LOCK: &str = "";
+
     /// A write transaction, holding the write lock from the start (see
     /// `begin_group`) and the write gate until it ends.
     async fn begin_write(&self) -> Result<SqliteWriteTx, sqlx::Error> {
