@@ -103,6 +103,12 @@ impl Ops for Discard {
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         unimplemented()
     }
+    async fn reset_upload_cursor(
+        &self,
+        _: Request<pb::ResetUploadCursorRequest>,
+    ) -> Result<Response<pb::ResetUploadCursorResponse>, Status> {
+        unimplemented()
+    }
     type WatchAlertsStream = Stream<pb::AlertEvent>;
     async fn watch_alerts(
         &self,

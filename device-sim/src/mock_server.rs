@@ -16,8 +16,9 @@ use telemetry_proto::v1::{
     Device, DeviceMessage, GetCommandRequest, GetDeviceRequest, GetUploadCursorRequest,
     ListAlertRulesRequest, ListAlertRulesResponse, ListCommandsRequest, ListCommandsResponse,
     ListDevicesRequest, ListDevicesResponse, PutAlertRuleRequest, ReadingBatch,
-    RegisterDeviceRequest, RegisterDeviceResponse, SendCommandRequest, ServerMessage, UploadCursor,
-    UploadSummary, WatchAlertsRequest,
+    RegisterDeviceRequest, RegisterDeviceResponse, ResetUploadCursorRequest,
+    ResetUploadCursorResponse, SendCommandRequest, ServerMessage, UploadCursor, UploadSummary,
+    WatchAlertsRequest,
 };
 use telemetry_proto::v1::{device_message, server_message};
 use tokio::net::TcpListener;
@@ -286,6 +287,13 @@ impl Ops for MockOps {
         &self,
         _: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn reset_upload_cursor(
+        &self,
+        _: Request<ResetUploadCursorRequest>,
+    ) -> Result<Response<ResetUploadCursorResponse>, Status> {
         Err(Status::unimplemented("mock"))
     }
 

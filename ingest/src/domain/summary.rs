@@ -74,7 +74,9 @@ impl UploadTally {
     /// Adds a batch that is now durably stored.
     pub fn committed(&mut self, report: BatchReport, committed_sequence: u64) {
         self.batches_committed += 1;
-        self.committed_sequence = self.committed_sequence.max(committed_sequence);
+        // Outcomes arrive in stream order, and an operator may have reset
+        // the mark meanwhile (ResetUploadCursor): the latest is the truth.
+        self.committed_sequence = committed_sequence;
         self.readings_accepted += report.accepted;
         for reason in RejectReason::ALL {
             let n = report.rejected_for(reason);
@@ -108,7 +110,9 @@ impl UploadTally {
     /// Adds a batch that was already stored before this stream sent it.
     pub fn duplicate(&mut self, committed_sequence: u64) {
         self.duplicate_batches += 1;
-        self.committed_sequence = self.committed_sequence.max(committed_sequence);
+        // Outcomes arrive in stream order, and an operator may have reset
+        // the mark meanwhile (ResetUploadCursor): the latest is the truth.
+        self.committed_sequence = committed_sequence;
     }
 
     pub fn readings_rejected(&self) -> u64 {
