@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the ingest server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Bring the database schema up to date, then exit.
     Migrate(migrate::MigrateArgs),
     /// Register, show and list devices.
@@ -50,7 +50,7 @@ enum Command {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Migrate(args) => migrate::run(args).await,
             Command::Devices(cmd) => devices::run(cmd).await,
             Command::Rules(cmd) => rules::run(cmd).await,

@@ -64,12 +64,12 @@ fn is_control(c: char) -> bool {
 
 /// Checks `s` for `field`: at most `max_chars` characters, no control
 /// characters but the layout's. Returns it unchanged when it is fine.
-pub fn check<'a>(
+pub fn check(
     field: impl FnOnce() -> String,
-    s: &'a str,
+    s: &str,
     max_chars: usize,
     layout: Layout,
-) -> Result<&'a str, InvalidText> {
+) -> Result<&str, InvalidText> {
     // Bytes bound characters from above: a short string needs no count.
     if s.len() > max_chars {
         let chars = s.chars().count();
