@@ -20,6 +20,7 @@ use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
 use crate::control::CommandCenter;
+use crate::grpc::compression::compressed;
 use crate::grpc::{IngestService, OpsService};
 use crate::storage::{Store, writer};
 use crate::upload::UploadContext;
@@ -62,26 +63,45 @@ pub async fn run(
         max_inflight_batches: config.limits.max_inflight_batches,
         shutdown: stopping.clone(),
     };
+    // Every service takes gzip and zstd (grpc/compression.rs); the message
+    // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
-    let ingest = IngestServer::new(IngestService::new(upload, control.clone()))
-        .max_decoding_message_size(max_message);
-    let ops = OpsServer::new(OpsService::new(
-        store.clone(),
-        alerts,
-        control,
-        config.alerts.watch.clone(),
-        stopping.clone(),
-    ))
-    .max_decoding_message_size(max_message);
+    let ingest = compressed!(
+        IngestServer::new(IngestService::new(upload, control.clone()))
+            .max_decoding_message_size(max_message)
+    );
+    let ops = compressed!(
+        OpsServer::new(OpsService::new(
+            store.clone(),
+            alerts,
+            control,
+            config.alerts.watch.clone(),
+            stopping.clone(),
+        ))
+        .max_decoding_message_size(max_message)
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = compressed!(health_service);
     health.set_serving::<IngestServer<IngestService>>().await;
     health.set_serving::<OpsServer<OpsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(telemetry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    // Both reflection versions: grpcurl and Postman speak v1, Python's
+    // grpcio-reflection and older tools only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(telemetry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = compressed!(
+        reflection()
+            .build_v1()
+            .context("building the reflection service (v1)")?
+    );
+    let reflection_v1alpha = compressed!(
+        reflection()
+            .build_v1alpha()
+            .context("building the reflection service (v1alpha)")?
+    );
 
     let auth = Arc::new(Authenticator::new(ops_token.hash(), store.clone()));
     let signal = {
@@ -102,7 +122,8 @@ pub async fn run(
         .max_concurrent_streams(config.limits.max_concurrent_streams)
         .layer(AuthLayer::new(auth))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(ingest)
         .add_service(ops)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);

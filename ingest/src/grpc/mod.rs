@@ -4,6 +4,7 @@
 
 mod alert_messages;
 mod command_messages;
+pub mod compression;
 mod convert;
 pub mod ingest;
 pub mod ops;
