@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 
+use crate::wire::Compression;
+
 /// A fleet of simulated IoT devices streaming readings to telemetry-ingest.
 ///
 /// Devices are registered once (tokens are kept in the credentials file),
@@ -97,6 +99,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: u32,
 
+    /// Compression of every call's messages (uploads, Control, registration);
+    /// the server is also asked to compress its answers the same way.
+    #[arg(long, env = "DEVICE_SIM_COMPRESSION", value_enum, default_value_t = Compression::None)]
+    pub compression: Compression,
+
     /// JSON file mapping device id to device token, written with mode 0600
     /// [default: <data-dir>/sim-credentials.json].
     #[arg(long, env = "DEVICE_SIM_CREDENTIALS_FILE")]
@@ -149,6 +156,7 @@ pub struct Config {
     pub duration: Option<Duration>,
     pub latency_warmup: Duration,
     pub connections: usize,
+    pub compression: Compression,
     pub credentials_file: PathBuf,
     /// `Some(rate)` when anomalies are on.
     pub anomaly_rate: Option<f64>,
@@ -226,6 +234,7 @@ impl Config {
             duration: args.duration.map(Into::into),
             latency_warmup: args.latency_warmup.into(),
             connections: usize::try_from(args.connections).context("--connections is too large")?,
+            compression: args.compression,
             credentials_file: args
                 .credentials_file
                 .unwrap_or_else(|| args.data_dir.join("sim-credentials.json")),
@@ -301,6 +310,25 @@ mod tests {
         assert_eq!(cfg.device_id(123_456), "sim-123456");
         assert_eq!(cfg.status_interval, Duration::from_secs(10));
         assert_eq!(cfg.reboot_delay, Duration::from_secs(1));
+        assert_eq!(cfg.compression, Compression::None);
+    }
+
+    #[test]
+    fn compression_is_one_of_the_encodings_or_none() {
+        let cfg = parse(&["--compression", "zstd"]).expect("valid");
+        assert_eq!(cfg.compression, Compression::Zstd);
+        assert_eq!(
+            cfg.compression.encoding(),
+            Some(tonic::codec::CompressionEncoding::Zstd)
+        );
+        assert_eq!(
+            parse(&["--compression", "none"])
+                .expect("valid")
+                .compression
+                .encoding(),
+            None
+        );
+        assert!(parse(&["--compression", "brotli"]).is_err());
     }
 
     #[test]

@@ -27,7 +27,8 @@ use crate::report::{DeviceFailure, LoadSettings, Progress, Report};
 use crate::retry::{Backoff, describe, is_transient};
 use crate::sampling::device_seed;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
-use crate::stats::Stats;
+use crate::stats::{Counter, Stats};
+use crate::wire::CountingConnector;
 
 type OpsApi = OpsClient<InterceptedService<Channel, BearerAuth>>;
 
@@ -47,7 +48,8 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let (trigger, shutdown) = shutdown::channel();
     spawn_signal_listener(trigger.clone(), config.quiet);
 
-    let channels = open_channels(&config)?;
+    let wire_bytes = Arc::new(Counter::default());
+    let channels = open_channels(&config, &wire_bytes)?;
     let (credentials, mut failures) = ensure_credentials(&config, &channels[0], &shutdown).await?;
 
     let stats = Arc::new(Stats::with_latency_warmup(config.latency_warmup));
@@ -84,6 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         failures,
         unacked_batches,
         elapsed,
+        wire_bytes.get(),
         LoadSettings::from_config(&config),
     );
     let mut stdout = std::io::stdout().lock();
@@ -136,9 +139,15 @@ fn spawn_devices(
         };
         // Device i uses connection i % N, spreading devices evenly.
         let channel = channels[index % channels.len()].clone();
+        // The one client of the device: uploads and Control share its
+        // compression.
+        let mut client = IngestClient::with_interceptor(channel, auth);
+        if let Some(encoding) = config.compression.encoding() {
+            client = client.send_compressed(encoding).accept_compressed(encoding);
+        }
         let handle = running.tasks.spawn(run_device(
             device_id.clone(),
-            IngestClient::with_interceptor(channel, auth),
+            client,
             Arc::clone(config),
             Arc::clone(stats),
             shutdown.clone(),
@@ -176,17 +185,19 @@ async fn wait_for_devices(mut running: RunningDevices, failures: &mut Vec<Device
 
 /// One lazily connected channel per --connections: start-up succeeds even
 /// while the server is still coming up, and each device retries on its own.
-fn open_channels(config: &Config) -> anyhow::Result<Vec<Channel>> {
+/// Every byte the channels write is added to `wire_bytes`.
+fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<Vec<Channel>> {
     let endpoint = Endpoint::from_shared(config.server.clone())
         .with_context(|| format!("invalid --server URL {:?}", config.server))?
-        .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         // Streams stay open for a long time; pings notice a dead peer that
         // would otherwise leave a device waiting for its summary.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     Ok((0..config.connections.max(1))
-        .map(|_| endpoint.connect_lazy())
+        .map(|_| {
+            endpoint.connect_with_connector_lazy(CountingConnector::new(Arc::clone(wire_bytes)))
+        })
         .collect())
 }
 
@@ -209,10 +220,13 @@ async fn ensure_credentials(
 
     // Only needed now: a fleet that is fully registered runs without it.
     let ops_token = read_ops_token(config)?;
-    let client = OpsClient::with_interceptor(
+    let mut client = OpsClient::with_interceptor(
         channel.clone(),
         BearerAuth::new(&ops_token).context("the ops token")?,
     );
+    if let Some(encoding) = config.compression.encoding() {
+        client = client.send_compressed(encoding).accept_compressed(encoding);
+    }
     if !config.quiet {
         eprintln!("registering {} device(s)...", missing.len());
     }
@@ -494,6 +508,7 @@ mod tests {
         assert_eq!(report["failures"][1]["device_id"], "sim-00003");
         assert!(report["readings_accepted"].as_u64().expect("number") > 0);
         assert_eq!(report["readings_accepted"], report["readings_sent"]);
+        assert!(report["wire_bytes_sent"].as_u64().expect("number") > 0);
     }
 
     #[tokio::test]

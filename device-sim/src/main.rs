@@ -35,6 +35,7 @@ mod sensors;
 mod settings;
 mod shutdown;
 mod stats;
+mod wire;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

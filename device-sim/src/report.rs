@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::stats::{LatencySummary, Stats};
+use crate::wire::Compression;
 
 /// Failures listed in the text report before the rest are summarised.
 const FAILURES_SHOWN: usize = 10;
@@ -32,6 +33,7 @@ pub struct LoadSettings {
     pub connections: usize,
     pub max_buffered_batches: usize,
     pub anomaly_rate: Option<f64>,
+    pub compression: Compression,
 }
 
 impl LoadSettings {
@@ -45,6 +47,7 @@ impl LoadSettings {
             connections: config.connections,
             max_buffered_batches: config.max_buffered_batches,
             anomaly_rate: config.anomaly_rate,
+            compression: config.compression,
         }
     }
 }
@@ -79,6 +82,11 @@ pub struct Report {
     /// not implement Ingest.Control.
     pub control_unsupported_devices: u64,
     pub accepted_per_sec: f64,
+    /// Bytes the fleet wrote to the network over the whole run
+    /// (registration included): HTTP/2 frames as sent, after compression.
+    pub wire_bytes_sent: u64,
+    /// `wire_bytes_sent` / `readings_accepted`; null when none was accepted.
+    pub wire_bytes_per_reading: Option<f64>,
     pub batch_ack_latency: LatencySummary,
     pub settings: LoadSettings,
 }
@@ -90,6 +98,7 @@ impl Report {
         failures: Vec<DeviceFailure>,
         unacked_batches: u64,
         duration: Duration,
+        wire_bytes_sent: u64,
         settings: LoadSettings,
     ) -> Self {
         let duration_secs = duration.as_secs_f64();
@@ -125,6 +134,9 @@ impl Report {
             } else {
                 0.0
             },
+            wire_bytes_sent,
+            wire_bytes_per_reading: (readings_accepted > 0)
+                .then(|| wire_bytes_sent as f64 / readings_accepted as f64),
             batch_ack_latency: stats.latency_summary(),
             settings,
         }
@@ -204,6 +216,17 @@ impl fmt::Display for Report {
             f,
             "accepted/s",
             &format_args!("{:.0} (mean over run)", self.accepted_per_sec),
+        )?;
+        row(
+            f,
+            "wire bytes sent",
+            &format_args!(
+                "{} ({} per accepted reading; compression {})",
+                self.wire_bytes_sent,
+                self.wire_bytes_per_reading
+                    .map_or_else(|| "n/a".to_owned(), |b| format!("{b:.1}")),
+                self.settings.compression
+            ),
         )?;
         let latency = &self.batch_ack_latency;
         if latency.count == 0 {
@@ -322,6 +345,7 @@ mod tests {
             connections: 1,
             max_buffered_batches: 1000,
             anomaly_rate: None,
+            compression: Compression::Gzip,
         }
     }
 
@@ -345,6 +369,7 @@ mod tests {
             }],
             0,
             Duration::from_secs(30),
+            3_000_000,
             settings(),
         );
         let text = report.to_string();
@@ -363,6 +388,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  control reconnects 3\n"), "{text}");
+        assert!(
+            text.contains(
+                "  wire bytes sent    3000000 (12.5 per accepted reading; compression gzip)\n"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("reboots"), "{text}");
 
         let json: serde_json::Value = serde_json::to_value(&report).expect("report serialises");
@@ -372,5 +403,8 @@ mod tests {
         assert_eq!(json["commands_received"], 12);
         assert_eq!(json["commands_repeated"], 1);
         assert_eq!(json["control_reconnects"], 3);
+        assert_eq!(json["wire_bytes_sent"], 3_000_000);
+        assert_eq!(json["wire_bytes_per_reading"], 12.5);
+        assert_eq!(json["settings"]["compression"], "gzip");
     }
 }

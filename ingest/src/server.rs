@@ -21,6 +21,7 @@ use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
 use crate::control::CommandCenter;
+use crate::grpc::compression::{ACCEPTED_ENCODINGS, compressed};
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
 use crate::handshake::PrefaceDeadline;
@@ -71,30 +72,47 @@ pub async fn run(
         )),
         timeouts: config.limits.upload_timeouts,
     };
+    // Every service takes gzip and zstd (grpc/compression.rs); the message
+    // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
     let ingest = IngestRoutes::new(
         IngestService::new(upload, control.clone()),
         config.limits.readings.max_batch_series,
         max_message,
-        &[],
+        &ACCEPTED_ENCODINGS,
     );
-    let ops = OpsServer::new(OpsService::new(
-        store.clone(),
-        alerts,
-        control,
-        config.alerts.watch.clone(),
-        stopping.clone(),
-    ))
-    .max_decoding_message_size(max_message);
+    let ops = compressed!(
+        OpsServer::new(OpsService::new(
+            store.clone(),
+            alerts,
+            control,
+            config.alerts.watch.clone(),
+            stopping.clone(),
+        ))
+        .max_decoding_message_size(max_message)
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = compressed!(health_service);
     health.set_serving::<IngestServer<IngestService>>().await;
     health.set_serving::<OpsServer<OpsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(telemetry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    // Both reflection versions: grpcurl and Postman speak v1, Python's
+    // grpcio-reflection and older tools only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(telemetry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = compressed!(
+        reflection()
+            .build_v1()
+            .context("building the reflection service (v1)")?
+    );
+    let reflection_v1alpha = compressed!(
+        reflection()
+            .build_v1alpha()
+            .context("building the reflection service (v1alpha)")?
+    );
 
     let auth = Arc::new(Authenticator::new(ops_token.hash(), store.clone()));
     let signal = {
@@ -124,7 +142,8 @@ pub async fn run(
         })
         .layer(AuthLayer::new(auth))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(ingest)
         .add_service(ops)
         .serve_with_incoming_shutdown(incoming, signal);
