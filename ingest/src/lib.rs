@@ -4,9 +4,16 @@
 //!
 //! Where a reading goes:
 //!
+//! - [`handshake`]: a connection must send its HTTP/2 preface in time.
 //! - [`auth`]: a tower layer authenticates every call (device or ops token)
 //!   before any handler runs.
-//! - [`grpc`]: one file per service; thin handlers, one status mapping.
+//! - [`grpc`]: one file per service; thin handlers, one status mapping;
+//!   [`grpc::transport_status`] makes tonic's framing errors precise for
+//!   every method, [`grpc::batch_codec`] decodes batches with a bound on
+//!   what they allocate, [`grpc::compression`] lists gzip and zstd.
+//! - [`domain`]: values that passed validation, free text included
+//!   ([`domain::text`]: nothing either database or a terminal cannot take).
+//! - [`rate_limit`]: per-device readings and stream-open rates.
 //! - [`upload`]: an upload stream: validate each batch ([`domain::reading`]),
 //!   hand it to the writer, tally the summary ([`domain::summary`]).
 //! - [`storage::writer`]: group commit of many streams' batches; bounded, so
