@@ -171,17 +171,12 @@ where
             .iter()
             .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
             .sum();
-        let series = message
-            .series
-            .into_iter()
-            .map(|s| RawSeries {
-                sensor: s.sensor,
-                unit: s.unit,
-                times: s.time_unix_nano,
-                values: s.value,
-            })
-            .collect();
-        let batch = validate_batch(message.sequence, series, &ctx.limits, now_unix_nanos())?;
+        let batch = validate_batch(
+            message.sequence,
+            raw_series(message.series),
+            &ctx.limits,
+            now_unix_nanos(),
+        )?;
         tally.receive(batch.sequence)?;
         settle(tally, inflight, ctx.max_inflight_batches.max(1) - 1).await?;
         let committed = writer.submit(batch.sequence, batch.series).await?;
@@ -197,6 +192,19 @@ where
             }
         }
     }
+}
+
+/// A batch's series as validation takes them; the columns move, not copy.
+pub fn raw_series(series: Vec<pb::SensorSeries>) -> Vec<RawSeries> {
+    series
+        .into_iter()
+        .map(|s| RawSeries {
+            sensor: s.sensor,
+            unit: s.unit,
+            times: s.time_unix_nano,
+            values: s.value,
+        })
+        .collect()
 }
 
 /// Waits for the oldest in-flight batches until at most `keep` remain.

@@ -10,8 +10,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ingest::domain::ReadingLimits;
-use ingest::domain::reading::{RawSeries, validate_batch};
+use ingest::domain::reading::validate_batch;
 use ingest::grpc::batch_codec::decode_batch;
+use ingest::upload::raw_series;
 use proptest::prelude::*;
 
 struct Counting;
@@ -55,17 +56,7 @@ fn peak_while_taking(bytes: &[u8]) -> usize {
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     if let Ok(batch) = decode_batch(bytes, limits.max_batch_series) {
-        let series = batch
-            .series
-            .into_iter()
-            .map(|s| RawSeries {
-                sensor: s.sensor,
-                unit: s.unit,
-                times: s.time_unix_nano,
-                values: s.value,
-            })
-            .collect();
-        let _ = validate_batch(batch.sequence, series, &limits, NOW);
+        let _ = validate_batch(batch.sequence, raw_series(batch.series), &limits, NOW);
     }
     PEAK.load(Ordering::Relaxed).saturating_sub(base)
 }
