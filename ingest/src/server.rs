@@ -21,7 +21,7 @@ use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
 use crate::config::Config;
 use crate::control::CommandCenter;
-use crate::grpc::compression::{ACCEPTED_ENCODINGS, compressed};
+use crate::grpc::compression::compressed;
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
 use crate::handshake::PrefaceDeadline;
@@ -79,7 +79,6 @@ pub async fn run(
         IngestService::new(upload, control.clone()),
         config.limits.readings.max_batch_series,
         max_message,
-        &ACCEPTED_ENCODINGS,
     );
     let ops = compressed!(
         OpsServer::new(OpsService::new(

@@ -166,11 +166,6 @@ where
             Some(Ok(message)) => message,
             Some(Err(status)) => return Err(UploadError::Transport(status)),
         };
-        let received: u64 = message
-            .series
-            .iter()
-            .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
-            .sum();
         let batch = validate_batch(
             message.sequence,
             raw_series(message.series),
@@ -179,6 +174,7 @@ where
         )?;
         tally.receive(batch.sequence)?;
         settle(tally, inflight, ctx.max_inflight_batches.max(1) - 1).await?;
+        let received = batch.report.accepted + batch.report.rejected();
         let committed = writer.submit(batch.sequence, batch.series).await?;
         inflight.push_back((batch.report, committed));
         // Over its rate the device waits here, with its stream unread: HTTP/2

@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::center::{CommandCenter, SessionSlot, until_set};
 use crate::domain::command::CommandState;
 use crate::domain::device_message::{self, InvalidDeviceMessage};
+use crate::domain::text::Text;
 use crate::domain::time::now_unix_nanos;
 use crate::storage::DeviceKey;
 use crate::storage::commands::CommandRecord;
@@ -68,14 +69,7 @@ where
         Some(Err(status)) => return Err(OpenError::Transport(status)),
         Some(Ok(_)) | None => return Err(OpenError::NoHello),
     };
-    let firmware = device_message::firmware_version(&hello.firmware_version)?;
-    device_message::hello_lists(
-        &hello.capabilities,
-        hello
-            .config
-            .as_ref()
-            .map_or(&[][..], |c| &c.disabled_sensors[..]),
-    )?;
+    let firmware = check_hello(&hello)?;
     let generation = center.next_generation();
     let wake = Arc::new(Notify::new());
     let seen = now_unix_nanos();
@@ -241,6 +235,17 @@ async fn deliver(
     true
 }
 
+/// Checks a DeviceHello against the limits; its firmware version, if any.
+fn check_hello(hello: &pb::DeviceHello) -> Result<Option<Text>, InvalidDeviceMessage> {
+    let firmware = device_message::firmware_version(&hello.firmware_version)?;
+    let disabled = hello
+        .config
+        .as_ref()
+        .map_or(&[][..], |c| &c.disabled_sensors[..]);
+    device_message::hello_lists(&hello.capabilities, disabled)?;
+    Ok(firmware)
+}
+
 /// Acts on one message; refuses (storing nothing of it) one past the limits.
 async fn handle(
     center: &CommandCenter,
@@ -253,14 +258,7 @@ async fn handle(
     match msg {
         // A repeated hello changes nothing, but is held to the same limits.
         pb::device_message::Msg::Hello(hello) => {
-            device_message::firmware_version(&hello.firmware_version)?;
-            device_message::hello_lists(
-                &hello.capabilities,
-                hello
-                    .config
-                    .as_ref()
-                    .map_or(&[][..], |c| &c.disabled_sensors[..]),
-            )?;
+            check_hello(&hello)?;
         }
         pb::device_message::Msg::Status(status) => {
             device_message::status(status.battery_percent, status.signal_dbm)?;

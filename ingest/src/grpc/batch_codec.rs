@@ -22,10 +22,11 @@ use prost::encoding::{DecodeContext, decode_key, message};
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_server::{Ingest, IngestServer};
 use tonic::Status;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
 use tonic::server::{ClientStreamingService, NamedService};
 
 use super::IngestService;
+use super::compression::compressed;
 
 const UPLOAD_PATH: &str = "/telemetry.v1.Ingest/UploadReadings";
 /// `ReadingBatch.series`.
@@ -135,30 +136,20 @@ pub struct IngestRoutes {
     service: Arc<IngestService>,
     generated: IngestServer<IngestService>,
     codec: BatchCodec,
-    encodings: Vec<CompressionEncoding>,
     max_message_bytes: usize,
 }
 
 impl IngestRoutes {
-    pub fn new(
-        service: IngestService,
-        max_series: usize,
-        max_message_bytes: usize,
-        encodings: &[CompressionEncoding],
-    ) -> Self {
+    /// Every method takes the encodings of [`super::compression`].
+    pub fn new(service: IngestService, max_series: usize, max_message_bytes: usize) -> Self {
         let service = Arc::new(service);
-        let mut generated =
-            IngestServer::from_arc(service.clone()).max_decoding_message_size(max_message_bytes);
-        for &encoding in encodings {
-            generated = generated
-                .accept_compressed(encoding)
-                .send_compressed(encoding);
-        }
+        let generated = compressed!(
+            IngestServer::from_arc(service.clone()).max_decoding_message_size(max_message_bytes)
+        );
         Self {
             service,
             generated,
             codec: BatchCodec { max_series },
-            encodings: encodings.to_vec(),
             max_message_bytes,
         }
     }
@@ -185,11 +176,9 @@ where
         if request.uri().path() != UPLOAD_PATH {
             return Box::pin(tower::Service::call(&mut self.generated, request));
         }
-        let mut grpc =
-            tonic::server::Grpc::new(self.codec).max_decoding_message_size(self.max_message_bytes);
-        for &encoding in &self.encodings {
-            grpc = grpc.accept_compressed(encoding).send_compressed(encoding);
-        }
+        let mut grpc = compressed!(
+            tonic::server::Grpc::new(self.codec).max_decoding_message_size(self.max_message_bytes)
+        );
         let method = UploadMethod(self.service.clone());
         Box::pin(async move { Ok(grpc.client_streaming(method, request).await) })
     }

@@ -101,6 +101,49 @@ macro_rules! shared_queries {
             /// (a group's readings, silences, acks, rule changes) is recorded
             /// here, inside the caller's transaction. Alert rows first, the
             /// event ids last (see `TAKE_EVENT_IDS`).
+            /// The pk of a device's sensor, created if new, unless the
+            /// device has `max_sensors` already (then `None`). For the
+            /// group transaction, which holds the device's row lock (its
+            /// committed sequence was read for update), so the count
+            /// cannot race.
+            pub(super) async fn sensor_pk_on(
+                conn: &mut $conn,
+                device_pk: i64,
+                sensor: &SensorName,
+                unit: &Unit,
+                max_sensors: usize,
+            ) -> Result<Option<i64>, sqlx::Error> {
+                let existing: Option<i64> = sqlx::query_scalar(&Self::sql(
+                    "SELECT pk FROM sensors WHERE device_pk = ? AND sensor = ? AND unit = ?",
+                ))
+                .bind(device_pk)
+                .bind(sensor.as_str())
+                .bind(unit.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+                if existing.is_some() {
+                    return Ok(existing);
+                }
+                let count: i64 = sqlx::query_scalar(&Self::sql(
+                    "SELECT COUNT(*) FROM sensors WHERE device_pk = ?",
+                ))
+                .bind(device_pk)
+                .fetch_one(&mut *conn)
+                .await?;
+                if count as u64 >= max_sensors as u64 {
+                    return Ok(None);
+                }
+                sqlx::query_scalar(&Self::sql(
+                    "INSERT INTO sensors (device_pk, sensor, unit) VALUES (?, ?, ?) RETURNING pk",
+                ))
+                .bind(device_pk)
+                .bind(sensor.as_str())
+                .bind(unit.as_str())
+                .fetch_one(&mut *conn)
+                .await
+                .map(Some)
+            }
+
             pub(super) async fn record_events_on(
                 conn: &mut $conn,
                 events: &[NewAlertEvent],

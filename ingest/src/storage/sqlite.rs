@@ -539,35 +539,7 @@ impl GroupTx for SqliteGroupTx {
         unit: &Unit,
         max_sensors: usize,
     ) -> Result<Option<i64>, sqlx::Error> {
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT pk FROM sensors WHERE device_pk = ? AND sensor = ? AND unit = ?",
-        )
-        .bind(device_pk)
-        .bind(sensor.as_str())
-        .bind(unit.as_str())
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        if existing.is_some() {
-            return Ok(existing);
-        }
-        // The device's row is locked by this transaction (its committed
-        // sequence was read for update), so the count cannot race.
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sensors WHERE device_pk = ?")
-            .bind(device_pk)
-            .fetch_one(&mut *self.tx)
-            .await?;
-        if count as u64 >= max_sensors as u64 {
-            return Ok(None);
-        }
-        sqlx::query_scalar(
-            "INSERT INTO sensors (device_pk, sensor, unit) VALUES (?, ?, ?) RETURNING pk",
-        )
-        .bind(device_pk)
-        .bind(sensor.as_str())
-        .bind(unit.as_str())
-        .fetch_one(&mut *self.tx)
-        .await
-        .map(Some)
+        SqliteStore::sensor_pk_on(&mut self.tx, device_pk, sensor, unit, max_sensors).await
     }
 
     async fn insert_readings(&mut self, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
