@@ -44,8 +44,12 @@ pub(super) const MARK_SENT: &str = "UPDATE commands SET sent_unix_nano = COALESC
      state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END \
      WHERE command_id = ? AND state <> 'expired'";
 // ACCEPTED then DONE (or FAILED) both land: only final-by-server states
-// (expired) and failures are left alone.
-pub(super) const ACK: &str = "UPDATE commands SET state = ?, result = ?, finished_unix_nano = ? \
+// (expired) and failures are left alone. The sent mark is written beside
+// the session, so an acknowledgement can land first: it then stands in for
+// the delivery time (no later than the truth), so no answered command
+// reads as never delivered; the mark's COALESCE keeps it.
+pub(super) const ACK: &str = "UPDATE commands SET state = ?, result = ?, finished_unix_nano = ?, \
+     sent_unix_nano = COALESCE(sent_unix_nano, ?) \
      WHERE command_id = ? AND device_pk = ? AND state IN ('queued', 'sent', 'acked')";
 pub(super) const EXPIRE: &str = "UPDATE commands SET state = 'expired', finished_unix_nano = ? \
      WHERE state = 'queued' AND expires_unix_nano <= ? RETURNING command_id";

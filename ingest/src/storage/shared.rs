@@ -412,6 +412,7 @@ macro_rules! shared_queries {
                     .bind(state.as_str())
                     .bind(result)
                     .bind(now)
+                    .bind(now)
                     .bind(command_id.min(i64::MAX as u64) as i64)
                     .bind(device_pk)
                     .execute(&mut *self.write_conn().await?)
