@@ -14,13 +14,14 @@ use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 
+use crate::domain::DeviceKey;
 use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{BatchError, ReadingLimits, RejectReason, UploadTally};
 use crate::rate_limit::DeviceRateLimits;
 use crate::storage::writer::{BatchOutcome, CommitResult, WriterHandle};
-use crate::storage::{DeviceKey, StorageError, Store};
+use crate::storage::{StorageError, Store};
 
 /// What every upload stream shares.
 #[derive(Clone)]

@@ -10,8 +10,9 @@ use futures::future::BoxFuture;
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{AuthenticatedDevice, TokenHash};
-use crate::storage::{DeviceKey, Store};
+use super::AuthenticatedDevice;
+use crate::domain::{DeviceKey, TokenHash};
+use crate::storage::Store;
 
 const INGEST_PREFIX: &str = "/telemetry.v1.Ingest/";
 const OPS_PREFIX: &str = "/telemetry.v1.Ops/";

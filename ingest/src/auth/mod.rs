@@ -6,13 +6,10 @@
 
 mod layer;
 mod ops_token;
-mod token;
 
+use crate::domain::DeviceKey;
 pub use layer::{AuthLayer, Authenticator, Operator};
 pub use ops_token::{OpsTokenSource, resolve_ops_token};
-pub use token::{Token, TokenHash};
-
-use crate::storage::DeviceKey;
 
 /// The device a call was authenticated as, put in the request extensions by
 /// [`AuthLayer`]. Handlers take the caller's identity from here only.

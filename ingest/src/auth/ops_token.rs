@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::Token;
+use crate::domain::Token;
 
 /// The ops token's source, in order of precedence.
 #[derive(Debug, Clone)]

@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::auth::{OpsTokenSource, Token};
+use crate::auth::OpsTokenSource;
 use crate::config::{Config, Limits};
 use crate::domain::ReadingLimits;
+use crate::domain::Token;
 use crate::domain::reading::SensorName;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;

@@ -10,11 +10,11 @@ use telemetry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::center::{CommandCenter, SessionSlot, until_set};
+use crate::domain::DeviceKey;
 use crate::domain::command::CommandState;
 use crate::domain::device_message::{self, InvalidDeviceMessage};
 use crate::domain::text::Text;
 use crate::domain::time::now_unix_nanos;
-use crate::storage::DeviceKey;
 use crate::storage::commands::CommandRecord;
 
 /// What a session writes to its stream.

@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod command;
+pub mod credential;
 pub mod device;
 pub mod device_message;
 pub mod reading;
@@ -10,6 +11,7 @@ pub mod summary;
 pub mod text;
 pub mod time;
 
+pub use credential::{CertFingerprint, ClientCertificate, DeviceKey, Token, TokenHash};
 pub use device::{DeviceId, DisplayName, InvalidDevice, Labels};
 pub use reading::{BatchError, ReadingLimits, RejectReason, SensorName, Unit, ValidatedBatch};
 pub use summary::UploadTally;

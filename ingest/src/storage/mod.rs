@@ -30,9 +30,8 @@ use std::path::Path;
 
 pub use error::StorageError;
 
-use crate::auth::TokenHash;
 use crate::domain::time::UnixNanos;
-use crate::domain::{DeviceId, DisplayName, Labels, SensorName, Unit};
+use crate::domain::{DeviceId, DeviceKey, DisplayName, Labels, SensorName, TokenHash, Unit};
 
 /// A registered device as stored.
 #[derive(Debug, Clone)]
@@ -59,13 +58,6 @@ pub struct NewDevice {
     pub labels: Labels,
     pub token_hash: TokenHash,
     pub created: UnixNanos,
-}
-
-/// The identity behind a device token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceKey {
-    pub pk: i64,
-    pub id: DeviceId,
 }
 
 /// Where the data lives.

@@ -24,14 +24,14 @@ use super::alerts::{
 use super::commands::{self, CommandRecord, EnqueueError};
 use super::rollup::RollupRows;
 use super::{
-    DEVICE_COLUMNS, DeviceKey, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns,
-    StorageError, device_from_row, in_steps, to_u64,
+    DEVICE_COLUMNS, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns, StorageError,
+    device_from_row, in_steps, to_u64,
 };
-use crate::auth::TokenHash;
 use crate::domain::alert::{Rule, RuleId};
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName, Unit};
+use crate::domain::{DeviceKey, TokenHash};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 

@@ -8,7 +8,8 @@ pub mod alert_helpers;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use ingest::auth::{OpsTokenSource, Token};
+use ingest::auth::OpsTokenSource;
+use ingest::domain::Token;
 use ingest::storage::Database;
 use ingest::{Config, Limits};
 use telemetry_proto::v1 as pb;
