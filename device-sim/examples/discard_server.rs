@@ -164,6 +164,48 @@ impl Ops for Discard {
     ) -> Result<Response<pb::ListCommandsResponse>, Status> {
         unimplemented()
     }
+
+    async fn rotate_device_token(
+        &self,
+        _: Request<telemetry_proto::v1::RotateDeviceTokenRequest>,
+    ) -> Result<Response<telemetry_proto::v1::RotateDeviceTokenResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_device_credentials(
+        &self,
+        _: Request<telemetry_proto::v1::ListDeviceCredentialsRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        unimplemented()
+    }
+
+    async fn revoke_device_credential(
+        &self,
+        _: Request<telemetry_proto::v1::RevokeDeviceCredentialRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        unimplemented()
+    }
+
+    async fn bind_device_certificate(
+        &self,
+        _: Request<telemetry_proto::v1::BindDeviceCertificateRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        unimplemented()
+    }
+
+    async fn disable_device(
+        &self,
+        _: Request<telemetry_proto::v1::DisableDeviceRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        unimplemented()
+    }
+
+    async fn enable_device(
+        &self,
+        _: Request<telemetry_proto::v1::EnableDeviceRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        unimplemented()
+    }
 }
 
 #[tokio::main]

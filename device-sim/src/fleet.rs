@@ -315,6 +315,7 @@ async fn register_device(
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+        ..Default::default()
     };
     let mut backoff = Backoff::default();
     let mut attempt = 0;

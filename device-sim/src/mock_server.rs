@@ -361,6 +361,48 @@ impl Ops for MockOps {
     ) -> Result<Response<ListCommandsResponse>, Status> {
         Err(Status::unimplemented("mock"))
     }
+
+    async fn rotate_device_token(
+        &self,
+        _: Request<telemetry_proto::v1::RotateDeviceTokenRequest>,
+    ) -> Result<Response<telemetry_proto::v1::RotateDeviceTokenResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_device_credentials(
+        &self,
+        _: Request<telemetry_proto::v1::ListDeviceCredentialsRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn revoke_device_credential(
+        &self,
+        _: Request<telemetry_proto::v1::RevokeDeviceCredentialRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn bind_device_certificate(
+        &self,
+        _: Request<telemetry_proto::v1::BindDeviceCertificateRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn disable_device(
+        &self,
+        _: Request<telemetry_proto::v1::DisableDeviceRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn enable_device(
+        &self,
+        _: Request<telemetry_proto::v1::EnableDeviceRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeviceCredentials>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
 }
 
 /// Serves `ingest` (and an Ops service that registers anything) on an

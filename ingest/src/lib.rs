@@ -45,6 +45,7 @@ pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;
 pub mod upload;
 
 pub use config::{AlertsConfig, Config, Limits};

@@ -18,7 +18,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::alerts::AlertEngine;
-use crate::auth::{AuthLayer, Authenticator, resolve_ops_token};
+use crate::auth::{AuthLayer, Authenticator, Credentials, OpsTokens};
 use crate::config::Config;
 use crate::control::CommandCenter;
 use crate::grpc::compression::compressed;
@@ -37,7 +37,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let ops_token = resolve_ops_token(&config.ops_token)?;
+    let ops_tokens = Arc::new(OpsTokens::load(config.ops_token.clone())?);
     let store = Store::open(&config.database)
         .await
         .context("opening the database")?;
@@ -45,6 +45,11 @@ pub async fn run(
     tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
 
     let (stopping_tx, stopping) = watch::channel(false);
+    let credentials = Credentials::start(store.clone(), stopping.clone());
+    let ops_reload = tokio::spawn(reload_ops_tokens_on_hangup(
+        ops_tokens.clone(),
+        stopping.clone(),
+    ));
     let (alerts, alerts_task) =
         AlertEngine::start(store.clone(), config.alerts.live_buffer, stopping.clone())
             .await
@@ -85,6 +90,7 @@ pub async fn run(
             store.clone(),
             alerts,
             control,
+            credentials.clone(),
             config.alerts.watch.clone(),
             stopping.clone(),
         ))
@@ -113,7 +119,7 @@ pub async fn run(
             .context("building the reflection service (v1alpha)")?
     );
 
-    let auth = Arc::new(Authenticator::new(ops_token.hash(), store.clone()));
+    let auth = Arc::new(Authenticator::new(ops_tokens, credentials));
     let signal = {
         let health = health.clone();
         async move {
@@ -168,6 +174,7 @@ pub async fn run(
     // A pass cut short loses nothing: each step is its own transaction.
     retention.abort();
     let _ = retention.await;
+    let _ = ops_reload.await;
     // Control streams closed with their connections, some without a goodbye
     // when the grace period ran out: the devices table must not show them
     // online to SQL readers while no server runs.
@@ -177,4 +184,26 @@ pub async fn run(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads the ops tokens again on SIGHUP, so an operator can replace one
+/// while another is in use. A bad file keeps the tokens in force.
+async fn reload_ops_tokens_on_hangup(tokens: Arc<OpsTokens>, mut stopping: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; ops tokens reload only on restart");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
+            Some(()) = hangups.recv() => match tokens.reload() {
+                Ok(count) => tracing::info!(count, "ops tokens reloaded"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "ops tokens not reloaded; the previous ones stay in force"),
+            },
+        }
+    }
 }

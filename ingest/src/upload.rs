@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 
+use crate::auth::{CredentialEnded, CredentialWatch};
 use crate::domain::DeviceKey;
 use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
@@ -82,6 +83,9 @@ pub enum UploadError {
     CommitFailed,
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// An operator revoked or disabled what the stream authenticated with.
+    #[error("credential revoked: {0}")]
+    CredentialEnded(CredentialEnded),
 }
 
 /// An upload error with the device's high-water mark when the stream ended,
@@ -94,10 +98,12 @@ pub struct UploadFailure {
 
 type InFlight = VecDeque<(BatchReport, oneshot::Receiver<CommitResult>)>;
 
-/// Runs an upload stream for `device` to its end.
+/// Runs an upload stream for `device` to its end, or until `credential`
+/// no longer holds.
 pub async fn run<S>(
     messages: S,
     device: &DeviceKey,
+    credential: Option<CredentialWatch>,
     ctx: &UploadContext,
 ) -> Result<UploadTally, UploadFailure>
 where
@@ -105,7 +111,7 @@ where
 {
     let mut tally = UploadTally::new(ctx.limits.max_listed_rejections, 0);
     let mut inflight = InFlight::new();
-    let ended = receive(messages, device, ctx, &mut tally, &mut inflight).await;
+    let ended = receive(messages, device, credential, ctx, &mut tally, &mut inflight).await;
     // Batches already handed over commit whatever happened to the stream;
     // wait for them, so the summary (or error) tells the truth.
     let settled = settle(&mut tally, &mut inflight, 0).await;
@@ -135,6 +141,7 @@ where
 async fn receive<S>(
     mut messages: S,
     device: &DeviceKey,
+    mut credential: Option<CredentialWatch>,
     ctx: &UploadContext,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
@@ -156,6 +163,7 @@ where
         let next = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
+            ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
             next = tokio::time::timeout(wait, messages.next()) => match next {
                 Ok(next) => next,
                 Err(_) => return Err(timed_out),
@@ -185,9 +193,18 @@ where
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
+                ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
                 () = tokio::time::sleep(hold) => tally.throttled += hold,
             }
         }
+    }
+}
+
+/// Resolves when the stream's credential stops holding; never without one.
+pub async fn until_ended(credential: &mut Option<CredentialWatch>) -> CredentialEnded {
+    match credential {
+        Some(watch) => watch.ended().await,
+        None => std::future::pending().await,
     }
 }
 

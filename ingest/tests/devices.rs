@@ -25,6 +25,7 @@ async fn register_then_get(backend: Backend) {
             device_id: "pump-7".into(),
             display_name: "Pump 7".into(),
             labels: labels.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

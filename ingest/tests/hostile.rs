@@ -126,6 +126,7 @@ fn register(id: &str, display_name: &str, labels: &[(&str, &str)]) -> pb::Regist
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..Default::default()
     }
 }
 

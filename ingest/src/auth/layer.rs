@@ -2,105 +2,100 @@
 //! `telemetry.v1.Ingest` needs a device token, `telemetry.v1.Ops` the ops
 //! token; health and reflection are open so generic tools work.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use tonic::Status;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
-use super::AuthenticatedDevice;
-use crate::domain::{DeviceKey, TokenHash};
-use crate::storage::Store;
+use super::credentials::{AuthFailure, Credentials};
+use super::ops_token::OpsTokens;
+use crate::domain::TokenHash;
+use crate::tls::ConnectionInfo;
 
 const INGEST_PREFIX: &str = "/telemetry.v1.Ingest/";
 const OPS_PREFIX: &str = "/telemetry.v1.Ops/";
 
-/// Marks a call authenticated with the ops token.
-#[derive(Debug, Clone, Copy)]
-pub struct Operator;
+/// Marks a call authenticated with an ops token, and which one.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub token_name: Arc<str>,
+}
 
-/// Checks credentials. Device tokens found in the database are remembered,
-/// so a device's steady stream of calls costs one hash and one map lookup.
+/// Checks credentials: devices' through [`Credentials`] (certificate or
+/// token, remembered so a device's steady calls cost a hash and a map
+/// lookup), operators' against the named ops tokens.
 pub struct Authenticator {
-    ops_token: TokenHash,
-    store: Store,
-    devices: RwLock<HashMap<TokenHash, DeviceKey>>,
+    ops: Arc<OpsTokens>,
+    devices: Arc<Credentials>,
+}
+
+/// What a call needs before its handler runs.
+enum Checked {
+    Open,
+    Device,
+    Ops(Arc<str>),
 }
 
 impl Authenticator {
-    pub fn new(ops_token: TokenHash, store: Store) -> Self {
-        Self {
-            ops_token,
-            store,
-            devices: RwLock::new(HashMap::new()),
-        }
+    pub fn new(ops: Arc<OpsTokens>, devices: Arc<Credentials>) -> Self {
+        Self { ops, devices }
     }
 
-    async fn check<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+    async fn check<B>(&self, request: &mut http::Request<B>) -> Result<Checked, AuthFailure> {
         let path = request.uri().path();
         if path.starts_with(INGEST_PREFIX) {
-            let hash = bearer(request, "device")?;
-            let device = self.device(&hash).await?;
-            request.extensions_mut().insert(AuthenticatedDevice(device));
+            let token = bearer(request).transpose()?;
+            let certificate = request
+                .extensions()
+                .get::<ConnectionInfo>()
+                .and_then(|c| c.client_certificate.clone());
+            let device = self
+                .devices
+                .authenticate(certificate.as_deref(), token)
+                .await?;
+            request.extensions_mut().insert(device);
+            Ok(Checked::Device)
         } else if path.starts_with(OPS_PREFIX) {
-            let hash = bearer(request, "ops")?;
-            if !hash.constant_time_eq(&self.ops_token) {
-                return Err(Status::unauthenticated(
-                    "ops token not recognised; use the token from INGEST_OPS_TOKEN, --ops-token-file or <data-dir>/ops.token",
-                ));
-            }
-            request.extensions_mut().insert(Operator);
-        }
-        Ok(())
-    }
-
-    async fn device(&self, hash: &TokenHash) -> Result<DeviceKey, Status> {
-        if let Some(device) = self.devices.read().expect("lock poisoned").get(hash) {
-            return Ok(device.clone());
-        }
-        match self.store.device_by_token(hash).await {
-            Ok(Some(device)) => {
-                self.devices
-                    .write()
-                    .expect("lock poisoned")
-                    .insert(*hash, device.clone());
-                Ok(device)
-            }
-            Ok(None) => Err(Status::unauthenticated(
-                "device token not recognised; use the token RegisterDevice returned for this device",
-            )),
-            Err(error) => {
-                tracing::error!(%error, "device token lookup failed");
-                Err(Status::unavailable(
-                    "cannot check credentials right now; retry",
-                ))
-            }
+            let hash = bearer(request).ok_or(AuthFailure::Missing("ops"))??;
+            let token_name = self.ops.check(&hash).ok_or(AuthFailure::UnknownOpsToken)?;
+            request.extensions_mut().insert(Operator {
+                token_name: token_name.clone(),
+            });
+            Ok(Checked::Ops(token_name))
+        } else {
+            Ok(Checked::Open)
         }
     }
 }
 
 /// Reads `authorization: Bearer <token>` and hashes the token at once, so
-/// the secret itself goes no further.
-fn bearer<B>(request: &http::Request<B>, kind: &str) -> Result<TokenHash, Status> {
-    let missing = || {
-        Status::unauthenticated(format!(
-            "missing credential: send metadata `authorization: Bearer <{kind} token>`"
-        ))
-    };
-    let value = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .ok_or_else(missing)?;
-    let value = value.to_str().map_err(|_| missing())?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(missing)?;
-    Ok(TokenHash::of(token))
+/// the secret itself goes no further. `None` when there is no such header;
+/// an error when it is there but not a bearer token.
+fn bearer<B>(request: &http::Request<B>) -> Option<Result<TokenHash, AuthFailure>> {
+    let value = request.headers().get(http::header::AUTHORIZATION)?;
+    let token = value.to_str().ok().and_then(|value| {
+        value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    });
+    Some(
+        token
+            .map(TokenHash::of)
+            .ok_or(AuthFailure::MalformedAuthorization),
+    )
+}
+
+/// Whether an Ops method changes something, so that its call is logged
+/// with the operator's token name. Reads are logged at debug level.
+fn is_ops_action(method: &str) -> bool {
+    !["Get", "List", "Watch"]
+        .iter()
+        .any(|read| method.starts_with(read))
 }
 
 /// Installs [`Authenticator`] in front of every service.
@@ -157,8 +152,26 @@ where
         let auth = self.auth.clone();
         Box::pin(async move {
             match auth.check(&mut request).await {
-                Ok(()) => inner.call(request).await,
-                Err(status) => Ok(status.into_http()),
+                Ok(Checked::Open | Checked::Device) => inner.call(request).await,
+                Ok(Checked::Ops(operator)) => {
+                    let method = request
+                        .uri()
+                        .path()
+                        .trim_start_matches(OPS_PREFIX)
+                        .to_owned();
+                    if is_ops_action(&method) {
+                        tracing::info!(%operator, %method, "ops action");
+                    } else {
+                        tracing::debug!(%operator, %method, "ops read");
+                    }
+                    // The handler's own logs carry the operator too.
+                    let span = tracing::info_span!("ops", %operator, %method);
+                    inner.call(request).instrument(span).await
+                }
+                Err(failure) => {
+                    tracing::debug!(%failure, "call refused");
+                    Ok(Status::from(failure).into_http())
+                }
             }
         })
     }

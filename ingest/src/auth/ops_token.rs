@@ -1,19 +1,25 @@
-//! Where the operators' token comes from.
+//! Where the operators' tokens come from, and checking them.
+//!
+//! Operators may hold several named tokens, so one can be replaced while
+//! another is in use: `--ops-token-file` names a file with one token per
+//! line (`NAME TOKEN`, or a bare `TOKEN`), or a directory with one token per
+//! file (named after the file). SIGHUP reads them again.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 
-use crate::domain::Token;
+use crate::domain::{Token, TokenHash};
 
 /// The ops token's source, in order of precedence.
 #[derive(Debug, Clone)]
 pub enum OpsTokenSource {
     /// Given directly (`INGEST_OPS_TOKEN`).
     Value(Token),
-    /// Read from a file (`--ops-token-file`).
+    /// Read from a file or a directory (`--ops-token-file`).
     File(PathBuf),
     /// `ops.token` in the data directory, generated at first start.
     Generated { data_dir: PathBuf },
@@ -33,6 +39,128 @@ pub fn resolve_ops_token(source: &OpsTokenSource) -> anyhow::Result<Token> {
             write_private(&path, token.expose())?;
             tracing::info!(path = %path.display(), "generated the ops token; operators read it from this file");
             Ok(token)
+        }
+    }
+}
+
+/// One accepted ops token: its name (for the logs) and hash.
+#[derive(Debug, Clone)]
+struct NamedToken {
+    name: Arc<str>,
+    hash: TokenHash,
+}
+
+/// The ops tokens in force, replaced whole by [`OpsTokens::reload`].
+#[derive(Debug)]
+pub struct OpsTokens {
+    source: OpsTokenSource,
+    tokens: RwLock<Vec<NamedToken>>,
+}
+
+impl OpsTokens {
+    /// Reads the tokens (generating the data directory's one if needed).
+    pub fn load(source: OpsTokenSource) -> anyhow::Result<Self> {
+        let tokens = read_all(&source)?;
+        Ok(Self {
+            source,
+            tokens: RwLock::new(tokens),
+        })
+    }
+
+    /// Reads the tokens again. On an error the old ones stay in force.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let tokens = read_all(&self.source)?;
+        let count = tokens.len();
+        *self.tokens.write().expect("lock poisoned") = tokens;
+        Ok(count)
+    }
+
+    /// The name of the token with this hash. Every token is compared in
+    /// full, so the time taken tells nothing about which one nearly matched.
+    pub fn check(&self, hash: &TokenHash) -> Option<Arc<str>> {
+        let tokens = self.tokens.read().expect("lock poisoned");
+        let mut found = None;
+        for token in tokens.iter() {
+            if token.hash.constant_time_eq(hash) {
+                found = Some(token.name.clone());
+            }
+        }
+        found
+    }
+}
+
+fn read_all(source: &OpsTokenSource) -> anyhow::Result<Vec<NamedToken>> {
+    let named = |name: &str, token: Token| NamedToken {
+        name: name.into(),
+        hash: token.hash(),
+    };
+    match source {
+        OpsTokenSource::Value(token) => Ok(vec![named(
+            "INGEST_OPS_TOKEN",
+            non_empty(token.clone(), "INGEST_OPS_TOKEN")?,
+        )]),
+        OpsTokenSource::Generated { .. } => {
+            Ok(vec![named("ops.token", resolve_ops_token(source)?)])
+        }
+        OpsTokenSource::File(path) if path.is_dir() => {
+            let mut tokens = Vec::new();
+            let entries = std::fs::read_dir(path)
+                .with_context(|| format!("reading the ops token directory {}", path.display()))?;
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Kubernetes mounts secrets through hidden `..data` links.
+                if name.starts_with('.') || !entry.path().is_file() {
+                    continue;
+                }
+                tokens.push(named(&name, read(&entry.path())?));
+            }
+            anyhow::ensure!(
+                !tokens.is_empty(),
+                "the ops token directory {} holds no token",
+                path.display()
+            );
+            tokens.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(tokens)
+        }
+        OpsTokenSource::File(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the ops tokens from {}", path.display()))?;
+            let file = path
+                .file_name()
+                .map_or_else(|| "ops-token".into(), |f| f.to_string_lossy());
+            let lines: Vec<(usize, &str)> = text
+                .lines()
+                .enumerate()
+                .map(|(n, l)| (n + 1, l.trim()))
+                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            anyhow::ensure!(
+                !lines.is_empty(),
+                "the ops token file {} holds no token",
+                path.display()
+            );
+            lines
+                .iter()
+                .map(|(n, line)| {
+                    let mut words = line.split_whitespace();
+                    match (words.next(), words.next(), words.next()) {
+                        (Some(token), None, _) if lines.len() == 1 => {
+                            Ok(named(&file, Token::new(token.into())))
+                        }
+                        (Some(token), None, _) => {
+                            Ok(named(&format!("{file}:{n}"), Token::new(token.into())))
+                        }
+                        (Some(name), Some(token), None) => {
+                            Ok(named(name, Token::new(token.into())))
+                        }
+                        _ => anyhow::bail!(
+                            "{}:{n}: expected `NAME TOKEN` or a bare `TOKEN`",
+                            path.display()
+                        ),
+                    }
+                })
+                .collect()
         }
     }
 }
@@ -87,6 +215,42 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn several_named_tokens_from_a_file_or_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# operators\nalice ops_a\n\nci ops_c\n").unwrap();
+        let tokens = OpsTokens::load(OpsTokenSource::File(file.clone())).unwrap();
+        assert_eq!(
+            tokens.check(&TokenHash::of("ops_a")).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(tokens.check(&TokenHash::of("ops_c")).as_deref(), Some("ci"));
+        assert_eq!(tokens.check(&TokenHash::of("ops_b")), None);
+
+        // A rotation: the new file replaces the old tokens; a bad one does not.
+        std::fs::write(&file, "bob ops_b\n").unwrap();
+        assert_eq!(tokens.reload().unwrap(), 1);
+        assert_eq!(tokens.check(&TokenHash::of("ops_a")), None);
+        std::fs::write(&file, "too many words here\n").unwrap();
+        assert!(tokens.reload().is_err());
+        assert_eq!(
+            tokens.check(&TokenHash::of("ops_b")).as_deref(),
+            Some("bob")
+        );
+
+        let tokens_dir = dir.path().join("ops.d");
+        std::fs::create_dir(&tokens_dir).unwrap();
+        std::fs::write(tokens_dir.join("grafana"), "ops_g\n").unwrap();
+        std::fs::write(tokens_dir.join(".hidden"), "ops_h\n").unwrap();
+        let tokens = OpsTokens::load(OpsTokenSource::File(tokens_dir)).unwrap();
+        assert_eq!(
+            tokens.check(&TokenHash::of("ops_g")).as_deref(),
+            Some("grafana")
+        );
+        assert_eq!(tokens.check(&TokenHash::of("ops_h")), None);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             let mut ops = args.server.ops().await?;
             let response = ops
                 .register_device(pb::RegisterDeviceRequest {
+                    certificate_pem: String::new(),
+                    require_mtls: false,
                     device_id: args.device_id,
                     display_name: args.name,
                     labels: args.labels.into_iter().collect::<HashMap<_, _>>(),

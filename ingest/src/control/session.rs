@@ -10,12 +10,14 @@ use telemetry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::center::{CommandCenter, SessionSlot, until_set};
+use crate::auth::{CredentialEnded, CredentialWatch};
 use crate::domain::DeviceKey;
 use crate::domain::command::CommandState;
 use crate::domain::device_message::{self, InvalidDeviceMessage};
 use crate::domain::text::Text;
 use crate::domain::time::now_unix_nanos;
 use crate::storage::commands::CommandRecord;
+use crate::upload::until_ended;
 
 /// What a session writes to its stream.
 #[derive(Debug)]
@@ -31,6 +33,8 @@ pub enum SessionEnd {
     ShuttingDown,
     /// The device sent a message past the limits; nothing of it was stored.
     Refused(InvalidDeviceMessage),
+    /// An operator revoked or disabled what the stream authenticated with.
+    CredentialEnded(CredentialEnded),
 }
 
 /// Why a stream could not start.
@@ -54,6 +58,7 @@ pub async fn open<S>(
     device: DeviceKey,
     mut incoming: S,
     shutdown: watch::Receiver<bool>,
+    credential: Option<CredentialWatch>,
 ) -> Result<mpsc::Receiver<Outgoing>, OpenError>
 where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin + Send + 'static,
@@ -101,7 +106,7 @@ where
     // Deliver what is waiting at once.
     wake.notify_one();
     tokio::spawn(run(
-        center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown,
+        center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown, credential,
     ));
     Ok(rx)
 }
@@ -117,6 +122,7 @@ async fn run<S>(
     last_seen: Arc<AtomicI64>,
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
+    mut credential: Option<CredentialWatch>,
 ) where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
 {
@@ -128,6 +134,11 @@ async fn run<S>(
             biased;
             () = until_set(&mut superseded) => break Some(SessionEnd::Superseded),
             () = until_set(&mut shutdown) => break Some(SessionEnd::ShuttingDown),
+            // After the messages already handled: their acks are recorded.
+            ended = until_ended(&mut credential) => {
+                tracing::info!(device = %device.id, %ended, "credential revoked; ending the Control stream");
+                break Some(SessionEnd::CredentialEnded(ended));
+            }
             () = wake.notified() => {
                 if !deliver(&center, &device, &stale, &tx, &mut written).await {
                     break None;

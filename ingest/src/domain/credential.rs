@@ -63,6 +63,10 @@ impl TokenHash {
     }
 }
 
+/// Active (neither revoked nor expired) tokens one device may hold: enough
+/// for a rotation's overlap with one spare, few enough to keep track of.
+pub const MAX_ACTIVE_TOKENS: usize = 3;
+
 /// The identity behind a credential: a registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceKey {
@@ -95,6 +99,23 @@ impl CertFingerprint {
         bytes.try_into().map(Self).map_err(|_| InvalidFingerprint)
     }
 }
+
+impl CertFingerprint {
+    /// The fingerprint of the first (leaf) certificate in PEM text.
+    pub fn of_pem(pem: &str) -> Result<Self, InvalidCertificate> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let first = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .ok_or(InvalidCertificate)?
+            .map_err(|_| InvalidCertificate)?;
+        Ok(Self::of_der(&first))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("certificate_pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+pub struct InvalidCertificate;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
@@ -171,6 +192,6 @@ mod tests {
         assert!(cert.names_device("dev-1"));
         assert!(cert.names_device("dev-2"));
         assert!(!cert.names_device("dev-3"));
-        assert!(!cert.names_device("urn:device:dev-2"));
+        assert!(!cert.names_device("dev"));
     }
 }

@@ -4,6 +4,7 @@ use telemetry_proto::v1 as pb;
 
 use crate::domain::{RejectReason, UploadTally};
 use crate::storage::DeviceRecord;
+use crate::storage::credentials::DeviceCredentials;
 
 pub fn device(d: DeviceRecord) -> pb::Device {
     pb::Device {
@@ -20,6 +21,33 @@ pub fn device(d: DeviceRecord) -> pb::Device {
         online: d.online,
         last_seen_time_unix_nano: d.last_seen.unwrap_or(0).max(0) as u64,
         firmware_version: d.firmware_version.unwrap_or_default(),
+    }
+}
+
+pub fn credentials(c: DeviceCredentials) -> pb::DeviceCredentials {
+    let now = crate::domain::time::now_unix_nanos();
+    let time = |t: Option<i64>| t.unwrap_or(0).max(0) as u64;
+    pb::DeviceCredentials {
+        device_id: c.device.id.as_str().to_owned(),
+        tokens: c
+            .tokens
+            .iter()
+            .map(|t| pb::DeviceToken {
+                credential_id: t.id,
+                created_time_unix_nano: t.created.max(0) as u64,
+                last_used_time_unix_nano: time(t.last_used),
+                expires_time_unix_nano: time(t.expires),
+                revoked_time_unix_nano: time(t.revoked),
+                active: t.active_at(now),
+            })
+            .collect(),
+        certificate_sha256: c
+            .certificate
+            .map(|b| b.fingerprint.to_string())
+            .unwrap_or_default(),
+        certificate_bound_time_unix_nano: time(c.certificate.map(|b| b.bound)),
+        require_mtls: c.require_mtls,
+        disabled_time_unix_nano: time(c.disabled),
     }
 }
 

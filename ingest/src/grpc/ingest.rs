@@ -43,13 +43,14 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> Result<Response<pb::UploadSummary>, Status> {
-        let device = auth::device(&request)?.clone();
+        let caller = auth::device(&request)?;
+        let (device, credential) = (caller.key.clone(), caller.take_watch());
         tracing::Span::current().record("device", device.id.as_str());
         self.ctx
             .rate_limits
             .open_stream(device.pk)
             .map_err(status::stream_rate_exceeded)?;
-        match upload::run(request.into_inner(), &device, &self.ctx).await {
+        match upload::run(request.into_inner(), &device, credential, &self.ctx).await {
             Ok(tally) => {
                 tracing::debug!(
                     batches = tally.batches_received,
@@ -73,7 +74,8 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        let device = auth::device(&request)?.clone();
+        let caller = auth::device(&request)?;
+        let (device, credential) = (caller.key.clone(), caller.take_watch());
         self.ctx
             .rate_limits
             .open_stream(device.pk)
@@ -83,6 +85,7 @@ impl pb::ingest_server::Ingest for IngestService {
             device,
             request.into_inner(),
             self.shutdown.clone(),
+            credential,
         )
         .await?;
         let stream = ReceiverStream::new(outgoing).map(|out| match out {
@@ -98,7 +101,7 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<pb::GetUploadCursorRequest>,
     ) -> Result<Response<pb::UploadCursor>, Status> {
-        let device = auth::device(&request)?;
+        let device = &auth::device(&request)?.key;
         let committed_sequence = self
             .ctx
             .store

@@ -14,10 +14,12 @@ use super::command_messages::{command_to_pb, kind_from_pb, state_from_pb};
 use super::{convert, status};
 use crate::alerts::watch::{WatchEnd, WatchItem};
 use crate::alerts::{AlertEngine, WatchConfig, WatchFilter};
+use crate::auth::Credentials;
 use crate::control::CommandCenter;
-use crate::domain::Token;
 use crate::domain::alert::RuleId;
+use crate::domain::credential::InvalidCertificate;
 use crate::domain::time::now_unix_nanos;
+use crate::domain::{CertFingerprint, Token};
 use crate::domain::{DeviceId, DisplayName, Labels};
 use crate::storage::{NewDevice, Store};
 
@@ -25,6 +27,7 @@ pub struct OpsService {
     store: Store,
     alerts: AlertEngine,
     control: std::sync::Arc<CommandCenter>,
+    credentials: std::sync::Arc<Credentials>,
     watch: WatchConfig,
     /// Ends watch streams when the server stops.
     shutdown: watch::Receiver<bool>,
@@ -35,6 +38,7 @@ impl OpsService {
         store: Store,
         alerts: AlertEngine,
         control: std::sync::Arc<CommandCenter>,
+        credentials: std::sync::Arc<Credentials>,
         watch: WatchConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -42,6 +46,7 @@ impl OpsService {
             store,
             alerts,
             control,
+            credentials,
             watch,
             shutdown,
         }
@@ -78,6 +83,16 @@ fn check_filter_len(field: &str, n: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// A request's optional certificate, as its fingerprint.
+fn certificate(pem: &str) -> Result<Option<CertFingerprint>, Status> {
+    if pem.trim().is_empty() {
+        return Ok(None);
+    }
+    CertFingerprint::of_pem(pem)
+        .map(Some)
+        .map_err(|e: InvalidCertificate| Status::invalid_argument(e.to_string()))
+}
+
 fn parse_page_token(token: &str) -> Result<Option<DeviceId>, Status> {
     if token.is_empty() {
         return Ok(None);
@@ -101,6 +116,12 @@ impl pb::ops_server::Ops for OpsService {
         tracing::Span::current().record("device", id.as_str());
         let display_name = DisplayName::parse(&req.display_name, &id)?;
         let labels = Labels::parse(req.labels)?;
+        let certificate = certificate(&req.certificate_pem)?;
+        if req.require_mtls && certificate.is_none() {
+            return Err(Status::invalid_argument(
+                "require_mtls needs certificate_pem: a device that must use mutual TLS needs a bound certificate",
+            ));
+        }
         let token = Token::generate("dev_");
         let device = NewDevice {
             id,
@@ -108,6 +129,8 @@ impl pb::ops_server::Ops for OpsService {
             labels,
             token_hash: token.hash(),
             created: now_unix_nanos(),
+            certificate,
+            require_mtls: req.require_mtls,
         };
         let record = self
             .store
@@ -122,6 +145,87 @@ impl pb::ops_server::Ops for OpsService {
             device: Some(convert::device(record)),
             token: token.expose().to_owned(),
         }))
+    }
+
+    async fn rotate_device_token(
+        &self,
+        request: Request<pb::RotateDeviceTokenRequest>,
+    ) -> Result<Response<pb::RotateDeviceTokenResponse>, Status> {
+        let req = request.into_inner();
+        let id = DeviceId::parse(&req.device_id)?;
+        let overlap = req.overlap_millis.map(std::time::Duration::from_millis);
+        let (token, credential_id, credentials) =
+            self.credentials.rotate_token(&id, overlap).await?;
+        Ok(Response::new(pb::RotateDeviceTokenResponse {
+            token: token.expose().to_owned(),
+            credential_id,
+            credentials: Some(convert::credentials(credentials)),
+        }))
+    }
+
+    async fn list_device_credentials(
+        &self,
+        request: Request<pb::ListDeviceCredentialsRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let id = DeviceId::parse(&request.into_inner().device_id)?;
+        let credentials = self.store.device_credentials(&id).await?;
+        Ok(Response::new(convert::credentials(credentials)))
+    }
+
+    async fn revoke_device_credential(
+        &self,
+        request: Request<pb::RevokeDeviceCredentialRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        use pb::revoke_device_credential_request::Credential;
+        let req = request.into_inner();
+        let id = DeviceId::parse(&req.device_id)?;
+        let credentials = match req.credential {
+            Some(Credential::TokenCredentialId(token)) => {
+                self.credentials.revoke_token(&id, token).await?
+            }
+            Some(Credential::Certificate(true)) => {
+                self.credentials.bind_certificate(&id, None, None).await?
+            }
+            Some(Credential::Certificate(false)) | None => {
+                return Err(Status::invalid_argument(
+                    "say what to revoke: token_credential_id (from ListDeviceCredentials) or certificate = true",
+                ));
+            }
+        };
+        Ok(Response::new(convert::credentials(credentials)))
+    }
+
+    async fn bind_device_certificate(
+        &self,
+        request: Request<pb::BindDeviceCertificateRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let req = request.into_inner();
+        let id = DeviceId::parse(&req.device_id)?;
+        let certificate = certificate(&req.certificate_pem)?
+            .ok_or_else(|| Status::invalid_argument("certificate_pem is empty"))?;
+        let credentials = self
+            .credentials
+            .bind_certificate(&id, Some(certificate), req.require_mtls)
+            .await?;
+        Ok(Response::new(convert::credentials(credentials)))
+    }
+
+    async fn disable_device(
+        &self,
+        request: Request<pb::DisableDeviceRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let id = DeviceId::parse(&request.into_inner().device_id)?;
+        let credentials = self.credentials.set_disabled(&id, true).await?;
+        Ok(Response::new(convert::credentials(credentials)))
+    }
+
+    async fn enable_device(
+        &self,
+        request: Request<pb::EnableDeviceRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let id = DeviceId::parse(&request.into_inner().device_id)?;
+        let credentials = self.credentials.set_disabled(&id, false).await?;
+        Ok(Response::new(convert::credentials(credentials)))
     }
 
     async fn get_device(

@@ -6,12 +6,14 @@
 use tonic::Status;
 
 use crate::alerts::EngineError;
+use crate::auth::AuthFailure;
 use crate::control::SendError;
 use crate::control::session::{OpenError, SessionEnd};
 use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
 use crate::domain::{BatchError, InvalidDevice};
 use crate::storage::StorageError;
+use crate::storage::credentials::CredentialError;
 use crate::upload::{UploadError, UploadFailure};
 
 impl From<UploadFailure> for Status {
@@ -46,6 +48,9 @@ impl From<UploadFailure> for Status {
             UploadError::ShuttingDown => Status::unavailable(format!(
                 "the server is shutting down; reconnect and retry: {resume}"
             )),
+            e @ UploadError::CredentialEnded(_) => {
+                Status::unauthenticated(format!("{e}; {resume}"))
+            }
         }
     }
 }
@@ -124,6 +129,39 @@ impl From<SendError> for Status {
     }
 }
 
+impl From<AuthFailure> for Status {
+    fn from(e: AuthFailure) -> Self {
+        match e {
+            AuthFailure::Unavailable => Status::unavailable(e.to_string()),
+            AuthFailure::Missing(_)
+            | AuthFailure::MalformedAuthorization
+            | AuthFailure::UnknownDeviceToken
+            | AuthFailure::TokenRevoked
+            | AuthFailure::TokenExpired(_)
+            | AuthFailure::DeviceDisabled(_)
+            | AuthFailure::MtlsRequired(_)
+            | AuthFailure::CertificateNotBound
+            | AuthFailure::CertificateDoesNotNameDevice(_)
+            | AuthFailure::CertificateTokenMismatch
+            | AuthFailure::NotTheBoundCertificate(_)
+            | AuthFailure::UnknownOpsToken => Status::unauthenticated(e.to_string()),
+        }
+    }
+}
+
+impl From<CredentialError> for Status {
+    fn from(e: CredentialError) -> Self {
+        match e {
+            CredentialError::NoSuchDevice(_) | CredentialError::NoSuchToken { .. } => {
+                Status::not_found(e.to_string())
+            }
+            CredentialError::TooManyTokens { .. } => Status::failed_precondition(e.to_string()),
+            CredentialError::CertificateInUse => Status::already_exists(e.to_string()),
+            CredentialError::Storage(e) => storage(e),
+        }
+    }
+}
+
 impl From<OpenError> for Status {
     fn from(e: OpenError) -> Self {
         match e {
@@ -148,6 +186,9 @@ impl From<SessionEnd> for Status {
             SessionEnd::Refused(e) => Status::invalid_argument(format!(
                 "{e}; the message was not recorded and the stream is closed"
             )),
+            SessionEnd::CredentialEnded(e) => {
+                Status::unauthenticated(format!("credential revoked: {e}"))
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ macro_rules! dispatch {
 
 pub mod alerts;
 pub mod commands;
+pub mod credentials;
 mod error;
 pub mod partitions;
 mod postgres;
@@ -31,7 +32,10 @@ use std::path::Path;
 pub use error::StorageError;
 
 use crate::domain::time::UnixNanos;
-use crate::domain::{DeviceId, DeviceKey, DisplayName, Labels, SensorName, TokenHash, Unit};
+use crate::domain::{
+    CertFingerprint, DeviceId, DeviceKey, DisplayName, Labels, SensorName, TokenHash, Unit,
+};
+use credentials::{CertificateGrant, CredentialError, DeviceCredentials, RotatedToken, TokenGrant};
 
 /// A registered device as stored.
 #[derive(Debug, Clone)]
@@ -56,8 +60,12 @@ pub struct NewDevice {
     pub id: DeviceId,
     pub display_name: DisplayName,
     pub labels: Labels,
+    /// The token issued at registration (the first of `device_tokens`).
     pub token_hash: TokenHash,
     pub created: UnixNanos,
+    /// A certificate bound at registration.
+    pub certificate: Option<CertFingerprint>,
+    pub require_mtls: bool,
 }
 
 /// Where the data lives.
@@ -134,11 +142,68 @@ impl Store {
         dispatch!(self, s => s.list_devices(after, limit).await)
     }
 
-    pub async fn device_by_token(
+    /// The device and state behind a token, revoked or expired included.
+    pub async fn token_grant(&self, hash: &TokenHash) -> Result<Option<TokenGrant>, StorageError> {
+        dispatch!(self, s => s.token_grant(hash).await)
+    }
+
+    pub async fn certificate_grant(
         &self,
+        fingerprint: &CertFingerprint,
+    ) -> Result<Option<CertificateGrant>, StorageError> {
+        dispatch!(self, s => s.certificate_grant(fingerprint).await)
+    }
+
+    pub async fn device_credentials(
+        &self,
+        id: &DeviceId,
+    ) -> Result<DeviceCredentials, CredentialError> {
+        dispatch!(self, s => s.device_credentials(id).await)
+    }
+
+    /// See `credentials::credential_queries`' `rotate_token`.
+    pub async fn rotate_token(
+        &self,
+        id: &DeviceId,
         hash: &TokenHash,
-    ) -> Result<Option<DeviceKey>, StorageError> {
-        dispatch!(self, s => s.device_by_token(hash).await)
+        now: UnixNanos,
+        others_expire: Option<UnixNanos>,
+        max_active: usize,
+    ) -> Result<RotatedToken, CredentialError> {
+        dispatch!(self, s => s.rotate_token(id, hash, now, others_expire, max_active).await)
+    }
+
+    pub async fn revoke_token(
+        &self,
+        id: &DeviceId,
+        token_id: i64,
+        now: UnixNanos,
+    ) -> Result<DeviceKey, CredentialError> {
+        dispatch!(self, s => s.revoke_token(id, token_id, now).await)
+    }
+
+    /// Binds (`Some`) or unbinds (`None`) a device's certificate.
+    pub async fn bind_certificate(
+        &self,
+        id: &DeviceId,
+        certificate: Option<&CertFingerprint>,
+        require_mtls: Option<bool>,
+        now: UnixNanos,
+    ) -> Result<DeviceKey, CredentialError> {
+        dispatch!(self, s => s.bind_certificate(id, certificate, require_mtls, now).await)
+    }
+
+    /// Disables (`Some(now)`) or enables (`None`) a device.
+    pub async fn set_disabled(
+        &self,
+        id: &DeviceId,
+        disabled: Option<UnixNanos>,
+    ) -> Result<DeviceKey, CredentialError> {
+        dispatch!(self, s => s.set_disabled(id, disabled).await)
+    }
+
+    pub async fn record_token_use(&self, uses: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
+        dispatch!(self, s => s.record_token_use(uses).await)
     }
 
     pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {

@@ -22,6 +22,7 @@ use super::alerts::{
     self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
 };
 use super::commands::{self, CommandRecord, EnqueueError};
+use super::credentials;
 use super::rollup::RollupRows;
 use super::{
     DEVICE_COLUMNS, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns, StorageError,
@@ -30,8 +31,8 @@ use super::{
 use crate::domain::alert::{Rule, RuleId};
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
+use crate::domain::{CertFingerprint, DeviceKey, TokenHash};
 use crate::domain::{DeviceId, SensorName, Unit};
-use crate::domain::{DeviceKey, TokenHash};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -154,18 +155,31 @@ impl SqliteStore {
 
     pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
         let sql = format!(
-            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano) \
-             VALUES (?, ?, ?, ?, ?) RETURNING {DEVICE_COLUMNS}"
+            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano, \
+             cert_sha256, cert_bound_unix_nano, require_mtls) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {DEVICE_COLUMNS}"
         );
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&sql)
             .bind(d.id.as_str())
             .bind(d.display_name.as_str())
             .bind(d.labels.to_json())
             .bind(d.token_hash.as_bytes().as_slice())
             .bind(d.created)
-            .fetch_one(&mut *self.write_conn().await?)
+            .bind(d.certificate.map(|c| c.as_bytes().to_vec()))
+            .bind(d.certificate.map(|_| d.created))
+            .bind(d.require_mtls)
+            .fetch_one(&mut *tx)
             .await?;
-        device_from_row(&row)
+        let device = device_from_row(&row)?;
+        sqlx::query(&Self::sql(credentials::INSERT_TOKEN))
+            .bind(device.pk)
+            .bind(d.token_hash.as_bytes().as_slice())
+            .bind(d.created)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(device)
     }
 
     pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
@@ -191,24 +205,6 @@ impl SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(device_from_row).collect()
-    }
-
-    pub async fn device_by_token(
-        &self,
-        hash: &TokenHash,
-    ) -> Result<Option<DeviceKey>, StorageError> {
-        let row = sqlx::query("SELECT pk, device_id FROM devices WHERE token_sha256 = ?")
-            .bind(hash.as_bytes().as_slice())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            let id: String = r.try_get(1)?;
-            Ok(DeviceKey {
-                pk: r.try_get(0)?,
-                id: DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
-            })
-        })
-        .transpose()
     }
 
     pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
@@ -637,6 +633,7 @@ impl GroupTx for SqliteGroupTx {
 }
 
 super::shared::shared_queries!(SqliteStore, SqliteConnection);
+super::credentials::credential_queries!(SqliteStore);
 
 #[cfg(test)]
 mod tests {
