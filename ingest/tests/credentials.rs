@@ -22,6 +22,70 @@ backend_tests!(
     several_named_ops_tokens_work,
 );
 
+/// PostgreSQL, where a trigger can hold a batch in flight and show it: a
+/// batch the server holds when the revocation lands is committed, and the
+/// stream's answer names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends_its_stream() {
+    let Some(server) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut ops = server.ops().await;
+    let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
+    let (tx, rx) = mpsc::channel(4);
+    let mut client = server.ingest(&token).await;
+    let upload = tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
+    tx.send(simple_batch(1, 10)).await.unwrap();
+    eventually("the first batch's commit", || async {
+        cursor_call(&server, &token).await.unwrap() == 1
+    })
+    .await;
+    server
+        .storage
+        .execute(
+            "CREATE FUNCTION hold_readings() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$; \
+             CREATE TRIGGER hold_readings AFTER INSERT ON readings \
+             FOR EACH STATEMENT EXECUTE FUNCTION hold_readings();",
+        )
+        .await;
+    tx.send(simple_batch(2, 10)).await.unwrap();
+    eventually("the second batch inside its commit", || async {
+        server
+            .storage
+            .scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event = 'PgSleep'",
+            )
+            .await
+            == 1
+    })
+    .await;
+    let revoked_at = Instant::now();
+    revoke_token(&mut ops, "dev-1", token_id).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload stream outlived its revoked token")
+        .unwrap()
+        .unwrap_err();
+    let took = revoked_at.elapsed();
+    assert!(
+        took < REVOCATION_BOUND,
+        "the stream ended {took:?} after the revocation"
+    );
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    assert!(
+        ended
+            .message()
+            .contains("batches up to sequence 2 are committed"),
+        "{}",
+        ended.message()
+    );
+    assert_eq!(server.storage.count_readings().await, 20);
+    drop(tx);
+}
+
 /// A revocation must reach open streams within this.
 const REVOCATION_BOUND: Duration = Duration::from_secs(1);
 

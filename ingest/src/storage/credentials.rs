@@ -317,11 +317,12 @@ macro_rules! credential_queries {
                 now: UnixNanos,
             ) -> Result<DeviceKey, credentials::CredentialError> {
                 let mut tx = self.begin_write().await?;
-                let device_pk: Option<i64> = sqlx::query_scalar(&Self::sql(&format!(
+                // No lock on the device's row: a group commit holds it while
+                // it commits, and a revocation must not wait for one.
+                let device_pk: Option<i64> = sqlx::query_scalar(&Self::sql(
                     "SELECT d.pk FROM devices d JOIN device_tokens t ON t.device_pk = d.pk \
-                     WHERE d.device_id = ? AND t.pk = ?{}",
-                    Self::ROW_LOCK
-                )))
+                     WHERE d.device_id = ? AND t.pk = ?",
+                ))
                 .bind(id.as_str())
                 .bind(token_id)
                 .fetch_optional(&mut *tx)
