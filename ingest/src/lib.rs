@@ -33,6 +33,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -2,6 +2,7 @@
 //! operator subcommands, one file each.
 
 mod alerts;
+mod backup;
 mod client;
 mod command;
 mod devices;
@@ -45,6 +46,9 @@ enum Command {
     Command(command::CommandCommand),
     /// Print a reporting view (read-only): a table, CSV or JSON lines.
     Report(report::ReportArgs),
+    /// Copy the SQLite database while the server runs, and verify the copy
+    /// (PostgreSQL: print the pg_dump command).
+    Backup(backup::BackupArgs),
 }
 
 impl Cli {
@@ -57,6 +61,7 @@ impl Cli {
             Command::Alerts(cmd) => alerts::run(cmd).await,
             Command::Command(cmd) => command::run(cmd).await,
             Command::Report(args) => report::run(args).await,
+            Command::Backup(args) => backup::run(args).await,
         }
     }
 }

@@ -113,6 +113,13 @@ impl TestStorage {
         }
     }
 
+    pub fn backend(&self) -> Backend {
+        match self.database {
+            Database::Sqlite { .. } => Backend::Sqlite,
+            Database::Postgres { .. } => Backend::Postgres,
+        }
+    }
+
     /// A direct connection for checking what is stored.
     pub async fn count_readings(&self) -> i64 {
         self.scalar("SELECT COUNT(*) FROM readings").await
