@@ -28,6 +28,8 @@ pub struct Config {
     /// After a shutdown signal, how long to wait for open calls to finish
     /// before closing their connections.
     pub shutdown_grace: Duration,
+    /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -43,6 +45,7 @@ impl Config {
             control: ControlConfig::default(),
             retention: RetentionConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            admin_listen: None,
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod control;
 pub mod domain;
 pub mod grpc;
 pub mod handshake;
+pub mod metrics;
 pub mod rate_limit;
 pub mod reports;
 pub mod retention;

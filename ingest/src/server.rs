@@ -25,14 +25,30 @@ use crate::grpc::compression::compressed;
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
 use crate::handshake::PrefaceDeadline;
+use crate::metrics::Metrics;
+use crate::metrics::admin::Admin;
+use crate::metrics::grpc::GrpcMetricsLayer;
 use crate::rate_limit::DeviceRateLimits;
 use crate::storage::{Store, writer};
 use crate::upload::UploadContext;
+use prometheus_client::registry::Registry;
 
 /// Serves on `listener` until `shutdown` resolves, then stops gracefully.
+/// The admin listener, if configured, is bound here.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let admin = crate::metrics::admin::bind(config.admin_listen).await?;
+    run_with_admin(config, listener, admin, shutdown).await
+}
+
+/// [`run`], with the admin listener bound by the caller (tests bind port 0).
+pub async fn run_with_admin(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -44,6 +60,9 @@ pub async fn run(
     let local_addr = listener.local_addr()?;
     tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
 
+    // One registry for the process, passed down: no global metrics.
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
     let (stopping_tx, stopping) = watch::channel(false);
     let credentials = Credentials::start(store.clone(), stopping.clone());
     let ops_reload = tokio::spawn(reload_ops_tokens_on_hangup(
@@ -54,7 +73,7 @@ pub async fn run(
         AlertEngine::start(store.clone(), config.alerts.live_buffer, stopping.clone())
             .await
             .context("starting the alert engine")?;
-    let (writer, writer_task) = writer::spawn(&store, &config.writer, &alerts);
+    let (writer, writer_task) = writer::spawn(&store, &config.writer, &alerts, &metrics);
     let (control, sweeper) =
         CommandCenter::start(store.clone(), config.control.clone(), stopping.clone())
             .await
@@ -76,6 +95,7 @@ pub async fn run(
             config.limits.max_stream_opens_per_minute_per_device,
         )),
         timeouts: config.limits.upload_timeouts,
+        metrics: metrics.clone(),
     };
     // Every service takes gzip and zstd (grpc/compression.rs); the message
     // size limit applies to the decompressed message.
@@ -142,6 +162,8 @@ pub async fn run(
         .max_concurrent_streams(config.limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.limits.keepalive_interval))
         .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
+        // Outermost, so each call counts under the code its client sees.
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
         .layer(TransportStatusLayer {
             max_message_bytes: max_message,
         })
@@ -153,6 +175,17 @@ pub async fn run(
         .add_service(ops)
         .serve_with_incoming_shutdown(incoming, signal);
 
+    let admin_task = admin_listener.map(|listener| {
+        let addr = listener.local_addr().ok();
+        tracing::info!(addr = ?addr, "admin listener: /metrics, /healthz, /readyz");
+        let admin = Admin {
+            registry: Arc::new(registry),
+            metrics: metrics.clone(),
+            store: store.clone(),
+            stopping: stopping.clone(),
+        };
+        tokio::spawn(admin.serve(listener))
+    });
     let mut stopped = stopping;
     let grace = config.shutdown_grace;
     tokio::select! {
@@ -175,6 +208,9 @@ pub async fn run(
     retention.abort();
     let _ = retention.await;
     let _ = ops_reload.await;
+    if let Some(admin) = admin_task {
+        let _ = admin.await;
+    }
     // Control streams closed with their connections, some without a goodbye
     // when the grace period ran out: the devices table must not show them
     // online to SQL readers while no server runs.

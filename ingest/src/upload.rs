@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
@@ -20,6 +20,7 @@ use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{BatchError, ReadingLimits, RejectReason, UploadTally};
+use crate::metrics::Metrics;
 use crate::rate_limit::DeviceRateLimits;
 use crate::storage::writer::{BatchOutcome, CommitResult, WriterHandle};
 use crate::storage::{StorageError, Store};
@@ -38,6 +39,7 @@ pub struct UploadContext {
     pub shutdown: watch::Receiver<bool>,
     pub rate_limits: Arc<DeviceRateLimits>,
     pub timeouts: UploadTimeouts,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How long an upload stream may keep the server waiting for a message.
@@ -96,7 +98,9 @@ pub struct UploadFailure {
     pub committed_sequence: u64,
 }
 
-type InFlight = VecDeque<(BatchReport, oneshot::Receiver<CommitResult>)>;
+/// Batches handed to the writer: what was found in each, when it arrived,
+/// and where its commit will be answered.
+type InFlight = VecDeque<(BatchReport, Instant, oneshot::Receiver<CommitResult>)>;
 
 /// Runs an upload stream for `device` to its end, or until `credential`
 /// no longer holds.
@@ -109,12 +113,13 @@ pub async fn run<S>(
 where
     S: Stream<Item = Result<pb::ReadingBatch, tonic::Status>> + Unpin,
 {
+    let _open = ctx.metrics.stream("upload");
     let mut tally = UploadTally::new(ctx.limits.max_listed_rejections, 0);
     let mut inflight = InFlight::new();
     let ended = receive(messages, device, credential, ctx, &mut tally, &mut inflight).await;
     // Batches already handed over commit whatever happened to the stream;
     // wait for them, so the summary (or error) tells the truth.
-    let settled = settle(&mut tally, &mut inflight, 0).await;
+    let settled = settle(&mut tally, &mut inflight, 0, &ctx.metrics).await;
     let outcome = ended.and(settled);
     if tally.batches_committed + tally.duplicate_batches == 0 {
         // No batch reached the writer: ask the database for the mark.
@@ -175,17 +180,43 @@ where
             Some(Ok(message)) => message,
             Some(Err(status)) => return Err(UploadError::Transport(status)),
         };
-        let batch = validate_batch(
+        let arrived = Instant::now();
+        let readings: u64 = message
+            .series
+            .iter()
+            .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
+            .sum();
+        // A batch refused whole: every reading of it is rejected.
+        let refused = |metrics: &Metrics| {
+            metrics.reading("rejected", "invalid_batch", readings);
+            metrics.batch("rejected");
+        };
+        let batch = match validate_batch(
             message.sequence,
             raw_series(message.series),
             &ctx.limits,
             now_unix_nanos(),
-        )?;
-        tally.receive(batch.sequence)?;
-        settle(tally, inflight, ctx.max_inflight_batches.max(1) - 1).await?;
+        ) {
+            Ok(batch) => batch,
+            Err(e) => {
+                refused(&ctx.metrics);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = tally.receive(batch.sequence) {
+            refused(&ctx.metrics);
+            return Err(e.into());
+        }
+        settle(
+            tally,
+            inflight,
+            ctx.max_inflight_batches.max(1) - 1,
+            &ctx.metrics,
+        )
+        .await?;
         let received = batch.report.accepted + batch.report.rejected();
         let committed = writer.submit(batch.sequence, batch.series).await?;
-        inflight.push_back((batch.report, committed));
+        inflight.push_back((batch.report, arrived, committed));
         // Over its rate the device waits here, with its stream unread: HTTP/2
         // flow control holds it back and nothing is refused or lost.
         let hold = ctx.rate_limits.readings(device.pk, received);
@@ -194,7 +225,10 @@ where
                 biased;
                 _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
                 ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
-                () = tokio::time::sleep(hold) => tally.throttled += hold,
+                () = tokio::time::sleep(hold) => {
+                    tally.throttled += hold;
+                    ctx.metrics.upload_throttled_seconds.inc_by(hold.as_secs_f64());
+                }
             }
         }
     }
@@ -226,11 +260,17 @@ async fn settle(
     tally: &mut UploadTally,
     inflight: &mut InFlight,
     keep: usize,
+    metrics: &Metrics,
 ) -> Result<(), UploadError> {
     let mut failed = false;
     while inflight.len() > keep {
-        let (report, committed) = inflight.pop_front().expect("len > keep >= 0");
-        match committed.await {
+        let (report, arrived, committed) = inflight.pop_front().expect("len > keep >= 0");
+        let outcome = committed.await;
+        metrics
+            .batch_ack_seconds
+            .observe(arrived.elapsed().as_secs_f64());
+        let received = report.accepted + report.rejected();
+        match outcome {
             Ok(Ok(BatchOutcome::Committed {
                 committed_sequence,
                 refused_series,
@@ -239,13 +279,24 @@ async fn settle(
                 if !refused_series.is_empty() {
                     report.refuse_series(&refused_series, RejectReason::TooManySensors);
                 }
+                metrics.batch("committed");
+                metrics.reading("committed", "", report.accepted);
+                for reason in RejectReason::ALL {
+                    metrics.reading("rejected", reason.name(), report.rejected_for(reason));
+                }
                 tally.committed(report, committed_sequence);
             }
             Ok(Ok(BatchOutcome::Duplicate { committed_sequence })) => {
+                metrics.batch("duplicate");
+                metrics.reading("duplicate", "", received);
                 tally.duplicate(committed_sequence);
             }
             // The writer dropped the reply only if it stopped mid-group.
-            Ok(Err(_)) | Err(_) => failed = true,
+            Ok(Err(_)) | Err(_) => {
+                metrics.batch("failed");
+                metrics.reading("rejected", "commit_failed", received);
+                failed = true;
+            }
         }
     }
     if failed {

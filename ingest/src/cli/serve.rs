@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Plain-HTTP admin address serving /metrics, /healthz and /readyz;
+    /// empty turns it off.
+    #[arg(long, env = "INGEST_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    admin_listen: String,
     #[command(flatten)]
     storage: StorageArgs,
     /// File holding the ops token. Without it (and without INGEST_OPS_TOKEN)
@@ -255,6 +259,14 @@ impl ServeArgs {
         config.control.default_ttl = self.command_ttl;
         config.control.hello_timeout = self.control_hello_timeout;
         config.shutdown_grace = self.shutdown_grace;
+        config.admin_listen = match self.admin_listen.trim() {
+            "" => None,
+            addr => Some(addr.parse().with_context(|| {
+                format!(
+                    "--admin-listen {addr:?}: expected an address like 127.0.0.1:9464, or empty"
+                )
+            })?),
+        };
         Ok(config)
     }
 }

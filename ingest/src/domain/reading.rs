@@ -42,6 +42,20 @@ impl RejectReason {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// A stable snake_case name, for metric labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NonFiniteValue => "non_finite_value",
+            Self::TimestampInFuture => "timestamp_in_future",
+            Self::TimestampTooOld => "timestamp_too_old",
+            Self::SensorNameEmpty => "sensor_name_empty",
+            Self::SensorNameTooLong => "sensor_name_too_long",
+            Self::SensorNameMalformed => "sensor_name_malformed",
+            Self::UnitMalformed => "unit_malformed",
+            Self::TooManySensors => "too_many_sensors",
+        }
+    }
 }
 
 /// A problem with a batch as a whole; ends the upload stream.

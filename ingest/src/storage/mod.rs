@@ -221,6 +221,11 @@ impl Store {
         dispatch!(self, s => s.reset_committed_sequence(id, to).await)
     }
 
+    /// One trivial query, for readiness.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
     }

@@ -521,6 +521,12 @@ macro_rules! shared_queries {
                 Ok(())
             }
 
+            /// One trivial query: the database answers.
+            pub async fn ping(&self) -> Result<(), StorageError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
             pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
                 sqlx::query(commands::ALL_OFFLINE)
                     .execute(&mut *self.write_conn().await?)

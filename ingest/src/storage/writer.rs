@@ -27,6 +27,7 @@ use crate::alerts::judge::{Judge, JudgedBatch};
 use crate::domain::reading::SeriesRows;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{SensorName, Unit};
+use crate::metrics::Metrics;
 
 /// How the writer batches work.
 #[derive(Debug, Clone)]
@@ -111,6 +112,7 @@ impl PendingBatch {
 pub struct WriterHandle {
     /// One queue per writer task.
     queues: Arc<[mpsc::Sender<PendingBatch>]>,
+    metrics: Arc<Metrics>,
 }
 
 /// Which writer a device's batches go to. The writer owns the device's
@@ -130,6 +132,7 @@ impl WriterHandle {
             tx: self.queues[shard_of(device_pk, self.queues.len())].clone(),
             device_pk,
             failed: Arc::new(AtomicBool::new(false)),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -144,6 +147,7 @@ pub struct StreamWriter {
     tx: mpsc::Sender<PendingBatch>,
     device_pk: i64,
     failed: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl StreamWriter {
@@ -155,16 +159,20 @@ impl StreamWriter {
         series: Vec<SeriesRows>,
     ) -> Result<oneshot::Receiver<CommitResult>, StorageError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(PendingBatch {
-                device_pk: self.device_pk,
-                sequence,
-                series,
-                reply,
-                stream_failed: self.failed.clone(),
-            })
+        let permit = self
+            .tx
+            .reserve()
             .await
             .map_err(|_| StorageError::WriterStopped)?;
+        // Counted once it is in the queue; the writer uncounts it on taking it.
+        self.metrics.writer_queue_batches.inc();
+        permit.send(PendingBatch {
+            device_pk: self.device_pk,
+            sequence,
+            series,
+            reply,
+            stream_failed: self.failed.clone(),
+        });
         Ok(rx)
     }
 }
@@ -175,6 +183,7 @@ pub fn spawn(
     store: &Store,
     config: &WriterConfig,
     alerts: &AlertEngine,
+    metrics: &Arc<Metrics>,
 ) -> (WriterHandle, JoinHandle<()>) {
     let writers = match store {
         Store::Sqlite(_) => 1,
@@ -182,6 +191,7 @@ pub fn spawn(
     };
     // The queue bound is for all writers together.
     let depth = (config.queue_batches / writers).max(1);
+    metrics.writer_queue_capacity.set((depth * writers) as i64);
     let sizing = GroupSizing::new(config.max_group_readings.max(1), config.group_budget);
     let mut queues = Vec::with_capacity(writers);
     let mut tasks = Vec::with_capacity(writers);
@@ -190,8 +200,22 @@ pub fn spawn(
         queues.push(tx);
         let judge = alerts.judge(owns, shard, writers);
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.clone())),
-            Store::Postgres(s) => tokio::spawn(run(s.clone(), rx, judge, sizing, config.clone())),
+            Store::Sqlite(s) => tokio::spawn(run(
+                s.clone(),
+                rx,
+                judge,
+                sizing,
+                config.clone(),
+                metrics.clone(),
+            )),
+            Store::Postgres(s) => tokio::spawn(run(
+                s.clone(),
+                rx,
+                judge,
+                sizing,
+                config.clone(),
+                metrics.clone(),
+            )),
         });
     }
     let all = tokio::spawn(async move {
@@ -202,6 +226,7 @@ pub fn spawn(
     (
         WriterHandle {
             queues: queues.into(),
+            metrics: metrics.clone(),
         },
         all,
     )
@@ -270,6 +295,7 @@ async fn run<B: BeginGroup>(
     mut judge: Judge,
     mut sizing: GroupSizing,
     config: WriterConfig,
+    metrics: Arc<Metrics>,
 ) {
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
@@ -283,6 +309,9 @@ async fn run<B: BeginGroup>(
             biased;
             _ = tick.tick() => {
                 judge_silences(&backend, &mut judge).await;
+                if rx.is_empty() {
+                    metrics.writer_progress.progressed();
+                }
                 continue;
             }
             next = rx.recv() => match next {
@@ -293,12 +322,14 @@ async fn run<B: BeginGroup>(
         // Whatever queued while the previous group committed joins this one:
         // under load groups grow by themselves, when idle a batch commits
         // alone without waiting.
+        metrics.writer_queue_batches.dec();
         let mut readings = first.readings();
         group.push(first);
         let limit = sizing.limit();
         while readings < limit {
             match rx.try_recv() {
                 Ok(next) => {
+                    metrics.writer_queue_batches.dec();
                     readings += next.readings();
                     group.push(next);
                 }
@@ -332,6 +363,11 @@ async fn run<B: BeginGroup>(
         match committed {
             Ok(outcomes) => {
                 sizing.observe(readings, started.elapsed());
+                metrics
+                    .group_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.group_commit_readings.observe(readings as f64);
+                metrics.writer_progress.progressed();
                 tracing::debug!(
                     batches = group.len(),
                     readings,

@@ -1,0 +1,174 @@
+//! The admin listener: plaintext HTTP beside the gRPC port, so probes and
+//! scrapes work when gRPC requires client certificates.
+//!
+//! - `/metrics`: the registry in the Prometheus text format;
+//! - `/healthz`: the process is alive (it answers);
+//! - `/readyz`: the database answers within a second, the writer is not
+//!   stuck, and the server is not shutting down; 503 with the reason if not.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::domain::time::now_unix_nanos;
+use crate::storage::Store;
+
+/// The database must answer a readiness query within this.
+const DATABASE_DEADLINE: Duration = Duration::from_secs(1);
+/// Batches queued and no commit for this long: the writer is stuck.
+const WRITER_STALL: Duration = Duration::from_secs(30);
+
+/// What the writer last did, for readiness.
+#[derive(Debug)]
+pub struct WriterProgress {
+    /// When a group last committed (or the writer last found its queue
+    /// empty), unix nanoseconds.
+    last_progress: AtomicI64,
+}
+
+impl Default for WriterProgress {
+    fn default() -> Self {
+        Self {
+            last_progress: AtomicI64::new(now_unix_nanos()),
+        }
+    }
+}
+
+impl WriterProgress {
+    pub fn progressed(&self) {
+        self.last_progress
+            .store(now_unix_nanos(), Ordering::Relaxed);
+    }
+
+    /// How long the writer has made no progress with `queued` batches
+    /// waiting, past the stall limit.
+    fn stalled_for(&self, queued: i64) -> Option<Duration> {
+        if queued <= 0 {
+            return None;
+        }
+        let idle = now_unix_nanos() - self.last_progress.load(Ordering::Relaxed);
+        let idle = Duration::from_nanos(idle.max(0) as u64);
+        (idle > WRITER_STALL).then_some(idle)
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<super::Metrics>,
+    pub store: Store,
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl Admin {
+    /// Serves on `listener` until the server stops.
+    pub async fn serve(self, listener: TcpListener) {
+        let mut stopping = self.stopping.clone();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "admin listener: accept failed");
+                    continue;
+                }
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(request).await) }
+                });
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%error, %peer, "admin connection ended");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let body = super::encode(&self.registry);
+                Response::builder()
+                    .header(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("a valid response")
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => match self.ready().await {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: /metrics, /healthz and /readyz are served here\n",
+            ),
+        }
+    }
+
+    async fn ready(&self) -> Result<(), String> {
+        if *self.stopping.borrow() {
+            return Err("shutting down".into());
+        }
+        let queued = self.metrics.writer_queue_batches.get();
+        if let Some(idle) = self.metrics.writer_progress.stalled_for(queued) {
+            return Err(format!(
+                "writer stuck: batches queued and no commit for {idle:.0?}"
+            ));
+        }
+        match tokio::time::timeout(DATABASE_DEADLINE, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "readiness: database query failed");
+                Err("database unavailable".into())
+            }
+            Err(_) => Err(format!(
+                "database did not answer within {DATABASE_DEADLINE:?}"
+            )),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("a valid response")
+}
+
+/// Binds the admin address; `None` for an empty one (admin turned off).
+pub async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => Ok(Some(TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("binding the admin listener on {addr}: {e}")
+        })?)),
+    }
+}
