@@ -1,13 +1,16 @@
-//! `ingest devices register | get | list | reset-cursor`.
+//! `ingest devices register | get | list | reset-cursor`, and the
+//! credential subcommands of `credentials.rs`.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
+use super::credentials::{CredentialsCommand, read_certificate};
 use super::output::{status_error, time};
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +50,8 @@ pub enum DevicesCommand {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Credentials(CredentialsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +65,12 @@ pub struct RegisterArgs {
     /// A label, KEY=VALUE; repeat for more.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Bind this certificate (PEM) to the device at once; see bind-cert.
+    #[arg(long = "cert", value_name = "PEM_FILE")]
+    cert: Option<PathBuf>,
+    /// Refuse the device's token unless it comes with its certificate.
+    #[arg(long, requires = "cert")]
+    require_mtls: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -71,11 +82,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
     match cmd {
         DevicesCommand::Register(args) => {
+            let certificate = args.cert.as_deref().map(read_certificate).transpose()?;
             let mut ops = args.server.ops().await?;
             let response = ops
                 .register_device(pb::RegisterDeviceRequest {
-                    certificate_pem: String::new(),
-                    require_mtls: false,
+                    certificate_pem: certificate
+                        .as_ref()
+                        .map(|(pem, _)| pem.clone())
+                        .unwrap_or_default(),
+                    require_mtls: args.require_mtls,
                     device_id: args.device_id,
                     display_name: args.name,
                     labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
@@ -84,12 +99,14 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let device = response.device.context("server returned no device")?;
+            let fingerprint = certificate.map(|(_, fingerprint)| fingerprint);
             eprintln!(
-                "registered {}; its token (shown once, store it now):",
-                device.device_id
+                "{}; its token (shown once, store it now):",
+                registered_text(&device.device_id, fingerprint.as_ref(), args.require_mtls)
             );
             println!("{}", response.token);
         }
+        DevicesCommand::Credentials(cmd) => return super::credentials::run(cmd).await,
         DevicesCommand::Get {
             server,
             device_id,
@@ -164,6 +181,21 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `registered pump-7 with certificate sha256 <hex> (require_mtls)`
+fn registered_text(
+    device_id: &str,
+    certificate: Option<&crate::domain::CertFingerprint>,
+    require_mtls: bool,
+) -> String {
+    match certificate {
+        None => format!("registered {device_id}"),
+        Some(fp) if require_mtls => {
+            format!("registered {device_id} with certificate sha256 {fp} (require_mtls)")
+        }
+        Some(fp) => format!("registered {device_id} with certificate sha256 {fp}"),
+    }
 }
 
 /// `sim-00001: committed sequence 9223372036854775807 -> 0`
@@ -289,6 +321,20 @@ mod tests {
         assert_eq!(json["firmware_version"], "1.4.2");
         assert_eq!(json["committed_sequence"], 17);
         assert_eq!(json["labels"]["site"], "plant-3");
+    }
+
+    #[test]
+    fn registration_names_a_bound_certificate() {
+        let fp = crate::domain::CertFingerprint::from_bytes([0xab; 32]);
+        assert_eq!(registered_text("pump-7", None, false), "registered pump-7");
+        assert_eq!(
+            registered_text("pump-7", Some(&fp), false),
+            format!(
+                "registered pump-7 with certificate sha256 {}",
+                "ab".repeat(32)
+            )
+        );
+        assert!(registered_text("pump-7", Some(&fp), true).ends_with(" (require_mtls)"));
     }
 
     #[test]

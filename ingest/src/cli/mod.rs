@@ -5,6 +5,7 @@ mod alerts;
 mod backup;
 mod client;
 mod command;
+mod credentials;
 mod devices;
 mod migrate;
 mod output;
@@ -31,7 +32,7 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Bring the database schema up to date, then exit.
     Migrate(migrate::MigrateArgs),
-    /// Register, show and list devices.
+    /// Register, show and list devices; rotate and revoke their credentials.
     #[command(subcommand)]
     Devices(devices::DevicesCommand),
     /// Create, list and delete alert rules.
