@@ -301,6 +301,23 @@ impl Credentials {
         Ok(credentials)
     }
 
+    /// Changes only whether a token alone is refused; the binding stays.
+    pub async fn set_require_mtls(
+        &self,
+        id: &DeviceId,
+        require_mtls: bool,
+    ) -> Result<DeviceCredentials, CredentialError> {
+        let device = self.store.set_require_mtls(id, require_mtls).await?;
+        let credentials = self.store.device_credentials(id).await?;
+        self.apply(CredentialEvent::CertificateChanged {
+            device_pk: device.pk,
+            certificate: credentials.certificate.map(|c| c.fingerprint),
+            require_mtls,
+        });
+        tracing::info!(device = %id, require_mtls, "device mutual TLS requirement changed");
+        Ok(credentials)
+    }
+
     pub async fn set_disabled(
         &self,
         id: &DeviceId,

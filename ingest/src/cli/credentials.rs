@@ -95,9 +95,14 @@ pub struct BindCertArgs {
     device_id: String,
     /// The device's certificate, PEM (the server keeps only its SHA-256
     /// fingerprint). Over mutual TLS it must name the device: its CN, a DNS
-    /// SAN, or a URI SAN urn:device:DEVICE_ID.
-    #[arg(long = "cert", value_name = "PEM_FILE")]
-    cert: PathBuf,
+    /// SAN, or a URI SAN urn:device:DEVICE_ID. Without it, only
+    /// --require-mtls or --no-require-mtls changes, and the binding stays.
+    #[arg(
+        long = "cert",
+        value_name = "PEM_FILE",
+        required_unless_present_any = ["require_mtls", "no_require_mtls"]
+    )]
+    cert: Option<PathBuf>,
     #[command(flatten)]
     require_mtls: RequireMtlsArgs,
     /// Print the device's credentials as JSON instead of text.
@@ -267,7 +272,10 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             }
         }
         CredentialsCommand::BindCert(args) => {
-            let (certificate_pem, _) = read_certificate(&args.cert)?;
+            let certificate_pem = match &args.cert {
+                Some(path) => read_certificate(path)?.0,
+                None => String::new(),
+            };
             let mut ops = args.server.ops().await?;
             let credentials = ops
                 .bind_device_certificate(pb::BindDeviceCertificateRequest {

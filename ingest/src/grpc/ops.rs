@@ -201,12 +201,21 @@ impl pb::ops_server::Ops for OpsService {
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
         let req = request.into_inner();
         let id = DeviceId::parse(&req.device_id)?;
-        let certificate = certificate(&req.certificate_pem)?
-            .ok_or_else(|| Status::invalid_argument("certificate_pem is empty"))?;
-        let credentials = self
-            .credentials
-            .bind_certificate(&id, Some(certificate), req.require_mtls)
-            .await?;
+        let credentials = match (certificate(&req.certificate_pem)?, req.require_mtls) {
+            (Some(certificate), require_mtls) => {
+                self.credentials
+                    .bind_certificate(&id, Some(certificate), require_mtls)
+                    .await?
+            }
+            (None, Some(require_mtls)) => {
+                self.credentials.set_require_mtls(&id, require_mtls).await?
+            }
+            (None, None) => {
+                return Err(Status::invalid_argument(
+                    "certificate_pem is empty and require_mtls is not set: nothing to change",
+                ));
+            }
+        };
         Ok(Response::new(convert::credentials(credentials)))
     }
 

@@ -378,6 +378,22 @@ macro_rules! credential_queries {
                 }
             }
 
+            pub async fn set_require_mtls(
+                &self,
+                id: &DeviceId,
+                require_mtls: bool,
+            ) -> Result<DeviceKey, credentials::CredentialError> {
+                let pk: Option<i64> = sqlx::query_scalar(&Self::sql(
+                    "UPDATE devices SET require_mtls = ? WHERE device_id = ? RETURNING pk",
+                ))
+                .bind(require_mtls)
+                .bind(id.as_str())
+                .fetch_optional(&mut *self.write_conn().await?)
+                .await?;
+                pk.map(|pk| DeviceKey { pk, id: id.clone() })
+                    .ok_or_else(|| credentials::CredentialError::NoSuchDevice(id.to_string()))
+            }
+
             /// Disables (`Some(now)`) or enables (`None`) a device. A device
             /// disabled twice keeps its first time.
             pub async fn set_disabled(

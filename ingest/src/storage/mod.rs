@@ -193,6 +193,14 @@ impl Store {
         dispatch!(self, s => s.bind_certificate(id, certificate, require_mtls, now).await)
     }
 
+    pub async fn set_require_mtls(
+        &self,
+        id: &DeviceId,
+        require_mtls: bool,
+    ) -> Result<DeviceKey, CredentialError> {
+        dispatch!(self, s => s.set_require_mtls(id, require_mtls).await)
+    }
+
     /// Disables (`Some(now)`) or enables (`None`) a device.
     pub async fn set_disabled(
         &self,
