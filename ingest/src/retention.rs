@@ -92,6 +92,7 @@ pub async fn run(
     config: RetentionConfig,
     readings_retention: Duration,
     mut stopping: watch::Receiver<bool>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     let mut tick = tokio::time::interval(config.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -100,7 +101,16 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
-        match run_once(&store, &config, readings_retention, now_unix_nanos()).await {
+        let pass = run_once(&store, &config, readings_retention, now_unix_nanos()).await;
+        if let Ok(pass) = &pass {
+            metrics
+                .retention_deleted
+                .inc_by(pass.readings.rows + pass.rollups.rows);
+            metrics
+                .partitions_created
+                .inc_by(pass.partitions_created as u64);
+        }
+        match pass {
             Ok(pass) if pass.changed_anything() => tracing::info!(
                 partitions_created = pass.partitions_created,
                 readings_deleted = pass.readings.rows,

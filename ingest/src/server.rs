@@ -69,20 +69,29 @@ pub async fn run_with_admin(
         ops_tokens.clone(),
         stopping.clone(),
     ));
-    let (alerts, alerts_task) =
-        AlertEngine::start(store.clone(), config.alerts.live_buffer, stopping.clone())
-            .await
-            .context("starting the alert engine")?;
+    let (alerts, alerts_task) = AlertEngine::start(
+        store.clone(),
+        config.alerts.live_buffer,
+        stopping.clone(),
+        metrics.clone(),
+    )
+    .await
+    .context("starting the alert engine")?;
     let (writer, writer_task) = writer::spawn(&store, &config.writer, &alerts, &metrics);
-    let (control, sweeper) =
-        CommandCenter::start(store.clone(), config.control.clone(), stopping.clone())
-            .await
-            .context("starting device control")?;
+    let (control, sweeper) = CommandCenter::start(
+        store.clone(),
+        config.control.clone(),
+        stopping.clone(),
+        metrics.clone(),
+    )
+    .await
+    .context("starting device control")?;
     let retention = tokio::spawn(crate::retention::run(
         store.clone(),
         config.retention.clone(),
         config.limits.readings.retention,
         stopping.clone(),
+        metrics.clone(),
     ));
     let upload = UploadContext {
         store: store.clone(),
@@ -139,7 +148,7 @@ pub async fn run_with_admin(
             .context("building the reflection service (v1alpha)")?
     );
 
-    let auth = Arc::new(Authenticator::new(ops_tokens, credentials));
+    let auth = Arc::new(Authenticator::new(ops_tokens, credentials, metrics.clone()));
     let signal = {
         let health = health.clone();
         async move {

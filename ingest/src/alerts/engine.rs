@@ -20,6 +20,7 @@ use super::judge::Judge;
 use crate::domain::alert::{Rule, RuleId};
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{DeviceId, Labels};
+use crate::metrics::Metrics;
 use crate::storage::alerts::{
     AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent,
 };
@@ -79,6 +80,7 @@ struct Inner {
     events: broadcast::Sender<Arc<AlertEventRecord>>,
     /// Rung after every commit that recorded events; wakes the feed.
     recorded: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl AlertEngine {
@@ -88,6 +90,7 @@ impl AlertEngine {
         store: Store,
         live_buffer: usize,
         stopping: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> Result<(Self, JoinHandle<()>), StorageError> {
         let now = Instant::now();
         let rules = store
@@ -105,6 +108,7 @@ impl AlertEngine {
             recorded.clone(),
             store.last_event_id().await?,
             stopping,
+            metrics.clone(),
         ));
         let inner = Inner {
             store,
@@ -112,6 +116,7 @@ impl AlertEngine {
             devices: SyncRwLock::new(devices),
             events,
             recorded,
+            metrics,
         };
         Ok((
             Self {
@@ -287,6 +292,10 @@ impl AlertEngine {
 
     /// Live events, from now on, in id order with no gap. Subscribe before
     /// reading stored events, so that nothing falls between the two.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<AlertEventRecord>> {
         self.inner.events.subscribe()
     }

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast, watch};
 
+use crate::domain::alert::Severity;
+use crate::metrics::{KindLabel, Metrics, SeverityLabel};
 use crate::storage::Store;
-use crate::storage::alerts::AlertEventRecord;
+use crate::storage::alerts::{AlertEventRecord, EventKind};
 
 /// How often the database is read without being told of new events.
 const POLL: Duration = Duration::from_secs(1);
@@ -30,7 +32,19 @@ pub(super) async fn run(
     recorded: Arc<Notify>,
     mut last: u64,
     mut stopping: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
+    // Open alerts as of `last`; the events after it move the counts.
+    match store.open_alerts_by_severity().await {
+        Ok(counts) => {
+            for (severity, n) in counts {
+                if let Some(severity) = Severity::parse(&severity) {
+                    open_alerts(&metrics, severity).set(n);
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "counting open alerts failed"),
+    }
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -59,6 +73,17 @@ pub(super) async fn run(
                     device = %event.device_id,
                     "alert event"
                 );
+                metrics
+                    .alert_events
+                    .get_or_create(&KindLabel {
+                        kind: event.kind.as_str(),
+                    })
+                    .inc();
+                match event.kind {
+                    EventKind::Fired => open_alerts(&metrics, event.severity).inc(),
+                    EventKind::Resolved => open_alerts(&metrics, event.severity).dec(),
+                    EventKind::Acked => 0,
+                };
                 // No receiver is fine: watchers catch up from the database.
                 let _ = events.send(Arc::new(event));
             }
@@ -68,4 +93,13 @@ pub(super) async fn run(
         }
     }
     tracing::debug!("alert feed stopped");
+}
+
+fn open_alerts(metrics: &Metrics, severity: Severity) -> prometheus_client::metrics::gauge::Gauge {
+    metrics
+        .alerts_open
+        .get_or_create(&SeverityLabel {
+            severity: severity.as_str(),
+        })
+        .clone()
 }

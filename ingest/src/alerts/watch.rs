@@ -88,6 +88,7 @@ pub fn start(
 ) -> mpsc::Receiver<WatchItem> {
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
     tokio::spawn(async move {
+        let _open = engine.metrics().stream("watch");
         let mut cursor = after;
         let end = run(
             &store,
@@ -148,6 +149,7 @@ async fn run(
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
+                        engine.metrics().alert_watchers_lagged.inc();
                         tracing::debug!(missed, cursor = *cursor, "slow alert watcher catches up from storage");
                         break;
                     }

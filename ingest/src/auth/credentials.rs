@@ -69,6 +69,27 @@ pub enum AuthFailure {
     Unavailable,
 }
 
+impl AuthFailure {
+    /// A short stable name, for the `auth_failures_total{reason}` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing(_) => "missing",
+            Self::MalformedAuthorization => "malformed",
+            Self::UnknownDeviceToken => "unknown_device_token",
+            Self::TokenRevoked => "token_revoked",
+            Self::TokenExpired(_) => "token_expired",
+            Self::DeviceDisabled(_) => "device_disabled",
+            Self::MtlsRequired(_) => "mtls_required",
+            Self::CertificateNotBound => "certificate_not_bound",
+            Self::CertificateDoesNotNameDevice(_) => "certificate_name_mismatch",
+            Self::CertificateTokenMismatch => "certificate_token_mismatch",
+            Self::NotTheBoundCertificate(_) => "not_the_bound_certificate",
+            Self::UnknownOpsToken => "unknown_ops_token",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// The device a call was authenticated as, put in the request extensions by
 /// the auth layer. Handlers take the caller's identity from here only.
 #[derive(Clone)]

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::credentials::{AuthFailure, Credentials};
 use super::ops_token::OpsTokens;
 use crate::domain::TokenHash;
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::tls::ConnectionInfo;
 
 const INGEST_PREFIX: &str = "/telemetry.v1.Ingest/";
@@ -30,6 +31,7 @@ pub struct Operator {
 pub struct Authenticator {
     ops: Arc<OpsTokens>,
     devices: Arc<Credentials>,
+    metrics: Arc<Metrics>,
 }
 
 /// What a call needs before its handler runs.
@@ -40,8 +42,12 @@ enum Checked {
 }
 
 impl Authenticator {
-    pub fn new(ops: Arc<OpsTokens>, devices: Arc<Credentials>) -> Self {
-        Self { ops, devices }
+    pub fn new(ops: Arc<OpsTokens>, devices: Arc<Credentials>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            ops,
+            devices,
+            metrics,
+        }
     }
 
     async fn check<B>(&self, request: &mut http::Request<B>) -> Result<Checked, AuthFailure> {
@@ -170,6 +176,12 @@ where
                 }
                 Err(failure) => {
                     tracing::debug!(%failure, "call refused");
+                    auth.metrics
+                        .auth_failures
+                        .get_or_create(&ReasonLabel {
+                            reason: failure.reason(),
+                        })
+                        .inc();
                     Ok(Status::from(failure).into_http())
                 }
             }

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::storage::commands::{CommandRecord, EnqueueError};
 use crate::storage::{DeviceRecord, StorageError, Store};
 
@@ -76,6 +77,7 @@ pub struct CommandCenter {
     next_generation: std::sync::atomic::AtomicU64,
     /// Every state change, for `SendCommand` with wait.
     changes: broadcast::Sender<(u64, CommandState)>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl CommandCenter {
@@ -85,6 +87,7 @@ impl CommandCenter {
         store: Store,
         config: ControlConfig,
         mut shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
         store.mark_all_offline().await?;
         let (changes, _) = broadcast::channel(4096);
@@ -94,6 +97,7 @@ impl CommandCenter {
             sessions: Mutex::new(HashMap::new()),
             next_generation: std::sync::atomic::AtomicU64::new(1),
             changes,
+            metrics,
         });
         let sweeper = {
             let center = center.clone();
@@ -104,7 +108,10 @@ impl CommandCenter {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => center.expire().await,
-                        _ = seen.tick() => center.write_last_seen().await,
+                        _ = seen.tick() => {
+                            center.write_last_seen().await;
+                            center.count_pending().await;
+                        }
                         () = until_set(&mut shutdown) => break,
                     }
                 }
@@ -157,7 +164,35 @@ impl CommandCenter {
     }
 
     pub(crate) fn changed(&self, command_id: u64, state: CommandState) {
+        self.metrics
+            .commands
+            .get_or_create(&OutcomeLabel {
+                outcome: state.as_str(),
+            })
+            .inc();
         let _ = self.changes.send((command_id, state));
+    }
+
+    /// `commands_pending`, refreshed with the last-seen writes: a count
+    /// across devices the database answers from an index.
+    async fn count_pending(&self) {
+        // The pool's acquire latency, sampled at the same pace.
+        if let Ok(acquired) = self.store.ping().await {
+            self.metrics
+                .db_pool_acquire_seconds
+                .observe(acquired.as_secs_f64());
+        }
+        match self.store.pending_commands().await {
+            Ok(n) => {
+                self.metrics.commands_pending.set(n);
+            }
+            Err(error) => tracing::debug!(%error, "counting pending commands failed"),
+        }
+    }
+
+    /// `devices_online`: the sessions this server holds.
+    pub(crate) fn sessions_changed(&self, sessions: usize) {
+        self.metrics.devices_online.set(sessions as i64);
     }
 
     pub(crate) fn next_generation(&self) -> u64 {
@@ -196,6 +231,10 @@ impl CommandCenter {
                 EnqueueError::QueueFull(n) => SendError::QueueFull(n),
                 EnqueueError::Storage(e) => SendError::Storage(e),
             })?;
+        self.metrics
+            .commands
+            .get_or_create(&OutcomeLabel { outcome: "queued" })
+            .inc();
         tracing::info!(
             command_id = command.command_id,
             kind = kind.name(),

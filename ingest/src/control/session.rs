@@ -80,16 +80,21 @@ where
     let seen = now_unix_nanos();
     let last_seen = Arc::new(AtomicI64::new(seen));
     let (superseded_tx, superseded) = watch::channel(false);
-    let previous = center.sessions.lock().expect("lock poisoned").insert(
-        device.pk,
-        SessionSlot {
-            generation,
-            wake: wake.clone(),
-            superseded: superseded_tx,
-            last_seen: last_seen.clone(),
-            last_seen_stored: seen,
-        },
-    );
+    let previous = {
+        let mut sessions = center.sessions.lock().expect("lock poisoned");
+        let previous = sessions.insert(
+            device.pk,
+            SessionSlot {
+                generation,
+                wake: wake.clone(),
+                superseded: superseded_tx,
+                last_seen: last_seen.clone(),
+                last_seen_stored: seen,
+            },
+        );
+        center.sessions_changed(sessions.len());
+        previous
+    };
     if let Some(previous) = previous {
         tracing::info!(device = %device.id, "a newer Control stream supersedes the open one");
         let _ = previous.superseded.send(true);
@@ -126,6 +131,7 @@ async fn run<S>(
 ) where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
 {
+    let _open = center.metrics.stream("control");
     // Ids written to this stream: a wake-up does not repeat them here.
     let mut written = HashSet::new();
     let stale = superseded.clone();
@@ -168,6 +174,7 @@ async fn run<S>(
             .is_some_and(|s| s.generation == generation);
         if current {
             sessions.remove(&device.pk);
+            center.sessions_changed(sessions.len());
         }
         current
     };

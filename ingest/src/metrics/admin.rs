@@ -143,7 +143,12 @@ impl Admin {
             ));
         }
         match tokio::time::timeout(DATABASE_DEADLINE, self.store.ping()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(acquired)) => {
+                self.metrics
+                    .db_pool_acquire_seconds
+                    .observe(acquired.as_secs_f64());
+                Ok(())
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "readiness: database query failed");
                 Err("database unavailable".into())
@@ -171,4 +176,50 @@ pub async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener
             anyhow::anyhow!("binding the admin listener on {addr}: {e}")
         })?)),
     }
+}
+
+/// GETs `path` from an admin listener: (status code, body). For probes
+/// written in Rust (tests, tools) without an HTTP client dependency.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The sum of a metric's samples whose name and labels match: e.g.
+/// `sum(text, "ingest_readings_total", &[("outcome", "committed")])`.
+pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }

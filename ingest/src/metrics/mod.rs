@@ -255,7 +255,7 @@ impl Metrics {
         );
         r.register(
             "db_pool_acquire_seconds",
-            "Time to get a database connection for an API query.",
+            "Time to get a pooled database connection, sampled every few seconds and at each readiness probe.",
             m.db_pool_acquire_seconds.clone(),
         );
         r.register(

@@ -229,8 +229,16 @@ impl Store {
         dispatch!(self, s => s.reset_committed_sequence(id, to).await)
     }
 
-    /// One trivial query, for readiness.
-    pub async fn ping(&self) -> Result<(), StorageError> {
+    pub async fn pending_commands(&self) -> Result<i64, StorageError> {
+        dispatch!(self, s => s.pending_commands().await)
+    }
+
+    pub async fn open_alerts_by_severity(&self) -> Result<Vec<(String, i64)>, StorageError> {
+        dispatch!(self, s => s.open_alerts_by_severity().await)
+    }
+
+    /// One trivial query, for readiness; how long a pooled connection took.
+    pub async fn ping(&self) -> Result<std::time::Duration, StorageError> {
         dispatch!(self, s => s.ping().await)
     }
 

@@ -521,10 +521,32 @@ macro_rules! shared_queries {
                 Ok(())
             }
 
-            /// One trivial query: the database answers.
-            pub async fn ping(&self) -> Result<(), StorageError> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
-                Ok(())
+            /// Commands queued or sent and not yet answered, all devices.
+            pub async fn pending_commands(&self) -> Result<i64, StorageError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM commands WHERE state IN ('queued', 'sent')",
+                )
+                .fetch_one(&self.pool)
+                .await?)
+            }
+
+            /// Open alerts by severity.
+            pub async fn open_alerts_by_severity(&self) -> Result<Vec<(String, i64)>, StorageError> {
+                Ok(sqlx::query_as(
+                    "SELECT severity, COUNT(*) FROM alerts WHERE resolved_unix_nano IS NULL GROUP BY severity",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            /// One trivial query: the database answers. Returns how long
+            /// getting a pooled connection took.
+            pub async fn ping(&self) -> Result<std::time::Duration, StorageError> {
+                let started = std::time::Instant::now();
+                let mut conn = self.pool.acquire().await?;
+                let acquired = started.elapsed();
+                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                Ok(acquired)
             }
 
             pub async fn mark_all_offline(&self) -> Result<(), StorageError> {

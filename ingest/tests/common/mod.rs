@@ -197,6 +197,8 @@ pub type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
 /// A running server.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The admin listener: /metrics, /healthz, /readyz.
+    pub admin_addr: std::net::SocketAddr,
     pub storage: TestStorage,
     pub limits: Limits,
     configure: Option<Configure>,
@@ -247,11 +249,19 @@ impl TestServer {
             configure(&mut config);
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::run(config, listener, async {
-            let _ = stopped.await;
-        }));
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let task = tokio::spawn(ingest::server::run_with_admin(
+            config,
+            listener,
+            Some(admin),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
+            admin_addr,
             storage,
             limits,
             configure,
@@ -275,6 +285,13 @@ impl TestServer {
         self.stop().await;
         let storage = std::mem::replace(&mut self.storage, TestStorage::placeholder());
         Self::start_on(storage, self.limits.clone(), self.configure.clone()).await
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        ingest::metrics::admin::get(self.admin_addr, path)
+            .await
+            .unwrap()
     }
 
     pub fn url(&self) -> String {
