@@ -14,6 +14,8 @@ pub struct LocalServer {
     pub url: String,
     pub ops_token: String,
     pub database: PathBuf,
+    /// The server's admin listener: /metrics, /healthz, /readyz.
+    pub admin: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -39,12 +41,20 @@ impl LocalServer {
             .await
             .with_context(|| format!("binding {listen} for the local server (use --listen)"))?;
         let addr = listener.local_addr()?;
+        // Beside it, on a port of its own: several demos may run at once.
+        let admin_listener = tokio::net::TcpListener::bind((addr.ip(), 0)).await?;
+        let admin = admin_listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::run(config, listener, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(ingest::server::run_with_admin(
+            config,
+            listener,
+            Some(admin_listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         eprintln!(
-            "local ingest server on http://{addr}, data in {} (ops token in {})",
+            "local ingest server on http://{addr}, metrics on http://{admin}/metrics, data in {} (ops token in {})",
             data_dir.display(),
             data_dir.join("ops.token").display()
         );
@@ -52,6 +62,7 @@ impl LocalServer {
             url: format!("http://{addr}"),
             ops_token: token.expose().to_owned(),
             database,
+            admin,
             stop,
             task,
         })
@@ -156,6 +167,32 @@ mod tests {
         let accepted = first["readings_accepted"].as_u64().expect("number")
             + second["readings_accepted"].as_u64().expect("number");
         assert_eq!(stored_readings(&database).await, accepted);
+    }
+
+    /// The server's metrics agree with the fleet's report: every reading
+    /// sent is counted once, under its outcome.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_servers_reading_counts_add_up_to_what_the_fleet_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("server starts");
+        let report = run_fleet(&server, dir.path(), &dir.path().join("r.json")).await;
+        let (status, text) = ingest::metrics::admin::get(server.admin, "/metrics")
+            .await
+            .expect("scrape");
+        server.stop().await.expect("server stops cleanly");
+        assert_eq!(status, 200);
+        let sent = report["readings_sent"].as_u64().expect("number") as f64;
+        assert!(sent > 0.0);
+        let sum = |labels: &[(&str, &str)]| {
+            ingest::metrics::admin::sum(&text, "ingest_readings_total", labels)
+        };
+        assert_eq!(sum(&[]), sent, "{text}");
+        assert_eq!(
+            sum(&[("outcome", "committed")]),
+            report["readings_accepted"].as_u64().expect("number") as f64
+        );
     }
 
     /// Each compression against the real server, same workload, own
