@@ -28,6 +28,8 @@ pub struct Config {
     /// After a shutdown signal, how long to wait for open calls to finish
     /// before closing their connections.
     pub shutdown_grace: Duration,
+    /// Serve TLS with these certificates; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Config {
@@ -43,6 +45,7 @@ impl Config {
             control: ControlConfig::default(),
             retention: RetentionConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

@@ -174,6 +174,8 @@ pub struct ServeArgs {
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    tls: super::tls_args::ServeTlsArgs,
 }
 
 /// Where the data lives; shared by `serve` and `migrate`.
@@ -255,6 +257,7 @@ impl ServeArgs {
         config.control.default_ttl = self.command_ttl;
         config.control.hello_timeout = self.control_hello_timeout;
         config.shutdown_grace = self.shutdown_grace;
+        config.tls = self.tls.into_settings()?;
         Ok(config)
     }
 }
