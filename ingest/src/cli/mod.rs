@@ -10,7 +10,7 @@ mod output;
 mod report;
 mod rules;
 mod serve;
-mod tls_args;
+pub mod tls_args;
 
 use clap::{Parser, Subcommand};
 

@@ -86,11 +86,17 @@ impl ClientTlsArgs {
 
     /// A connected channel to `url`.
     pub async fn connect(&self, url: &str) -> anyhow::Result<tonic::transport::Channel> {
-        self.client_tls()
-            .endpoint(url)?
+        let endpoint = self.client_tls().endpoint(url)?;
+        let hint = match endpoint.uri().scheme_str() {
+            Some("https") => {
+                " (TLS: --tls-ca must hold the CA that signed the server's certificate, and a server that requires client certificates needs --tls-cert and --tls-key)"
+            }
+            _ => "",
+        };
+        endpoint
             .connect()
             .await
-            .with_context(|| format!("connecting to {url}"))
+            .with_context(|| format!("connecting to {url}{hint}"))
     }
 }
 
