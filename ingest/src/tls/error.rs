@@ -1,5 +1,6 @@
 //! Why a certificate, key or CA file cannot be served: each message names
-//! the file and what to change.
+//! the file and what to change. Underlying errors are part of the message,
+//! not a source, so a log line or `{:#}` shows them once.
 
 use std::path::PathBuf;
 
@@ -7,17 +8,17 @@ use super::settings::ClientAuth;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}: {error}", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{} is not valid PEM ({source}); expected {expected}", path.display())]
+    #[error("{} is not valid PEM ({error}); expected {expected}", path.display())]
     Pem {
         path: PathBuf,
         expected: &'static str,
-        source: rustls::pki_types::pem::Error,
+        error: rustls::pki_types::pem::Error,
     },
     #[error(
         "{} holds no PEM CERTIFICATE block; expected {expected}",
@@ -44,11 +45,8 @@ pub enum TlsError {
         path.display()
     )]
     NoKey { path: PathBuf },
-    #[error("the private key in {} is not usable: {source}", path.display())]
-    UnusableKey {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    #[error("the private key in {} is not usable: {error}", path.display())]
+    UnusableKey { path: PathBuf, error: rustls::Error },
     #[error(
         "the private key in {} does not belong to the certificate in {}; give the pair that was issued together",
         key.display(),

@@ -61,9 +61,9 @@ pub fn listen(
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let Some(settings) = tls else {
-        if local.is_some_and(|addr| !addr.ip().is_loopback()) {
+        if let Some(addr) = local.filter(|addr| !addr.ip().is_loopback()) {
             tracing::warn!(
-                addr = ?local,
+                %addr,
                 "serving plaintext on a non-loopback address: device and ops tokens cross the network \
                  readable by anyone on the path; give --tls-cert and --tls-key"
             );

@@ -44,9 +44,9 @@ pub fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
     let signing_key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|source| TlsError::UnusableKey {
+        .map_err(|error| TlsError::UnusableKey {
             path: settings.key.clone(),
-            source,
+            error,
         })?;
     let certified = CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
@@ -91,10 +91,10 @@ pub fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -106,10 +106,10 @@ fn read_certificates(
     let pem = read(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
+        .map_err(|error| TlsError::Pem {
             path: path.to_owned(),
             expected,
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -148,10 +148,10 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
             path: path.to_owned(),
         },
-        source => TlsError::Pem {
+        error => TlsError::Pem {
             path: path.to_owned(),
             expected: "a private key",
-            source,
+            error,
         },
     })
 }
