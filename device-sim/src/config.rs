@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 
+use ingest::tls::client::ClientTls;
+
 use crate::wire::Compression;
 
 /// A fleet of simulated IoT devices streaming readings to telemetry-ingest.
@@ -20,13 +22,28 @@ use crate::wire::Compression;
 #[derive(Clone, Parser)]
 #[command(name = "device-sim", version, about, long_about)]
 pub struct Args {
-    /// gRPC endpoint of the ingest server.
+    /// gRPC endpoint of the ingest server: http://HOST:PORT, or
+    /// https://HOST:PORT with --tls-ca.
     #[arg(
         long,
         env = "DEVICE_SIM_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+
+    /// PEM file: the CA that signed the server's certificate, for an
+    /// https:// --server (system roots are not used).
+    #[arg(long, env = "DEVICE_SIM_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM file: a client certificate for mutual TLS, presented on every
+    /// connection of the fleet.
+    #[arg(long, env = "DEVICE_SIM_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file: the private key of --tls-cert.
+    #[arg(long, env = "DEVICE_SIM_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
 
     /// Ops token, used to register devices that have no stored credentials.
     #[arg(long, env = "DEVICE_SIM_OPS_TOKEN", hide_env_values = true)]
@@ -145,6 +162,8 @@ pub struct Args {
 #[derive(Clone)]
 pub struct Config {
     pub server: String,
+    /// TLS files for an https:// server, checked against its scheme.
+    pub tls: ClientTls,
     pub ops_token: Option<String>,
     pub ops_token_file: PathBuf,
     pub devices: u32,
@@ -178,10 +197,14 @@ const MAX_REBOOT_DELAY: Duration = Duration::from_secs(3600);
 impl Config {
     pub fn from_args(args: Args) -> anyhow::Result<Self> {
         let server = args.server.trim().to_owned();
-        ensure!(
-            server.starts_with("http://"),
-            "--server must be an http:// URL (this build has no TLS support), got {server:?}"
-        );
+        let tls = ClientTls {
+            ca: args.tls_ca,
+            cert: args.tls_cert,
+            key: args.tls_key,
+        };
+        // Reads the files now: a wrong path fails here, naming the flag,
+        // not as every device's connection error.
+        tls.endpoint(&server).context("--server")?;
 
         ensure!(
             args.sample_rate.is_finite() && args.sample_rate > 0.0,
@@ -220,6 +243,7 @@ impl Config {
 
         Ok(Self {
             server,
+            tls,
             ops_token: args.ops_token,
             ops_token_file: args
                 .ops_token_file
@@ -345,7 +369,20 @@ mod tests {
         assert!(parse(&["--devices", "0"]).is_err());
         assert!(parse(&["--device-prefix", "sim 1"]).is_err());
         assert!(parse(&["--device-prefix", "-sim"]).is_err());
+        assert!(parse(&["--server", "ftp://example.com"]).is_err());
+        // https needs the CA that signed the server's certificate...
         assert!(parse(&["--server", "https://example.com"]).is_err());
+        assert!(
+            parse(&[
+                "--server",
+                "https://example.com",
+                "--tls-ca",
+                "/nonexistent/ca.pem"
+            ])
+            .is_err()
+        );
+        // ...and TLS files make no sense for plaintext.
+        assert!(parse(&["--tls-ca", "ca.pem"]).is_err());
         assert!(parse(&["--status-interval", "0s"]).is_err());
         assert!(parse(&["--reboot-delay", "2h"]).is_err());
     }

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, warn};
 
 use crate::auth::BearerAuth;
@@ -187,8 +187,12 @@ async fn wait_for_devices(mut running: RunningDevices, failures: &mut Vec<Device
 /// while the server is still coming up, and each device retries on its own.
 /// Every byte the channels write is added to `wire_bytes`.
 fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(config.server.clone())
-        .with_context(|| format!("invalid --server URL {:?}", config.server))?
+    // TLS, for an https:// server, runs over the counting connector: the
+    // bytes counted are the encrypted records on the wire.
+    let endpoint = config
+        .tls
+        .endpoint(&config.server)
+        .context("--server")?
         .connect_timeout(Duration::from_secs(5))
         // Streams stay open for a long time; pings notice a dead peer that
         // would otherwise leave a device waiting for its summary.

@@ -14,7 +14,9 @@ pub struct LocalServer {
     pub url: String,
     pub ops_token: String,
     pub database: PathBuf,
-    /// The server's admin listener: /metrics, /healthz, /readyz.
+    /// The server's admin listener: /metrics, /healthz, /readyz (printed
+    /// at start; tests scrape it).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub admin: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -367,5 +369,88 @@ mod tests {
         assert_eq!(report["commands_done"], 2);
         assert_eq!(report["control_unsupported_devices"], 0);
         assert_eq!(report["readings_accepted"], report["readings_sent"]);
+    }
+
+    /// The fleet over mutual TLS to the real server: an https:// --server,
+    /// the CA and a client certificate, through the counting connector.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fleet_over_mutual_tls_stores_everything_and_counts_its_bytes() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write");
+            path
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+        let issue = |names: Vec<String>| {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(names)
+                .expect("params")
+                .signed_by(&key, &ca)
+                .expect("cert");
+            (cert.pem(), key.serialize_pem())
+        };
+        let ca_path = write("ca.pem", ca.pem());
+        let (server_cert, server_key) = issue(vec!["127.0.0.1".into()]);
+        let (client_cert, client_key) = issue(vec!["sim-fleet".into()]);
+        let mut tls = ingest::tls::TlsSettings::new(
+            write("server.pem", server_cert),
+            write("server.key", server_key),
+        )
+        .with_client_auth(ca_path.clone(), ingest::tls::ClientAuth::Require);
+        tls.poll_interval = std::time::Duration::from_secs(60);
+
+        let token = resolve_ops_token(&OpsTokenSource::Generated {
+            data_dir: dir.path().to_owned(),
+        })
+        .expect("token");
+        let database = dir.path().join("telemetry.db");
+        let mut config = ingest::Config::new(
+            dir.path().to_owned(),
+            Database::Sqlite {
+                path: database.clone(),
+            },
+            OpsTokenSource::Value(token.clone()),
+        );
+        config.tls = Some(tls);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(ingest::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+
+        let client_cert = write("client.pem", client_cert);
+        let client_key = write("client.key", client_key);
+        let report = run_fleet_with(
+            &format!("https://{addr}"),
+            token.expose(),
+            dir.path(),
+            &dir.path().join("tls.json"),
+            "2s",
+            &[
+                "--tls-ca",
+                ca_path.to_str().expect("utf-8"),
+                "--tls-cert",
+                client_cert.to_str().expect("utf-8"),
+                "--tls-key",
+                client_key.to_str().expect("utf-8"),
+            ],
+        )
+        .await;
+        let _ = stop.send(());
+        server.await.expect("joins").expect("server stops cleanly");
+        let accepted = report["readings_accepted"].as_u64().expect("number");
+        assert!(accepted > 0, "{report}");
+        assert_eq!(report["readings_accepted"], report["readings_sent"]);
+        assert!(report["wire_bytes_sent"].as_u64().expect("number") > 0);
+        assert_eq!(stored_readings(&database).await, accepted);
     }
 }

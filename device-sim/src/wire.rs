@@ -51,7 +51,8 @@ impl std::fmt::Display for Compression {
 
 /// Opens plain TCP connections, like tonic's own connector, whose writes
 /// are counted into `sent`. Given to `Endpoint::connect_with_connector_lazy`,
-/// so channels still connect on first use (and reconnect) by themselves.
+/// so channels still connect on first use (and reconnect) by themselves;
+/// for an https:// endpoint tonic runs TLS over the connection this opens.
 #[derive(Clone)]
 pub struct CountingConnector {
     sent: Arc<Counter>,
@@ -80,7 +81,12 @@ impl tower::Service<Uri> for CountingConnector {
             })?;
             // An IPv6 literal keeps its brackets in a URI, not in a lookup.
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(80);
+            let default_port = if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
+            let port = uri.port_u16().unwrap_or(default_port);
             let stream = TcpStream::connect((host, port)).await?;
             // Batches and acknowledgements are small and latency-bound.
             stream.set_nodelay(true)?;

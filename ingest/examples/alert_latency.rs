@@ -27,12 +27,14 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
+    /// http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ingest::cli::tls_args::ClientTlsArgs,
     #[arg(long, default_value = "./data/ops.token")]
     ops_token_file: std::path::PathBuf,
     /// Readings to send (each one an alert event).
@@ -85,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ops_token =
         std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
-    let channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let channel = args.tls.connect(&args.server).await?;
     let mut ops = OpsClient::with_interceptor(channel.clone(), bearer(&ops_token)?);
 
     let probe = format!("latency-probe-{}", std::process::id());
@@ -127,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A watcher on its own connection, like an operator's; the rule is
     // new, so replaying from 0 yields nothing of it.
-    let watch_channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let watch_channel = args.tls.connect(&args.server).await?;
     let mut watcher = OpsClient::with_interceptor(watch_channel, bearer(&ops_token)?);
     let watch_request = |after_event_id| pb::WatchAlertsRequest {
         after_event_id,

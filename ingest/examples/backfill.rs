@@ -21,12 +21,14 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
+    /// http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ingest::cli::tls_args::ClientTlsArgs,
     #[arg(long, default_value = "./data/ops.token")]
     ops_token_file: std::path::PathBuf,
     #[arg(long, default_value_t = 100)]
@@ -78,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(Channel::from_shared(args.server.clone())?.connect().await?);
+        channels.push(args.tls.connect(&args.server).await?);
     }
     let mut ops = OpsClient::with_interceptor(channels[0].clone(), bearer(&ops_token)?);
 

@@ -18,12 +18,14 @@ use clap::Parser;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
+    /// http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ingest::cli::tls_args::ClientTlsArgs,
     #[arg(long, default_value = "./data/ops.token")]
     ops_token_file: std::path::PathBuf,
     /// The device to ping; it must be online.
@@ -44,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let token = std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
     let header: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
-    let channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let channel = args.tls.connect(&args.server).await?;
     let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", header.clone());
         Ok(r)

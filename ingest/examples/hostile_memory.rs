@@ -27,7 +27,6 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Kind {
@@ -39,8 +38,11 @@ enum Kind {
 
 #[derive(Parser)]
 struct Args {
+    /// http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ingest::cli::tls_args::ClientTlsArgs,
     #[arg(long, default_value = "./data/ops.token")]
     ops_token_file: std::path::PathBuf,
     /// The server's process id, to read its peak resident memory.
@@ -138,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let token = std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
     let header: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
-    let channel = Channel::from_shared(args.server.clone())?.connect().await?;
+    let channel = args.tls.connect(&args.server).await?;
     let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", header.clone());
         Ok(r)
@@ -172,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut calls = Vec::new();
     for _ in 0..args.streams {
-        let channel = Channel::from_shared(args.server.clone())?.connect().await?;
+        let channel = args.tls.connect(&args.server).await?;
         let body = body.clone();
         let header = device_header.clone();
         calls.push(tokio::spawn(async move {

@@ -30,6 +30,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Serve TLS with these certificates; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Config {
@@ -46,6 +48,7 @@ impl Config {
             retention: RetentionConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             admin_listen: None,
+            tls: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A deadline on a new connection's HTTP/2 preface. Without it, a TCP
 //! connection that never speaks holds a socket and a task forever: hyper
-//! waits for the preface with no timeout of its own.
+//! waits for the preface with no timeout of its own. On a TLS connection
+//! the same deadline covers the TLS handshake too (see `tls::incoming`).
 
 use std::future::Future;
 use std::io;
@@ -27,9 +28,15 @@ pub struct PrefaceDeadline<IO> {
 
 impl<IO> PrefaceDeadline<IO> {
     pub fn new(io: IO, timeout: Duration) -> Self {
+        Self::until(io, tokio::time::Instant::now() + timeout, timeout)
+    }
+
+    /// With a deadline that started earlier, when the connection was
+    /// accepted: what is left of `timeout` after a TLS handshake.
+    pub fn until(io: IO, deadline: tokio::time::Instant, timeout: Duration) -> Self {
         Self {
             io,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             still_to_read: PREFACE_LEN,
             timeout,
         }

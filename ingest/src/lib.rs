@@ -4,6 +4,9 @@
 //!
 //! Where a reading goes:
 //!
+//! - [`tls`]: TLS accepted in front of tonic, with certificates that reload
+//!   without a restart; every connection's address and verified client
+//!   certificate ([`tls::ConnectionInfo`]) for the auth layer.
 //! - [`handshake`]: a connection must send its HTTP/2 preface in time.
 //! - [`auth`]: a tower layer authenticates every call (device or ops token)
 //!   before any handler runs.

@@ -9,13 +9,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures::StreamExt;
 use telemetry_proto::v1::ingest_server::IngestServer;
 use telemetry_proto::v1::ops_server::OpsServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, Credentials, OpsTokens};
@@ -24,7 +22,6 @@ use crate::control::CommandCenter;
 use crate::grpc::compression::compressed;
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
-use crate::handshake::PrefaceDeadline;
 use crate::metrics::Metrics;
 use crate::metrics::admin::Admin;
 use crate::metrics::grpc::GrpcMetricsLayer;
@@ -161,10 +158,18 @@ pub async fn run_with_admin(
             let _ = stopping_tx.send(true);
         }
     };
-    let handshake_timeout = config.limits.handshake_timeout;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|tcp| PrefaceDeadline::new(tcp, handshake_timeout)));
+    // TLS (or plaintext) in front of tonic; the reloader stops at shutdown.
+    let (incoming, transport) = crate::tls::listen(
+        listener,
+        config.tls.as_ref(),
+        config.limits.handshake_timeout,
+        stopping.clone(),
+        metrics.tls_handshake_failures.clone(),
+    )
+    .context("setting up TLS")?;
+    if let Some(tls) = &config.tls {
+        crate::metrics::register_tls_expiry(&mut registry, tls.handle.clone());
+    }
     let serve = Server::builder()
         .initial_stream_window_size(config.limits.stream_window_bytes)
         .initial_connection_window_size(config.limits.connection_window_bytes)
@@ -210,8 +215,9 @@ pub async fn run_with_admin(
     if tokio::time::timeout(grace, writer_task).await.is_err() {
         tracing::warn!("the writer did not drain within the grace period");
     }
-    // The alert feed stopped with the shutdown signal.
+    // The alert feed and the TLS reloader stopped with the shutdown signal.
     let _ = alerts_task.await;
+    transport.stopped().await;
     let _ = sweeper.await;
     // A pass cut short loses nothing: each step is its own transaction.
     retention.abort();

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 /// How operator subcommands reach the server.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The server's address.
+    /// The server's address: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, env = "INGEST_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
     /// File holding the ops token (used when INGEST_OPS_TOKEN is not set).
@@ -22,6 +22,8 @@ pub struct ServerArgs {
         default_value = "./data/ops.token"
     )]
     ops_token_file: PathBuf,
+    #[command(flatten)]
+    tls: super::tls_args::ClientTlsArgs,
 }
 
 /// Adds `authorization: Bearer <ops token>` to every call.
@@ -56,11 +58,7 @@ impl ServerArgs {
         let header = format!("Bearer {}", token.trim())
             .parse()
             .context("the ops token has characters not allowed in a header")?;
-        let channel = Channel::from_shared(self.server.clone())
-            .context("invalid --server address")?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", self.server))?;
+        let channel = self.tls.connect(&self.server).await?;
         Ok(OpsClient::with_interceptor(channel, Bearer(header)))
     }
 }

@@ -12,6 +12,7 @@ mod output;
 mod report;
 mod rules;
 mod serve;
+pub mod tls_args;
 
 use clap::{Parser, Subcommand};
 

@@ -178,6 +178,8 @@ pub struct ServeArgs {
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
     #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    tls: super::tls_args::ServeTlsArgs,
 }
 
 /// Where the data lives; shared by `serve` and `migrate`.
@@ -267,6 +269,7 @@ impl ServeArgs {
                 )
             })?),
         };
+        config.tls = self.tls.into_settings()?;
         Ok(config)
     }
 }

@@ -99,7 +99,6 @@ pub struct Metrics {
 
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub tls_handshake_failures: Counter,
-    pub tls_certificate_expiry: Gauge,
 
     pub db_pool_acquire_seconds: Histogram,
     pub retention_deleted: Counter,
@@ -135,7 +134,6 @@ impl Metrics {
             commands_pending: Gauge::default(),
             auth_failures: Family::default(),
             tls_handshake_failures: Counter::default(),
-            tls_certificate_expiry: Gauge::default(),
             db_pool_acquire_seconds: seconds_buckets(),
             retention_deleted: Counter::default(),
             partitions_created: Counter::default(),
@@ -249,11 +247,6 @@ impl Metrics {
             m.tls_handshake_failures.clone(),
         );
         r.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the served certificate expires, unix seconds.",
-            m.tls_certificate_expiry.clone(),
-        );
-        r.register(
             "db_pool_acquire_seconds",
             "Time to get a pooled database connection, sampled every few seconds and at each readiness probe.",
             m.db_pool_acquire_seconds.clone(),
@@ -321,4 +314,36 @@ pub fn encode(registry: &Registry) -> String {
     prometheus_client::encoding::text::encode(&mut text, registry)
         .expect("writing to a String cannot fail");
     text
+}
+
+/// `tls_certificate_expiry_timestamp_seconds`, read from the served
+/// certificate at each scrape (it changes on reload). Registered only when
+/// serving TLS: a plaintext server has no certificate to expire.
+pub fn register_tls_expiry(registry: &mut Registry, tls: crate::tls::TlsHandle) {
+    registry.register_collector(Box::new(TlsExpiry(tls)));
+}
+
+#[derive(Debug)]
+struct TlsExpiry(crate::tls::TlsHandle);
+
+impl prometheus_client::collector::Collector for TlsExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Some(not_after) = self.0.certificate_not_after() else {
+            return Ok(());
+        };
+        let seconds = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(seconds);
+        gauge.encode(encoder.encode_descriptor(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the served certificate expires, unix seconds.",
+            None,
+            gauge.metric_type(),
+        )?)
+    }
 }

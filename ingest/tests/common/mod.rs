@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod alert_helpers;
+pub mod pki;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -202,6 +203,8 @@ pub struct TestServer {
     pub storage: TestStorage,
     pub limits: Limits,
     configure: Option<Configure>,
+    /// Set by `start_tls`: the server's own clients use TLS.
+    pub tls: Option<pki::ClientSide>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -265,6 +268,7 @@ impl TestServer {
             storage,
             limits,
             configure,
+            tls: None,
             stop: Some(stop),
             task: Some(task),
         }
@@ -284,7 +288,9 @@ impl TestServer {
     pub async fn restart(mut self) -> Self {
         self.stop().await;
         let storage = std::mem::replace(&mut self.storage, TestStorage::placeholder());
-        Self::start_on(storage, self.limits.clone(), self.configure.clone()).await
+        let mut server = Self::start_on(storage, self.limits.clone(), self.configure.clone()).await;
+        server.tls = self.tls.take();
+        server
     }
 
     /// GET on the admin listener: (status, body).
@@ -295,15 +301,21 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        let endpoint = Channel::from_shared(self.url()).unwrap();
+        let endpoint = match &self.tls {
+            Some(side) => endpoint
+                .tls_config(side.config(side.identity.as_ref()))
+                .unwrap(),
+            None => endpoint,
+        };
+        endpoint.connect().await.unwrap()
     }
 
     pub async fn ops(&self) -> Ops {
