@@ -111,12 +111,27 @@ impl Admin {
         }
         match request.uri().path() {
             "/metrics" => {
-                let body = super::encode(&self.registry);
-                Response::builder()
-                    .header(
-                        http::header::CONTENT_TYPE,
+                // Prometheus asks for OpenMetrics; anything else (curl,
+                // promtool) gets the classic text format.
+                let openmetrics = request
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|a| a.to_str().ok())
+                    .is_some_and(|a| a.contains("application/openmetrics-text"));
+                let text = super::encode(&self.registry);
+                let (body, content_type) = if openmetrics {
+                    (
+                        text,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )
+                } else {
+                    (
+                        super::to_prometheus_text(&text),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                };
+                Response::builder()
+                    .header(http::header::CONTENT_TYPE, content_type)
                     .body(Full::new(Bytes::from(body)))
                     .expect("a valid response")
             }

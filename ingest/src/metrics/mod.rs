@@ -142,123 +142,119 @@ impl Metrics {
         let r = registry;
         r.register(
             "grpc_server_started",
-            "RPCs started on the server.",
+            "RPCs started on the server",
             m.grpc_started.clone(),
         );
         r.register(
             "grpc_server_handled",
-            "RPCs completed on the server, by status code; counted when the call ends.",
+            "RPCs completed on the server, by status code; counted when the call ends",
             m.grpc_handled.clone(),
         );
         r.register(
             "grpc_server_msg_received",
-            "Stream messages received on the server.",
+            "Stream messages received on the server",
             m.grpc_msg_received.clone(),
         );
         r.register(
             "grpc_server_msg_sent",
-            "Stream messages sent by the server.",
+            "Stream messages sent by the server",
             m.grpc_msg_sent.clone(),
         );
         r.register(
             "grpc_server_handling_seconds",
-            "Time from an RPC's start to its end (trailers or reset).",
+            "Time from an RPC's start to its end (trailers or reset)",
             m.grpc_handling_seconds.clone(),
         );
         r.register(
             "ingest_readings",
-            "Readings received, by outcome: committed, duplicate (batch already committed) or rejected (with reason).",
+            "Readings received, by outcome: committed, duplicate (batch already committed) or rejected (with reason)",
             m.readings.clone(),
         );
         r.register(
             "ingest_batches",
-            "Batches received, by outcome.",
+            "Batches received, by outcome",
             m.batches.clone(),
         );
         r.register(
             "ingest_group_commit_seconds",
-            "Duration of a group commit (one transaction for many streams' batches).",
+            "Duration of a group commit (one transaction for many streams' batches)",
             m.group_commit_seconds.clone(),
         );
         r.register(
             "ingest_group_commit_readings",
-            "Readings in one group commit.",
+            "Readings in one group commit",
             m.group_commit_readings.clone(),
         );
         r.register(
             "ingest_batch_ack_seconds",
-            "Time from a batch's arrival to its commit being known.",
+            "Time from a batch's arrival to its commit being known",
             m.batch_ack_seconds.clone(),
         );
         r.register(
             "ingest_writer_queue_batches",
-            "Batches queued for the group-commit writer.",
+            "Batches queued for the group-commit writer",
             m.writer_queue_batches.clone(),
         );
         r.register(
             "ingest_writer_queue_capacity",
-            "Batches the writer queue holds before uploads wait (--writer-queue-batches).",
+            "Batches the writer queue holds before uploads wait (--writer-queue-batches)",
             m.writer_queue_capacity.clone(),
         );
         r.register(
             "ingest_upload_throttled_seconds",
-            "Time upload streams were held back by the per-device rate limit.",
+            "Time upload streams were held back by the per-device rate limit",
             m.upload_throttled_seconds.clone(),
         );
-        r.register(
-            "ingest_streams",
-            "Open streams, by kind.",
-            m.streams.clone(),
-        );
+        r.register("ingest_streams", "Open streams, by kind", m.streams.clone());
         r.register(
             "devices_online",
-            "Devices holding a Control stream on this server.",
+            "Devices holding a Control stream on this server",
             m.devices_online.clone(),
         );
         r.register(
             "alerts_open",
-            "Open alerts, by severity.",
+            "Open alerts, by severity",
             m.alerts_open.clone(),
         );
         r.register(
             "alert_events",
-            "Alert events recorded, by kind.",
+            "Alert events recorded, by kind",
             m.alert_events.clone(),
         );
         r.register(
             "alert_watchers_lagged",
-            "Times an alert watcher fell behind the live feed and caught up from the database.",
+            "Times an alert watcher fell behind the live feed and caught up from the database",
             m.alert_watchers_lagged.clone(),
         );
-        r.register("commands", "Commands, by outcome.", m.commands.clone());
+        r.register("commands", "Commands, by outcome", m.commands.clone());
         r.register(
             "commands_pending",
-            "Commands queued or sent and not yet acknowledged.",
+            "Commands queued or sent and not yet acknowledged",
             m.commands_pending.clone(),
         );
         r.register(
             "auth_failures",
-            "Calls refused by authentication, by reason.",
+            "Calls refused by authentication, by reason",
             m.auth_failures.clone(),
         );
         r.register(
             "tls_handshake_failures",
-            "TLS handshakes that failed.",
+            "TLS handshakes that failed",
             m.tls_handshake_failures.clone(),
         );
         r.register(
             "db_pool_acquire_seconds",
-            "Time to get a pooled database connection, sampled every few seconds and at each readiness probe.",
+            "Time to get a pooled database connection, sampled every few seconds and at each readiness probe",
             m.db_pool_acquire_seconds.clone(),
         );
         r.register(
             "retention_deleted",
-            "Raw readings and rollup rows removed by retention.",
+            "Raw readings and rollup rows removed by retention",
             m.retention_deleted.clone(),
         );
         r.register(
             "partitions_created",
-            "PostgreSQL day partitions of readings created.",
+            "PostgreSQL day partitions of readings created",
             m.partitions_created.clone(),
         );
         r.register_collector(Box::new(process::ProcessCollector::new()));
@@ -308,12 +304,59 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The registry as Prometheus text.
+/// The registry in the OpenMetrics text format (what Prometheus asks for).
 pub fn encode(registry: &Registry) -> String {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry)
         .expect("writing to a String cannot fail");
     text
+}
+
+/// The same in the classic Prometheus text format (0.0.4), for clients
+/// that do not ask for OpenMetrics (curl, `promtool check metrics`): a
+/// counter's HELP and TYPE name its `_total` samples, and there is no
+/// `# UNIT` or `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let om = "# HELP a_thing Things.\n# TYPE a_thing counter\na_thing_total 3\n\
+                  # HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_thing_total Things.\n# TYPE a_thing_total counter\na_thing_total 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }
 
 /// `tls_certificate_expiry_timestamp_seconds`, read from the served
@@ -341,7 +384,7 @@ impl prometheus_client::collector::Collector for TlsExpiry {
         let gauge = prometheus_client::metrics::gauge::ConstGauge::new(seconds);
         gauge.encode(encoder.encode_descriptor(
             "tls_certificate_expiry_timestamp_seconds",
-            "When the served certificate expires, unix seconds.",
+            "When the served certificate expires, unix seconds",
             None,
             gauge.metric_type(),
         )?)

@@ -24,10 +24,19 @@ impl ProcessCollector {
             )
         };
         let ticks_per_second = if ticks > 0 { ticks as f64 } else { 100.0 };
-        let start_time = stat_fields().and_then(|f| {
-            let started_ticks: f64 = f.get(19)?.parse().ok()?;
-            Some(boot_time()? + started_ticks / ticks_per_second)
-        });
+        // /proc/stat (the boot time) is hidden under systemd's
+        // ProcSubset=pid: then now, which is within the server's start.
+        let start_time = stat_fields()
+            .and_then(|f| {
+                let started_ticks: f64 = f.get(19)?.parse().ok()?;
+                Some(boot_time()? + started_ticks / ticks_per_second)
+            })
+            .or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs_f64())
+            });
         Self {
             ticks_per_second,
             page_size: if page > 0 { page as f64 } else { 4096.0 },
