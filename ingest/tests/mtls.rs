@@ -128,11 +128,19 @@ async fn a_certificate_cannot_write_as_another_device(backend: Backend) {
         refused.message()
     );
 
-    // A certificate naming dev-a, bound to no device, with B's token.
-    let unbound_a = pki.client_cert("dev-a");
-    let mut mixed = client(&server, Some(&unbound_a), Some(&token_b)).await;
+    // A's bound certificate with an unknown token is refused too.
+    let mut mixed = client(&server, Some(&cert_a), Some("dev_not_a_token")).await;
     let refused = cursor_of(&mut mixed).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // A certificate bound to no device identifies no one: a fleet
+    // certificate, with B's token, acts as B.
+    let fleet = pki.client_cert("fleet-gateway");
+    let mut b_via_fleet = client(&server, Some(&fleet), Some(&token_b)).await;
+    assert_eq!(
+        cursor_of(&mut b_via_fleet).await.unwrap().device_id,
+        "dev-b"
+    );
 
     // A certificate bound to dev-c that names someone else.
     let misnamed = pki.client_cert("dev-x");
@@ -147,7 +155,7 @@ async fn a_certificate_cannot_write_as_another_device(backend: Backend) {
         refused.message()
     );
 
-    // B's own token still works, and nothing was written for B.
+    // B's own token works, and nothing was written for B.
     let mut b = client(&server, None, Some(&token_b)).await;
     assert_eq!(cursor_of(&mut b).await.unwrap().committed_sequence, 0);
     assert_eq!(server.storage.count_readings().await, 0);
