@@ -138,8 +138,31 @@ pub(super) fn device_key(pk: i64, id: &str) -> Result<DeviceKey, StorageError> {
 }
 
 macro_rules! credential_queries {
-    ($store:ty) => {
+    ($store:ty, $conn:ty) => {
         impl $store {
+            /// A device's tokens, oldest first, on `conn` (the pool's, or a
+            /// transaction's).
+            async fn device_tokens_on(
+                conn: &mut $conn,
+                device_pk: i64,
+            ) -> Result<Vec<credentials::TokenRecord>, sqlx::Error> {
+                sqlx::query(&Self::sql(credentials::DEVICE_TOKENS))
+                    .bind(device_pk)
+                    .fetch_all(conn)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(credentials::TokenRecord {
+                            id: r.try_get(0)?,
+                            created: r.try_get(1)?,
+                            last_used: r.try_get(2)?,
+                            expires: r.try_get(3)?,
+                            revoked: r.try_get(4)?,
+                        })
+                    })
+                    .collect()
+            }
+
             pub async fn token_grant(
                 &self,
                 hash: &TokenHash,
@@ -206,21 +229,8 @@ macro_rules! credential_queries {
                         })
                     })
                     .transpose()?;
-                let tokens = sqlx::query(&Self::sql(credentials::DEVICE_TOKENS))
-                    .bind(device.pk)
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(|r| -> Result<_, sqlx::Error> {
-                        Ok(credentials::TokenRecord {
-                            id: r.try_get(0)?,
-                            created: r.try_get(1)?,
-                            last_used: r.try_get(2)?,
-                            expires: r.try_get(3)?,
-                            revoked: r.try_get(4)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let tokens =
+                    Self::device_tokens_on(&mut *self.pool.acquire().await?, device.pk).await?;
                 Ok(credentials::DeviceCredentials {
                     device,
                     tokens,
@@ -260,21 +270,7 @@ macro_rules! credential_queries {
                         .execute(&mut *tx)
                         .await?;
                 }
-                let tokens = sqlx::query(&Self::sql(credentials::DEVICE_TOKENS))
-                    .bind(device_pk)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|r| -> Result<_, sqlx::Error> {
-                        Ok(credentials::TokenRecord {
-                            id: r.try_get(0)?,
-                            created: r.try_get(1)?,
-                            last_used: r.try_get(2)?,
-                            expires: r.try_get(3)?,
-                            revoked: r.try_get(4)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let tokens = Self::device_tokens_on(&mut *tx, device_pk).await?;
                 let active: Vec<_> = tokens.iter().filter(|t| t.active_at(now)).collect();
                 if active.len() + 1 > max_active {
                     return Err(credentials::CredentialError::TooManyTokens {

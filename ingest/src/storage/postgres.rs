@@ -420,4 +420,4 @@ impl GroupTx for PgGroupTx {
 }
 
 super::shared::shared_queries!(PgStore, sqlx::PgConnection);
-super::credentials::credential_queries!(PgStore);
+super::credentials::credential_queries!(PgStore, sqlx::PgConnection);

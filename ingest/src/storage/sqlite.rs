@@ -633,7 +633,7 @@ impl GroupTx for SqliteGroupTx {
 }
 
 super::shared::shared_queries!(SqliteStore, SqliteConnection);
-super::credentials::credential_queries!(SqliteStore);
+super::credentials::credential_queries!(SqliteStore, SqliteConnection);
 
 #[cfg(test)]
 mod tests {
