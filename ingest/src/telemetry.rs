@@ -58,13 +58,15 @@ where
     layer.with_filter(filter)
 }
 
-/// Installs the subscriber: logs in `format` and, with the `otel` feature
-/// and an OTLP endpoint configured, trace export.
-pub fn init(format: LogFormat) -> Telemetry {
+/// Installs the subscriber: logs in `format` and, if `traces` (the server
+/// asks, the operator commands do not), with the `otel` feature and an OTLP
+/// endpoint configured, trace export.
+pub fn init(format: LogFormat, traces: bool) -> Telemetry {
     let registry = tracing_subscriber::registry().with(log_layer(format));
     #[cfg(feature = "otel")]
     {
-        let (layer, provider, problem) = match otel::from_env() {
+        let configured = if traces { otel::from_env() } else { Ok(None) };
+        let (layer, provider, problem) = match configured {
             Ok(Some(provider)) => (Some(otel::layer(&provider)), Some(provider), None),
             Ok(None) => (None, None, None),
             Err(error) => (None, None, Some(error)),
@@ -81,6 +83,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     }
     #[cfg(not(feature = "otel"))]
     {
+        let _ = traces;
         registry.init();
         Telemetry {}
     }

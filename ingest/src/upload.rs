@@ -195,9 +195,9 @@ where
             .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
             .sum();
         // From arrival (decoded: see grpc::batch_codec) to its answer, with a
-        // span per stage: validate, queue (waiting for room in the writer's
-        // queue), durable (queued to committed; the group commit links to
-        // the batch span).
+        // span per stage: validate; queue (waiting for the stream's in-flight
+        // cap, then for room in the writer's queue); durable (queued to
+        // committed; the group commit's span links to the batch's).
         let span = tracing::debug_span!("batch", sequence = message.sequence, readings);
         // A batch refused whole: every reading of it is rejected.
         let refused = |metrics: &Metrics| {
@@ -223,17 +223,19 @@ where
             refused(&ctx.metrics);
             return Err(e.into());
         }
+        let queue = tracing::debug_span!(parent: &span, "queue");
         settle(
             tally,
             inflight,
             ctx.max_inflight_batches.max(1) - 1,
             &ctx.metrics,
         )
+        .instrument(queue.clone())
         .await?;
         let received = batch.report.accepted + batch.report.rejected();
         let committed = writer
             .submit(batch.sequence, batch.series, &span)
-            .instrument(tracing::debug_span!(parent: &span, "queue"))
+            .instrument(queue)
             .await?;
         let durable = tracing::debug_span!(parent: &span, "durable");
         inflight.push_back((batch.report, arrived, committed, durable));

@@ -62,6 +62,11 @@ impl Cli {
         }
     }
 
+    /// Whether this runs the server (which exports traces, with `otel`).
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Serve(args) => serve::run(*args).await,
