@@ -122,7 +122,7 @@ fn named<'a>(spans: &'a [Span], name: &str) -> impl Iterator<Item = &'a Span> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_commit_links_to_the_batch_and_the_stream_follows_traceparent() {
+async fn group_commit_links_to_the_batch_and_streams_follow_traceparent() {
     let (receiver, provider) = receiver_and_exporter().await;
     let mut server = TestServer::start(Backend::Sqlite).await.unwrap();
     let token = server.register("otel-1").await;
@@ -188,6 +188,39 @@ async fn group_commit_links_to_the_batch_and_the_stream_follows_traceparent() {
         "a group commit is a trace of its own"
     );
     assert!(commit.parent_span_id.is_empty(), "a root span");
+
+    // A Control stream continues its caller's trace too, for as long as
+    // the session lasts: its span arrives once the device hangs up.
+    let control_trace = "0af7651916cd43dd8448eb211c80319c";
+    let (hello_tx, hello_rx) = tokio::sync::mpsc::channel(1);
+    hello_tx
+        .send(telemetry_proto::v1::DeviceMessage {
+            msg: Some(telemetry_proto::v1::device_message::Msg::Hello(
+                telemetry_proto::v1::DeviceHello {
+                    firmware_version: "otel-1".into(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(hello_rx));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{control_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut commands = client.control(request).await.unwrap().into_inner();
+    drop(hello_tx);
+    while let Ok(Some(_)) = commands.message().await {}
+    let control = receiver
+        .wait_for(&provider, "control span", |spans| {
+            named(spans, "control").next().cloned()
+        })
+        .await;
+    assert_eq!(hex(&control.trace_id), control_trace);
+    assert_eq!(hex(&control.parent_span_id), "b7ad6b7169203331");
 
     server.stop().await;
     ingest::telemetry::otel::shutdown(provider).await;

@@ -57,8 +57,8 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        // Covers the opening (authentication, hello); the session itself
-        // runs on a task of its own.
+        // The session's task (control::session) runs in it too: it lasts as
+        // long as the stream.
         let span = tracing::info_span!("control", device = tracing::field::Empty);
         telemetry::follow_caller(&span, request.metadata());
         self.open_control(request).instrument(span).await
