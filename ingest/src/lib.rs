@@ -32,6 +32,9 @@
 //! - [`reports`]: the public reporting views read back, read-only
 //!   (`ingest report`).
 //!
+//! - [`telemetry`]: logs (text or JSON) and, with the `otel` feature, OTLP
+//!   trace export of streams, batches and group commits.
+//!
 //! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
 
 pub mod alerts;
@@ -50,6 +53,7 @@ pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 pub mod upload;
 

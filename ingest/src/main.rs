@@ -1,17 +1,16 @@
 //! The `ingest` binary: parse the command line, set up logging, run.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match ingest::cli::Cli::parse().run().await {
+    let cli = ingest::cli::Cli::parse();
+    // After parsing: `serve --log-format` chooses the format, and only the
+    // server exports traces.
+    let telemetry = ingest::telemetry::init(cli.log_format(), cli.serves());
+    let result = cli.run().await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // `ingest devices list | head` closing the pipe early is not an error.
         Err(error)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
 
 use crate::auth::{CredentialEnded, CredentialWatch};
 use crate::domain::DeviceKey;
@@ -99,8 +100,15 @@ pub struct UploadFailure {
 }
 
 /// Batches handed to the writer: what was found in each, when it arrived,
-/// and where its commit will be answered.
-type InFlight = VecDeque<(BatchReport, Instant, oneshot::Receiver<CommitResult>)>;
+/// where its commit will be answered, and its "durable" span (ended by the
+/// answer, and with it the batch's span; disabled, and free, unless traces
+/// are exported or RUST_LOG asks for DEBUG).
+type InFlight = VecDeque<(
+    BatchReport,
+    Instant,
+    oneshot::Receiver<CommitResult>,
+    tracing::Span,
+)>;
 
 /// Runs an upload stream for `device` to its end, or until `credential`
 /// no longer holds.
@@ -186,17 +194,25 @@ where
             .iter()
             .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
             .sum();
+        // From arrival (decoded: see grpc::batch_codec) to its answer, with a
+        // span per stage: validate; queue (waiting for the stream's in-flight
+        // cap, then for room in the writer's queue); durable (queued to
+        // committed; the group commit's span links to the batch's).
+        let span = tracing::debug_span!("batch", sequence = message.sequence, readings);
         // A batch refused whole: every reading of it is rejected.
         let refused = |metrics: &Metrics| {
             metrics.reading("rejected", "invalid_batch", readings);
             metrics.batch("rejected");
         };
-        let batch = match validate_batch(
-            message.sequence,
-            raw_series(message.series),
-            &ctx.limits,
-            now_unix_nanos(),
-        ) {
+        let validated = tracing::debug_span!(parent: &span, "validate").in_scope(|| {
+            validate_batch(
+                message.sequence,
+                raw_series(message.series),
+                &ctx.limits,
+                now_unix_nanos(),
+            )
+        });
+        let batch = match validated {
             Ok(batch) => batch,
             Err(e) => {
                 refused(&ctx.metrics);
@@ -207,16 +223,22 @@ where
             refused(&ctx.metrics);
             return Err(e.into());
         }
+        let queue = tracing::debug_span!(parent: &span, "queue");
         settle(
             tally,
             inflight,
             ctx.max_inflight_batches.max(1) - 1,
             &ctx.metrics,
         )
+        .instrument(queue.clone())
         .await?;
         let received = batch.report.accepted + batch.report.rejected();
-        let committed = writer.submit(batch.sequence, batch.series).await?;
-        inflight.push_back((batch.report, arrived, committed));
+        let committed = writer
+            .submit(batch.sequence, batch.series, &span)
+            .instrument(queue)
+            .await?;
+        let durable = tracing::debug_span!(parent: &span, "durable");
+        inflight.push_back((batch.report, arrived, committed, durable));
         // Over its rate the device waits here, with its stream unread: HTTP/2
         // flow control holds it back and nothing is refused or lost.
         let hold = ctx.rate_limits.readings(device.pk, received);
@@ -264,8 +286,9 @@ async fn settle(
 ) -> Result<(), UploadError> {
     let mut failed = false;
     while inflight.len() > keep {
-        let (report, arrived, committed) = inflight.pop_front().expect("len > keep >= 0");
+        let (report, arrived, committed, durable) = inflight.pop_front().expect("len > keep >= 0");
         let outcome = committed.await;
+        drop(durable);
         metrics
             .batch_ack_seconds
             .observe(arrived.elapsed().as_secs_f64());

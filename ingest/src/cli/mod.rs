@@ -54,6 +54,19 @@ enum Command {
 }
 
 impl Cli {
+    /// How to log: only `serve` has a choice, the operator commands log text.
+    pub fn log_format(&self) -> crate::telemetry::LogFormat {
+        match &self.command {
+            Command::Serve(args) => args.log_format,
+            _ => crate::telemetry::LogFormat::Text,
+        }
+    }
+
+    /// Whether this runs the server (which exports traces, with `otel`).
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Serve(args) => serve::run(*args).await,

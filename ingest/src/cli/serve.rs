@@ -15,6 +15,7 @@ use crate::domain::reading::SensorName;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;
 use crate::storage::writer::WriterConfig;
+use crate::telemetry::LogFormat;
 use crate::upload::UploadTimeouts;
 
 #[derive(Debug, Args)]
@@ -28,6 +29,10 @@ pub struct ServeArgs {
     admin_listen: String,
     #[command(flatten)]
     storage: StorageArgs,
+    /// Log lines as text, or as JSON objects (with the events' and spans'
+    /// fields) for log shippers. RUST_LOG filters either.
+    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(super) log_format: LogFormat,
     /// File holding the ops token. Without it (and without INGEST_OPS_TOKEN)
     /// a token is generated into <data-dir>/ops.token at first start.
     #[arg(long, env = "INGEST_OPS_TOKEN_FILE")]

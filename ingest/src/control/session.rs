@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, watch};
+use tracing::Instrument;
 
 use super::center::{CommandCenter, SessionSlot, until_set};
 use crate::auth::{CredentialEnded, CredentialWatch};
@@ -110,9 +111,15 @@ where
     let (tx, rx) = mpsc::channel(16);
     // Deliver what is waiting at once.
     wake.notify_one();
-    tokio::spawn(run(
-        center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown, credential,
-    ));
+    // In the Control call's span (grpc/ingest.rs), so that the span lasts
+    // as long as the stream and its events are the session's.
+    tokio::spawn(
+        run(
+            center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown,
+            credential,
+        )
+        .in_current_span(),
+    );
     Ok(rx)
 }
 

@@ -124,6 +124,9 @@ impl Decoder for BatchDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<pb::ReadingBatch>, Status> {
+        // The decode stage of a batch, in the stream's span: the batch's own
+        // span (upload.rs) starts once its sequence number is known.
+        let _decode = tracing::debug_span!("decode", bytes = src.remaining()).entered();
         decode_batch(src, self.max_series)
             .map(Some)
             .map_err(Status::from)

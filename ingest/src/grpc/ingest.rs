@@ -9,12 +9,14 @@ use telemetry_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::command_messages::command_to_pb;
 use super::{convert, status};
 use crate::auth;
 use crate::control::CommandCenter;
 use crate::control::session::{self, Outgoing};
+use crate::telemetry;
 use crate::upload::{self, UploadContext};
 
 pub struct IngestService {
@@ -38,8 +40,50 @@ type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>
 
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for IngestService {
-    #[tracing::instrument(skip_all, fields(device = tracing::field::Empty))]
     async fn upload_readings(
+        &self,
+        request: Request<Streaming<pb::ReadingBatch>>,
+    ) -> Result<Response<pb::UploadSummary>, Status> {
+        // Made by hand rather than by `instrument`: the caller's
+        // traceparent must become its parent before it is first entered.
+        let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
+        telemetry::follow_caller(&span, request.metadata());
+        self.upload(request).instrument(span).await
+    }
+
+    type ControlStream = ControlStream;
+
+    async fn control(
+        &self,
+        request: Request<Streaming<pb::DeviceMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        // The session's task (control::session) runs in it too: it lasts as
+        // long as the stream.
+        let span = tracing::info_span!("control", device = tracing::field::Empty);
+        telemetry::follow_caller(&span, request.metadata());
+        self.open_control(request).instrument(span).await
+    }
+
+    async fn get_upload_cursor(
+        &self,
+        request: Request<pb::GetUploadCursorRequest>,
+    ) -> Result<Response<pb::UploadCursor>, Status> {
+        let device = &auth::device(&request)?.key;
+        let committed_sequence = self
+            .ctx
+            .store
+            .committed_sequence(device.pk)
+            .await
+            .map_err(status::storage)?;
+        Ok(Response::new(pb::UploadCursor {
+            device_id: device.id.as_str().to_owned(),
+            committed_sequence,
+        }))
+    }
+}
+
+impl IngestService {
+    async fn upload(
         &self,
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> Result<Response<pb::UploadSummary>, Status> {
@@ -68,14 +112,13 @@ impl pb::ingest_server::Ingest for IngestService {
         }
     }
 
-    type ControlStream = ControlStream;
-
-    async fn control(
+    async fn open_control(
         &self,
         request: Request<Streaming<pb::DeviceMessage>>,
-    ) -> Result<Response<Self::ControlStream>, Status> {
+    ) -> Result<Response<ControlStream>, Status> {
         let caller = auth::device(&request)?;
         let (device, credential) = (caller.key.clone(), caller.take_watch());
+        tracing::Span::current().record("device", device.id.as_str());
         self.ctx
             .rate_limits
             .open_stream(device.pk)
@@ -95,22 +138,5 @@ impl pb::ingest_server::Ingest for IngestService {
             Outgoing::End(end) => Err(Status::from(end)),
         });
         Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn get_upload_cursor(
-        &self,
-        request: Request<pb::GetUploadCursorRequest>,
-    ) -> Result<Response<pb::UploadCursor>, Status> {
-        let device = &auth::device(&request)?.key;
-        let committed_sequence = self
-            .ctx
-            .store
-            .committed_sequence(device.pk)
-            .await
-            .map_err(status::storage)?;
-        Ok(Response::new(pb::UploadCursor {
-            device_id: device.id.as_str().to_owned(),
-            committed_sequence,
-        }))
     }
 }

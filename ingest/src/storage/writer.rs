@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::alerts::EventOutcome;
 use super::partitions;
@@ -98,6 +99,10 @@ struct PendingBatch {
     reply: oneshot::Sender<CommitResult>,
     /// Set when an earlier batch of the same stream failed to commit.
     stream_failed: Arc<AtomicBool>,
+    /// The batch's span, for the group commit's span to link to. Only
+    /// built with the `otel` feature: nothing else reads it.
+    #[cfg(feature = "otel")]
+    span: tracing::Span,
 }
 
 impl PendingBatch {
@@ -152,12 +157,16 @@ pub struct StreamWriter {
 
 impl StreamWriter {
     /// Queues a batch, waiting while the queue is full. The receiver
-    /// resolves once the batch's group has committed (or failed).
+    /// resolves once the batch's group has committed (or failed); the
+    /// group's span links to `span`.
     pub async fn submit(
         &self,
         sequence: u64,
         series: Vec<SeriesRows>,
+        span: &tracing::Span,
     ) -> Result<oneshot::Receiver<CommitResult>, StorageError> {
+        #[cfg(not(feature = "otel"))]
+        let _ = span;
         let (reply, rx) = oneshot::channel();
         let permit = self
             .tx
@@ -172,6 +181,8 @@ impl StreamWriter {
             series,
             reply,
             stream_failed: self.failed.clone(),
+            #[cfg(feature = "otel")]
+            span: span.clone(),
         });
         Ok(rx)
     }
@@ -346,20 +357,33 @@ async fn run<B: BeginGroup>(
         if group.is_empty() {
             continue;
         }
+        // A root span: a group serves many streams, so it belongs to no
+        // batch's trace and links to each of them instead.
+        let span =
+            tracing::debug_span!(parent: None, "group_commit", batches = group.len(), readings);
+        #[cfg(feature = "otel")]
+        for batch in &group {
+            crate::telemetry::otel::link(&span, &crate::telemetry::otel::span_context(&batch.span));
+        }
         let started = std::time::Instant::now();
-        let committed = match backend.prepare(&group).await {
-            Ok(()) => commit_group(
-                &backend,
-                &group,
-                &mut sensors,
-                &mut columns,
-                &config,
-                &mut judge,
-            )
-            .await
-            .map_err(StorageError::from),
-            Err(e) => Err(e),
-        };
+        let committed = async {
+            match backend.prepare(&group).await {
+                Ok(()) => commit_group(
+                    &backend,
+                    &group,
+                    &mut sensors,
+                    &mut columns,
+                    &config,
+                    &mut judge,
+                )
+                .await
+                .map_err(StorageError::from),
+                Err(e) => Err(e),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let _in_span = span.enter();
         match committed {
             Ok(outcomes) => {
                 sizing.observe(readings, started.elapsed());
