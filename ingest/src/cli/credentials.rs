@@ -245,14 +245,8 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             let mut ops = server.ops().await?;
             let credentials = ops
                 .disable_device(pb::DisableDeviceRequest { device_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                writeln!(stdout, "{}", credentials_json(&credentials))?;
-            } else {
-                writeln!(stdout, "{}", access_text(&credentials))?;
-            }
+                .await;
+            print_access(&mut stdout, credentials, json)?;
         }
         CredentialsCommand::Enable {
             server,
@@ -262,14 +256,8 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             let mut ops = server.ops().await?;
             let credentials = ops
                 .enable_device(pb::EnableDeviceRequest { device_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if json {
-                writeln!(stdout, "{}", credentials_json(&credentials))?;
-            } else {
-                writeln!(stdout, "{}", access_text(&credentials))?;
-            }
+                .await;
+            print_access(&mut stdout, credentials, json)?;
         }
         CredentialsCommand::BindCert(args) => {
             let certificate_pem = match &args.cert {
@@ -292,6 +280,21 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 writeln!(stdout, "{}", bind_text(&credentials))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints the answer of DisableDevice or EnableDevice.
+fn print_access(
+    stdout: &mut impl Write,
+    answer: Result<tonic::Response<pb::DeviceCredentials>, tonic::Status>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let credentials = answer.map_err(status_error)?.into_inner();
+    if json {
+        writeln!(stdout, "{}", credentials_json(&credentials))?;
+    } else {
+        writeln!(stdout, "{}", access_text(&credentials))?;
     }
     Ok(())
 }
