@@ -33,9 +33,7 @@ async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
     let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
-    let (tx, rx) = mpsc::channel(4);
-    let mut client = server.ingest(&token).await;
-    let upload = tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
+    let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 10)).await.unwrap();
     eventually("the first batch's commit", || async {
         cursor_call(&server, &token).await.unwrap() == 1
@@ -64,16 +62,12 @@ async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends
     .await;
     let revoked_at = Instant::now();
     revoke_token(&mut ops, "dev-1", token_id).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), upload)
-        .await
-        .expect("the upload stream outlived its revoked token")
-        .unwrap()
-        .unwrap_err();
-    let took = revoked_at.elapsed();
-    assert!(
-        took < REVOCATION_BOUND,
-        "the stream ended {took:?} after the revocation"
-    );
+    let ended = ended_within_bound(
+        upload,
+        revoked_at,
+        "the upload stream outlived its revoked token",
+    )
+    .await;
     assert_eq!(ended.code(), Code::Unauthenticated);
     assert!(
         ended
@@ -88,6 +82,36 @@ async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends
 
 /// A revocation must reach open streams within this.
 const REVOCATION_BOUND: Duration = Duration::from_secs(1);
+
+type OpenUpload =
+    tokio::task::JoinHandle<Result<tonic::Response<pb::UploadSummary>, tonic::Status>>;
+
+/// An upload stream left open; batches go in through the sender.
+async fn open_upload(
+    server: &TestServer,
+    token: &str,
+) -> (mpsc::Sender<pb::ReadingBatch>, OpenUpload) {
+    let (tx, rx) = mpsc::channel(4);
+    let mut client = server.ingest(token).await;
+    let upload = tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
+    (tx, upload)
+}
+
+/// How an open upload stream ended, after a change at `since` that must
+/// end it within [`REVOCATION_BOUND`].
+async fn ended_within_bound(upload: OpenUpload, since: Instant, outlived: &str) -> tonic::Status {
+    let ended = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect(outlived)
+        .unwrap()
+        .unwrap_err();
+    let took = since.elapsed();
+    assert!(
+        took < REVOCATION_BOUND,
+        "the stream ended {took:?} after the change"
+    );
+    ended
+}
 
 async fn credentials(ops: &mut Ops, device: &str) -> pb::DeviceCredentials {
     ops.list_device_credentials(pb::ListDeviceCredentialsRequest {
@@ -153,11 +177,8 @@ async fn a_rotation_overlaps_then_the_old_token_expires(backend: Backend) {
     let old = server.register("dev-1").await;
     let mut ops = server.ops().await;
     // An upload stream open on the old token when it expires ends with it.
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, on_old_token) = open_upload(&server, &old).await;
     tx.send(simple_batch(1, 5)).await.unwrap();
-    let mut client = server.ingest(&old).await;
-    let open_upload =
-        tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
 
     let overlap = Duration::from_millis(1500);
     let rotated = rotate(&mut ops, "dev-1", Some(overlap.as_millis() as u64))
@@ -194,7 +215,7 @@ async fn a_rotation_overlaps_then_the_old_token_expires(backend: Backend) {
     );
     assert_eq!(cursor_call(&server, &new).await.unwrap(), 1);
 
-    let ended = tokio::time::timeout(Duration::from_secs(5), open_upload)
+    let ended = tokio::time::timeout(Duration::from_secs(5), on_old_token)
         .await
         .expect("the old token's stream outlived its expiry")
         .unwrap()
@@ -251,9 +272,7 @@ async fn a_revocation_ends_an_open_upload_after_answering_its_batches(backend: B
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
     let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
-    let (tx, rx) = mpsc::channel(4);
-    let mut client = server.ingest(&token).await;
-    let upload = tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
+    let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 10)).await.unwrap();
     eventually("the first batch's commit", || async {
         cursor_call(&server, &token).await.unwrap() == 1
@@ -264,16 +283,12 @@ async fn a_revocation_ends_an_open_upload_after_answering_its_batches(backend: B
     tx.send(simple_batch(2, 10)).await.unwrap();
     let revoked_at = Instant::now();
     revoke_token(&mut ops, "dev-1", token_id).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), upload)
-        .await
-        .expect("the upload stream outlived its revoked token")
-        .unwrap()
-        .unwrap_err();
-    let took = revoked_at.elapsed();
-    assert!(
-        took < REVOCATION_BOUND,
-        "the stream ended {took:?} after the revocation"
-    );
+    let ended = ended_within_bound(
+        upload,
+        revoked_at,
+        "the upload stream outlived its revoked token",
+    )
+    .await;
     assert_eq!(ended.code(), Code::Unauthenticated);
     assert!(
         ended.message().contains("credential revoked"),
@@ -401,9 +416,7 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
     let token = server.register("dev-1").await;
     let other = server.register("dev-2").await;
     let mut ops = server.ops().await;
-    let (tx, rx) = mpsc::channel(4);
-    let mut client = server.ingest(&token).await;
-    let upload = tokio::spawn(async move { client.upload_readings(ReceiverStream::new(rx)).await });
+    let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 3)).await.unwrap();
     eventually("the first batch's commit", || async {
         cursor_call(&server, &token).await.unwrap() == 1
@@ -419,12 +432,12 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_ne!(listed.disabled_time_unix_nano, 0);
-    let ended = tokio::time::timeout(Duration::from_secs(10), upload)
-        .await
-        .expect("the upload stream outlived the device's disabling")
-        .unwrap()
-        .unwrap_err();
-    assert!(disabled_at.elapsed() < REVOCATION_BOUND);
+    let ended = ended_within_bound(
+        upload,
+        disabled_at,
+        "the upload stream outlived the device's disabling",
+    )
+    .await;
     assert_eq!(ended.code(), Code::Unauthenticated);
     assert!(ended.message().contains("disabled"), "{}", ended.message());
     assert!(

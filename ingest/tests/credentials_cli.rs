@@ -19,37 +19,16 @@ backend_tests!(
 
 const DAY: u64 = 86_400 * 1_000_000_000;
 
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// `ingest devices ARGS... --server URL`, with the ops token from the
 /// environment, as an operator would run it.
-async fn devices(server: &TestServer, args: &[&str]) -> Run {
-    let mut all: Vec<String> = vec!["devices".into()];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    all.extend(["--server".into(), server.url()]);
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .args(&all)
-            .env("INGEST_OPS_TOKEN", OPS_TOKEN)
-            .env_remove("INGEST_SERVER")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        Run {
-            success: output.status.success(),
-            stdout: String::from_utf8(output.stdout).unwrap(),
-            stderr: String::from_utf8(output.stderr).unwrap(),
-        }
-    })
-    .await
-    .unwrap()
+async fn devices(server: &TestServer, args: &[&str]) -> CliRun {
+    let all: Vec<&str> = std::iter::once("devices")
+        .chain(args.iter().copied())
+        .collect();
+    server.operator_cli(&all).await
 }
 
-async fn devices_ok(server: &TestServer, args: &[&str]) -> Run {
+async fn devices_ok(server: &TestServer, args: &[&str]) -> CliRun {
     let run = devices(server, args).await;
     assert!(
         run.success,

@@ -46,31 +46,9 @@ fn rfc3339(nanos: u64) -> String {
 
 // ---- running the binary -----------------------------------------------------
 
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// `ingest report ARGS...`, with no storage settings from the environment.
-async fn report(args: Vec<String>) -> Run {
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .arg("report")
-            .args(&args)
-            .env_remove("INGEST_DATABASE_URL")
-            .env_remove("INGEST_DATA_DIR")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        Run {
-            success: output.status.success(),
-            stdout: String::from_utf8(output.stdout).unwrap(),
-            stderr: String::from_utf8(output.stderr).unwrap(),
-        }
-    })
-    .await
-    .unwrap()
+async fn report(args: Vec<String>) -> CliRun {
+    ingest_cli(std::iter::once("report".to_owned()).chain(args).collect()).await
 }
 
 /// The arguments that point the CLI at a test server's database.

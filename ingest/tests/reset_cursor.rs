@@ -358,34 +358,14 @@ async fn only_the_ops_token_may_reset(backend: Backend) {
 
 // ---- the CLI -----------------------------------------------------------------
 
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// `ingest devices reset-cursor ARGS... --server URL`, with the ops token
 /// from the environment, as an operator would run it.
-async fn reset_cursor_cli(server: &TestServer, args: &[&str]) -> Run {
-    let mut all: Vec<String> = vec!["devices".into(), "reset-cursor".into()];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    all.extend(["--server".into(), server.url()]);
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .args(&all)
-            .env("INGEST_OPS_TOKEN", OPS_TOKEN)
-            .env_remove("INGEST_SERVER")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        Run {
-            success: output.status.success(),
-            stdout: String::from_utf8(output.stdout).unwrap(),
-            stderr: String::from_utf8(output.stderr).unwrap(),
-        }
-    })
-    .await
-    .unwrap()
+async fn reset_cursor_cli(server: &TestServer, args: &[&str]) -> CliRun {
+    let all: Vec<&str> = ["devices", "reset-cursor"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    server.operator_cli(&all).await
 }
 
 async fn the_cli_resets_and_reports(backend: Backend) {

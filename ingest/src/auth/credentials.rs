@@ -130,6 +130,8 @@ pub struct Credentials {
     epoch: AtomicU64,
     events: broadcast::Sender<CredentialEvent>,
     uses: mpsc::Sender<(i64, UnixNanos)>,
+    /// Shared by every call's watch: made once, not per call.
+    recheck: Recheck,
 }
 
 impl Credentials {
@@ -153,6 +155,7 @@ impl Credentials {
             }
         });
         Arc::new(Self {
+            recheck: recheck_in(store.clone()),
             store,
             tokens: RwLock::default(),
             certificates: RwLock::default(),
@@ -165,7 +168,7 @@ impl Credentials {
     /// Authenticates a device call by its client certificate, its bearer
     /// token, or both (then they must agree).
     pub async fn authenticate(
-        self: &Arc<Self>,
+        &self,
         certificate: Option<&ClientCertificate>,
         token: Option<TokenHash>,
     ) -> Result<AuthenticatedDevice, AuthFailure> {
@@ -221,7 +224,7 @@ impl Credentials {
             device: key.clone(),
             credential: credential.clone(),
             events,
-            recheck: self.recheck(),
+            recheck: self.recheck.clone(),
         };
         Ok(AuthenticatedDevice {
             key,
@@ -431,39 +434,6 @@ impl Credentials {
             let _ = self.uses.try_send((cached.grant.token_pk, now));
         }
     }
-
-    /// Checks a credential in the database, for a stream that missed events.
-    fn recheck(self: &Arc<Self>) -> Recheck {
-        let store = self.store.clone();
-        Arc::new(move |credential| {
-            let store = store.clone();
-            Box::pin(async move {
-                let now = now_unix_nanos();
-                match credential {
-                    Credential::Token { hash, .. } => {
-                        let grant = store.token_grant(&hash).await.map_err(drop)?;
-                        Ok(match grant {
-                            None => Some(CredentialEnded::TokenRevoked),
-                            Some(g) => check_token(&g, None, now).err().map(|e| match e {
-                                AuthFailure::TokenExpired(_) => CredentialEnded::TokenExpired,
-                                AuthFailure::DeviceDisabled(_) => CredentialEnded::DeviceDisabled,
-                                AuthFailure::MtlsRequired(_) => CredentialEnded::MtlsRequired,
-                                _ => CredentialEnded::TokenRevoked,
-                            }),
-                        })
-                    }
-                    Credential::Certificate(fp) => {
-                        let grant = store.certificate_grant(&fp).await.map_err(drop)?;
-                        Ok(match grant {
-                            None => Some(CredentialEnded::CertificateRevoked),
-                            Some(g) if g.state.disabled => Some(CredentialEnded::DeviceDisabled),
-                            Some(_) => None,
-                        })
-                    }
-                }
-            })
-        })
-    }
 }
 
 /// Whether a token still grants access, with the connection's client
@@ -504,4 +474,36 @@ fn check_token(
 fn unavailable(error: StorageError) -> AuthFailure {
     tracing::error!(%error, "credential lookup failed");
     AuthFailure::Unavailable
+}
+
+/// Checks a credential in the database, for a stream that missed events.
+fn recheck_in(store: Store) -> Recheck {
+    Arc::new(move |credential| {
+        let store = store.clone();
+        Box::pin(async move {
+            let now = now_unix_nanos();
+            match credential {
+                Credential::Token { hash, .. } => {
+                    let grant = store.token_grant(&hash).await.map_err(drop)?;
+                    Ok(match grant {
+                        None => Some(CredentialEnded::TokenRevoked),
+                        Some(g) => check_token(&g, None, now).err().map(|e| match e {
+                            AuthFailure::TokenExpired(_) => CredentialEnded::TokenExpired,
+                            AuthFailure::DeviceDisabled(_) => CredentialEnded::DeviceDisabled,
+                            AuthFailure::MtlsRequired(_) => CredentialEnded::MtlsRequired,
+                            _ => CredentialEnded::TokenRevoked,
+                        }),
+                    })
+                }
+                Credential::Certificate(fp) => {
+                    let grant = store.certificate_grant(&fp).await.map_err(drop)?;
+                    Ok(match grant {
+                        None => Some(CredentialEnded::CertificateRevoked),
+                        Some(g) if g.state.disabled => Some(CredentialEnded::DeviceDisabled),
+                        Some(_) => None,
+                    })
+                }
+            }
+        })
+    })
 }

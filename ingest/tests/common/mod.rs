@@ -508,3 +508,43 @@ pub async fn cursor(client: &mut Ingest) -> u64 {
         .into_inner()
         .committed_sequence
 }
+
+/// What a run of the `ingest` binary printed.
+pub struct CliRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the real `ingest` binary with `args`, with the test ops token and
+/// none of the environment's settings that would point it elsewhere.
+pub async fn ingest_cli(args: Vec<String>) -> CliRun {
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args(&args)
+            .env("INGEST_OPS_TOKEN", OPS_TOKEN)
+            .env_remove("INGEST_SERVER")
+            .env_remove("INGEST_DATABASE_URL")
+            .env_remove("INGEST_DATA_DIR")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        CliRun {
+            success: output.status.success(),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+impl TestServer {
+    /// `ingest ARGS... --server URL` against this server, as an operator
+    /// runs it.
+    pub async fn operator_cli(&self, args: &[&str]) -> CliRun {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(["--server".into(), self.url()]);
+        ingest_cli(all).await
+    }
+}
