@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod alert_helpers;
+pub mod cluster;
 pub mod pki;
 
 use std::path::PathBuf;
