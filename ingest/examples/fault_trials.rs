@@ -10,11 +10,18 @@
 //! * a watcher that held WatchAlerts through every kill saw each event
 //!   once, in order.
 //!
+//! With `--processes N` (PostgreSQL) N servers share the one database: the
+//! fleet is spread over them, a device whose upload fails resumes against
+//! the next server (as a balancing client would), the watcher too, and each
+//! kill strikes one server drawn from the seed, which is then restarted.
+//!
 //! ```sh
 //! cargo build --release -p ingest --bin ingest --example fault_trials
 //! target/release/examples/fault_trials --backend sqlite --trials 3
 //! target/release/examples/fault_trials --backend postgres --seed 1234 \
 //!     --restart-postgres-cmd 'pg_ctlcluster --skip-systemctl-redirect 15 main restart'
+//! target/release/examples/fault_trials --backend postgres --processes 3 --trials 2 \
+//!     --server-arg=--replica-lease=6s --server-arg=--replica-renew=2s
 //! ```
 //!
 //! Each trial prints its seed first; `--seed` replays one. The seed fixes
@@ -62,6 +69,14 @@ struct Args {
     /// SIGKILLs of the server per trial.
     #[arg(long, default_value_t = 2)]
     kills: u32,
+    /// Servers on the one database (PostgreSQL only); each kill strikes
+    /// one of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    processes: u16,
+    /// A flag for every `ingest serve` (repeat for several), e.g.
+    /// `--server-arg=--replica-lease=6s`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Stop the server at each "kill" with SIGTERM instead (it drains and
     /// exits): tells what a crash loses from what any restart forgets.
     #[arg(long)]
@@ -103,6 +118,11 @@ async fn main() -> anyhow::Result<()> {
         "no server binary at {} (build it: cargo build --release -p ingest --bin ingest)",
         ingest_bin.display()
     );
+    anyhow::ensure!(
+        args.processes == 1 || args.backend == Backend::Postgres,
+        "--processes {} needs --backend postgres: one SQLite database has one server",
+        args.processes
+    );
     let restart_postgres = match args.backend {
         Backend::Postgres => args.restart_postgres_cmd.clone(),
         Backend::Sqlite => None,
@@ -116,8 +136,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut failed = 0;
     for (i, &seed) in seeds.iter().enumerate() {
+        let processes = match args.processes {
+            1 => String::new(),
+            n => format!(" --processes {n}"),
+        };
         println!(
-            "trial {}/{}: seed {seed} (replay: --backend {} --seed {seed})",
+            "trial {}/{}: seed {seed} (replay: --backend {}{processes} --seed {seed})",
             i + 1,
             seeds.len(),
             match args.backend {
@@ -131,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
             devices: args.devices,
             batches_per_device: args.batches_per_device,
             kills: args.kills,
+            processes: usize::from(args.processes),
+            server_args: args.server_args.clone(),
             graceful: args.graceful,
             restart_postgres: restart_postgres.clone(),
             postgres_url: args.postgres_url.trim_end_matches('/').to_owned(),

@@ -429,10 +429,10 @@ async fn a_stream_on_another_process_supersedes_and_a_late_disconnect_keeps_it_o
     let mut first = Control::open(&cluster, 0, &token).await;
     wait_online(&mut ops_c, &ids, true, Duration::from_secs(10)).await;
     let mut second = Control::open(&cluster, 1, &token).await;
-    let ended = first
-        .next(Duration::from_secs(10))
+    let ended = tokio::time::timeout(Duration::from_secs(10), first.rx.message())
         .await
-        .expect_err("the first stream must end, not receive a command");
+        .expect("the stream on process 0 neither ended nor received anything within 10 s of a newer stream of its device on process 1")
+        .expect_err("the stream on process 0 must end with a status, not go on");
     assert_eq!(
         ended.code(),
         Code::Aborted,
@@ -623,8 +623,12 @@ async fn alert_latency_across_processes() {
         let value = if k % 2 == 1 { 50.0 } else { 30.0 };
         let sent_at = Instant::now();
         temperatures(&mut client, k, now_nanos() - SEC, &[value]).await;
-        let event = watch.event(Duration::from_secs(10)).await;
+        let event = watch.event(Duration::from_secs(5)).await;
         latencies.push(sent_at.elapsed());
+        if started.elapsed() > CHECK_BUDGET {
+            let (p50, p99) = percentiles(&latencies);
+            panic!("over budget after {k} of {EVENTS} events: p50 {p50:.1} ms, p99 {p99:.1} ms");
+        }
         let kind = if k % 2 == 1 {
             pb::AlertEventKind::Fired
         } else {
@@ -976,7 +980,7 @@ async fn killing_the_leader_moves_devices_commands_and_leadership() {
     let offline_after = loop {
         let map = online_map(&mut ops).await;
         polls += 1;
-        let dropped: Vec<_> = others.iter().filter(|id| map[**id] != true).collect();
+        let dropped: Vec<_> = others.iter().filter(|id| !map[**id]).collect();
         assert!(
             dropped.is_empty(),
             "{:?} after the kill, devices held by the survivors read offline: {dropped:?}",
@@ -1127,7 +1131,7 @@ async fn restarting_one_process_leaves_the_others_devices_online() {
         loop {
             let t = Instant::now();
             let map = online_map(&mut ops).await;
-            let via_ops = held_for_poll.iter().filter(|id| map[*id] != true).count();
+            let via_ops = held_for_poll.iter().filter(|id| !map[*id]).count();
             let via_sql: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM devices WHERE device_id = ANY($1) AND NOT online",
             )
@@ -1156,7 +1160,9 @@ async fn restarting_one_process_leaves_the_others_devices_online() {
     assert!(polls >= 20, "only {polls} polls");
     assert!(
         violations.is_empty(),
-        "devices held by processes 0 and 1 read offline while 2 restarted: {violations:?}"
+        "devices held by processes 0 and 1 read offline at {} of {polls} polls while 2 restarted; the first: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
     );
     println!(
         "{} devices held by the others online at all {polls} polls during the restart",

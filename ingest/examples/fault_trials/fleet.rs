@@ -3,7 +3,9 @@
 //! batches on one stream, and after any failure backs off briefly and asks
 //! again, resending what was not acknowledged with the same sequence
 //! numbers (and, now and then, batches it was never told about, as a device
-//! that lost the acknowledgement would).
+//! that lost the acknowledgement would). With several servers a device
+//! starts on one and, after a failure, resumes against the next, as a
+//! balancing client would.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +51,7 @@ pub async fn run_device(
     plan: Arc<Plan>,
     device: u32,
     token: String,
-    url: String,
+    urls: Vec<String>,
     progress: Arc<Progress>,
     deadline: Instant,
 ) -> DeviceLog {
@@ -61,26 +63,37 @@ pub async fn run_device(
     let Ok(header) = format!("Bearer {token}").parse::<MetadataValue<_>>() else {
         return log;
     };
-    let endpoint = match Endpoint::from_shared(url) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(5)),
-        Err(_) => return log,
-    };
-    // Lazy: reconnects by itself after the server comes back.
-    let channel = endpoint.connect_lazy();
-    let mut client = IngestClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", header.clone());
-        Ok(r)
-    });
+    let mut clients = Vec::with_capacity(urls.len());
+    for url in urls {
+        let endpoint = match Endpoint::from_shared(url) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(5)),
+            Err(_) => return log,
+        };
+        // Lazy: reconnects by itself after the server comes back.
+        let channel = endpoint.connect_lazy();
+        let header = header.clone();
+        clients.push(IngestClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", header.clone());
+                Ok(r)
+            },
+        ));
+    }
+    // Devices spread over the servers; with one server, always it.
+    let mut server = device as usize % clients.len();
     let mut after_failure = false;
     while Instant::now() < deadline {
+        let client = &mut clients[server];
         let cursor = match client
             .get_upload_cursor(pb::GetUploadCursorRequest {})
             .await
         {
             Ok(c) => c.into_inner().committed_sequence,
             Err(_) => {
+                server = (server + 1) % clients.len();
                 back_off(&mut rng).await;
                 continue;
             }
@@ -115,6 +128,7 @@ pub async fn run_device(
             Err(_) => {
                 log.failed_streams += 1;
                 after_failure = true;
+                server = (server + 1) % clients.len();
                 back_off(&mut rng).await;
             }
         }

@@ -1,6 +1,9 @@
 //! The server under test as a child process: started, killed with SIGKILL,
-//! restarted on the same address, stopped with SIGTERM.
+//! restarted on the same address, stopped with SIGTERM. With `--processes`
+//! several of them serve one PostgreSQL database, each with its own data
+//! directory and the trial's shared ops token file.
 
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,11 @@ pub struct Server {
     /// after every restart, as a real fleet would.
     addr: SocketAddr,
     pub log: PathBuf,
+    /// Shared by every process of a cluster trial; `None`: the server
+    /// generates its token in its data directory.
+    ops_token_file: Option<PathBuf>,
+    /// Appended to every `ingest serve` (`--server-arg`).
+    extra_args: Vec<String>,
     child: Option<Child>,
     /// Exits nobody asked for (e.g. the server gave up on its database).
     pub unexpected_exits: Vec<String>,
@@ -45,9 +53,23 @@ impl Server {
             database_url,
             addr,
             log: data_dir.join("server.log"),
+            ops_token_file: None,
+            extra_args: Vec::new(),
             child: None,
             unexpected_exits: Vec::new(),
         })
+    }
+
+    /// One process of several: they share the ops token in this file.
+    pub fn with_ops_token_file(mut self, file: &Path) -> Self {
+        self.ops_token_file = Some(file.to_owned());
+        self
+    }
+
+    /// Flags added to every start.
+    pub fn with_args(mut self, args: &[String]) -> Self {
+        self.extra_args = args.to_vec();
+        self
     }
 
     pub fn url(&self) -> String {
@@ -55,9 +77,16 @@ impl Server {
     }
 
     pub fn ops_token(&self) -> anyhow::Result<String> {
-        let token = std::fs::read_to_string(self.data_dir.join("ops.token"))
-            .context("reading the ops token")?;
+        let token =
+            std::fs::read_to_string(self.ops_token_path()).context("reading the ops token")?;
         Ok(token.trim().to_owned())
+    }
+
+    fn ops_token_path(&self) -> PathBuf {
+        match &self.ops_token_file {
+            Some(file) => file.clone(),
+            None => self.data_dir.join("ops.token"),
+        }
     }
 
     /// Starts the server and waits until its health check says SERVING.
@@ -76,6 +105,15 @@ impl Server {
             .arg("--listen")
             .arg(self.addr.to_string())
             .args(["--shutdown-grace", "5s"])
+            // Port 0: several servers (or trials) must not share the
+            // default admin port.
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(
+                self.ops_token_file
+                    .iter()
+                    .flat_map(|f| [OsStr::new("--ops-token-file"), f.as_os_str()]),
+            )
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -97,7 +135,7 @@ impl Server {
             }
             if let Ok(channel) = endpoint.connect().await
                 && serving(channel).await
-                && self.data_dir.join("ops.token").is_file()
+                && self.ops_token_path().is_file()
             {
                 return Ok(());
             }

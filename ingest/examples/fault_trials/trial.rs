@@ -1,7 +1,8 @@
-//! One trial, start to verdict: a fresh database and server, the rules, the
-//! fleet and a watcher, the faults on a schedule drawn from the seed (by
-//! upload progress, so they strike while batches are in flight), then the
-//! checks on what is stored.
+//! One trial, start to verdict: a fresh database and server (or several
+//! servers on one PostgreSQL database), the rules, the fleet and a watcher,
+//! the faults on a schedule drawn from the seed (by upload progress, so
+//! they strike while batches are in flight), then the checks on what is
+//! stored.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,11 @@ pub struct TrialConfig {
     pub devices: u32,
     pub batches_per_device: u64,
     pub kills: u32,
+    /// Servers on the one database; each kill strikes one of them, drawn
+    /// from the seed.
+    pub processes: usize,
+    /// Flags added to every `ingest serve`.
+    pub server_args: Vec<String>,
     pub graceful: bool,
     pub restart_postgres: Option<String>,
     pub postgres_url: String,
@@ -51,6 +57,7 @@ enum Fault {
 pub struct Outcome {
     seed: u64,
     backend: &'static str,
+    processes: usize,
     kills: u32,
     pg_restarts: u32,
     unexpected_exits: Vec<String>,
@@ -73,6 +80,9 @@ impl Outcome {
             "seed {} {}: kills {}, pg restarts {}",
             self.seed, self.backend, self.kills, self.pg_restarts
         );
+        if self.processes > 1 {
+            s = format!("{s}, {} processes", self.processes);
+        }
         if !self.unexpected_exits.is_empty() {
             s += &format!(
                 ", server exited by itself {}x ({})",
@@ -123,6 +133,7 @@ pub async fn run(config: &TrialConfig) -> Outcome {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
         },
+        processes: config.processes,
         ..Outcome::default()
     };
     let dir =
@@ -163,10 +174,14 @@ pub async fn run(config: &TrialConfig) -> Outcome {
                     .push(format!("every problem: {}", path.display()));
             }
         }
+        let logs: Vec<String> = server_dirs(&dir, config.processes)
+            .iter()
+            .map(|d| d.join("server.log").display().to_string())
+            .collect();
         outcome.kept.push(format!(
             "{} (server log: {})",
             dir.display(),
-            dir.join("server.log").display()
+            logs.join(", ")
         ));
         if config.backend == Backend::Postgres {
             outcome
@@ -194,22 +209,62 @@ async fn run_inner(
             format!("{}/{database}", config.postgres_url)
         }
     };
-    let mut server = Server::new(&config.ingest_bin, dir, database_url.clone())?;
-    let result = drive(config, &mut server, &database_url, outcome).await;
-    outcome.unexpected_exits = server.unexpected_exits.clone();
+    let mut servers = Vec::new();
+    // One token for all: the fleet's operator calls and the watcher may go
+    // to any of them.
+    let ops_token_file = dir.join("ops.token");
+    if config.processes > 1 {
+        let token: String = format!("ops_fault_{:016x}", rand::random::<u64>());
+        std::fs::write(&ops_token_file, format!("{token}\n")).context("writing the ops token")?;
+    }
+    for server_dir in server_dirs(dir, config.processes) {
+        std::fs::create_dir_all(&server_dir)?;
+        let mut server = Server::new(&config.ingest_bin, &server_dir, database_url.clone())?
+            .with_args(&config.server_args);
+        if config.processes > 1 {
+            server = server.with_ops_token_file(&ops_token_file);
+        }
+        servers.push(server);
+    }
+    let result = drive(config, &mut servers, &database_url, outcome).await;
+    let many = servers.len() > 1;
+    outcome.unexpected_exits = servers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.unexpected_exits.iter().map(move |e| match many {
+                true => format!("process {i}: {e}"),
+                false => e.clone(),
+            })
+        })
+        .collect();
     result
+}
+
+/// The trial directory itself for one server (as always); `p0`, `p1`, ...
+/// inside it for several.
+fn server_dirs(dir: &std::path::Path, processes: usize) -> Vec<PathBuf> {
+    if processes <= 1 {
+        vec![dir.to_owned()]
+    } else {
+        (0..processes).map(|i| dir.join(format!("p{i}"))).collect()
+    }
 }
 
 async fn drive(
     config: &TrialConfig,
-    server: &mut Server,
+    servers: &mut [Server],
     database_url: &str,
     outcome: &mut Outcome,
 ) -> anyhow::Result<Report> {
     let trial_started = Instant::now();
-    server.start().await?;
-    let ops_token = server.ops_token()?;
-    let url = server.url();
+    // One after the other: the first start migrates the database.
+    for server in servers.iter_mut() {
+        server.start().await?;
+    }
+    let ops_token = servers[0].ops_token()?;
+    let urls: Vec<String> = servers.iter().map(Server::url).collect();
+    let url = urls[0].clone();
     let now_ms = chrono::Utc::now().timestamp_millis();
     let plan = Arc::new(Plan {
         seed: config.seed,
@@ -248,7 +303,7 @@ async fn drive(
 
     let (last_tx, mut last_rx) = watch::channel(0u64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let watcher = tokio::spawn(watcher::run(url.clone(), ops_token, last_tx, stop_rx));
+    let watcher = tokio::spawn(watcher::run(urls.clone(), ops_token, last_tx, stop_rx));
 
     // The fleet gets what is left of the trial, less time for the checks.
     let fleet_deadline = trial_started
@@ -264,7 +319,7 @@ async fn drive(
                 plan.clone(),
                 d as u32,
                 token,
-                url.clone(),
+                urls.clone(),
                 progress.clone(),
                 fleet_deadline,
             ))
@@ -294,7 +349,7 @@ async fn drive(
         while progress.acked_batches.load(Ordering::Relaxed) < at
             && !devices.iter().all(|h| h.is_finished())
         {
-            server.supervise().await?;
+            supervise(servers).await?;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if devices.iter().all(|h| h.is_finished()) {
@@ -303,6 +358,14 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
         match fault {
             Fault::Kill => {
+                // Drawn only with several servers, so a one-server seed
+                // replays as it always did.
+                let victim = if servers.len() > 1 {
+                    rng.random_range(0..servers.len())
+                } else {
+                    0
+                };
+                let server = &mut servers[victim];
                 if config.graceful {
                     server.stop().await?;
                     server::mark(&server.log, &format!("SIGTERM at {at} batches acked"));
@@ -311,18 +374,22 @@ async fn drive(
                     server::mark(&server.log, &format!("SIGKILL at {at} batches acked"));
                 }
                 outcome.kills += 1;
-                // Down a moment: the fleet meets refused connections.
-                tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
-                server.start().await?;
+                // Down a moment: the fleet meets refused connections (and,
+                // with several servers, moves to the others).
+                let down = if servers.len() > 1 { 1000 } else { 100 };
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..down))).await;
+                servers[victim].start().await?;
             }
             Fault::RestartPostgres => {
                 let Some(cmd) = config.restart_postgres.clone() else {
                     continue;
                 };
-                server::mark(
-                    &server.log,
-                    &format!("PostgreSQL restart at {at} batches acked"),
-                );
+                for server in servers.iter() {
+                    server::mark(
+                        &server.log,
+                        &format!("PostgreSQL restart at {at} batches acked"),
+                    );
+                }
                 let status = tokio::task::spawn_blocking(move || {
                     std::process::Command::new("sh")
                         .arg("-c")
@@ -336,12 +403,14 @@ async fn drive(
                     "the PostgreSQL restart command failed ({status})"
                 );
                 outcome.pg_restarts += 1;
-                server::mark(&server.log, "PostgreSQL is back");
+                for server in servers.iter() {
+                    server::mark(&server.log, "PostgreSQL is back");
+                }
             }
         }
     }
     while !devices.iter().all(|h| h.is_finished()) {
-        server.supervise().await?;
+        supervise(servers).await?;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut logs = Vec::new();
@@ -363,16 +432,33 @@ async fn drive(
     stop_tx.send_replace(true);
     let seen = watcher.await?;
     outcome.watcher_ids = seen.ids.len();
-    let status = server.stop().await?;
+    let mut statuses = Vec::new();
+    for server in servers.iter_mut() {
+        statuses.push(server.stop().await?);
+    }
     let snapshot = db.snapshot().await?;
     db.close().await;
     let mut report = check::check(&plan, &snapshot, &logs, &seen);
-    if let Some(status) = status
-        && !status.success()
-    {
-        report
-            .problems
-            .push(format!("the server's SIGTERM stop ended {status}"));
+    for (i, status) in statuses.into_iter().enumerate() {
+        if let Some(status) = status
+            && !status.success()
+        {
+            let which = match servers.len() {
+                1 => "the server's".to_owned(),
+                _ => format!("process {i}'s"),
+            };
+            report
+                .problems
+                .push(format!("{which} SIGTERM stop ended {status}"));
+        }
     }
     Ok(report)
+}
+
+/// Starts again any server that exited by itself.
+async fn supervise(servers: &mut [Server]) -> anyhow::Result<()> {
+    for server in servers.iter_mut() {
+        server.supervise().await?;
+    }
+    Ok(())
 }

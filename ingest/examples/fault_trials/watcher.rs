@@ -1,6 +1,7 @@
 //! An operator's WatchAlerts stream held through every kill: it reconnects
 //! from the last event id it saw, so the ids it collects must be every
-//! stored event once, in order.
+//! stored event once, in order. With several servers it reconnects to the
+//! next one, so its cursor is resumed on another process.
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ pub struct Seen {
 /// Watches until `stop` turns true; `last` publishes the newest id seen, so
 /// the trial can wait for the watcher to catch up.
 pub async fn run(
-    url: String,
+    urls: Vec<String>,
     ops_token: String,
     last: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
@@ -29,22 +30,32 @@ pub async fn run(
     let Ok(header) = format!("Bearer {ops_token}").parse::<MetadataValue<_>>() else {
         return seen;
     };
-    let Ok(endpoint) = Endpoint::from_shared(url) else {
-        return seen;
-    };
-    let channel = endpoint
-        .connect_timeout(Duration::from_millis(500))
-        .connect_lazy();
-    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", header.clone());
-        Ok(r)
-    });
+    let mut clients = Vec::with_capacity(urls.len());
+    for url in urls {
+        let Ok(endpoint) = Endpoint::from_shared(url) else {
+            return seen;
+        };
+        let channel = endpoint
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        let header = header.clone();
+        clients.push(OpsClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", header.clone());
+                Ok(r)
+            },
+        ));
+    }
+    let mut server = 0;
     let mut first = true;
     while !*stop.borrow() {
         if !first {
             seen.reconnects += 1;
+            server = (server + 1) % clients.len();
         }
         first = false;
+        let ops = &mut clients[server];
         let after = seen.ids.last().copied().unwrap_or(0);
         let request = pb::WatchAlertsRequest {
             after_event_id: after,
