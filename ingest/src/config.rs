@@ -32,6 +32,10 @@ pub struct Config {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Serve TLS with these certificates; `None`: plaintext.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Leases of server processes sharing a PostgreSQL database.
+    pub cluster: crate::cluster::ClusterConfig,
+    /// Connections are sent GOAWAY after this (±10%); `None`: never.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Config {
@@ -49,6 +53,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             admin_listen: None,
             tls: None,
+            cluster: crate::cluster::ClusterConfig::default(),
+            max_connection_age: Some(Duration::from_secs(30 * 60)),
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod alerts;
 pub mod auth;
 pub mod backup;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod domain;

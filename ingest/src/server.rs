@@ -17,6 +17,10 @@ use tonic::transport::Server;
 
 use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, Credentials, OpsTokens};
+use crate::cluster::leader::Leadership;
+use crate::cluster::listener::{self, Subscribers};
+use crate::cluster::single::ProcessLock;
+use crate::cluster::{Replica, jittered, lease};
 use crate::config::Config;
 use crate::control::CommandCenter;
 use crate::grpc::compression::compressed;
@@ -26,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::metrics::admin::Admin;
 use crate::metrics::grpc::GrpcMetricsLayer;
 use crate::rate_limit::DeviceRateLimits;
-use crate::storage::{Store, writer};
+use crate::storage::{Database, Store, writer};
 use crate::upload::UploadContext;
 use prometheus_client::registry::Registry;
 
@@ -51,16 +55,35 @@ pub async fn run_with_admin(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let ops_tokens = Arc::new(OpsTokens::load(config.ops_token.clone())?);
-    let store = Store::open(&config.database)
+    // Held until the server returns: a second server on the same SQLite
+    // file is refused (several processes need PostgreSQL).
+    let _sole_process = match &config.database {
+        Database::Sqlite { path } => Some(ProcessLock::acquire(path)?),
+        Database::Postgres { .. } => None,
+    };
+    let replica = Replica::new();
+    let store = Store::open_named(&config.database, &replica.connection_name(None))
         .await
         .context("opening the database")?;
     let local_addr = listener.local_addr()?;
-    tracing::info!(addr = %local_addr, backend = store.backend_name(), "serving");
+    lease::register(&store, &replica, &local_addr.to_string(), &config.cluster)
+        .await
+        .context("registering this server process")?;
+    tracing::info!(addr = %local_addr, backend = store.backend_name(), replica = replica.short(), "serving");
 
     // One registry for the process, passed down: no global metrics.
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let (stopping_tx, stopping) = watch::channel(false);
+    let (leadership, leader_task) =
+        match store.side_connection(&replica.connection_name(Some("leader"))) {
+            Some(options) => {
+                let (leadership, task) =
+                    Leadership::contend(options, stopping.clone(), metrics.clone());
+                (leadership, Some(task))
+            }
+            None => (Leadership::sole(&metrics), None),
+        };
     let credentials = Credentials::start(store.clone(), stopping.clone());
     let ops_reload = tokio::spawn(reload_ops_tokens_on_hangup(
         ops_tokens.clone(),
@@ -70,6 +93,7 @@ pub async fn run_with_admin(
         store.clone(),
         config.alerts.live_buffer,
         stopping.clone(),
+        leadership.clone(),
         metrics.clone(),
     )
     .await
@@ -78,11 +102,37 @@ pub async fn run_with_admin(
     let (control, sweeper) = CommandCenter::start(
         store.clone(),
         config.control.clone(),
+        replica.clone(),
+        leadership,
         stopping.clone(),
         metrics.clone(),
     )
     .await
     .context("starting device control")?;
+    // What the other server processes on the database commit, heard here.
+    let cluster_tasks = match store.side_connection(&replica.connection_name(Some("listener"))) {
+        Some(options) => vec![
+            listener::start(
+                options,
+                Subscribers {
+                    alerts: alerts.clone(),
+                    control: control.clone(),
+                    credentials: credentials.clone(),
+                },
+                stopping.clone(),
+                metrics.clone(),
+            ),
+            lease::keep(
+                store.clone(),
+                replica.clone(),
+                local_addr.to_string(),
+                config.cluster.clone(),
+                control.clone(),
+                stopping.clone(),
+            ),
+        ],
+        None => Vec::new(),
+    };
     let retention = tokio::spawn(crate::retention::run(
         store.clone(),
         config.retention.clone(),
@@ -170,7 +220,14 @@ pub async fn run_with_admin(
     if let Some(tls) = &config.tls {
         crate::metrics::register_tls_expiry(&mut registry, tls.handle.clone());
     }
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(age) = config.max_connection_age {
+        // Connections end gracefully (GOAWAY; open streams finish) after
+        // this, so a fleet spreads over processes added later. Jittered per
+        // process: tonic takes one age for all of a server's connections.
+        builder = builder.max_connection_age(jittered(age));
+    }
+    let serve = builder
         .initial_stream_window_size(config.limits.stream_window_bytes)
         .initial_connection_window_size(config.limits.connection_window_bytes)
         .max_concurrent_streams(config.limits.max_concurrent_streams)
@@ -226,11 +283,15 @@ pub async fn run_with_admin(
     if let Some(admin) = admin_task {
         let _ = admin.await;
     }
+    for task in cluster_tasks.into_iter().chain(leader_task) {
+        let _ = task.await;
+    }
     // Control streams closed with their connections, some without a goodbye
-    // when the grace period ran out: the devices table must not show them
-    // online to SQL readers while no server runs.
-    if let Err(error) = store.mark_all_offline().await {
-        tracing::warn!(%error, "could not mark devices offline");
+    // when the grace period ran out: the devices table must not show this
+    // process's devices online to SQL readers once it is gone. Other
+    // processes' devices are theirs.
+    if let Err(error) = store.release_replica(&replica.id).await {
+        tracing::warn!(%error, "could not mark this process's devices offline");
     }
     store.close().await;
     tracing::info!("stopped");

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::feed;
 use super::judge::Judge;
+use crate::cluster::leader::Leadership;
 use crate::domain::alert::{Rule, RuleId};
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{DeviceId, Labels};
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::storage::alerts::{
     AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent,
 };
+use crate::storage::cluster::channel;
 use crate::storage::{StorageError, Store};
 
 /// Why an engine request failed.
@@ -80,6 +82,8 @@ struct Inner {
     events: broadcast::Sender<Arc<AlertEventRecord>>,
     /// Rung after every commit that recorded events; wakes the feed.
     recorded: Arc<Notify>,
+    /// Only the leader judges silences (see `cluster::leader`).
+    leadership: Leadership,
     metrics: Arc<Metrics>,
 }
 
@@ -90,6 +94,7 @@ impl AlertEngine {
         store: Store,
         live_buffer: usize,
         stopping: watch::Receiver<bool>,
+        leadership: Leadership,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, JoinHandle<()>), StorageError> {
         let now = Instant::now();
@@ -116,6 +121,7 @@ impl AlertEngine {
             devices: SyncRwLock::new(devices),
             events,
             recorded,
+            leadership,
             metrics,
         };
         Ok((
@@ -134,6 +140,49 @@ impl AlertEngine {
     /// The rules, held until the guard drops (see [`RuleBook`]).
     pub async fn rules(&self) -> OwnedRwLockReadGuard<RuleBook> {
         self.inner.rules.clone().read_owned().await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Whether this process judges silences now.
+    pub fn judges_silences(&self) -> bool {
+        self.inner.leadership.is_leader()
+    }
+
+    /// Reads the rules again after another server process changed them.
+    /// A new epoch only if they differ, so hearing of this process's own
+    /// change costs nothing.
+    pub async fn reload_rules(&self) -> Result<(), StorageError> {
+        let stored = self.inner.store.list_rules().await?;
+        let mut book = self.inner.rules.write().await;
+        let same = stored.len() == book.rules.len()
+            && stored
+                .iter()
+                .all(|r| book.rules.get(&r.id).is_some_and(|e| e.rule == *r));
+        if same {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let rules = stored
+            .into_iter()
+            .map(|rule| {
+                let since = book.rules.get(&rule.id).map_or(now, |e| e.since);
+                (rule.id.clone(), RuleEntry { rule, since })
+            })
+            .collect();
+        book.rules = rules;
+        book.epoch += 1;
+        tracing::info!(rules = book.rules.len(), "rules changed on another server process; reloaded");
+        Ok(())
+    }
+
+    /// Tells the other server processes that the rules changed.
+    async fn rules_changed(&self) {
+        if let Err(error) = self.inner.store.notify(channel::RULES, "").await {
+            tracing::error!(%error, "could not tell the other server processes of a rule change");
+        }
     }
 
     /// Tells the feed that a transaction recording events has committed.
@@ -215,7 +264,9 @@ impl AlertEngine {
         book.epoch += 1;
         book.rules
             .insert(rule.id.clone(), RuleEntry { rule, since });
+        drop(book);
         self.after(&outcomes);
+        self.rules_changed().await;
         Ok(())
     }
 
@@ -246,7 +297,9 @@ impl AlertEngine {
             .ok_or(EngineError::NoRule)?;
         book.epoch += 1;
         book.rules.remove(&id);
+        drop(book);
         self.after(&outcomes);
+        self.rules_changed().await;
         Ok(())
     }
 

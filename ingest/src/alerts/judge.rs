@@ -318,7 +318,49 @@ impl Judge {
                 events.push(silence_event(rule, pk, &info, quiet));
             }
         }
+        if self.engine.store().is_shared() && !events.is_empty() {
+            self.heard_elsewhere(&book_silences(book), &mut events).await;
+        }
         events
+    }
+
+    /// Drops the silences the database disproves: with several server
+    /// processes, a device's batches may all be committed by others, and
+    /// what this writer saw is not all there was. A device found active is
+    /// remembered as seen when it was, so it is asked about once per
+    /// silence, not once per tick. Checked only for the few that look
+    /// silent here; a failed check keeps the silence out (it is asked
+    /// again on the next tick).
+    async fn heard_elsewhere(
+        &mut self,
+        silences: &HashMap<RuleId, (Option<crate::domain::SensorName>, Duration)>,
+        events: &mut Vec<NewAlertEvent>,
+    ) {
+        let wall = crate::domain::time::now_unix_nanos();
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(events.len());
+        for e in events.drain(..) {
+            let Some((sensor, silence)) = silences.get(&e.rule_id) else {
+                continue;
+            };
+            let after = wall.saturating_sub(silence.as_nanos().min(i64::MAX as u128) as i64);
+            match self.engine.store().last_activity(e.device_pk, sensor.as_ref(), after).await {
+                Ok(Some(at)) if at > after => {
+                    let ago = Duration::from_nanos(wall.saturating_sub(at).max(0) as u64);
+                    let seen = now.checked_sub(ago).unwrap_or(now);
+                    self.devices
+                        .entry(e.device_pk)
+                        .or_default()
+                        .seen
+                        .insert(e.rule_id.clone(), seen);
+                }
+                Ok(_) => keep.push(e),
+                Err(error) => {
+                    tracing::warn!(%error, device_pk = e.device_pk, "checking a silence failed; asking again")
+                }
+            }
+        }
+        *events = keep;
     }
 
     /// Once silences' events have committed.
@@ -336,6 +378,21 @@ impl Judge {
         settle_open(&mut states, events, outcomes);
         self.devices.extend(states);
     }
+}
+
+/// The inactivity rules' sensor and silence, by rule.
+fn book_silences(
+    book: &RuleBook,
+) -> HashMap<RuleId, (Option<crate::domain::SensorName>, Duration)> {
+    book.rules
+        .values()
+        .filter_map(|e| match e.rule.condition {
+            Condition::Inactivity { silence } => {
+                Some((e.rule.id.clone(), (e.rule.sensor.clone(), silence)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Judges one series' readings under one rule, appending events.

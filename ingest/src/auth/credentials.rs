@@ -17,6 +17,7 @@ use super::revocation::{Credential, CredentialEnded, CredentialEvent, Credential
 use crate::domain::credential::MAX_ACTIVE_TOKENS;
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::domain::{CertFingerprint, ClientCertificate, DeviceId, DeviceKey, Token, TokenHash};
+use crate::storage::cluster::channel;
 use crate::storage::credentials::{
     CertificateGrant, CredentialError, DeviceAuthState, DeviceCredentials, TokenGrant,
 };
@@ -233,6 +234,27 @@ impl Credentials {
         })
     }
 
+    /// An operator's change, committed here: applied, and told to the other
+    /// server processes sharing the database, which apply it in turn.
+    async fn publish(&self, event: CredentialEvent) {
+        let payload = event.to_payload();
+        self.apply(event);
+        if let Err(error) = self.store.notify(channel::CREDENTIALS, &payload).await {
+            // Their caches expire by themselves; open streams there go on
+            // until they re-check or reconnect.
+            tracing::error!(%error, "could not tell the other server processes of a credential change");
+        }
+    }
+
+    /// Drops every cached lookup: after notifications from the other server
+    /// processes may have been missed, the next call of each device reads
+    /// its credentials from the database again.
+    pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.tokens.write().expect("lock poisoned").clear();
+        self.certificates.write().expect("lock poisoned").clear();
+    }
+
     /// Drops what is remembered of the event's device and tells its open
     /// streams. Call it after the change is committed.
     pub fn apply(&self, event: CredentialEvent) {
@@ -266,14 +288,14 @@ impl Credentials {
             .rotate_token(id, &token.hash(), now, others_expire, MAX_ACTIVE_TOKENS)
             .await?;
         let device_pk = rotated.device.pk;
-        self.apply(if rotated.others.is_empty() {
+        self.publish(if rotated.others.is_empty() {
             CredentialEvent::TokenIssued { device_pk }
         } else {
             CredentialEvent::TokensExpire {
                 device_pk,
                 expiries: rotated.others.clone(),
             }
-        });
+        }).await;
         tracing::info!(device = %id, credential = rotated.token.id, overlap = ?overlap, "device token issued");
         Ok((
             token,
@@ -291,10 +313,10 @@ impl Credentials {
             .store
             .revoke_token(id, token_id, now_unix_nanos())
             .await?;
-        self.apply(CredentialEvent::TokenRevoked {
+        self.publish(CredentialEvent::TokenRevoked {
             device_pk: device.pk,
             token_pk: token_id,
-        });
+        }).await;
         tracing::warn!(device = %id, credential = token_id, "device token revoked");
         self.store.device_credentials(id).await
     }
@@ -311,11 +333,11 @@ impl Credentials {
             .bind_certificate(id, certificate.as_ref(), require_mtls, now_unix_nanos())
             .await?;
         let credentials = self.store.device_credentials(id).await?;
-        self.apply(CredentialEvent::CertificateChanged {
+        self.publish(CredentialEvent::CertificateChanged {
             device_pk: device.pk,
             certificate,
             require_mtls: credentials.require_mtls,
-        });
+        }).await;
         match certificate {
             Some(fp) => {
                 tracing::info!(device = %id, certificate = %fp, require_mtls = credentials.require_mtls, "device certificate bound")
@@ -333,11 +355,11 @@ impl Credentials {
     ) -> Result<DeviceCredentials, CredentialError> {
         let device = self.store.set_require_mtls(id, require_mtls).await?;
         let credentials = self.store.device_credentials(id).await?;
-        self.apply(CredentialEvent::CertificateChanged {
+        self.publish(CredentialEvent::CertificateChanged {
             device_pk: device.pk,
             certificate: credentials.certificate.map(|c| c.fingerprint),
             require_mtls,
-        });
+        }).await;
         tracing::info!(device = %id, require_mtls, "device mutual TLS requirement changed");
         Ok(credentials)
     }
@@ -351,7 +373,7 @@ impl Credentials {
             .store
             .set_disabled(id, disabled.then(now_unix_nanos))
             .await?;
-        self.apply(if disabled {
+        self.publish(if disabled {
             CredentialEvent::Disabled {
                 device_pk: device.pk,
             }
@@ -359,7 +381,7 @@ impl Credentials {
             CredentialEvent::Enabled {
                 device_pk: device.pk,
             }
-        });
+        }).await;
         tracing::warn!(device = %id, disabled, "device access changed");
         self.store.device_credentials(id).await
     }

@@ -59,6 +59,76 @@ impl CredentialEvent {
     }
 }
 
+impl CredentialEvent {
+    /// The event as a notification payload, for the other server processes.
+    pub fn to_payload(&self) -> String {
+        match self {
+            Self::TokenRevoked {
+                device_pk,
+                token_pk,
+            } => format!("revoked {device_pk} {token_pk}"),
+            Self::TokensExpire {
+                device_pk,
+                expiries,
+            } => {
+                let list: Vec<String> = expiries.iter().map(|(t, at)| format!("{t}={at}")).collect();
+                format!("expire {device_pk} {}", list.join(","))
+            }
+            Self::TokenIssued { device_pk } => format!("issued {device_pk}"),
+            Self::CertificateChanged {
+                device_pk,
+                certificate,
+                require_mtls,
+            } => format!(
+                "certificate {device_pk} {} {}",
+                certificate.map_or("-".to_owned(), |c| c.to_string()),
+                u8::from(*require_mtls)
+            ),
+            Self::Disabled { device_pk } => format!("disabled {device_pk}"),
+            Self::Enabled { device_pk } => format!("enabled {device_pk}"),
+        }
+    }
+
+    /// Reads [`CredentialEvent::to_payload`]; `None` if malformed.
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        let mut words = payload.split(' ');
+        let kind = words.next()?;
+        let device_pk: i64 = words.next()?.parse().ok()?;
+        let event = match kind {
+            "revoked" => Self::TokenRevoked {
+                device_pk,
+                token_pk: words.next()?.parse().ok()?,
+            },
+            "expire" => Self::TokensExpire {
+                device_pk,
+                expiries: words
+                    .next()
+                    .unwrap_or("")
+                    .split(',')
+                    .filter(|item| !item.is_empty())
+                    .map(|item| {
+                        let (t, at) = item.split_once('=')?;
+                        Some((t.parse().ok()?, at.parse().ok()?))
+                    })
+                    .collect::<Option<_>>()?,
+            },
+            "issued" => Self::TokenIssued { device_pk },
+            "certificate" => Self::CertificateChanged {
+                device_pk,
+                certificate: match words.next()? {
+                    "-" => None,
+                    hex => Some(CertFingerprint::parse_hex(hex).ok()?),
+                },
+                require_mtls: words.next()? == "1",
+            },
+            "disabled" => Self::Disabled { device_pk },
+            "enabled" => Self::Enabled { device_pk },
+            _ => return None,
+        };
+        words.next().is_none().then_some(event)
+    }
+}
+
 /// What a call proved its identity with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {

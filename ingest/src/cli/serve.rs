@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::auth::OpsTokenSource;
+use crate::cluster::ClusterConfig;
 use crate::config::{Config, Limits};
 use crate::domain::ReadingLimits;
 use crate::domain::Token;
@@ -185,6 +186,29 @@ pub struct ServeArgs {
     shutdown_grace: Duration,
     #[command(flatten)]
     tls: super::tls_args::ServeTlsArgs,
+    /// PostgreSQL: a server process unheard of for this long is taken for
+    /// dead by the others sharing the database, and its devices are shown
+    /// offline.
+    #[arg(long, env = "INGEST_REPLICA_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    replica_lease: Duration,
+    /// PostgreSQL: how often a server process renews its lease and looks
+    /// for dead ones. Well under --replica-lease.
+    #[arg(long, env = "INGEST_REPLICA_RENEW", default_value = "2s", value_parser = humantime::parse_duration)]
+    replica_renew: Duration,
+    /// Control streams end after this (±10%, status UNAVAILABLE "rebalance")
+    /// and devices reconnect, perhaps to another server process, so streams
+    /// spread after scaling out. 0 turns it off.
+    #[arg(long, env = "INGEST_CONTROL_MAX_LIFETIME", default_value = "45m", value_parser = humantime::parse_duration)]
+    control_max_lifetime: Duration,
+    /// Connections are told to go away (HTTP/2 GOAWAY; open calls finish)
+    /// after this (±10% per process), so clients reconnect and spread over
+    /// server processes added since. 0 turns it off.
+    #[arg(long, env = "INGEST_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    max_connection_age: Duration,
+    /// Test hook: every transaction recording alert events stays open this
+    /// long after taking its event ids, as a slow commit would.
+    #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    test_hold_event_tx: Duration,
 }
 
 /// Where the data lives; shared by `serve` and `migrate`.
@@ -275,6 +299,20 @@ impl ServeArgs {
             })?),
         };
         config.tls = self.tls.into_settings()?;
+        anyhow::ensure!(
+            !self.replica_renew.is_zero() && self.replica_renew < self.replica_lease,
+            "--replica-renew ({:?}) must be above zero and below --replica-lease ({:?})",
+            self.replica_renew,
+            self.replica_lease
+        );
+        config.cluster = ClusterConfig {
+            lease: self.replica_lease,
+            renew: self.replica_renew,
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        config.control.max_lifetime = nonzero(self.control_max_lifetime);
+        config.max_connection_age = nonzero(self.max_connection_age);
+        crate::storage::cluster::set_test_hold_event_tx(self.test_hold_event_tx);
         Ok(config)
     }
 }

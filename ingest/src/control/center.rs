@@ -6,13 +6,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::session::SessionEnd;
+use crate::cluster::Replica;
+use crate::cluster::leader::Leadership;
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::storage::commands::{CommandRecord, EnqueueError};
+use crate::storage::cluster::{SessionOpen, SessionTicket};
 use crate::storage::{DeviceRecord, StorageError, Store};
 
 #[derive(Debug, Clone)]
@@ -25,6 +29,10 @@ pub struct ControlConfig {
     pub expiry_interval: Duration,
     /// How long a new Control stream may take to send its DeviceHello.
     pub hello_timeout: Duration,
+    /// A Control stream ends (UNAVAILABLE, "rebalance") after this, ±10%,
+    /// and the device reconnects: long-lived streams would otherwise stay
+    /// on the processes that were up when they opened. `None`: never.
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Default for ControlConfig {
@@ -35,6 +43,7 @@ impl Default for ControlConfig {
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             expiry_interval: Duration::from_millis(200),
             hello_timeout: Duration::from_secs(30),
+            max_lifetime: Some(Duration::from_secs(45 * 60)),
         }
     }
 }
@@ -54,9 +63,11 @@ pub enum SendError {
 /// One device's current session, so commands can wake it and a newer
 /// stream can supersede it.
 pub(crate) struct SessionSlot {
+    /// Issued by the database: comparable with other processes' streams.
     pub generation: u64,
     pub wake: Arc<Notify>,
-    pub superseded: watch::Sender<bool>,
+    /// Set to end the stream from outside (superseded, rebalanced).
+    pub end: watch::Sender<Option<SessionEnd>>,
     /// When the device's last message arrived. The database is refreshed
     /// only every few seconds; the RPCs read the live value from here.
     pub last_seen: Arc<AtomicI64>,
@@ -74,28 +85,52 @@ pub struct CommandCenter {
     pub(crate) store: Store,
     pub(crate) config: ControlConfig,
     pub(crate) sessions: Mutex<HashMap<i64, SessionSlot>>,
-    next_generation: std::sync::atomic::AtomicU64,
+    pub(crate) replica: Replica,
+    /// Opens streams in batches: one notifying commit for many devices
+    /// when a fleet reconnects at once.
+    opener: mpsc::Sender<(SessionOpen, oneshot::Sender<Result<SessionTicket, String>>)>,
+    /// Only the leader expires commands.
+    leadership: Leadership,
     /// Every state change, for `SendCommand` with wait.
     changes: broadcast::Sender<(u64, CommandState)>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
+/// Streams opened per transaction; each adds about 16 bytes to the one
+/// notification, which stays under PostgreSQL's 8000.
+const OPENS_PER_TRANSACTION: usize = 400;
+
+/// How often a sender waiting for a command's outcome reads it from the
+/// database, whatever it heard: the outcome may have been committed by a
+/// process whose notification was lost.
+const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// How often each process looks for queued commands of the devices it holds,
+/// in case a wake-up was lost.
+const QUEUED_POLL: Duration = Duration::from_secs(2);
+
 impl CommandCenter {
-    /// Marks every device offline (no stream survives a restart) and starts
-    /// the expiry sweeper, which stops when `shutdown` turns true.
+    /// Starts the expiry sweeper and the session opener, which stop when
+    /// `shutdown` turns true. The replica is registered already (see
+    /// `cluster::lease::register`).
     pub async fn start(
         store: Store,
         config: ControlConfig,
+        replica: Replica,
+        leadership: Leadership,
         mut shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
-        store.mark_all_offline().await?;
         let (changes, _) = broadcast::channel(4096);
+        let (opener, opens) = mpsc::channel(4 * OPENS_PER_TRANSACTION);
+        tokio::spawn(open_sessions(store.clone(), replica.id.clone(), opens));
         let center = Arc::new(Self {
             store,
             config,
             sessions: Mutex::new(HashMap::new()),
-            next_generation: std::sync::atomic::AtomicU64::new(1),
+            replica,
+            opener,
+            leadership,
             changes,
             metrics,
         });
@@ -105,13 +140,18 @@ impl CommandCenter {
                 let mut tick = tokio::time::interval(center.config.expiry_interval);
                 let mut seen = tokio::time::interval(LAST_SEEN_WRITE_INTERVAL);
                 seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut queued = tokio::time::interval(QUEUED_POLL);
+                queued.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => center.expire().await,
+                        _ = tick.tick() => if center.leadership.is_leader() {
+                            center.expire().await;
+                        },
                         _ = seen.tick() => {
                             center.write_last_seen().await;
                             center.count_pending().await;
                         }
+                        _ = queued.tick(), if center.store.is_shared() => center.wake_all(),
                         () = until_set(&mut shutdown) => break,
                     }
                 }
@@ -195,9 +235,53 @@ impl CommandCenter {
         self.metrics.devices_online.set(sessions as i64);
     }
 
-    pub(crate) fn next_generation(&self) -> u64 {
-        self.next_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    /// Records a new stream of the device: the database issues its
+    /// generation, marks it online and tells the other processes.
+    pub(crate) async fn open_session(
+        &self,
+        open: SessionOpen,
+    ) -> Result<SessionTicket, String> {
+        let (reply, ticket) = oneshot::channel();
+        self.opener
+            .send((open, reply))
+            .await
+            .map_err(|_| "the server is stopping".to_owned())?;
+        ticket
+            .await
+            .map_err(|_| "the server is stopping".to_owned())?
+    }
+
+    /// Another process (or this one) opened a stream of a device: an older
+    /// stream held here ends.
+    pub fn opened_elsewhere(&self, ticket: SessionTicket) {
+        if let Some(slot) = self
+            .sessions
+            .lock()
+            .expect("lock poisoned")
+            .get(&ticket.device_pk)
+            && slot.generation < ticket.generation
+        {
+            slot.end.send_replace(Some(SessionEnd::Superseded));
+        }
+    }
+
+    /// Another process changed a command's state.
+    pub fn changed_elsewhere(&self, command_id: u64, state: CommandState) {
+        let _ = self.changes.send((command_id, state));
+    }
+
+    /// Every stream held here reads its deliverable commands again.
+    pub fn wake_all(&self) {
+        for slot in self.sessions.lock().expect("lock poisoned").values() {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// Ends every stream held here; the devices reconnect (to any process).
+    pub fn end_all_sessions(&self) {
+        for slot in self.sessions.lock().expect("lock poisoned").values() {
+            slot.end.send_replace(Some(SessionEnd::Rebalance));
+        }
     }
 
     /// Stores a command and wakes the device's session, if any. With
@@ -245,12 +329,18 @@ impl CommandCenter {
         let id = command.command_id;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => break,
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let poll = deadline.min(now + WAIT_POLL);
+            match tokio::time::timeout_at(poll, changes.recv()).await {
                 Ok(Ok((changed, state))) if changed == id && state.is_final() => break,
                 Ok(Ok(_)) => {}
-                // Missed some changes: the database knows.
-                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                // Missed some changes, or heard nothing for a while (the
+                // outcome may come from a process whose notification was
+                // lost): the database knows.
+                Err(_) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                     if self.store.get_command(id).await?.state.is_final() {
                         break;
                     }
@@ -291,6 +381,31 @@ impl CommandCenter {
             .lock()
             .expect("lock poisoned")
             .contains_key(&device_pk)
+    }
+}
+
+/// Opens queued streams, as many per transaction as are waiting.
+async fn open_sessions(
+    store: Store,
+    replica_id: String,
+    mut opens: mpsc::Receiver<(SessionOpen, oneshot::Sender<Result<SessionTicket, String>>)>,
+) {
+    let mut batch = Vec::with_capacity(OPENS_PER_TRANSACTION);
+    while opens.recv_many(&mut batch, OPENS_PER_TRANSACTION).await > 0 {
+        let (open, replies): (Vec<SessionOpen>, Vec<_>) = batch.drain(..).unzip();
+        match store.open_sessions(&open, &replica_id).await {
+            Ok(tickets) => {
+                for (reply, ticket) in replies.into_iter().zip(tickets) {
+                    let _ = reply.send(Ok(ticket));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, streams = open.len(), "recording new Control streams failed");
+                for reply in replies {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+        }
     }
 }
 

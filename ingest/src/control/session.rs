@@ -11,6 +11,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::Instrument;
 
 use super::center::{CommandCenter, SessionSlot, until_set};
+use crate::cluster::jittered;
+use crate::storage::cluster::{SessionOpen, SessionTicket};
 use crate::auth::{CredentialEnded, CredentialWatch};
 use crate::domain::DeviceKey;
 use crate::domain::command::CommandState;
@@ -29,8 +31,12 @@ pub enum Outgoing {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEnd {
-    /// The device opened a newer Control stream.
+    /// The device opened a newer Control stream (on any server process).
     Superseded,
+    /// The stream reached its lifetime (`--control-max-lifetime`), or this
+    /// process is handing its streams over: the device reconnects, perhaps
+    /// to another process, so streams spread after the fleet scales out.
+    Rebalance,
     ShuttingDown,
     /// The device sent a message past the limits; nothing of it was stored.
     Refused(InvalidDeviceMessage),
@@ -51,6 +57,9 @@ pub enum OpenError {
     InvalidHello(#[from] InvalidDeviceMessage),
     #[error("{}", .0.message())]
     Transport(tonic::Status),
+    /// Recording the stream failed; the cause is logged.
+    #[error("the Control stream could not be recorded")]
+    NotRecorded,
 }
 
 /// Starts a session once the device has said hello.
@@ -76,36 +85,44 @@ where
         Some(Ok(_)) | None => return Err(OpenError::NoHello),
     };
     let firmware = check_hello(&hello)?;
-    let generation = center.next_generation();
-    let wake = Arc::new(Notify::new());
     let seen = now_unix_nanos();
-    let last_seen = Arc::new(AtomicI64::new(seen));
-    let (superseded_tx, superseded) = watch::channel(false);
-    let previous = {
-        let mut sessions = center.sessions.lock().expect("lock poisoned");
-        let previous = sessions.insert(
-            device.pk,
-            SessionSlot {
-                generation,
-                wake: wake.clone(),
-                superseded: superseded_tx,
-                last_seen: last_seen.clone(),
-                last_seen_stored: seen,
-            },
-        );
-        center.sessions_changed(sessions.len());
-        previous
-    };
-    if let Some(previous) = previous {
-        tracing::info!(device = %device.id, "a newer Control stream supersedes the open one");
-        let _ = previous.superseded.send(true);
-    }
-    if let Err(error) = center
-        .store
-        .set_presence(device.pk, true, seen, firmware.as_ref().map(|f| f.as_str()))
+    let ticket = center
+        .open_session(SessionOpen {
+            device_pk: device.pk,
+            at: seen,
+            firmware: firmware.as_ref().map(|f| f.as_str().to_owned()),
+        })
         .await
+        .map_err(|error| {
+            tracing::error!(%error, device = %device.id, "recording the Control stream failed");
+            OpenError::NotRecorded
+        })?;
+    let wake = Arc::new(Notify::new());
+    let last_seen = Arc::new(AtomicI64::new(seen));
+    let (end_tx, end) = watch::channel(None);
     {
-        tracing::error!(%error, "recording presence failed");
+        let mut sessions = center.sessions.lock().expect("lock poisoned");
+        match sessions.get(&device.pk) {
+            // A newer stream of the device got here first: this one is over
+            // before it starts.
+            Some(newer) if newer.generation > ticket.generation => {
+                end_tx.send_replace(Some(SessionEnd::Superseded));
+            }
+            _ => {
+                let slot = SessionSlot {
+                    generation: ticket.generation,
+                    wake: wake.clone(),
+                    end: end_tx,
+                    last_seen: last_seen.clone(),
+                    last_seen_stored: seen,
+                };
+                if let Some(previous) = sessions.insert(device.pk, slot) {
+                    tracing::info!(device = %device.id, "a newer Control stream supersedes the open one");
+                    previous.end.send_replace(Some(SessionEnd::Superseded));
+                }
+                center.sessions_changed(sessions.len());
+            }
+        }
     }
     tracing::info!(device = %device.id, firmware = firmware.as_ref().map(|f| f.as_str()), "device online");
     let (tx, rx) = mpsc::channel(16);
@@ -115,8 +132,7 @@ where
     // as long as the stream and its events are the session's.
     tokio::spawn(
         run(
-            center, device, generation, incoming, wake, superseded, last_seen, tx, shutdown,
-            credential,
+            center, device, ticket, incoming, wake, end, last_seen, tx, shutdown, credential,
         )
         .in_current_span(),
     );
@@ -127,10 +143,10 @@ where
 async fn run<S>(
     center: Arc<CommandCenter>,
     device: DeviceKey,
-    generation: u64,
+    ticket: SessionTicket,
     mut incoming: S,
     wake: Arc<Notify>,
-    mut superseded: watch::Receiver<bool>,
+    mut end: watch::Receiver<Option<SessionEnd>>,
     last_seen: Arc<AtomicI64>,
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
@@ -141,11 +157,18 @@ async fn run<S>(
     let _open = center.metrics.stream("control");
     // Ids written to this stream: a wake-up does not repeat them here.
     let mut written = HashSet::new();
-    let stale = superseded.clone();
+    let stale = end.clone();
+    let lifetime = async {
+        match center.config.max_lifetime {
+            Some(max) => tokio::time::sleep(jittered(max)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lifetime);
     let end = loop {
         tokio::select! {
             biased;
-            () = until_set(&mut superseded) => break Some(SessionEnd::Superseded),
+            ended = ended(&mut end) => break Some(ended),
             () = until_set(&mut shutdown) => break Some(SessionEnd::ShuttingDown),
             // After the messages already handled: their acks are recorded.
             ended = until_ended(&mut credential) => {
@@ -169,6 +192,10 @@ async fn run<S>(
                 Some(Err(_)) | None => break None,
             },
             () = tx.closed() => break None,
+            () = &mut lifetime => {
+                tracing::info!(device = %device.id, "Control stream reached its lifetime; the device reconnects");
+                break Some(SessionEnd::Rebalance);
+            }
         }
     };
     if let Some(end) = end {
@@ -178,23 +205,35 @@ async fn run<S>(
         let mut sessions = center.sessions.lock().expect("lock poisoned");
         let current = sessions
             .get(&device.pk)
-            .is_some_and(|s| s.generation == generation);
+            .is_some_and(|s| s.generation == ticket.generation);
         if current {
             sessions.remove(&device.pk);
             center.sessions_changed(sessions.len());
         }
         current
     };
-    // A superseded session leaves presence to its successor.
+    // A superseded session leaves presence to its successor, here or on
+    // another process; the database checks the generation again, so a late
+    // goodbye never marks a device offline that reconnected elsewhere.
     if current {
-        if let Err(error) = center
+        match center
             .store
-            .set_presence(device.pk, false, now_unix_nanos(), None)
+            .close_session(ticket, &center.replica.id, now_unix_nanos())
             .await
         {
-            tracing::error!(%error, "recording presence failed");
+            Ok(true) => tracing::info!(device = %device.id, "device offline"),
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, "recording presence failed"),
         }
-        tracing::info!(device = %device.id, "device offline");
+    }
+}
+
+/// Resolves when the stream is ended from outside.
+async fn ended(end: &mut watch::Receiver<Option<SessionEnd>>) -> SessionEnd {
+    match end.wait_for(Option::is_some).await {
+        Ok(set) => set.clone().unwrap_or(SessionEnd::Superseded),
+        // The sender lives in the session's slot: gone means replaced.
+        Err(_) => SessionEnd::Superseded,
     }
 }
 
@@ -203,7 +242,7 @@ async fn run<S>(
 async fn deliver(
     center: &Arc<CommandCenter>,
     device: &DeviceKey,
-    superseded: &watch::Receiver<bool>,
+    superseded: &watch::Receiver<Option<SessionEnd>>,
     tx: &mpsc::Sender<Outgoing>,
     written: &mut HashSet<u64>,
 ) -> bool {
@@ -223,7 +262,7 @@ async fn deliver(
             continue;
         }
         // Never write to a stream a newer one has replaced.
-        if *superseded.borrow() {
+        if superseded.borrow().is_some() {
             return true;
         }
         let now = now_unix_nanos();

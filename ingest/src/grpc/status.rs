@@ -170,6 +170,9 @@ impl From<OpenError> for Status {
             }
             OpenError::HelloTimeout(_) => Status::deadline_exceeded(e.to_string()),
             OpenError::Transport(status) => status,
+            OpenError::NotRecorded => {
+                Status::unavailable("the Control stream could not be recorded; retry")
+            }
         }
     }
 }
@@ -179,6 +182,9 @@ impl From<SessionEnd> for Status {
         match end {
             SessionEnd::Superseded => Status::aborted(
                 "superseded: this device opened a newer Control stream; this one receives nothing more",
+            ),
+            SessionEnd::Rebalance => Status::unavailable(
+                "rebalance: this Control stream reached its lifetime; reconnect (perhaps to another server)",
             ),
             SessionEnd::ShuttingDown => {
                 Status::unavailable("the server is shutting down; reconnect")

@@ -91,6 +91,11 @@ pub struct Metrics {
 
     pub streams: Family<KindLabel, Gauge>,
     pub devices_online: Gauge,
+    /// 1 on the process that judges inactivity and expires commands.
+    pub cluster_leader: Gauge,
+    /// Times the notification listener lost its connection and re-read
+    /// what it may have missed.
+    pub cluster_listener_resyncs: Counter,
     pub alerts_open: Family<SeverityLabel, Gauge>,
     pub alert_events: Family<KindLabel, Counter>,
     pub alert_watchers_lagged: Counter,
@@ -127,6 +132,8 @@ impl Metrics {
             upload_throttled_seconds: Counter::default(),
             streams: Family::default(),
             devices_online: Gauge::default(),
+            cluster_leader: Gauge::default(),
+            cluster_listener_resyncs: Counter::default(),
             alerts_open: Family::default(),
             alert_events: Family::default(),
             alert_watchers_lagged: Counter::default(),
@@ -210,6 +217,16 @@ impl Metrics {
             "devices_online",
             "Devices holding a Control stream on this server",
             m.devices_online.clone(),
+        );
+        r.register(
+            "cluster_leader",
+            "1 on the server process that judges inactivity rules and expires commands, else 0",
+            m.cluster_leader.clone(),
+        );
+        r.register(
+            "cluster_listener_resyncs",
+            "Times the notification listener reconnected and re-read what it may have missed",
+            m.cluster_listener_resyncs.clone(),
         );
         r.register(
             "alerts_open",

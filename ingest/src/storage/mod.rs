@@ -15,6 +15,7 @@ macro_rules! dispatch {
 }
 
 pub mod alerts;
+pub mod cluster;
 pub mod commands;
 pub mod credentials;
 mod error;
@@ -106,9 +107,17 @@ pub enum Store {
 impl Store {
     /// Connects and brings the schema up to date.
     pub async fn open(db: &Database) -> Result<Self, StorageError> {
+        Self::open_named(db, "ingest").await
+    }
+
+    /// [`Store::open`], naming the connections `name` on PostgreSQL
+    /// (`application_name`, as `pg_stat_activity` shows it).
+    pub async fn open_named(db: &Database, name: &str) -> Result<Self, StorageError> {
         let store = match db {
             Database::Sqlite { path } => Self::Sqlite(sqlite::SqliteStore::connect(path).await?),
-            Database::Postgres { url } => Self::Postgres(postgres::PgStore::connect(url).await?),
+            Database::Postgres { url } => {
+                Self::Postgres(postgres::PgStore::connect(url, name).await?)
+            }
         };
         store.migrate().await?;
         Ok(store)

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::Mutex;
 
 use super::alerts::{
     self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
 };
+use super::cluster;
 use super::commands::{self, CommandRecord, EnqueueError};
 use super::credentials;
 use super::partitions::{DAY_NANOS, parse_partition_name, partition_name};
@@ -35,22 +36,34 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// How the pool connects, for the connections a server keeps beside it
+    /// (the notification listener, the leader's lock).
+    options: PgConnectOptions,
     /// Days whose readings partition is known to exist. The lock also keeps
     /// this process's writers from creating the same partition at once.
     partitions: Arc<Mutex<BTreeSet<i64>>>,
 }
 
 impl PgStore {
-    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+    /// Connects with `application_name` set to `name`, so each process's
+    /// connections can be told apart in `pg_stat_activity`.
+    pub async fn connect(url: &str, name: &str) -> Result<Self, StorageError> {
+        let options = url.parse::<PgConnectOptions>()?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options.clone().application_name(name))
             .await?;
         Ok(Self {
             pool,
+            options,
             partitions: Arc::default(),
         })
+    }
+
+    /// Options for a connection of this process kept apart from the pool.
+    pub fn connect_options(&self, name: &str) -> PgConnectOptions {
+        self.options.clone().application_name(name)
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
@@ -420,4 +433,104 @@ impl GroupTx for PgGroupTx {
 }
 
 super::shared::shared_queries!(PgStore, sqlx::PgConnection);
+super::cluster::session_queries!(PgStore, sqlx::PgConnection);
 super::credentials::credential_queries!(PgStore, sqlx::PgConnection);
+
+/// Replicas and their leases: PostgreSQL only, where several processes can
+/// share a database. Lease times are the database's clock.
+impl PgStore {
+    pub(super) async fn notify_on(
+        conn: &mut sqlx::PgConnection,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A notification in a transaction of its own, for a change already
+    /// committed (a credential or rule change, whose transactions are shared
+    /// with the single-process backend).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StorageError> {
+        Self::notify_on(&mut *self.pool.acquire().await?, channel, payload).await?;
+        Ok(())
+    }
+
+    pub async fn register_replica(
+        &self,
+        replica_id: &str,
+        addr: &str,
+        lease: Duration,
+    ) -> Result<(), StorageError> {
+        let now = cluster::DB_NOW;
+        sqlx::query(&format!(
+            "INSERT INTO replicas (replica_id, addr, started_unix_nano, lease_until_unix_nano) \
+             VALUES ($1, $2, {now}, {now} + $3) \
+             ON CONFLICT (replica_id) DO UPDATE SET lease_until_unix_nano = excluded.lease_until_unix_nano"
+        ))
+        .bind(replica_id)
+        .bind(addr)
+        .bind(lease.as_nanos().min(i64::MAX as u128) as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Extends the lease; false if the replica's row is gone (another
+    /// replica found the lease lapsed and swept its sessions).
+    pub async fn renew_replica(&self, replica_id: &str, lease: Duration) -> Result<bool, StorageError> {
+        let done = sqlx::query(&format!(
+            "UPDATE replicas SET lease_until_unix_nano = {} + $2 WHERE replica_id = $1",
+            cluster::DB_NOW
+        ))
+        .bind(replica_id)
+        .bind(lease.as_nanos().min(i64::MAX as u128) as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Deletes replicas whose lease lapsed and ends their sessions: their
+    /// devices go offline unless they opened a stream elsewhere meanwhile
+    /// (the session row then names the other replica, and a concurrent
+    /// open holds its row lock, which this waits for and re-checks).
+    /// Returns the devices taken offline.
+    pub async fn sweep_dead_replicas(&self) -> Result<Vec<i64>, StorageError> {
+        let pks: Vec<i64> = sqlx::query_scalar(&format!(
+            "WITH dead AS (DELETE FROM replicas WHERE lease_until_unix_nano < {} RETURNING replica_id), \
+             gone AS (UPDATE device_sessions s SET replica_id = NULL FROM dead \
+                      WHERE s.replica_id = dead.replica_id RETURNING s.device_pk) \
+             UPDATE devices d SET online = FALSE FROM gone WHERE d.pk = gone.device_pk RETURNING d.pk",
+            cluster::DB_NOW
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(pks)
+    }
+
+    /// Ends every session of one replica (its devices go offline).
+    pub async fn sweep_replica(&self, replica_id: &str) -> Result<(), StorageError> {
+        sqlx::query(
+            "WITH gone AS (UPDATE device_sessions SET replica_id = NULL WHERE replica_id = $1 \
+             RETURNING device_pk) UPDATE devices d SET online = FALSE FROM gone WHERE d.pk = gone.device_pk",
+        )
+        .bind(replica_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A replica stopping cleanly: its streams have ended, its row goes.
+    pub async fn deregister_replica(&self, replica_id: &str) -> Result<(), StorageError> {
+        sqlx::query("DELETE FROM replicas WHERE replica_id = $1")
+            .bind(replica_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+}

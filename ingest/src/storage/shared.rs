@@ -230,6 +230,9 @@ macro_rules! shared_queries {
                     .bind(to_record.len() as i64)
                     .fetch_one(&mut *conn)
                     .await?;
+                // Delivered at commit, when the events are visible.
+                Self::notify_on(&mut *conn, cluster::channel::ALERTS, &last.to_string()).await?;
+                cluster::test_hold_event_tx().await;
                 let first = last - to_record.len() as i64 + 1;
                 for (n, (i, alert_id)) in to_record.into_iter().enumerate() {
                     let e = &events[i];
@@ -353,6 +356,17 @@ macro_rules! shared_queries {
                 max_pending: u64,
             ) -> Result<CommandRecord, EnqueueError> {
                 let mut tx = self.begin_write().await.map_err(StorageError::from)?;
+                // Two senders (on any processes) counting at once would both
+                // see room for one more: the device's row lock makes them
+                // count in turn. (SQLite's write transaction already does.)
+                sqlx::query(&Self::sql(&format!(
+                    "SELECT pk FROM devices WHERE pk = ?{}",
+                    Self::ROW_LOCK
+                )))
+                .bind(device_pk)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StorageError::from)?;
                 let pending: i64 = sqlx::query_scalar(&Self::sql(commands::COUNT_PENDING))
                     .bind(device_pk)
                     .fetch_one(&mut *tx)
@@ -368,6 +382,10 @@ macro_rules! shared_queries {
                     .bind(created)
                     .bind(expires)
                     .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StorageError::from)?;
+                // Wakes the device's stream wherever it is, once committed.
+                Self::notify_on(&mut *tx, cluster::channel::CONTROL, &device_pk.to_string())
                     .await
                     .map_err(StorageError::from)?;
                 tx.commit().await.map_err(StorageError::from)?;
@@ -408,6 +426,7 @@ macro_rules! shared_queries {
                 result: &str,
                 now: UnixNanos,
             ) -> Result<Option<CommandRecord>, StorageError> {
+                let mut tx = self.begin_write().await?;
                 let done = sqlx::query(&Self::sql(commands::ACK))
                     .bind(state.as_str())
                     .bind(result)
@@ -415,20 +434,38 @@ macro_rules! shared_queries {
                     .bind(now)
                     .bind(command_id.min(i64::MAX as u64) as i64)
                     .bind(device_pk)
-                    .execute(&mut *self.write_conn().await?)
+                    .execute(&mut *tx)
                     .await?;
                 if done.rows_affected() == 0 {
                     return Ok(None);
                 }
+                // For a SendCommand waiting on another process.
+                Self::notify_on(
+                    &mut *tx,
+                    cluster::channel::COMMANDS,
+                    &format!("{command_id}:{}", state.as_str()),
+                )
+                .await?;
+                tx.commit().await?;
                 Ok(Some(self.get_command(command_id).await?))
             }
 
             pub async fn expire_commands(&self, now: UnixNanos) -> Result<Vec<u64>, StorageError> {
+                let mut tx = self.begin_write().await?;
                 let ids: Vec<i64> = sqlx::query_scalar(&Self::sql(commands::EXPIRE))
                     .bind(now)
                     .bind(now)
-                    .fetch_all(&mut *self.write_conn().await?)
+                    .fetch_all(&mut *tx)
                     .await?;
+                for id in &ids {
+                    Self::notify_on(
+                        &mut *tx,
+                        cluster::channel::COMMANDS,
+                        &format!("{id}:{}", CommandState::Expired.as_str()),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
                 Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
             }
 

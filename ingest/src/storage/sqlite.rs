@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use super::alerts::{
     self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
 };
+use super::cluster;
 use super::commands::{self, CommandRecord, EnqueueError};
 use super::credentials;
 use super::rollup::RollupRows;
@@ -633,6 +634,7 @@ impl GroupTx for SqliteGroupTx {
 }
 
 super::shared::shared_queries!(SqliteStore, SqliteConnection);
+super::cluster::session_queries!(SqliteStore, SqliteConnection);
 super::credentials::credential_queries!(SqliteStore, SqliteConnection);
 
 #[cfg(test)]
@@ -653,5 +655,27 @@ mod tests {
                 assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
             }
         }
+    }
+}
+
+/// One process serves a SQLite database: nobody listens for notifications.
+impl SqliteStore {
+    pub(super) async fn notify_on(
+        _conn: &mut SqliteConnection,
+        _channel: &str,
+        _payload: &str,
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
+    /// At start: no stream survived the previous process.
+    pub async fn reset_sessions(&self) -> Result<(), StorageError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE device_sessions SET replica_id = NULL WHERE replica_id IS NOT NULL")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(commands::ALL_OFFLINE).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

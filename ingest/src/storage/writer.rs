@@ -470,6 +470,9 @@ impl GroupSizing {
 /// their own. A failure changes nothing: the next tick finds the same
 /// silences and tries again.
 async fn judge_silences<B: BeginGroup>(backend: &B, judge: &mut Judge) {
+    if !judge.engine().judges_silences() {
+        return;
+    }
     let book = judge.engine().rules().await;
     let events = judge.silences(&book).await;
     if events.is_empty() {

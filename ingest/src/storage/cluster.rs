@@ -1,0 +1,347 @@
+//! What several server processes share through the database: which of them
+//! are alive (`replicas`), which holds each device's Control stream
+//! (`device_sessions`), and the notifications that tell the others.
+//!
+//! Sessions are written once for both backends (`session_queries!`, like
+//! `shared.rs`); replicas, leases and notifications exist on PostgreSQL
+//! only, where several processes can share a database.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{Store, StorageError};
+use crate::domain::SensorName;
+use crate::domain::time::UnixNanos;
+
+/// The notification channels. Only alert, command and session transactions
+/// notify: a NOTIFY takes a lock every notifying commit in the instance
+/// waits for, so the readings path never does.
+pub mod channel {
+    /// Payload: the last event id the transaction recorded.
+    pub const ALERTS: &str = "ingest_alerts";
+    /// Payload: the device pk a command was queued for.
+    pub const CONTROL: &str = "ingest_control";
+    /// Payload: `pk:generation` pairs, comma-separated, of opened streams.
+    pub const SESSIONS: &str = "ingest_sessions";
+    /// Payload: `command_id:state` of a command that changed state.
+    pub const COMMANDS: &str = "ingest_commands";
+    /// Payload: a credential event as JSON (see `auth::revocation`).
+    pub const CREDENTIALS: &str = "ingest_credentials";
+    /// Payload: empty; the rules changed.
+    pub const RULES: &str = "ingest_rules";
+
+    pub const ALL: [&str; 6] = [ALERTS, CONTROL, SESSIONS, COMMANDS, CREDENTIALS, RULES];
+}
+
+/// A NOTIFY payload must stay under 8000 bytes; session batches are cut
+/// below it.
+pub(super) const MAX_PAYLOAD: usize = 7900;
+
+/// A Control stream being opened.
+#[derive(Debug, Clone)]
+pub struct SessionOpen {
+    pub device_pk: i64,
+    pub at: UnixNanos,
+    pub firmware: Option<String>,
+}
+
+/// A replica's stream of a device, as the database issued it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTicket {
+    pub device_pk: i64,
+    pub generation: u64,
+}
+
+/// The comma-separated `pk:generation` payload of opened sessions.
+pub fn sessions_payload(tickets: &[SessionTicket]) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut current = String::new();
+    for t in tickets {
+        let item = format!("{}:{}", t.device_pk, t.generation);
+        if !current.is_empty() && current.len() + 1 + item.len() > MAX_PAYLOAD {
+            payloads.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push(',');
+        }
+        current.push_str(&item);
+    }
+    if !current.is_empty() {
+        payloads.push(current);
+    }
+    payloads
+}
+
+/// Reads a payload of [`sessions_payload`]; malformed items are skipped.
+pub fn parse_sessions_payload(payload: &str) -> Vec<SessionTicket> {
+    payload
+        .split(',')
+        .filter_map(|item| {
+            let (pk, generation) = item.split_once(':')?;
+            Some(SessionTicket {
+                device_pk: pk.parse().ok()?,
+                generation: generation.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A test hook (`serve --test-hold-event-tx`): how long a transaction that
+/// records alert events stays open after taking its event ids. Process-wide
+/// because it stands for a slow commit, which is no one's configuration.
+static TEST_HOLD_EVENT_TX_NANOS: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_test_hold_event_tx(hold: Duration) {
+    TEST_HOLD_EVENT_TX_NANOS.store(
+        hold.as_nanos().min(u64::MAX as u128) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+pub(super) async fn test_hold_event_tx() {
+    let hold = TEST_HOLD_EVENT_TX_NANOS.load(Ordering::Relaxed);
+    if hold > 0 {
+        tokio::time::sleep(Duration::from_nanos(hold)).await;
+    }
+}
+
+/// The database's clock in unix nanoseconds, on PostgreSQL: leases are
+/// compared on one clock whatever the processes' clocks say.
+pub(super) const DB_NOW: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)";
+
+/// Opens a stream: the generation goes up by one, whoever held it before.
+pub(super) const OPEN_SESSION: &str = "INSERT INTO device_sessions (device_pk, replica_id, generation, connected_unix_nano) \
+     VALUES (?, ?, 1, ?) ON CONFLICT (device_pk) DO UPDATE SET replica_id = excluded.replica_id, \
+     generation = device_sessions.generation + 1, connected_unix_nano = excluded.connected_unix_nano \
+     RETURNING generation";
+
+/// Ends a stream only if it is still the device's newest: a superseded
+/// stream's late disconnect matches nothing.
+pub(super) const CLOSE_SESSION: &str = "UPDATE device_sessions SET replica_id = NULL \
+     WHERE device_pk = ? AND generation = ? AND replica_id = ?";
+
+/// When a device last uploaded (the server's clock at commit).
+pub(super) const LAST_UPLOAD: &str = "SELECT last_upload_unix_nano FROM devices WHERE pk = ?";
+
+/// The newest reading of one of a device's sensors (the device's clock),
+/// if newer than a bound: a short walk of `readings_sensor_time`.
+pub(super) const LAST_SENSOR_READING: &str = "SELECT MAX(r.time_unix_nano) FROM sensors s \
+     JOIN readings r ON r.sensor_pk = s.pk WHERE s.device_pk = ? AND s.sensor = ? AND r.time_unix_nano > ?";
+
+impl Store {
+    pub async fn open_sessions(
+        &self,
+        opens: &[SessionOpen],
+        replica_id: &str,
+    ) -> Result<Vec<SessionTicket>, StorageError> {
+        dispatch!(self, s => s.open_sessions(opens, replica_id).await)
+    }
+
+    pub async fn close_session(
+        &self,
+        ticket: SessionTicket,
+        replica_id: &str,
+        at: UnixNanos,
+    ) -> Result<bool, StorageError> {
+        dispatch!(self, s => s.close_session(ticket, replica_id, at).await)
+    }
+
+    pub async fn last_activity(
+        &self,
+        device_pk: i64,
+        sensor: Option<&SensorName>,
+        after: UnixNanos,
+    ) -> Result<Option<UnixNanos>, StorageError> {
+        dispatch!(self, s => s.last_activity(device_pk, sensor, after).await)
+    }
+
+    /// Whether other processes may share the database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
+    /// Tells the other processes of a change already committed; nothing on
+    /// SQLite, which one process serves.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StorageError> {
+        match self {
+            Self::Sqlite(_) => Ok(()),
+            Self::Postgres(s) => s.notify(channel, payload).await,
+        }
+    }
+
+    /// Options for a connection beside the pool, named `name`; `None` on
+    /// SQLite.
+    pub fn side_connection(&self, name: &str) -> Option<sqlx::postgres::PgConnectOptions> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres(s) => Some(s.connect_options(name)),
+        }
+    }
+
+    /// Announces this process, or renews its lease (PostgreSQL). False
+    /// when renewing found the replica already swept as dead.
+    pub async fn register_replica(
+        &self,
+        replica_id: &str,
+        addr: &str,
+        lease: Duration,
+    ) -> Result<(), StorageError> {
+        match self {
+            Self::Sqlite(s) => s.reset_sessions().await,
+            Self::Postgres(s) => s.register_replica(replica_id, addr, lease).await,
+        }
+    }
+
+    pub async fn renew_replica(&self, replica_id: &str, lease: Duration) -> Result<bool, StorageError> {
+        match self {
+            Self::Sqlite(_) => Ok(true),
+            Self::Postgres(s) => s.renew_replica(replica_id, lease).await,
+        }
+    }
+
+    pub async fn sweep_dead_replicas(&self) -> Result<Vec<i64>, StorageError> {
+        match self {
+            Self::Sqlite(_) => Ok(Vec::new()),
+            Self::Postgres(s) => s.sweep_dead_replicas().await,
+        }
+    }
+
+    /// At a clean stop: this process's streams are over (some closed
+    /// without a goodbye when the grace period ran out), so its devices go
+    /// offline and, on PostgreSQL, its row goes. Other processes' devices
+    /// are left alone.
+    pub async fn release_replica(&self, replica_id: &str) -> Result<(), StorageError> {
+        match self {
+            Self::Sqlite(s) => s.reset_sessions().await,
+            Self::Postgres(s) => {
+                s.sweep_replica(replica_id).await?;
+                s.deregister_replica(replica_id).await
+            }
+        }
+    }
+}
+
+macro_rules! session_queries {
+    ($store:ty, $conn:ty) => {
+        impl $store {
+            /// Opens streams in one transaction (a reconnect storm is many
+            /// opens, and each notifying commit waits its turn): each gets
+            /// the next generation of its device and marks it online. On
+            /// PostgreSQL the other processes are told, at commit, so the
+            /// older stream (if one is there) ends.
+            pub async fn open_sessions(
+                &self,
+                opens: &[cluster::SessionOpen],
+                replica_id: &str,
+            ) -> Result<Vec<cluster::SessionTicket>, StorageError> {
+                let mut tx = self.begin_write().await?;
+                let mut tickets = Vec::with_capacity(opens.len());
+                for o in opens {
+                    let generation: i64 = sqlx::query_scalar(&Self::sql(cluster::OPEN_SESSION))
+                        .bind(o.device_pk)
+                        .bind(replica_id)
+                        .bind(o.at)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    sqlx::query(&Self::sql(commands::PRESENCE))
+                        .bind(true)
+                        .bind(o.at)
+                        .bind(o.firmware.as_deref())
+                        .bind(o.device_pk)
+                        .execute(&mut *tx)
+                        .await?;
+                    tickets.push(cluster::SessionTicket {
+                        device_pk: o.device_pk,
+                        generation: to_u64(generation, "generation")?,
+                    });
+                }
+                for payload in cluster::sessions_payload(&tickets) {
+                    Self::notify_on(&mut *tx, cluster::channel::SESSIONS, &payload).await?;
+                }
+                tx.commit().await?;
+                Ok(tickets)
+            }
+
+            /// Ends a stream; the device goes offline only if the stream was
+            /// its newest. Returns whether it was.
+            pub async fn close_session(
+                &self,
+                ticket: cluster::SessionTicket,
+                replica_id: &str,
+                at: UnixNanos,
+            ) -> Result<bool, StorageError> {
+                let mut tx = self.begin_write().await?;
+                let closed = sqlx::query(&Self::sql(cluster::CLOSE_SESSION))
+                    .bind(ticket.device_pk)
+                    .bind(ticket.generation.min(i64::MAX as u64) as i64)
+                    .bind(replica_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    > 0;
+                if closed {
+                    sqlx::query(&Self::sql(commands::PRESENCE))
+                        .bind(false)
+                        .bind(at)
+                        .bind(None::<&str>)
+                        .bind(ticket.device_pk)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(closed)
+            }
+
+            /// When the device was last heard from, as the judge of an
+            /// inactivity rule needs it when the device's batches may have
+            /// been committed by another process: its last upload, or with
+            /// a sensor, its newest reading of that sensor after `after`.
+            pub async fn last_activity(
+                &self,
+                device_pk: i64,
+                sensor: Option<&SensorName>,
+                after: UnixNanos,
+            ) -> Result<Option<UnixNanos>, StorageError> {
+                let last: Option<i64> = match sensor {
+                    None => sqlx::query_scalar(&Self::sql(cluster::LAST_UPLOAD))
+                        .bind(device_pk)
+                        .fetch_optional(&self.pool)
+                        .await?
+                        .flatten(),
+                    Some(sensor) => sqlx::query_scalar(&Self::sql(cluster::LAST_SENSOR_READING))
+                        .bind(device_pk)
+                        .bind(sensor.as_str())
+                        .bind(after)
+                        .fetch_one(&self.pool)
+                        .await?,
+                };
+                Ok(last)
+            }
+        }
+    };
+}
+
+pub(super) use session_queries;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn session_payloads_round_trip_and_stay_short(
+            tickets in proptest::collection::vec((any::<i64>(), any::<u64>()), 0..2000)
+        ) {
+            let tickets: Vec<SessionTicket> = tickets
+                .into_iter()
+                .map(|(device_pk, generation)| SessionTicket { device_pk, generation })
+                .collect();
+            let payloads = sessions_payload(&tickets);
+            prop_assert!(payloads.iter().all(|p| !p.is_empty() && p.len() <= MAX_PAYLOAD));
+            let back: Vec<SessionTicket> =
+                payloads.iter().flat_map(|p| parse_sessions_payload(p)).collect();
+            prop_assert_eq!(back, tickets);
+        }
+    }
+}
