@@ -559,17 +559,31 @@ async fn alert_ids_stay_contiguous_and_ordered_while_one_process_holds_its_event
                 .collect();
             tokio::spawn(async move {
                 let mut clients = clients;
+                let mut held = Vec::new();
                 for k in 1..=BATCHES {
                     let process = (d + k as usize) % 3;
+                    let sent_at = Instant::now();
                     temperatures(&mut clients[process], k, t0 + k * 10 * SEC, &[50.0, 30.0]).await;
+                    if process == 0 {
+                        held.push(sent_at.elapsed());
+                    }
                 }
+                held
             })
         })
         .collect();
+    let mut on_holding_process = Vec::new();
     for u in uploads {
-        u.await.unwrap();
+        on_holding_process.extend(u.await.unwrap());
     }
     let uploaded = started.elapsed();
+    // Every batch there wrote events, so every one was held: proof that
+    // the hook struck and the other processes' event writers met it.
+    let shortest = on_holding_process.iter().min().unwrap();
+    assert!(
+        *shortest >= Duration::from_millis(200),
+        "a batch on process 0 (--test-hold-event-tx 200ms) was acknowledged after {shortest:?}: the hold did not happen"
+    );
     let stored = stored_events(&cluster).await;
     assert_eq!(
         stored.len(),

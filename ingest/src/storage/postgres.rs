@@ -482,7 +482,11 @@ impl PgStore {
 
     /// Extends the lease; false if the replica's row is gone (another
     /// replica found the lease lapsed and swept its sessions).
-    pub async fn renew_replica(&self, replica_id: &str, lease: Duration) -> Result<bool, StorageError> {
+    pub async fn renew_replica(
+        &self,
+        replica_id: &str,
+        lease: Duration,
+    ) -> Result<bool, StorageError> {
         let done = sqlx::query(&format!(
             "UPDATE replicas SET lease_until_unix_nano = {} + $2 WHERE replica_id = $1",
             cluster::DB_NOW
@@ -532,5 +536,4 @@ impl PgStore {
             .await?;
         Ok(())
     }
-
 }
