@@ -432,24 +432,24 @@ async fn drive(
     stop_tx.send_replace(true);
     let seen = watcher.await?;
     outcome.watcher_ids = seen.ids.len();
-    let mut statuses = Vec::new();
-    for server in servers.iter_mut() {
-        statuses.push(server.stop().await?);
-    }
+    // All at once: each may take its grace period. A stop that fails is a
+    // problem of the trial, and the stored data is still checked.
+    let stops = futures::future::join_all(servers.iter_mut().map(Server::stop)).await;
     let snapshot = db.snapshot().await?;
     db.close().await;
     let mut report = check::check(&plan, &snapshot, &logs, &seen);
-    for (i, status) in statuses.into_iter().enumerate() {
-        if let Some(status) = status
-            && !status.success()
-        {
-            let which = match servers.len() {
-                1 => "the server's".to_owned(),
-                _ => format!("process {i}'s"),
-            };
-            report
+    let many = stops.len() > 1;
+    for (i, stop) in stops.into_iter().enumerate() {
+        let which = match many {
+            false => "the server's".to_owned(),
+            true => format!("process {i}'s"),
+        };
+        match stop {
+            Ok(Some(status)) if !status.success() => report
                 .problems
-                .push(format!("{which} SIGTERM stop ended {status}"));
+                .push(format!("{which} SIGTERM stop ended {status}")),
+            Ok(_) => {}
+            Err(e) => report.problems.push(format!("{which} SIGTERM stop: {e:#}")),
         }
     }
     Ok(report)
