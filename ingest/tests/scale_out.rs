@@ -1203,6 +1203,46 @@ async fn restarting_one_process_leaves_the_others_devices_online() {
     budget("restart of one process", started);
 }
 
+// ---- rebalancing: Control streams have a lifetime --------------------------
+
+/// `--control-max-lifetime`: a Control stream never ends by itself, so the
+/// server ends it (UNAVAILABLE, "rebalance") after its lifetime ±10%, and
+/// the device reconnects, perhaps to another process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_streams_end_for_rebalancing_after_their_lifetime() {
+    let lifetime = Duration::from_secs(2);
+    let Some(cluster) = Cluster::start(three().args(&["--control-max-lifetime", "2s"])).await
+    else {
+        return;
+    };
+    let started = Instant::now();
+    let devices = cluster.register_many("dev", 3).await;
+    let mut streams = Vec::new();
+    for (i, (_, token)) in devices.iter().enumerate() {
+        streams.push((i, Instant::now(), Control::open(&cluster, i, token).await));
+    }
+    for (i, opened, mut stream) in streams {
+        let ended = tokio::time::timeout(lifetime * 3, stream.rx.message())
+            .await
+            .unwrap_or_else(|_| panic!("the stream on process {i} outlived 3x its lifetime"))
+            .expect_err("the stream ends with a status");
+        let lived = opened.elapsed();
+        assert_eq!(ended.code(), Code::Unavailable, "process {i}: {ended:?}");
+        assert!(
+            ended.message().starts_with("rebalance"),
+            "process {i}: {}",
+            ended.message()
+        );
+        // -10% of the lifetime; +10% and the scheduling margin above.
+        assert!(
+            lived >= lifetime.mul_f64(0.9) && lived <= lifetime.mul_f64(1.1) + MARGIN,
+            "process {i}: the stream lived {lived:?}, lifetime {lifetime:?} +-10%"
+        );
+        println!("process {i}: the Control stream ended after {lived:?}");
+    }
+    budget("Control stream lifetime", started);
+}
+
 // ---- 8. SQLite: one server per database ---------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
