@@ -1256,7 +1256,7 @@ async fn a_second_server_on_one_sqlite_database_refuses_to_start() {
         data.display().to_string(),
     ];
     let first_log = dir.path().join("first.log");
-    let (mut first, mut lines) = spawn_logged(&args, &first_log).unwrap();
+    let (mut first, mut lines, _) = spawn_logged(&args, &first_log).unwrap();
     let kill_first = scopeguard(move || {
         let _ = first.kill();
         let _ = first.wait();
@@ -1273,7 +1273,7 @@ async fn a_second_server_on_one_sqlite_database_refuses_to_start() {
         }
     }
     let second_log = dir.path().join("second.log");
-    let (mut second, _) = spawn_logged(&args, &second_log).unwrap();
+    let (mut second, _, copier) = spawn_logged(&args, &second_log).unwrap();
     let by = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = second.try_wait().unwrap() {
@@ -1289,6 +1289,8 @@ async fn a_second_server_on_one_sqlite_database_refuses_to_start() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The log is copied by a thread: it is complete once the copy ends.
+    copier.join().unwrap();
     let log = std::fs::read_to_string(&second_log).unwrap();
     assert!(
         !status.success(),

@@ -77,6 +77,9 @@ pub struct Node {
     pub log: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    /// The thread copying the child's stderr into `log`; joined once the
+    /// child is reaped, so the log is complete when printed.
+    copier: Option<std::thread::JoinHandle<()>>,
     /// Of the newest start; a restart may get other ports.
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -94,6 +97,13 @@ impl Node {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for the copy of a reaped child's stderr to end.
+    fn join_copier(&mut self) {
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
     }
 }
 
@@ -150,6 +160,7 @@ impl Cluster {
                     data_dir,
                     args,
                     child: None,
+                    copier: None,
                     addr: unbound(),
                     admin_addr: unbound(),
                     starts: 0,
@@ -191,11 +202,12 @@ impl Cluster {
         node.starts += 1;
         mark(&node.log, &format!("start #{}", node.starts));
         let started = spawn_logged(&node.args, &node.log);
-        let (child, ready) = match started {
+        let (child, ready, copier) = match started {
             Ok(started) => started,
             Err(e) => self.fail(&format!("process {i}: cannot start: {e}")),
         };
         self.nodes[i].child = Some(child);
+        self.nodes[i].copier = Some(copier);
         match self.wait_serving(i, ready).await {
             Ok((addr, admin_addr)) => {
                 self.nodes[i].addr = addr;
@@ -226,7 +238,12 @@ impl Cluster {
             // A bounded wait for the next line, so an exit is noticed.
             let line = match tokio::time::timeout(Duration::from_millis(100), lines.recv()).await {
                 Ok(Some(line)) => line,
-                Ok(None) => continue, // stderr closed: the exit shows above
+                Ok(None) => {
+                    // stderr closed: the process is exiting; its status
+                    // shows above once it is reaped.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Err(_) => continue,
             };
             let message = line["fields"]["message"].as_str().unwrap_or_default();
@@ -261,6 +278,7 @@ impl Cluster {
         let child = self.nodes[i].child.as_mut()?;
         let status = child.try_wait().unwrap()?;
         self.nodes[i].child = None;
+        self.nodes[i].join_copier();
         Some(status)
     }
 
@@ -271,6 +289,7 @@ impl Cluster {
         // On Unix, Child::kill is SIGKILL; the wait reaps it at once.
         child.kill().unwrap();
         child.wait().unwrap();
+        node.join_copier();
         mark(&node.log, "SIGKILL");
     }
 
@@ -286,11 +305,13 @@ impl Cluster {
         let deadline = Instant::now() + STOP_DEADLINE;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                self.nodes[i].join_copier();
                 return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
+                self.nodes[i].join_copier();
                 self.fail(&format!(
                     "process {i} did not exit within {STOP_DEADLINE:?} of SIGTERM"
                 ));
@@ -463,6 +484,7 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            node.join_copier();
         }
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
@@ -475,13 +497,34 @@ impl Drop for Cluster {
 
 /// Starts `ingest ARGS` with one worker thread and JSON logs, its stderr
 /// copied line by line into `log` and its JSON lines sent to the returned
-/// receiver (which may be dropped: the copy goes on).
+/// receiver (which may be dropped: the copy goes on). The receiver ends,
+/// and the returned thread finishes, once the copy is complete.
 pub fn spawn_logged(
     args: &[String],
     log: &Path,
-) -> std::io::Result<(Child, mpsc::UnboundedReceiver<serde_json::Value>)> {
+) -> std::io::Result<(
+    Child,
+    mpsc::UnboundedReceiver<serde_json::Value>,
+    std::thread::JoinHandle<()>,
+)> {
     let mut file = OpenOptions::new().create(true).append(true).open(log)?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+    // Drop kills the children of a failing test; this covers a test
+    // process that is itself killed (a CI timeout): the kernel sends the
+    // child SIGKILL when the spawning thread exits. Spawns happen on the
+    // test runtime's worker threads, which live as long as the test.
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing
+    // else between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = command
         .args(args)
         .args(["--log-format", "json"])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -504,7 +547,7 @@ pub fn spawn_logged(
     let (tx, rx) = mpsc::unbounded_channel();
     // A thread, not a task: it must outlive the test's runtime to drain
     // the pipe of a process that is still being killed.
-    std::thread::spawn(move || {
+    let copier = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             let _ = writeln!(file, "{line}");
@@ -513,7 +556,7 @@ pub fn spawn_logged(
             }
         }
     });
-    Ok((child, rx))
+    Ok((child, rx, copier))
 }
 
 /// `fields.addr` of a log line: `127.0.0.1:PORT`, or `Some(127.0.0.1:PORT)`
