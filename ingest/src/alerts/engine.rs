@@ -155,8 +155,10 @@ impl AlertEngine {
     /// A new epoch only if they differ, so hearing of this process's own
     /// change costs nothing.
     pub async fn reload_rules(&self) -> Result<(), StorageError> {
-        let stored = self.inner.store.list_rules().await?;
+        // Read under the lock: a change of this process committing
+        // meanwhile is then either in both or in neither.
         let mut book = self.inner.rules.write().await;
+        let stored = self.inner.store.list_rules().await?;
         let same = stored.len() == book.rules.len()
             && stored
                 .iter()

@@ -96,6 +96,8 @@ async fn run(
             }
         }
     }
+    // Closing waits for the listener's connection to come back.
+    drop(listener);
     pool.close().await;
 }
 

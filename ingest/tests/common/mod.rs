@@ -241,6 +241,13 @@ impl TestServer {
         limits: Limits,
         configure: Option<Configure>,
     ) -> Self {
+        // TEST_LOG=info (a RUST_LOG filter) shows the servers' logs.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::new(
