@@ -176,7 +176,10 @@ impl AlertEngine {
             .collect();
         book.rules = rules;
         book.epoch += 1;
-        tracing::info!(rules = book.rules.len(), "rules changed on another server process; reloaded");
+        tracing::info!(
+            rules = book.rules.len(),
+            "rules changed on another server process; reloaded"
+        );
         Ok(())
     }
 

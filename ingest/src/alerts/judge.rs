@@ -319,7 +319,8 @@ impl Judge {
             }
         }
         if self.engine.store().is_shared() && !events.is_empty() {
-            self.heard_elsewhere(&book_silences(book), &mut events).await;
+            self.heard_elsewhere(&book_silences(book), &mut events)
+                .await;
         }
         events
     }
@@ -344,7 +345,12 @@ impl Judge {
                 continue;
             };
             let after = wall.saturating_sub(silence.as_nanos().min(i64::MAX as u128) as i64);
-            match self.engine.store().last_activity(e.device_pk, sensor.as_ref(), after).await {
+            match self
+                .engine
+                .store()
+                .last_activity(e.device_pk, sensor.as_ref(), after)
+                .await
+            {
                 Ok(Some(at)) if at > after => {
                     let ago = Duration::from_nanos(wall.saturating_sub(at).max(0) as u64);
                     let seen = now.checked_sub(ago).unwrap_or(now);

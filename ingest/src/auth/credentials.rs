@@ -295,7 +295,8 @@ impl Credentials {
                 device_pk,
                 expiries: rotated.others.clone(),
             }
-        }).await;
+        })
+        .await;
         tracing::info!(device = %id, credential = rotated.token.id, overlap = ?overlap, "device token issued");
         Ok((
             token,
@@ -316,7 +317,8 @@ impl Credentials {
         self.publish(CredentialEvent::TokenRevoked {
             device_pk: device.pk,
             token_pk: token_id,
-        }).await;
+        })
+        .await;
         tracing::warn!(device = %id, credential = token_id, "device token revoked");
         self.store.device_credentials(id).await
     }
@@ -337,7 +339,8 @@ impl Credentials {
             device_pk: device.pk,
             certificate,
             require_mtls: credentials.require_mtls,
-        }).await;
+        })
+        .await;
         match certificate {
             Some(fp) => {
                 tracing::info!(device = %id, certificate = %fp, require_mtls = credentials.require_mtls, "device certificate bound")
@@ -359,7 +362,8 @@ impl Credentials {
             device_pk: device.pk,
             certificate: credentials.certificate.map(|c| c.fingerprint),
             require_mtls,
-        }).await;
+        })
+        .await;
         tracing::info!(device = %id, require_mtls, "device mutual TLS requirement changed");
         Ok(credentials)
     }
@@ -381,7 +385,8 @@ impl Credentials {
             CredentialEvent::Enabled {
                 device_pk: device.pk,
             }
-        }).await;
+        })
+        .await;
         tracing::warn!(device = %id, disabled, "device access changed");
         self.store.device_credentials(id).await
     }

@@ -71,7 +71,8 @@ impl CredentialEvent {
                 device_pk,
                 expiries,
             } => {
-                let list: Vec<String> = expiries.iter().map(|(t, at)| format!("{t}={at}")).collect();
+                let list: Vec<String> =
+                    expiries.iter().map(|(t, at)| format!("{t}={at}")).collect();
                 format!("expire {device_pk} {}", list.join(","))
             }
             Self::TokenIssued { device_pk } => format!("issued {device_pk}"),

@@ -21,10 +21,15 @@ pub async fn register(
     addr: &str,
     config: &ClusterConfig,
 ) -> Result<(), StorageError> {
-    store.register_replica(&replica.id, addr, config.lease).await?;
+    store
+        .register_replica(&replica.id, addr, config.lease)
+        .await?;
     let swept = store.sweep_dead_replicas().await?;
     if !swept.is_empty() {
-        tracing::info!(devices = swept.len(), "devices of stopped server processes marked offline");
+        tracing::info!(
+            devices = swept.len(),
+            "devices of stopped server processes marked offline"
+        );
     }
     tracing::info!(replica = replica.short(), lease = ?config.lease, "replica registered");
     Ok(())
@@ -57,7 +62,10 @@ pub fn keep(
                         replica = replica.short(),
                         "this process's lease lapsed and its sessions were swept; ending its Control streams"
                     );
-                    if let Err(error) = store.register_replica(&replica.id, &addr, config.lease).await {
+                    if let Err(error) = store
+                        .register_replica(&replica.id, &addr, config.lease)
+                        .await
+                    {
                         tracing::error!(%error, "registering again failed");
                     }
                     control.end_all_sessions();
@@ -66,7 +74,10 @@ pub fn keep(
             }
             match store.sweep_dead_replicas().await {
                 Ok(swept) if !swept.is_empty() => {
-                    tracing::info!(devices = swept.len(), "a server process stopped renewing its lease; its devices are offline");
+                    tracing::info!(
+                        devices = swept.len(),
+                        "a server process stopped renewing its lease; its devices are offline"
+                    );
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "sweeping dead replicas failed"),

@@ -144,7 +144,10 @@ async fn dispatch(subscribers: &Subscribers, n: &PgNotification) {
         channel::CREDENTIALS => match CredentialEvent::from_payload(payload) {
             Some(event) => subscribers.credentials.apply(event),
             None => {
-                tracing::warn!(payload, "unreadable credential notification; forgetting all cached credentials");
+                tracing::warn!(
+                    payload,
+                    "unreadable credential notification; forgetting all cached credentials"
+                );
                 subscribers.credentials.forget_all();
             }
         },

@@ -69,7 +69,9 @@ mod tests {
         let first = ProcessLock::acquire(&db).unwrap();
         let second = ProcessLock::acquire(&db).unwrap_err();
         assert!(
-            second.to_string().contains("already in use by another ingest server"),
+            second
+                .to_string()
+                .contains("already in use by another ingest server"),
             "{second}"
         );
         drop(first);

@@ -15,8 +15,8 @@ use crate::cluster::leader::Leadership;
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::storage::commands::{CommandRecord, EnqueueError};
 use crate::storage::cluster::{SessionOpen, SessionTicket};
+use crate::storage::commands::{CommandRecord, EnqueueError};
 use crate::storage::{DeviceRecord, StorageError, Store};
 
 #[derive(Debug, Clone)]
@@ -237,10 +237,7 @@ impl CommandCenter {
 
     /// Records a new stream of the device: the database issues its
     /// generation, marks it online and tells the other processes.
-    pub(crate) async fn open_session(
-        &self,
-        open: SessionOpen,
-    ) -> Result<SessionTicket, String> {
+    pub(crate) async fn open_session(&self, open: SessionOpen) -> Result<SessionTicket, String> {
         let (reply, ticket) = oneshot::channel();
         self.opener
             .send((open, reply))

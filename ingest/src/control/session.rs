@@ -11,14 +11,14 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::Instrument;
 
 use super::center::{CommandCenter, SessionSlot, until_set};
-use crate::cluster::jittered;
-use crate::storage::cluster::{SessionOpen, SessionTicket};
 use crate::auth::{CredentialEnded, CredentialWatch};
+use crate::cluster::jittered;
 use crate::domain::DeviceKey;
 use crate::domain::command::CommandState;
 use crate::domain::device_message::{self, InvalidDeviceMessage};
 use crate::domain::text::Text;
 use crate::domain::time::now_unix_nanos;
+use crate::storage::cluster::{SessionOpen, SessionTicket};
 use crate::storage::commands::CommandRecord;
 use crate::upload::until_ended;
 

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{Store, StorageError};
+use super::{StorageError, Store};
 use crate::domain::SensorName;
 use crate::domain::time::UnixNanos;
 
@@ -107,7 +107,8 @@ pub(super) async fn test_hold_event_tx() {
 
 /// The database's clock in unix nanoseconds, on PostgreSQL: leases are
 /// compared on one clock whatever the processes' clocks say.
-pub(super) const DB_NOW: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)";
+pub(super) const DB_NOW: &str =
+    "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)";
 
 /// Opens a stream: the generation goes up by one, whoever held it before.
 pub(super) const OPEN_SESSION: &str = "INSERT INTO device_sessions (device_pk, replica_id, generation, connected_unix_nano) \
@@ -192,7 +193,11 @@ impl Store {
         }
     }
 
-    pub async fn renew_replica(&self, replica_id: &str, lease: Duration) -> Result<bool, StorageError> {
+    pub async fn renew_replica(
+        &self,
+        replica_id: &str,
+        lease: Duration,
+    ) -> Result<bool, StorageError> {
         match self {
             Self::Sqlite(_) => Ok(true),
             Self::Postgres(s) => s.renew_replica(replica_id, lease).await,
@@ -308,12 +313,14 @@ macro_rules! session_queries {
                         .fetch_optional(&self.pool)
                         .await?
                         .flatten(),
-                    Some(sensor) => sqlx::query_scalar(&Self::sql(cluster::LAST_SENSOR_READING))
-                        .bind(device_pk)
-                        .bind(sensor.as_str())
-                        .bind(after)
-                        .fetch_one(&self.pool)
-                        .await?,
+                    Some(sensor) => {
+                        sqlx::query_scalar(&Self::sql(cluster::LAST_SENSOR_READING))
+                            .bind(device_pk)
+                            .bind(sensor.as_str())
+                            .bind(after)
+                            .fetch_one(&self.pool)
+                            .await?
+                    }
                 };
                 Ok(last)
             }

@@ -38,7 +38,7 @@ pub struct PgStore {
     pool: PgPool,
     /// How the pool connects, for the connections a server keeps beside it
     /// (the notification listener, the leader's lock).
-    options: PgConnectOptions,
+    options: Arc<PgConnectOptions>,
     /// Days whose readings partition is known to exist. The lock also keeps
     /// this process's writers from creating the same partition at once.
     partitions: Arc<Mutex<BTreeSet<i64>>>,
@@ -56,14 +56,14 @@ impl PgStore {
             .await?;
         Ok(Self {
             pool,
-            options,
+            options: Arc::new(options),
             partitions: Arc::default(),
         })
     }
 
     /// Options for a connection of this process kept apart from the pool.
     pub fn connect_options(&self, name: &str) -> PgConnectOptions {
-        self.options.clone().application_name(name)
+        PgConnectOptions::clone(&self.options).application_name(name)
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
@@ -482,7 +482,11 @@ impl PgStore {
 
     /// Extends the lease; false if the replica's row is gone (another
     /// replica found the lease lapsed and swept its sessions).
-    pub async fn renew_replica(&self, replica_id: &str, lease: Duration) -> Result<bool, StorageError> {
+    pub async fn renew_replica(
+        &self,
+        replica_id: &str,
+        lease: Duration,
+    ) -> Result<bool, StorageError> {
         let done = sqlx::query(&format!(
             "UPDATE replicas SET lease_until_unix_nano = {} + $2 WHERE replica_id = $1",
             cluster::DB_NOW
@@ -532,5 +536,4 @@ impl PgStore {
             .await?;
         Ok(())
     }
-
 }
