@@ -364,36 +364,31 @@ mod tests {
         use proptest::prelude::*;
         let pk = any::<i64>();
         prop_oneof![
-            (pk.clone(), any::<i64>()).prop_map(|(device_pk, token_pk)| {
+            (pk, any::<i64>()).prop_map(|(device_pk, token_pk)| {
                 CredentialEvent::TokenRevoked {
                     device_pk,
                     token_pk,
                 }
             }),
             (
-                pk.clone(),
+                pk,
                 proptest::collection::vec((any::<i64>(), any::<i64>()), 0..5)
             )
                 .prop_map(|(device_pk, expiries)| CredentialEvent::TokensExpire {
                     device_pk,
                     expiries
                 }),
-            pk.clone()
-                .prop_map(|device_pk| CredentialEvent::TokenIssued { device_pk }),
-            (
-                pk.clone(),
-                proptest::option::of(any::<[u8; 32]>()),
-                any::<bool>()
-            )
-                .prop_map(|(device_pk, cert, require_mtls)| {
+            pk.prop_map(|device_pk| CredentialEvent::TokenIssued { device_pk }),
+            (pk, proptest::option::of(any::<[u8; 32]>()), any::<bool>()).prop_map(
+                |(device_pk, cert, require_mtls)| {
                     CredentialEvent::CertificateChanged {
                         device_pk,
                         certificate: cert.map(CertFingerprint::from_bytes),
                         require_mtls,
                     }
-                }),
-            pk.clone()
-                .prop_map(|device_pk| CredentialEvent::Disabled { device_pk }),
+                }
+            ),
+            pk.prop_map(|device_pk| CredentialEvent::Disabled { device_pk }),
             pk.prop_map(|device_pk| CredentialEvent::Enabled { device_pk }),
         ]
     }

@@ -528,6 +528,17 @@ impl PgStore {
         Ok(())
     }
 
+    /// Which of `devices` have commands queued: one query for all the
+    /// streams a process holds, in case a wake-up was not heard.
+    pub async fn devices_with_queued(&self, devices: &[i64]) -> Result<Vec<i64>, StorageError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT device_pk FROM commands WHERE state = 'queued' AND device_pk = ANY($1)",
+        )
+        .bind(devices)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// A replica stopping cleanly: its streams have ended, its row goes.
     pub async fn deregister_replica(&self, replica_id: &str) -> Result<(), StorageError> {
         sqlx::query("DELETE FROM replicas WHERE replica_id = $1")
