@@ -25,6 +25,10 @@ backend_tests!(
     devices_are_offline_once_the_server_stops,
     queued_commands_survive_a_restart,
     the_first_message_must_be_hello,
+    a_superseded_streams_late_disconnect_leaves_the_device_online,
+    concurrent_senders_never_pass_the_queue_limit,
+    a_control_stream_ends_for_rebalancing_after_its_lifetime,
+    the_database_records_each_stream_with_a_new_generation,
 );
 
 struct Device {
@@ -501,4 +505,141 @@ async fn the_first_message_must_be_hello(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("DeviceHello"));
+}
+
+async fn online(server: &TestServer, device: &str) -> bool {
+    server
+        .ops()
+        .await
+        .get_device(pb::GetDeviceRequest {
+            device_id: device.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .online
+}
+
+/// The old stream ends after the new one opened: its goodbye must not
+/// mark the device offline (the database checks the stream's generation).
+async fn a_superseded_streams_late_disconnect_leaves_the_device_online(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let mut first = Device::connect(&server, &token).await;
+    let mut second = Device::connect(&server, &token).await;
+    assert_eq!(first.next().await.unwrap_err().code(), Code::Aborted);
+    drop(first);
+    // The server has handled the first stream's end once its session row
+    // is not the newest any more and a command still reaches the second.
+    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(second.command().await.command_id, queued.command_id);
+    assert!(online(&server, "dev-1").await);
+    assert_eq!(
+        server
+            .storage
+            .scalar("SELECT COUNT(*) FROM devices WHERE online")
+            .await,
+        1,
+        "the devices table agrees"
+    );
+}
+
+/// Twenty SendCommands at once against a limit of 10: exactly 10 queue.
+async fn concurrent_senders_never_pass_the_queue_limit(backend: Backend) {
+    let Some(server) =
+        TestServer::start_configured(backend, |config| config.control.max_pending_per_device = 10)
+            .await
+    else {
+        return;
+    };
+    server.register("dev-1").await;
+    let mut sends = Vec::new();
+    for _ in 0..20 {
+        let mut ops = server.ops().await;
+        sends.push(tokio::spawn(async move {
+            send(&mut ops, "dev-1", ping(), 0, 0).await
+        }));
+    }
+    let (mut queued, mut refused) = (0, 0);
+    for s in sends {
+        match s.await.unwrap() {
+            Ok(_) => queued += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => refused += 1,
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    }
+    assert_eq!((queued, refused), (10, 10));
+    assert_eq!(
+        server
+            .storage
+            .scalar("SELECT COUNT(*) FROM commands WHERE state = 'queued'")
+            .await,
+        10
+    );
+}
+
+async fn a_control_stream_ends_for_rebalancing_after_its_lifetime(backend: Backend) {
+    let Some(server) = TestServer::start_configured(backend, |config| {
+        config.control.max_lifetime = Some(Duration::from_millis(300))
+    })
+    .await
+    else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let started = std::time::Instant::now();
+    let mut device = Device::connect(&server, &token).await;
+    let status = device.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().starts_with("rebalance"),
+        "{}",
+        status.message()
+    );
+    // ±10% of the lifetime.
+    assert!(started.elapsed() >= Duration::from_millis(270));
+    // The device reconnects and goes on.
+    let mut again = Device::connect(&server, &token).await;
+    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(again.command().await.command_id, queued.command_id);
+}
+
+async fn the_database_records_each_stream_with_a_new_generation(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-1").await;
+    let generation = "SELECT generation FROM device_sessions s JOIN devices d ON d.pk = s.device_pk \
+                      WHERE d.device_id = 'dev-1' AND s.replica_id IS NOT NULL";
+    let first = Device::connect(&server, &token).await;
+    // Recorded before the stream serves: a command proves it serves.
+    let mut second = Device::connect(&server, &token).await;
+    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(second.command().await.command_id, queued.command_id);
+    assert_eq!(server.storage.scalar(generation).await, 2);
+    drop(first);
+    drop(second);
+    let offline = loop {
+        if !online(&server, "dev-1").await {
+            break true;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(offline);
+    assert_eq!(
+        server
+            .storage
+            .scalar("SELECT COUNT(*) FROM device_sessions WHERE replica_id IS NOT NULL")
+            .await,
+        0,
+        "no stream is recorded once both ended"
+    );
 }

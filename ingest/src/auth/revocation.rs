@@ -103,8 +103,7 @@ impl CredentialEvent {
             "expire" => Self::TokensExpire {
                 device_pk,
                 expiries: words
-                    .next()
-                    .unwrap_or("")
+                    .next()?
                     .split(',')
                     .filter(|item| !item.is_empty())
                     .map(|item| {
@@ -359,5 +358,55 @@ mod tests {
         })
         .unwrap();
         assert_eq!(w.ended().await, CredentialEnded::TokenExpired);
+    }
+
+    fn any_event() -> impl proptest::strategy::Strategy<Value = CredentialEvent> {
+        use proptest::prelude::*;
+        let pk = any::<i64>();
+        prop_oneof![
+            (pk, any::<i64>()).prop_map(|(device_pk, token_pk)| {
+                CredentialEvent::TokenRevoked {
+                    device_pk,
+                    token_pk,
+                }
+            }),
+            (
+                pk,
+                proptest::collection::vec((any::<i64>(), any::<i64>()), 0..5)
+            )
+                .prop_map(|(device_pk, expiries)| CredentialEvent::TokensExpire {
+                    device_pk,
+                    expiries
+                }),
+            pk.prop_map(|device_pk| CredentialEvent::TokenIssued { device_pk }),
+            (pk, proptest::option::of(any::<[u8; 32]>()), any::<bool>()).prop_map(
+                |(device_pk, cert, require_mtls)| {
+                    CredentialEvent::CertificateChanged {
+                        device_pk,
+                        certificate: cert.map(CertFingerprint::from_bytes),
+                        require_mtls,
+                    }
+                }
+            ),
+            pk.prop_map(|device_pk| CredentialEvent::Disabled { device_pk }),
+            pk.prop_map(|device_pk| CredentialEvent::Enabled { device_pk }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// What another server process reads is the event this one applied.
+        #[test]
+        fn events_survive_the_notification_payload(event in any_event()) {
+            let payload = event.to_payload();
+            proptest::prop_assert!(payload.len() < 8000);
+            proptest::prop_assert_eq!(CredentialEvent::from_payload(&payload), Some(event));
+        }
+
+        #[test]
+        fn garbage_payloads_are_refused_not_misread(payload in "\\PC{0,60}") {
+            if let Some(event) = CredentialEvent::from_payload(&payload) {
+                proptest::prop_assert_eq!(event.to_payload(), payload);
+            }
+        }
     }
 }

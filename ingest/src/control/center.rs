@@ -151,7 +151,7 @@ impl CommandCenter {
                             center.write_last_seen().await;
                             center.count_pending().await;
                         }
-                        _ = queued.tick(), if center.store.is_shared() => center.wake_all(),
+                        _ = queued.tick(), if center.store.is_shared() => center.wake_queued().await,
                         () = until_set(&mut shutdown) => break,
                     }
                 }
@@ -271,6 +271,29 @@ impl CommandCenter {
     pub fn wake_all(&self) {
         for slot in self.sessions.lock().expect("lock poisoned").values() {
             slot.wake.notify_one();
+        }
+    }
+
+    /// Wakes the streams held here whose device has commands queued: a
+    /// wake-up from another process may have been lost.
+    async fn wake_queued(&self) {
+        let held: Vec<i64> = self
+            .sessions
+            .lock()
+            .expect("lock poisoned")
+            .keys()
+            .copied()
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        match self.store.devices_with_queued(&held).await {
+            Ok(waiting) => {
+                for pk in waiting {
+                    self.wake(pk);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "looking for queued commands failed"),
         }
     }
 

@@ -211,6 +211,15 @@ impl Store {
         }
     }
 
+    /// Which of `devices` have commands queued (PostgreSQL; SQLite's one
+    /// process hears every command it queues).
+    pub async fn devices_with_queued(&self, devices: &[i64]) -> Result<Vec<i64>, StorageError> {
+        match self {
+            Self::Sqlite(_) => Ok(Vec::new()),
+            Self::Postgres(s) => s.devices_with_queued(devices).await,
+        }
+    }
+
     /// At a clean stop: this process's streams are over (some closed
     /// without a goodbye when the grace period ran out), so its devices go
     /// offline and, on PostgreSQL, its row goes. Other processes' devices

@@ -38,7 +38,7 @@ pub struct PgStore {
     pool: PgPool,
     /// How the pool connects, for the connections a server keeps beside it
     /// (the notification listener, the leader's lock).
-    options: PgConnectOptions,
+    options: Arc<PgConnectOptions>,
     /// Days whose readings partition is known to exist. The lock also keeps
     /// this process's writers from creating the same partition at once.
     partitions: Arc<Mutex<BTreeSet<i64>>>,
@@ -56,14 +56,14 @@ impl PgStore {
             .await?;
         Ok(Self {
             pool,
-            options,
+            options: Arc::new(options),
             partitions: Arc::default(),
         })
     }
 
     /// Options for a connection of this process kept apart from the pool.
     pub fn connect_options(&self, name: &str) -> PgConnectOptions {
-        self.options.clone().application_name(name)
+        PgConnectOptions::clone(&self.options).application_name(name)
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
@@ -526,6 +526,17 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Which of `devices` have commands queued: one query for all the
+    /// streams a process holds, in case a wake-up was not heard.
+    pub async fn devices_with_queued(&self, devices: &[i64]) -> Result<Vec<i64>, StorageError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT device_pk FROM commands WHERE state = 'queued' AND device_pk = ANY($1)",
+        )
+        .bind(devices)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// A replica stopping cleanly: its streams have ended, its row goes.

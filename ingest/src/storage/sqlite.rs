@@ -637,27 +637,6 @@ super::shared::shared_queries!(SqliteStore, SqliteConnection);
 super::cluster::session_queries!(SqliteStore, SqliteConnection);
 super::credentials::credential_queries!(SqliteStore, SqliteConnection);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_cover_all_rows_with_few_shapes() {
-        for kind in [BulkStatement::Readings, BulkStatement::Rollups] {
-            let max = kind.max_rows();
-            assert!(
-                max * kind.columns() <= 32766,
-                "{kind:?} exceeds SQLite's parameter limit"
-            );
-            for n in [0, 1, 2, 3, 1000, 2047, 2048, 2049, 8191, 8192, 8193, 50_000] {
-                let sizes: Vec<_> = chunk_sizes(n, max).collect();
-                assert_eq!(sizes.iter().sum::<usize>(), n);
-                assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
-            }
-        }
-    }
-}
-
 /// One process serves a SQLite database: nobody listens for notifications.
 impl SqliteStore {
     pub(super) async fn notify_on(
@@ -677,5 +656,26 @@ impl SqliteStore {
         sqlx::query(commands::ALL_OFFLINE).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_all_rows_with_few_shapes() {
+        for kind in [BulkStatement::Readings, BulkStatement::Rollups] {
+            let max = kind.max_rows();
+            assert!(
+                max * kind.columns() <= 32766,
+                "{kind:?} exceeds SQLite's parameter limit"
+            );
+            for n in [0, 1, 2, 3, 1000, 2047, 2048, 2049, 8191, 8192, 8193, 50_000] {
+                let sizes: Vec<_> = chunk_sizes(n, max).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), n);
+                assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
+            }
+        }
     }
 }
