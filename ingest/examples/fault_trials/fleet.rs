@@ -37,6 +37,8 @@ pub struct DeviceLog {
     pub failed_streams: u64,
     /// Batches sent again although the server had committed them.
     pub resent_committed: u64,
+    /// Times it moved to another server after a failure (several servers).
+    pub failovers: u64,
     pub finished: bool,
 }
 
@@ -63,7 +65,8 @@ pub async fn run_device(
     let Ok(header) = format!("Bearer {token}").parse::<MetadataValue<_>>() else {
         return log;
     };
-    let mut clients = Vec::with_capacity(urls.len());
+    let clients_len = urls.len();
+    let mut clients = Vec::with_capacity(clients_len);
     for url in urls {
         let endpoint = match Endpoint::from_shared(url) {
             Ok(e) => e
@@ -82,8 +85,19 @@ pub async fn run_device(
             },
         ));
     }
-    // Devices spread over the servers; with one server, always it.
+    // Devices spread over the servers; with one server, always it. The
+    // choice of the next server has its own generator, so the batches a
+    // seed sends do not depend on the number of servers.
     let mut server = device as usize % clients.len();
+    let mut balancer = StdRng::seed_from_u64(plan.seed ^ (u64::from(device) << 32) ^ 0xba1a);
+    let mut fail_over = |server: &mut usize, log: &mut DeviceLog| {
+        if clients_len > 1 {
+            // Any other server, as a balancing client would pick: the
+            // fleet stays spread over the survivors.
+            *server = (*server + balancer.random_range(1..clients_len)) % clients_len;
+            log.failovers += 1;
+        }
+    };
     let mut after_failure = false;
     while Instant::now() < deadline {
         let client = &mut clients[server];
@@ -93,7 +107,7 @@ pub async fn run_device(
         {
             Ok(c) => c.into_inner().committed_sequence,
             Err(_) => {
-                server = (server + 1) % clients.len();
+                fail_over(&mut server, &mut log);
                 back_off(&mut rng).await;
                 continue;
             }
@@ -128,7 +142,7 @@ pub async fn run_device(
             Err(_) => {
                 log.failed_streams += 1;
                 after_failure = true;
-                server = (server + 1) % clients.len();
+                fail_over(&mut server, &mut log);
                 back_off(&mut rng).await;
             }
         }

@@ -58,6 +58,8 @@ pub struct Outcome {
     seed: u64,
     backend: &'static str,
     processes: usize,
+    /// Device moves to another server after a failure, all devices.
+    failovers: u64,
     kills: u32,
     pg_restarts: u32,
     unexpected_exits: Vec<String>,
@@ -81,7 +83,10 @@ impl Outcome {
             self.seed, self.backend, self.kills, self.pg_restarts
         );
         if self.processes > 1 {
-            s = format!("{s}, {} processes", self.processes);
+            s = format!(
+                "{s}, {} processes, device failovers {}",
+                self.processes, self.failovers
+            );
         }
         if !self.unexpected_exits.is_empty() {
             s += &format!(
@@ -417,6 +422,7 @@ async fn drive(
     for h in devices {
         logs.push(h.await?);
     }
+    outcome.failovers = logs.iter().map(|l| l.failovers).sum();
 
     // Every batch is acknowledged, so every alert it caused is recorded:
     // wait for the watcher to have seen the newest.
