@@ -82,11 +82,20 @@ def check_kubernetes():
         kinds.setdefault(d["kind"], []).append(d)
     for kind in ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"):
         expect(kind in kinds, f"kubernetes: no {kind}")
-    svc = kinds["Service"][0]
-    expect(svc["spec"].get("clusterIP") == "None", "kubernetes: the Service is not headless")
+    # Every Service is headless: a ClusterIP would pin a client's HTTP/2
+    # connection, and all its streams, to one pod.
+    services = {s["metadata"]["name"]: s for s in kinds["Service"]}
+    for sname, svc in services.items():
+        expect(svc["spec"].get("clusterIP") == "None", f"kubernetes: Service {sname} is not headless")
     sts = kinds["StatefulSet"][0]
     expect(sts["spec"].get("volumeClaimTemplates"), "kubernetes: the StatefulSet has no volume claim")
-    expect(sts["spec"]["serviceName"] == svc["metadata"]["name"], "kubernetes: StatefulSet serviceName is not the headless Service")
+    expect(sts["spec"]["serviceName"] in services, "kubernetes: StatefulSet serviceName is not the headless Service")
+    pg_pods = kinds["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
+    expect(any(s["metadata"]["name"] == "ingest-headless"
+               and s["spec"]["selector"].items() <= pg_pods.items()
+               and s["spec"]["selector"].get("app.kubernetes.io/variant") == "postgres"
+               for s in services.values()),
+           "kubernetes: no headless Service ingest-headless selecting the PostgreSQL pods only")
     config = kinds["ConfigMap"][0]["data"]
     expect(config.get("INGEST_ADMIN_LISTEN", "").endswith(":9464"), "kubernetes: admin listener not on 9464")
     for workload in kinds["Deployment"] + kinds["StatefulSet"]:

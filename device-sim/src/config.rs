@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 
-use ingest::tls::client::ClientTls;
+use ingest::tls::client::{ClientTls, server_list};
 
 use crate::wire::Compression;
 
@@ -23,7 +23,9 @@ use crate::wire::Compression;
 #[command(name = "device-sim", version, about, long_about)]
 pub struct Args {
     /// gRPC endpoint of the ingest server: http://HOST:PORT, or
-    /// https://HOST:PORT with --tls-ca.
+    /// https://HOST:PORT with --tls-ca. Several server processes on one
+    /// database: a,b,c (each call, each stream, goes to one of them; one
+    /// that goes away is failed over after backoff).
     #[arg(
         long,
         env = "DEVICE_SIM_SERVER",
@@ -161,7 +163,8 @@ pub struct Args {
 /// Validated settings derived from [`Args`]. No Debug, like [`Args`].
 #[derive(Clone)]
 pub struct Config {
-    pub server: String,
+    /// One address, or several server processes to balance over.
+    pub servers: Vec<String>,
     /// TLS files for an https:// server, checked against its scheme.
     pub tls: ClientTls,
     pub ops_token: Option<String>,
@@ -196,7 +199,7 @@ const MAX_REBOOT_DELAY: Duration = Duration::from_secs(3600);
 
 impl Config {
     pub fn from_args(args: Args) -> anyhow::Result<Self> {
-        let server = args.server.trim().to_owned();
+        let servers = server_list(&args.server).context("--server")?;
         let tls = ClientTls {
             ca: args.tls_ca,
             cert: args.tls_cert,
@@ -204,7 +207,7 @@ impl Config {
         };
         // Reads the files now: a wrong path fails here, naming the flag,
         // not as every device's connection error.
-        tls.endpoint(&server).context("--server")?;
+        tls.endpoints(&servers).context("--server")?;
 
         ensure!(
             args.sample_rate.is_finite() && args.sample_rate > 0.0,
@@ -242,7 +245,7 @@ impl Config {
         );
 
         Ok(Self {
-            server,
+            servers,
             tls,
             ops_token: args.ops_token,
             ops_token_file: args
@@ -335,6 +338,20 @@ mod tests {
         assert_eq!(cfg.status_interval, Duration::from_secs(10));
         assert_eq!(cfg.reboot_delay, Duration::from_secs(1));
         assert_eq!(cfg.compression, Compression::None);
+        assert_eq!(cfg.servers, ["http://127.0.0.1:50051"]);
+    }
+
+    #[test]
+    fn several_servers_are_a_comma_separated_list() {
+        let cfg =
+            parse(&["--server", "http://10.0.0.1:50051, http://10.0.0.2:50051"]).expect("valid");
+        assert_eq!(
+            cfg.servers,
+            ["http://10.0.0.1:50051", "http://10.0.0.2:50051"]
+        );
+        assert!(parse(&["--server", "http://10.0.0.1:50051,"]).is_err());
+        // Each address is checked: the second needs a CA.
+        assert!(parse(&["--server", "http://a:1,https://b:2"]).is_err());
     }
 
     #[test]

@@ -23,9 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use ingest::backoff::{Backoff, retry_delay};
+
+use crate::client::{DeviceClient, describe};
 use crate::config::Config;
-use crate::device::IngestApi;
-use crate::retry::{Backoff, describe};
 use crate::sampling::device_seed;
 use crate::sensors::sensor_name;
 use crate::settings::DeviceShared;
@@ -57,6 +58,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// each time.
 const STABLE_STREAM: Duration = Duration::from_secs(10);
 
+/// A stream the server ended for rebalancing is reopened within this
+/// (uniformly spread), so the devices of one server process do not all
+/// reconnect in the same instant.
+const REBALANCE_JITTER: Duration = Duration::from_millis(200);
+
 /// Accepted sampling intervals, in milliseconds (10 ms to 1 h).
 const INTERVAL_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
 const MAX_BATCH_SIZE: u32 = 100_000;
@@ -74,6 +80,10 @@ enum StreamEnd {
     Reboot(Box<Streaming<ServerMessage>>),
     /// The server or the network failed; reconnect with backoff.
     Retry(String),
+    /// The server ended a healthy stream (UNAVAILABLE "rebalance...") so
+    /// that the device reconnects, possibly to another server process:
+    /// reconnect at once, it is no failure.
+    Rebalance,
     /// The server has no Control call.
     Unimplemented(String),
     /// Retrying cannot help; the device stops.
@@ -112,7 +122,7 @@ impl RecentAcks {
 
 pub struct Controller {
     device_id: String,
-    client: IngestApi,
+    client: DeviceClient,
     shared: Arc<DeviceShared>,
     stats: Arc<Stats>,
     shutdown: Shutdown,
@@ -126,6 +136,9 @@ pub struct Controller {
     recent: RecentAcks,
     booted: Instant,
     backoff: Backoff,
+    /// How long the server asked the device to wait with its last refusal
+    /// (RetryInfo, when it opens streams too fast).
+    server_delay: Option<Duration>,
     /// The device's typical received signal strength, in dBm.
     signal_dbm: i32,
 }
@@ -133,7 +146,7 @@ pub struct Controller {
 impl Controller {
     pub fn new(
         device_id: String,
-        client: IngestApi,
+        client: DeviceClient,
         shared: Arc<DeviceShared>,
         config: &Config,
         stats: Arc<Stats>,
@@ -153,6 +166,7 @@ impl Controller {
             recent: RecentAcks::default(),
             booted: Instant::now(),
             backoff: Backoff::default(),
+            server_delay: None,
             signal_dbm,
         }
     }
@@ -183,13 +197,25 @@ impl Controller {
                         return Ok(());
                     }
                 }
+                StreamEnd::Rebalance => {
+                    debug!(device = %self.device_id, "control stream rebalanced; reconnecting");
+                    self.stats.control_rebalances.inc();
+                    self.backoff.reset();
+                    let delay = REBALANCE_JITTER.mul_f64(rand::rng().random_range(0.0..=1.0));
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.requested() => return Ok(()),
+                    }
+                }
                 StreamEnd::Retry(reason) => {
                     if opened.elapsed() >= STABLE_STREAM {
                         self.backoff.reset();
                     }
                     self.note_failure(&reason);
                     self.stats.control_reconnects.inc();
-                    let delay = self.backoff.next_delay(&mut rand::rng());
+                    let delay = self
+                        .backoff
+                        .next_delay_with(self.server_delay.take(), &mut rand::rng());
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.shutdown.requested() => return Ok(()),
@@ -289,9 +315,11 @@ impl Controller {
         }
     }
 
-    fn classify(&self, status: &Status) -> StreamEnd {
+    fn classify(&mut self, status: &Status) -> StreamEnd {
         let detail = describe(status);
+        self.server_delay = retry_delay(status);
         match status.code() {
+            Code::Unavailable if status.message().starts_with("rebalance") => StreamEnd::Rebalance,
             Code::Unauthenticated => StreamEnd::Fatal(format!(
                 "the server rejected this device's token on its control stream ({detail}); the \
                  credentials file does not match the server's devices: delete it (or the \
@@ -513,8 +541,10 @@ mod tests {
         let channel = Endpoint::from_shared(server)
             .expect("endpoint")
             .connect_lazy();
-        let client =
-            IngestClient::with_interceptor(channel, BearerAuth::new(token).expect("token"));
+        let client = IngestClient::with_interceptor(
+            ingest::tls::balance::single(channel),
+            BearerAuth::new(token).expect("token"),
+        );
         let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
         let stats = Arc::new(Stats::new());
         let (trigger, shutdown) = crate::shutdown::channel();
@@ -681,6 +711,33 @@ mod tests {
         assert_eq!(config.batch_size, 25);
         assert_eq!(config.disabled_sensors, ["humidity"]);
         assert_eq!(h.stats.control_reconnects.get(), 1);
+        assert_eq!(h.stop().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_rebalanced_stream_reconnects_at_once_and_is_no_failure() {
+        let h = start_controlled().await;
+        h.control.next_hello().await;
+        // What a server sends when a Control stream reached its lifetime.
+        h.control.send(Err(Status::unavailable(
+            "rebalance: reconnect, possibly to another server",
+        )));
+        let ended = Instant::now();
+        h.control.next_hello().await;
+        // No backoff: within the jitter, plus a generous margin for a busy
+        // machine.
+        assert!(ended.elapsed() < REBALANCE_JITTER + Duration::from_secs(2));
+        assert_eq!(h.stats.control_rebalances.get(), 1);
+        assert_eq!(h.stats.control_reconnects.get(), 0, "not a failure");
+        assert_eq!(h.control.streams(), 2);
+        // The new stream carries commands as the old one did.
+        assert_eq!(h.ack(1, Kind::Ping(Ping {})).await, done(1, "pong"));
+
+        // UNAVAILABLE without "rebalance" is a failure, as before.
+        h.control.send(Err(Status::unavailable("shutting down")));
+        h.control.next_hello().await;
+        assert_eq!(h.stats.control_reconnects.get(), 1);
+        assert_eq!(h.stats.control_rebalances.get(), 1);
         assert_eq!(h.stop().await, Ok(()));
     }
 

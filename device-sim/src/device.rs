@@ -13,26 +13,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
 
-use crate::auth::BearerAuth;
+use ingest::backoff::{Backoff, is_retryable, retry_delay};
+
 use crate::buffer::UploadBuffer;
+use crate::client::{DeviceClient, describe};
 use crate::config::Config;
 use crate::control::Controller;
-use crate::retry::{Backoff, describe, is_transient};
 use crate::sampling::{Produced, Sampler, run_sampler};
 use crate::settings::{DeviceSettings, DeviceShared, Power, power_cycled, powered_up};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-
-pub type IngestApi = IngestClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Batches queued between an upload stream and the gRPC body; small, so a
 /// slow server pushes back on the device instead of buffering in memory.
@@ -58,7 +54,7 @@ pub struct DeviceOutcome {
 /// Runs one device until shutdown or a fatal error.
 pub async fn run_device(
     device_id: String,
-    client: IngestApi,
+    client: DeviceClient,
     config: Arc<Config>,
     stats: Arc<Stats>,
     shutdown: Shutdown,
@@ -107,6 +103,7 @@ pub async fn run_device(
         sampling: true,
         next_sequence: 0,
         backoff: Backoff::default(),
+        server_delay: None,
         connected: false,
         warned_rejections: false,
         power: shared.power.subscribe(),
@@ -166,7 +163,9 @@ enum CallFailure {
 fn classify(status: &Status) -> CallFailure {
     let detail = describe(status);
     match status.code() {
-        code if is_transient(code) => CallFailure::Retryable(detail),
+        // Transient codes, and RESOURCE_EXHAUSTED with a retry delay (too
+        // many stream opens): the delay is honoured by the backoff.
+        _ if is_retryable(status) => CallFailure::Retryable(detail),
         Code::Unauthenticated => CallFailure::Fatal(format!(
             "the server rejected this device's token ({detail}); the credentials file does not \
              match the server's devices: delete it (or the server's data) or use another \
@@ -204,7 +203,7 @@ enum Halt {
 
 struct Uploader {
     device_id: String,
-    client: IngestApi,
+    client: DeviceClient,
     config: Arc<Config>,
     stats: Arc<Stats>,
     shutdown: Shutdown,
@@ -216,6 +215,9 @@ struct Uploader {
     /// cursor is known, because numbering must continue from it.
     next_sequence: u64,
     backoff: Backoff,
+    /// How long the server asked the device to wait with its last refusal
+    /// (RetryInfo); the next backoff waits at least this long.
+    server_delay: Option<Duration>,
     connected: bool,
     warned_rejections: bool,
     /// The device's power state, and the boot this uploader runs in.
@@ -354,7 +356,9 @@ impl Uploader {
         let mut wait = backoff_first;
         loop {
             if wait {
-                let delay = self.backoff.next_delay(&mut rand::rng());
+                let delay = self
+                    .backoff
+                    .next_delay_with(self.server_delay.take(), &mut rand::rng());
                 self.stats.retries.inc();
                 self.while_sampling(tokio::time::sleep(delay)).await?;
             }
@@ -375,6 +379,7 @@ impl Uploader {
                 }
                 Ok(Err(status)) => match classify(&status) {
                     CallFailure::Retryable(reason) => {
+                        self.server_delay = retry_delay(&status);
                         self.set_connected(false);
                         self.note_transient("GetUploadCursor", &reason);
                     }
@@ -530,6 +535,7 @@ impl Uploader {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 self.buffer.forget_handoffs();
+                self.server_delay = retry_delay(&status);
                 return match classify(&status) {
                     CallFailure::Retryable(reason) if shutting_down => {
                         debug!(device = %self.device_id,
@@ -622,9 +628,11 @@ mod tests {
     use tonic::transport::Endpoint;
 
     use super::*;
+    use crate::auth::BearerAuth;
     use crate::config::Args;
     use crate::mock_server::{GOOD_TOKEN, MockControl, MockIngest, MockOps, serve, serve_on};
     use telemetry_proto::v1::command::Kind;
+    use telemetry_proto::v1::ingest_client::IngestClient;
     use telemetry_proto::v1::{CommandAckState, Reboot, SetSamplingInterval};
 
     struct Running {
@@ -656,8 +664,10 @@ mod tests {
         let channel = Endpoint::from_shared(server)
             .expect("endpoint")
             .connect_lazy();
-        let client =
-            IngestClient::with_interceptor(channel, BearerAuth::new(token).expect("token"));
+        let client = IngestClient::with_interceptor(
+            ingest::tls::balance::single(channel),
+            BearerAuth::new(token).expect("token"),
+        );
         let stats = Arc::new(Stats::new());
         let (trigger, shutdown) = crate::shutdown::channel();
         let device = tokio::spawn(run_device(
@@ -898,6 +908,13 @@ mod tests {
                 CallFailure::Fatal(_)
             ));
         }
+    }
+
+    #[test]
+    fn a_refusal_that_says_when_to_retry_is_retried() {
+        // The server's answer to too many stream opens per minute.
+        let status = ingest::grpc::status::stream_rate_exceeded(Duration::from_secs(2));
+        assert!(matches!(classify(&status), CallFailure::Retryable(_)));
     }
 
     #[test]

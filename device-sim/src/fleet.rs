@@ -16,21 +16,24 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 use tracing::{debug, warn};
 
+use ingest::backoff::{Backoff, is_transient};
+use ingest::tls::balance::{Transport, balanced, single};
+
 use crate::auth::BearerAuth;
+use crate::client::describe;
 use crate::config::Config;
 use crate::credentials;
 use crate::device::{DeviceOutcome, run_device};
 use crate::report::{DeviceFailure, LoadSettings, Progress, Report};
-use crate::retry::{Backoff, describe, is_transient};
 use crate::sampling::device_seed;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::stats::{Counter, Stats};
 use crate::wire::CountingConnector;
 
-type OpsApi = OpsClient<InterceptedService<Channel, BearerAuth>>;
+type OpsApi = OpsClient<InterceptedService<Transport, BearerAuth>>;
 
 /// Registrations in flight at once: enough to register a large fleet
 /// quickly without queueing thousands of calls on one connection.
@@ -113,7 +116,7 @@ struct RunningDevices {
 fn spawn_devices(
     config: &Arc<Config>,
     credentials: &credentials::Credentials,
-    channels: &[Channel],
+    channels: &[Transport],
     stats: &Arc<Stats>,
     shutdown: &Shutdown,
     failures: &mut Vec<DeviceFailure>,
@@ -183,24 +186,39 @@ async fn wait_for_devices(mut running: RunningDevices, failures: &mut Vec<Device
     unacked_batches
 }
 
-/// One lazily connected channel per --connections: start-up succeeds even
-/// while the server is still coming up, and each device retries on its own.
-/// Every byte the channels write is added to `wire_bytes`.
-fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<Vec<Channel>> {
+/// One lazily connected transport per --connections: start-up succeeds
+/// even while the server is still coming up, and each device retries on its
+/// own. Every byte the channels write is added to `wire_bytes`.
+///
+/// Several servers: each transport has a connection to every one of them
+/// and balances over them ([`balanced`]): every call (every upload and
+/// Control stream) goes to one picked at random, from the first call on,
+/// so the fleet's streams spread over the servers, and a device whose
+/// server went away lands on another when it retries.
+fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<Vec<Transport>> {
+    let endpoints: Vec<Endpoint> = config
+        .tls
+        .endpoints(&config.servers)
+        .context("--server")?
+        .into_iter()
+        .map(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                // Streams stay open for a long time; pings notice a dead peer
+                // that would otherwise leave a device waiting for its summary.
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+        })
+        .collect();
     // TLS, for an https:// server, runs over the counting connector: the
     // bytes counted are the encrypted records on the wire.
-    let endpoint = config
-        .tls
-        .endpoint(&config.server)
-        .context("--server")?
-        .connect_timeout(Duration::from_secs(5))
-        // Streams stay open for a long time; pings notice a dead peer that
-        // would otherwise leave a device waiting for its summary.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let connect = |endpoint: &Endpoint| {
+        endpoint.connect_with_connector_lazy(CountingConnector::new(Arc::clone(wire_bytes)))
+    };
     Ok((0..config.connections.max(1))
-        .map(|_| {
-            endpoint.connect_with_connector_lazy(CountingConnector::new(Arc::clone(wire_bytes)))
+        .map(|_| match &endpoints[..] {
+            [endpoint] => single(connect(endpoint)),
+            several => balanced(several.iter().map(connect).collect()),
         })
         .collect())
 }
@@ -210,7 +228,7 @@ fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<V
 /// the devices that could not be registered.
 async fn ensure_credentials(
     config: &Config,
-    channel: &Channel,
+    channel: &Transport,
     shutdown: &Shutdown,
 ) -> anyhow::Result<(credentials::Credentials, Vec<DeviceFailure>)> {
     let mut credentials = credentials::load(&config.credentials_file)?;

@@ -18,6 +18,7 @@
 mod anomaly;
 mod auth;
 mod buffer;
+mod client;
 mod config;
 mod control;
 mod credentials;
@@ -29,7 +30,6 @@ mod local_server;
 #[cfg(test)]
 mod mock_server;
 mod report;
-mod retry;
 mod sampling;
 mod sensors;
 mod settings;
@@ -78,7 +78,7 @@ fn run(args: config::Args) -> anyhow::Result<ExitCode> {
             return fleet::run(config).await;
         };
         let server = local_server::LocalServer::start(&data_dir, listen).await?;
-        config.server = server.url.clone();
+        config.servers = vec![server.url.clone()];
         config.ops_token = Some(server.ops_token.clone());
         let alerts = match config.anomaly_rate {
             Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),

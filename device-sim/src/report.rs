@@ -25,6 +25,7 @@ pub struct DeviceFailure {
 /// interpretable on their own.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadSettings {
+    /// `--server`: several addresses are separated by commas.
     pub server: String,
     pub sensors: usize,
     pub sample_rate: f64,
@@ -39,7 +40,7 @@ pub struct LoadSettings {
 impl LoadSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
-            server: config.server.clone(),
+            server: config.servers.join(","),
             sensors: config.sensors,
             sample_rate: config.sample_rate,
             batch_size: config.batch_size,
@@ -77,6 +78,8 @@ pub struct Report {
     pub commands_failed: u64,
     pub commands_repeated: u64,
     pub control_reconnects: u64,
+    /// Control streams the server ended for rebalancing; not failures.
+    pub control_rebalances: u64,
     pub reboots: u64,
     /// Devices that ran without a control channel because the server does
     /// not implement Ingest.Control.
@@ -127,6 +130,7 @@ impl Report {
             commands_failed: stats.commands_failed.get(),
             commands_repeated: stats.commands_repeated.get(),
             control_reconnects: stats.control_reconnects.get(),
+            control_rebalances: stats.control_rebalances.get(),
             reboots: stats.reboots.get(),
             control_unsupported_devices: stats.control_unsupported.get(),
             accepted_per_sec: if duration_secs > 0.0 {
@@ -202,6 +206,16 @@ impl fmt::Display for Report {
             row(f, "reboots", &self.reboots)?;
         }
         row(f, "control reconnects", &self.control_reconnects)?;
+        if self.control_rebalances > 0 {
+            row(
+                f,
+                "control rebalances",
+                &format_args!(
+                    "{} (ended by the server to spread devices; reconnected at once)",
+                    self.control_rebalances
+                ),
+            )?;
+        }
         if self.control_unsupported_devices > 0 {
             row(
                 f,

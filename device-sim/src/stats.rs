@@ -81,6 +81,10 @@ pub struct Stats {
     pub commands_repeated: Counter,
     /// Control streams reopened after a failure (not counting reboots).
     pub control_reconnects: Counter,
+    /// Control streams the server ended so the device reconnects, maybe to
+    /// another server process (UNAVAILABLE "rebalance..."): reopened at
+    /// once, and not failures.
+    pub control_rebalances: Counter,
     pub reboots: Counter,
     /// Devices whose server does not implement Ingest.Control.
     pub control_unsupported: Counter,
@@ -123,6 +127,7 @@ impl Stats {
             commands_failed: Counter::default(),
             commands_repeated: Counter::default(),
             control_reconnects: Counter::default(),
+            control_rebalances: Counter::default(),
             reboots: Counter::default(),
             control_unsupported: Counter::default(),
             transient_warned: AtomicBool::new(false),

@@ -39,6 +39,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod backoff;
 pub mod backup;
 pub mod cli;
 pub mod cluster;

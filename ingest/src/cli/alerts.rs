@@ -11,13 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use rand::Rng;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 
 use super::client::{Ops, ServerArgs};
 use super::output::{status_error, time};
 use super::rules::{SeverityArg, severity_name};
+use crate::backoff::{Backoff, is_retryable, retry_delay};
 
 #[derive(Debug, Subcommand)]
 pub enum AlertsCommand {
@@ -249,12 +249,15 @@ async fn watch(args: &WatchArgs) -> anyhow::Result<()> {
     let mut backoff = Backoff::default();
     let mut out = std::io::stdout();
     loop {
-        let Interrupted { delivered, reason } =
-            watch_once(args, stall, &mut printer, &mut out).await?;
+        let Interrupted {
+            delivered,
+            reason,
+            retry_after,
+        } = watch_once(args, stall, &mut printer, &mut out).await?;
         if delivered {
             backoff.reset();
         }
-        let delay = backoff.next_delay(&mut rand::rng());
+        let delay = backoff.next_delay_with(retry_after, &mut rand::rng());
         tracing::warn!(
             "{reason}; reconnecting in {} (after event {})",
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
@@ -271,6 +274,8 @@ struct Interrupted {
     /// and serving, so the backoff starts over.
     delivered: bool,
     reason: String,
+    /// How long the server asked the watcher to wait (RetryInfo).
+    retry_after: Option<Duration>,
 }
 
 impl Interrupted {
@@ -278,6 +283,7 @@ impl Interrupted {
         Self {
             delivered,
             reason: reason.into(),
+            retry_after: None,
         }
     }
 }
@@ -364,30 +370,21 @@ async fn connect(server: &ServerArgs) -> Result<Ops, Connect> {
     })
 }
 
-/// Codes that say "not now" rather than "never": the server is down,
-/// restarting or overloaded, or the connection broke (transport failures
-/// surface as UNAVAILABLE, UNKNOWN, INTERNAL or CANCELLED). Anything else
-/// (UNAUTHENTICATED, INVALID_ARGUMENT, UNIMPLEMENTED, ...) would fail the
-/// same way forever.
-fn is_transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Internal
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::ResourceExhausted
-    )
-}
-
+/// A transient code (the server is down, restarting or overloaded, or the
+/// connection broke) or a status with a retry delay is worth retrying;
+/// anything else (UNAUTHENTICATED, INVALID_ARGUMENT, UNIMPLEMENTED, ...)
+/// would fail the same way forever. RESOURCE_EXHAUSTED is retried even
+/// without a delay: a watcher that runs unattended should outlast a
+/// server that is short of something for a while.
 fn classify(status: tonic::Status, delivered: bool) -> anyhow::Result<Interrupted> {
-    if is_transient(status.code()) {
-        Ok(Interrupted::new(
-            delivered,
-            format!("{:?}: {}", status.code(), status.message()),
-        ))
+    if is_retryable(&status) || status.code() == Code::ResourceExhausted {
+        Ok(Interrupted {
+            retry_after: retry_delay(&status),
+            ..Interrupted::new(
+                delivered,
+                format!("{:?}: {}", status.code(), status.message()),
+            )
+        })
     } else {
         Err(status_error(status))
     }
@@ -537,49 +534,9 @@ fn event_line(e: &pb::AlertEvent) -> String {
     line
 }
 
-/// Exponential backoff with full jitter: the wait after the n-th consecutive
-/// failure is uniform in `0..=min(cap, base * 2^n)`, so watchers that lost
-/// the same server do not all come back in the same instant.
-#[derive(Debug)]
-struct Backoff {
-    base: Duration,
-    cap: Duration,
-    failures: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(10),
-            failures: 0,
-        }
-    }
-}
-
-impl Backoff {
-    fn ceiling(&self) -> Duration {
-        // Past 2^20 the cap was reached long ago; the shift must not overflow.
-        let factor = 1u32 << self.failures.min(20);
-        self.base.saturating_mul(factor).min(self.cap)
-    }
-
-    fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling();
-        self.failures = self.failures.saturating_add(1);
-        ceiling.mul_f64(rng.random_range(0.0..=1.0))
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
 
     use super::*;
 
@@ -758,24 +715,6 @@ mod tests {
         );
         assert_eq!(p.cursor, 0);
         assert_eq!(read_cursor(&path).expect("read"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_from_100ms_to_a_10s_cap_and_resets() {
-        let mut backoff = Backoff::default();
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut ceilings = Vec::new();
-        for _ in 0..100 {
-            ceilings.push(backoff.ceiling());
-            let delay = backoff.next_delay(&mut rng);
-            assert!(delay <= *ceilings.last().expect("pushed"));
-        }
-        let ms = Duration::from_millis;
-        assert_eq!(ceilings[..4], [ms(100), ms(200), ms(400), ms(800)]);
-        assert_eq!(ceilings[7], ms(10_000), "12.8s capped");
-        assert_eq!(ceilings[99], ms(10_000));
-        backoff.reset();
-        assert_eq!(backoff.ceiling(), ms(100));
     }
 
     #[test]

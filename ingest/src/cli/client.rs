@@ -7,12 +7,15 @@ use clap::Args;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
-use tonic::transport::Channel;
+
+use crate::tls::balance::Transport;
 
 /// How operator subcommands reach the server.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The server's address: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
+    /// The server's address: http://HOST:PORT, or https://HOST:PORT with
+    /// --tls-ca. Several server processes: a,b,c (calls are balanced over
+    /// those that answer).
     #[arg(long, env = "INGEST_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
     /// File holding the ops token (used when INGEST_OPS_TOKEN is not set).
@@ -42,7 +45,7 @@ impl Interceptor for Bearer {
     }
 }
 
-pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Transport, Bearer>>;
 
 impl ServerArgs {
     pub async fn ops(&self) -> anyhow::Result<Ops> {
@@ -58,7 +61,7 @@ impl ServerArgs {
         let header = format!("Bearer {}", token.trim())
             .parse()
             .context("the ops token has characters not allowed in a header")?;
-        let channel = self.tls.connect(&self.server).await?;
+        let channel = self.tls.connect_any(&self.server).await?;
         Ok(OpsClient::with_interceptor(channel, Bearer(header)))
     }
 }

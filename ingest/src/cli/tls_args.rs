@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::tls::client::ClientTls;
+use tonic::transport::Endpoint;
+
+use crate::tls::balance::{Transport, balanced, single};
+use crate::tls::client::{ClientTls, server_list};
 use crate::tls::{ClientAuth, TlsSettings};
 
 #[derive(Debug, Args)]
@@ -86,18 +89,67 @@ impl ClientTlsArgs {
 
     /// A connected channel to `url`.
     pub async fn connect(&self, url: &str) -> anyhow::Result<tonic::transport::Channel> {
-        let endpoint = self.client_tls().endpoint(url)?;
-        let hint = match endpoint.uri().scheme_str() {
-            Some("https") => {
-                " (TLS: --tls-ca must hold the CA that signed the server's certificate, and a server that requires client certificates needs --tls-cert and --tls-key)"
-            }
-            _ => "",
-        };
-        endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {url}{hint}"))
+        connect_one(self.client_tls().endpoint(url)?, url).await
     }
+
+    /// The servers of a `--server` value: one address connects as
+    /// [`ClientTlsArgs::connect`]; several are each connected to at once,
+    /// and calls are balanced ([`balanced`]) over those that answered, so
+    /// a command works while one of them is down. Fails only when none
+    /// answers, with every reason.
+    pub async fn connect_any(&self, servers: &str) -> anyhow::Result<Transport> {
+        let list = server_list(servers)?;
+        let endpoints = self.client_tls().endpoints(&list)?;
+        if let ([url], [endpoint]) = (&list[..], &endpoints[..]) {
+            return Ok(single(connect_one(endpoint.clone(), url).await?));
+        }
+        let tries = endpoints
+            .into_iter()
+            .zip(&list)
+            .map(|(endpoint, url)| async move {
+                // A black-holed address would otherwise hold the command for the
+                // system's TCP timeout, minutes, while the others answered.
+                connect_one(endpoint.connect_timeout(CONNECT_TIMEOUT), url).await
+            });
+        let mut live = Vec::new();
+        let mut failures = Vec::new();
+        for connected in futures::future::join_all(tries).await {
+            match connected {
+                Ok(channel) => live.push(channel),
+                Err(error) => failures.push(error),
+            }
+        }
+        if live.is_empty() {
+            let others: Vec<String> = failures[1..].iter().map(|e| format!("{e:#}")).collect();
+            let first = failures.swap_remove(0);
+            // The first error stays the source, so callers can still tell a
+            // transport failure from a bad argument.
+            return Err(first.context(format!(
+                "no server of {servers} answered (also: {})",
+                others.join("; ")
+            )));
+        }
+        for failure in &failures {
+            tracing::warn!("{failure:#}; using the other servers");
+        }
+        Ok(balanced(live))
+    }
+}
+
+/// How long one of several servers gets to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect_one(endpoint: Endpoint, url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let hint = match endpoint.uri().scheme_str() {
+        Some("https") => {
+            " (TLS: --tls-ca must hold the CA that signed the server's certificate, and a server that requires client certificates needs --tls-cert and --tls-key)"
+        }
+        _ => "",
+    };
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}{hint}"))
 }
 
 #[cfg(test)]

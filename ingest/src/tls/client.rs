@@ -2,6 +2,9 @@
 //! examples: an `https://` address is reached with TLS, trusting the CA
 //! file given (no system roots: a device fleet's server certificate comes
 //! from its own CA), and presenting a client certificate for mutual TLS.
+//!
+//! `--server` may name several server processes (`a,b,c`): each gets an
+//! endpoint here, and [`super::balance`] spreads calls over them.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +50,12 @@ impl ClientTls {
         }
     }
 
+    /// One endpoint per address of `servers` (see [`server_list`]), each
+    /// built and checked as [`ClientTls::endpoint`] does.
+    pub fn endpoints(&self, servers: &[String]) -> anyhow::Result<Vec<Endpoint>> {
+        servers.iter().map(|url| self.endpoint(url)).collect()
+    }
+
     /// tonic's TLS settings from the files.
     pub fn config(&self, url: &str) -> anyhow::Result<ClientTlsConfig> {
         let Some(ca) = &self.ca else {
@@ -71,6 +80,21 @@ impl ClientTls {
         }
         Ok(config)
     }
+}
+
+/// The addresses of a `--server` value: one, or several separated by
+/// commas (blanks around them are ignored). Each must still be checked by
+/// [`ClientTls::endpoint`].
+pub fn server_list(servers: &str) -> anyhow::Result<Vec<String>> {
+    let list: Vec<String> = servers
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .collect();
+    ensure!(
+        list.iter().all(|url| !url.is_empty()),
+        "the server list {servers:?} has an empty entry: give addresses separated by single commas"
+    );
+    Ok(list)
 }
 
 fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
@@ -99,4 +123,38 @@ fn read_key(path: &Path) -> anyhow::Result<Vec<u8>> {
         )
     })?;
     Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_split_on_commas() {
+        assert_eq!(
+            server_list("http://a:1").unwrap(),
+            ["http://a:1"],
+            "one address, as before"
+        );
+        assert_eq!(
+            server_list(" http://a:1 , http://b:2,http://c:3").unwrap(),
+            ["http://a:1", "http://b:2", "http://c:3"]
+        );
+        for bad in ["", "http://a:1,", "http://a:1,,http://b:2"] {
+            let error = server_list(bad).unwrap_err().to_string();
+            assert!(error.contains("empty entry"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_address_is_checked_with_the_same_tls() {
+        let plain = ClientTls::default();
+        let list = server_list("http://a:1,http://b:2").unwrap();
+        assert_eq!(plain.endpoints(&list).unwrap().len(), 2);
+        let error = plain
+            .endpoints(&server_list("http://a:1,https://b:2").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no CA"), "{error}");
+    }
 }

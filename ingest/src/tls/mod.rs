@@ -19,8 +19,10 @@
 //!   certificate) for the auth layer.
 //! - [`certificate`]: what is read from X.509 (expiry, serial, names).
 //! - [`client`]: `https://` endpoints with a CA file and a client identity.
+//! - [`balance`]: a client's calls spread over several server processes.
 
 pub mod acceptor;
+pub mod balance;
 pub mod certificate;
 pub mod client;
 pub mod connection;

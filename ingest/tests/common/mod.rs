@@ -366,6 +366,17 @@ impl Drop for TestServer {
 }
 
 impl TestStorage {
+    /// Storage for another server process on the same database (its own
+    /// data directory), as several `ingest serve` share one PostgreSQL.
+    /// The database stays with `self`.
+    pub fn beside(&self) -> Self {
+        Self {
+            data_dir: tempfile::tempdir().unwrap(),
+            database: self.database.clone(),
+            pg: None,
+        }
+    }
+
     fn placeholder() -> Self {
         Self {
             data_dir: tempfile::tempdir().unwrap(),

@@ -1,0 +1,27 @@
+//! The client a device calls the server with, shared by its uploader
+//! (`device.rs`) and its control channel (`control.rs`), so that neither
+//! has to import the other; and how a failed call reads in a log line.
+
+use telemetry_proto::v1::ingest_client::IngestClient;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+
+use ingest::tls::balance::Transport;
+
+use crate::auth::BearerAuth;
+
+/// `Ingest` with the device's token on every call. Uploads and Control
+/// share it, and with it the compression and the transport (one server, or
+/// several balanced per call).
+pub type DeviceClient = IngestClient<InterceptedService<Transport, BearerAuth>>;
+
+/// A short one-line description; `Status`'s own Display includes metadata
+/// and details that only clutter a terminal.
+pub fn describe(status: &Status) -> String {
+    let message = status.message();
+    if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {message}", status.code())
+    }
+}
