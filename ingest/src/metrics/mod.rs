@@ -219,12 +219,12 @@ impl Metrics {
             m.devices_online.clone(),
         );
         r.register(
-            "cluster_leader",
+            "ingest_cluster_leader",
             "1 on the server process that judges inactivity rules and expires commands, else 0",
             m.cluster_leader.clone(),
         );
         r.register(
-            "cluster_listener_resyncs",
+            "ingest_cluster_listener_resyncs",
             "Times the notification listener reconnected and re-read what it may have missed",
             m.cluster_listener_resyncs.clone(),
         );
