@@ -130,6 +130,9 @@ pub(super) const LAST_SENSOR_READING: &str = "SELECT MAX(r.time_unix_nano) FROM 
      JOIN readings r ON r.sensor_pk = s.pk WHERE s.device_pk = ? AND s.sensor = ? AND r.time_unix_nano > ?";
 
 impl Store {
+    /// Opens Control streams: each gets the next generation of its device
+    /// (issued by the database) and marks it online; on PostgreSQL the other
+    /// processes hear of it at commit. One transaction for the batch.
     pub async fn open_sessions(
         &self,
         opens: &[SessionOpen],
@@ -238,44 +241,6 @@ impl Store {
 macro_rules! session_queries {
     ($store:ty, $conn:ty) => {
         impl $store {
-            /// Opens streams in one transaction (a reconnect storm is many
-            /// opens, and each notifying commit waits its turn): each gets
-            /// the next generation of its device and marks it online. On
-            /// PostgreSQL the other processes are told, at commit, so the
-            /// older stream (if one is there) ends.
-            pub async fn open_sessions(
-                &self,
-                opens: &[cluster::SessionOpen],
-                replica_id: &str,
-            ) -> Result<Vec<cluster::SessionTicket>, StorageError> {
-                let mut tx = self.begin_write().await?;
-                let mut tickets = Vec::with_capacity(opens.len());
-                for o in opens {
-                    let generation: i64 = sqlx::query_scalar(&Self::sql(cluster::OPEN_SESSION))
-                        .bind(o.device_pk)
-                        .bind(replica_id)
-                        .bind(o.at)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    sqlx::query(&Self::sql(commands::PRESENCE))
-                        .bind(true)
-                        .bind(o.at)
-                        .bind(o.firmware.as_deref())
-                        .bind(o.device_pk)
-                        .execute(&mut *tx)
-                        .await?;
-                    tickets.push(cluster::SessionTicket {
-                        device_pk: o.device_pk,
-                        generation: to_u64(generation, "generation")?,
-                    });
-                }
-                for payload in cluster::sessions_payload(&tickets) {
-                    Self::notify_on(&mut *tx, cluster::channel::SESSIONS, &payload).await?;
-                }
-                tx.commit().await?;
-                Ok(tickets)
-            }
-
             /// Ends a stream; the device goes offline only if the stream was
             /// its newest. Returns whether it was.
             pub async fn close_session(

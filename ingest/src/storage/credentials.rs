@@ -418,8 +418,12 @@ macro_rules! credential_queries {
                 if uses.is_empty() {
                     return Ok(());
                 }
+                // In pk order: two writers of the same rows never wait on
+                // each other in a circle.
+                let mut uses = uses.to_vec();
+                uses.sort_unstable();
                 let mut tx = self.begin_write().await?;
-                for (pk, at) in uses {
+                for (pk, at) in &uses {
                     sqlx::query(&Self::sql(
                         "UPDATE device_tokens SET last_used_unix_nano = ? \
                          WHERE pk = ? AND (last_used_unix_nano IS NULL OR last_used_unix_nano < ?)",

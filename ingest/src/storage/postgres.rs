@@ -141,7 +141,17 @@ impl PgStore {
     }
 
     pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
-        let (pks, times): (Vec<i64>, Vec<i64>) = seen.iter().copied().unzip();
+        let mut seen = seen.to_vec();
+        seen.sort_unstable();
+        let (pks, times): (Vec<i64>, Vec<i64>) = seen.into_iter().unzip();
+        let mut tx = self.begin_write().await?;
+        // The rows in pk order first, as group commits lock them: an UPDATE
+        // over a join locks in the join's order, and deadlocked with them
+        // (each deadlock stalled both for PostgreSQL's deadlock_timeout).
+        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+            .bind(&pks)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "UPDATE devices d SET last_seen_unix_nano = u.seen \
              FROM UNNEST($1::int8[], $2::int8[]) AS u(pk, seen) \
@@ -149,8 +159,9 @@ impl PgStore {
         )
         .bind(&pks)
         .bind(&times)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -514,6 +525,92 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(pks)
+    }
+
+    /// Opens streams in one transaction (a reconnect storm is many opens,
+    /// and each notifying commit waits its turn): each gets the next
+    /// generation of its device and marks it online, and the other
+    /// processes are told at commit, so an older stream of the device
+    /// ends wherever it is.
+    ///
+    /// Three statements whatever the batch's size, with the devices' rows
+    /// locked first in pk order, as group commits lock them: a statement
+    /// per stream held the rows for a second under load and, locking in
+    /// arrival order, deadlocked with group commits.
+    pub async fn open_sessions(
+        &self,
+        opens: &[cluster::SessionOpen],
+        replica_id: &str,
+    ) -> Result<Vec<cluster::SessionTicket>, StorageError> {
+        let mut tx = self.begin_write().await?;
+        let mut tickets = Vec::with_capacity(opens.len());
+        // A device opening twice in one batch: its streams go in rounds, as
+        // one statement cannot upsert a row twice.
+        let mut rest: Vec<&cluster::SessionOpen> = opens.iter().collect();
+        while !rest.is_empty() {
+            let mut seen = BTreeSet::new();
+            let (round, later): (Vec<_>, Vec<_>) =
+                rest.into_iter().partition(|o| seen.insert(o.device_pk));
+            rest = later;
+            let mut pks: Vec<i64> = round.iter().map(|o| o.device_pk).collect();
+            let ats: Vec<i64> = round.iter().map(|o| o.at).collect();
+            let firmware: Vec<Option<&str>> = round.iter().map(|o| o.firmware.as_deref()).collect();
+            let mut sorted = pks.clone();
+            sorted.sort_unstable();
+            sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+                .bind(&sorted)
+                .execute(&mut *tx)
+                .await?;
+            let issued: Vec<(i64, i64)> = sqlx::query_as(
+                "INSERT INTO device_sessions (device_pk, replica_id, generation, connected_unix_nano) \
+                 SELECT u.pk, $2, 1, u.at FROM UNNEST($1::int8[], $3::int8[]) AS u(pk, at) \
+                 ON CONFLICT (device_pk) DO UPDATE SET replica_id = excluded.replica_id, \
+                 generation = device_sessions.generation + 1, connected_unix_nano = excluded.connected_unix_nano \
+                 RETURNING device_pk, generation",
+            )
+            .bind(&pks)
+            .bind(replica_id)
+            .bind(&ats)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE devices d SET online = TRUE, last_seen_unix_nano = u.at, \
+                 firmware_version = COALESCE(u.firmware, d.firmware_version) \
+                 FROM UNNEST($1::int8[], $2::int8[], $3::text[]) AS u(pk, at, firmware) WHERE d.pk = u.pk",
+            )
+            .bind(&pks)
+            .bind(&ats)
+            .bind(&firmware)
+            .execute(&mut *tx)
+            .await?;
+            let generations: HashMap<i64, i64> = issued.into_iter().collect();
+            for pk in pks.drain(..) {
+                let generation = *generations.get(&pk).ok_or_else(|| {
+                    StorageError::Corrupt(format!("no session issued for device {pk}"))
+                })?;
+                tickets.push(cluster::SessionTicket {
+                    device_pk: pk,
+                    generation: to_u64(generation, "generation")?,
+                });
+            }
+        }
+        for payload in cluster::sessions_payload(&tickets) {
+            Self::notify_on(&mut tx, cluster::channel::SESSIONS, &payload).await?;
+        }
+        tx.commit().await?;
+        // In the order asked.
+        let mut by_open = Vec::with_capacity(opens.len());
+        let mut issued = tickets
+            .into_iter()
+            .fold(HashMap::<i64, Vec<_>>::new(), |mut m, t| {
+                m.entry(t.device_pk).or_default().push(t);
+                m
+            });
+        for o in opens {
+            let list = issued.get_mut(&o.device_pk).expect("issued above");
+            by_open.push(list.remove(0));
+        }
+        Ok(by_open)
     }
 
     /// Ends every session of one replica (its devices go offline).

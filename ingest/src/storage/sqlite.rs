@@ -639,6 +639,40 @@ super::credentials::credential_queries!(SqliteStore, SqliteConnection);
 
 /// One process serves a SQLite database: nobody listens for notifications.
 impl SqliteStore {
+    /// Opens streams in one transaction (a reconnect storm is many
+    /// opens, and each notifying commit waits its turn): each gets
+    /// the next generation of its device and marks it online. A
+    /// statement per stream: SQLite's one writer has no lock order to keep.
+    pub async fn open_sessions(
+        &self,
+        opens: &[cluster::SessionOpen],
+        replica_id: &str,
+    ) -> Result<Vec<cluster::SessionTicket>, StorageError> {
+        let mut tx = self.begin_write().await?;
+        let mut tickets = Vec::with_capacity(opens.len());
+        for o in opens {
+            let generation: i64 = sqlx::query_scalar(&Self::sql(cluster::OPEN_SESSION))
+                .bind(o.device_pk)
+                .bind(replica_id)
+                .bind(o.at)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query(&Self::sql(commands::PRESENCE))
+                .bind(true)
+                .bind(o.at)
+                .bind(o.firmware.as_deref())
+                .bind(o.device_pk)
+                .execute(&mut *tx)
+                .await?;
+            tickets.push(cluster::SessionTicket {
+                device_pk: o.device_pk,
+                generation: to_u64(generation, "generation")?,
+            });
+        }
+        tx.commit().await?;
+        Ok(tickets)
+    }
+
     pub(super) async fn notify_on(
         _conn: &mut SqliteConnection,
         _channel: &str,
