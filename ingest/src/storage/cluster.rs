@@ -250,6 +250,16 @@ macro_rules! session_queries {
                 at: UnixNanos,
             ) -> Result<bool, StorageError> {
                 let mut tx = self.begin_write().await?;
+                // The device's row first, as opens and group commits take
+                // it: taking the session's row first deadlocked with an
+                // open of the same device.
+                sqlx::query(&Self::sql(&format!(
+                    "SELECT pk FROM devices WHERE pk = ?{}",
+                    Self::ROW_LOCK
+                )))
+                .bind(ticket.device_pk)
+                .fetch_optional(&mut *tx)
+                .await?;
                 let closed = sqlx::query(&Self::sql(cluster::CLOSE_SESSION))
                     .bind(ticket.device_pk)
                     .bind(ticket.generation.min(i64::MAX as u64) as i64)

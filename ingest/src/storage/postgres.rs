@@ -511,20 +511,20 @@ impl PgStore {
 
     /// Deletes replicas whose lease lapsed and ends their sessions: their
     /// devices go offline unless they opened a stream elsewhere meanwhile
-    /// (the session row then names the other replica, and a concurrent
-    /// open holds its row lock, which this waits for and re-checks).
-    /// Returns the devices taken offline.
+    /// (the session row then names the other replica). One transaction;
+    /// the devices' rows are locked first in pk order, as opens, closes and
+    /// group commits take them. Returns the devices taken offline.
     pub async fn sweep_dead_replicas(&self) -> Result<Vec<i64>, StorageError> {
-        let pks: Vec<i64> = sqlx::query_scalar(&format!(
-            "WITH dead AS (DELETE FROM replicas WHERE lease_until_unix_nano < {} RETURNING replica_id), \
-             gone AS (UPDATE device_sessions s SET replica_id = NULL FROM dead \
-                      WHERE s.replica_id = dead.replica_id RETURNING s.device_pk) \
-             UPDATE devices d SET online = FALSE FROM gone WHERE d.pk = gone.device_pk RETURNING d.pk",
+        let mut tx = self.begin_write().await?;
+        let dead: Vec<String> = sqlx::query_scalar(&format!(
+            "DELETE FROM replicas WHERE lease_until_unix_nano < {} RETURNING replica_id",
             cluster::DB_NOW
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(pks)
+        let gone = Self::end_sessions_of(&mut tx, &dead).await?;
+        tx.commit().await?;
+        Ok(gone)
     }
 
     /// Opens streams in one transaction (a reconnect storm is many opens,
@@ -615,14 +615,44 @@ impl PgStore {
 
     /// Ends every session of one replica (its devices go offline).
     pub async fn sweep_replica(&self, replica_id: &str) -> Result<(), StorageError> {
-        sqlx::query(
-            "WITH gone AS (UPDATE device_sessions SET replica_id = NULL WHERE replica_id = $1 \
-             RETURNING device_pk) UPDATE devices d SET online = FALSE FROM gone WHERE d.pk = gone.device_pk",
-        )
-        .bind(replica_id)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.begin_write().await?;
+        Self::end_sessions_of(&mut tx, &[replica_id.to_owned()]).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn end_sessions_of(
+        tx: &mut Transaction<'static, Postgres>,
+        replicas: &[String],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT device_pk FROM device_sessions WHERE replica_id = ANY($1) ORDER BY device_pk",
+        )
+        .bind(replicas)
+        .fetch_all(&mut **tx)
+        .await?;
+        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+            .bind(&held)
+            .execute(&mut **tx)
+            .await?;
+        // Re-checked under the locks: a device that reopened elsewhere
+        // meanwhile names another replica now.
+        let gone: Vec<i64> = sqlx::query_scalar(
+            "UPDATE device_sessions SET replica_id = NULL \
+             WHERE device_pk = ANY($1) AND replica_id = ANY($2) RETURNING device_pk",
+        )
+        .bind(&held)
+        .bind(replicas)
+        .fetch_all(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE devices SET online = FALSE WHERE pk = ANY($1)")
+            .bind(&gone)
+            .execute(&mut **tx)
+            .await?;
+        Ok(gone)
     }
 
     /// Which of `devices` have commands queued: one query for all the
