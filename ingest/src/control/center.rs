@@ -85,6 +85,11 @@ pub struct CommandCenter {
     pub(crate) store: Store,
     pub(crate) config: ControlConfig,
     pub(crate) sessions: Mutex<HashMap<i64, SessionSlot>>,
+    /// The newest generation heard of per device from session
+    /// notifications: a stream whose open committed just before a newer
+    /// one elsewhere may hear of the newer before it is in `sessions`.
+    /// One entry per device ever opened (16 bytes each).
+    heard: Mutex<HashMap<i64, u64>>,
     pub(crate) replica: Replica,
     /// Opens streams in batches: one notifying commit for many devices
     /// when a fleet reconnects at once.
@@ -128,6 +133,7 @@ impl CommandCenter {
             store,
             config,
             sessions: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
             replica,
             opener,
             leadership,
@@ -251,15 +257,33 @@ impl CommandCenter {
     /// Another process (or this one) opened a stream of a device: an older
     /// stream held here ends.
     pub fn opened_elsewhere(&self, ticket: SessionTicket) {
-        if let Some(slot) = self
-            .sessions
-            .lock()
-            .expect("lock poisoned")
-            .get(&ticket.device_pk)
+        let sessions = self.sessions.lock().expect("lock poisoned");
+        if let Some(slot) = sessions.get(&ticket.device_pk)
             && slot.generation < ticket.generation
         {
             slot.end.send_replace(Some(SessionEnd::Superseded));
         }
+        // Also for a stream recorded here but not yet in `sessions`: the
+        // news can overtake it (see `newest_heard`). Under the sessions
+        // lock, so a stream is either in `sessions` or sees this.
+        self.heard
+            .lock()
+            .expect("lock poisoned")
+            .entry(ticket.device_pk)
+            .and_modify(|g| *g = (*g).max(ticket.generation))
+            .or_insert(ticket.generation);
+        drop(sessions);
+    }
+
+    /// The newest generation heard of for a device; call with the sessions
+    /// lock held. A stream older than it was superseded before it started.
+    pub(crate) fn newest_heard(&self, device_pk: i64) -> u64 {
+        self.heard
+            .lock()
+            .expect("lock poisoned")
+            .get(&device_pk)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Another process changed a command's state.

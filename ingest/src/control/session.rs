@@ -108,6 +108,10 @@ where
             Some(newer) if newer.generation > ticket.generation => {
                 end_tx.send_replace(Some(SessionEnd::Superseded));
             }
+            // ... or a newer one on another process, heard of already.
+            _ if center.newest_heard(device.pk) > ticket.generation => {
+                end_tx.send_replace(Some(SessionEnd::Superseded));
+            }
             _ => {
                 let slot = SessionSlot {
                     generation: ticket.generation,
