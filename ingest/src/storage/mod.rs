@@ -17,6 +17,7 @@ macro_rules! dispatch {
 pub mod alerts;
 pub mod cluster;
 pub mod commands;
+mod copy_binary;
 pub mod credentials;
 mod error;
 pub mod partitions;
@@ -24,6 +25,7 @@ mod postgres;
 pub mod rollup;
 mod shared;
 mod sqlite;
+mod sqlite_bulk;
 pub mod writer;
 
 use std::collections::HashMap;

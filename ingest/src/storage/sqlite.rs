@@ -409,14 +409,12 @@ pub(crate) struct SqliteGroupTx {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum BulkStatement {
-    Readings,
     Rollups,
 }
 
 impl BulkStatement {
     const fn columns(self) -> usize {
         match self {
-            Self::Readings => 3,
             Self::Rollups => 8,
         }
     }
@@ -424,17 +422,12 @@ impl BulkStatement {
     /// Most rows per statement within SQLite's 32766 bound parameters.
     const fn max_rows(self) -> usize {
         match self {
-            Self::Readings => 8192,
             Self::Rollups => 2048,
         }
     }
 
     fn sql(self, rows: usize) -> String {
         let (head, tail) = match self {
-            Self::Readings => (
-                "INSERT INTO readings (sensor_pk, time_unix_nano, value) VALUES ",
-                "",
-            ),
             // Adding to a bucket that already has readings (late data, or
             // the rest of the hour) merges the aggregates. SET expressions
             // all see the row as it was, so last_time decides both columns.
@@ -540,12 +533,7 @@ impl GroupTx for SqliteGroupTx {
     }
 
     async fn insert_readings(&mut self, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
-        self.bulk(BulkStatement::Readings, rows.len(), |q, i| {
-            q.bind(rows.sensor_pk[i])
-                .bind(rows.time[i])
-                .bind(rows.value[i])
-        })
-        .await
+        super::sqlite_bulk::insert_readings(&mut self.tx, rows).await
     }
 
     async fn add_rollups(&mut self, rows: &RollupRows) -> Result<(), sqlx::Error> {
@@ -699,7 +687,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_all_rows_with_few_shapes() {
-        for kind in [BulkStatement::Readings, BulkStatement::Rollups] {
+        for kind in [BulkStatement::Rollups] {
             let max = kind.max_rows();
             assert!(
                 max * kind.columns() <= 32766,
