@@ -3,13 +3,13 @@
 //! sqlx binds each value as an enum in an argument vector, sent to the
 //! connection's worker thread and bound there one by one: at a million
 //! readings a second that marshalling was about a tenth of the SQLite
-//! thread (docs/benchmarks.md). Here one prepared single-row statement is
-//! bound straight from the columns and stepped once per row, which is the
-//! loop SQLite's own shell runs. sqlx lends the handle (`lock_handle`) for
+//! thread (docs/benchmarks.md). Here a prepared multi-row statement is
+//! bound straight from the columns, with no allocation per value. sqlx lends the handle (`lock_handle`) for
 //! the duration, so the rows land in the transaction sqlx opened and
 //! commit with everything else in the group.
 
-use std::ffi::{CStr, c_int};
+use std::ffi::{CStr, CString, c_int};
+use std::ops::Range;
 use std::ptr::{self, NonNull};
 
 use libsqlite3_sys as ffi;
@@ -17,8 +17,24 @@ use sqlx::SqliteConnection;
 
 use super::ReadingColumns;
 
-const INSERT_READING: &CStr =
-    c"INSERT INTO readings (sensor_pk, time_unix_nano, value) VALUES (?1, ?2, ?3)";
+/// Rows per execution of the multi-row statement. One execution opens the
+/// table's and the index's cursors once for all its rows; a single-row
+/// statement opens them, and seeks to the table's end from its root, for
+/// every row. 3 × 512 parameters stay far below SQLite's limit of 32766.
+const CHUNK_ROWS: usize = 512;
+
+/// `OR FAIL`: a statement that fails keeps the rows it already inserted,
+/// so SQLite needs no statement journal to undo them, which otherwise
+/// copies every page a multi-row insert touches. Nothing is kept in fact:
+/// a failed insert fails its group, and the group's transaction rolls back.
+fn insert_sql(rows: usize) -> CString {
+    let mut sql =
+        String::from("INSERT OR FAIL INTO readings (sensor_pk, time_unix_nano, value) VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
+    }
+    CString::new(sql).expect("no NUL in SQL")
+}
 
 /// Inserts every row of `rows` on `conn`, which must be inside a write
 /// transaction. On error some rows may have been inserted: the caller rolls
@@ -43,9 +59,20 @@ pub(super) async fn insert_readings(
 }
 
 fn insert_on(db: NonNull<ffi::sqlite3>, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
-    let statement = Statement::prepare(db, INSERT_READING)?;
-    for ((&sensor_pk, &time), &value) in rows.sensor_pk.iter().zip(&rows.time).zip(&rows.value) {
-        statement.insert_row(sensor_pk, time, value)?;
+    let full_chunks = rows.len() / CHUNK_ROWS;
+    let mut row = 0;
+    if full_chunks > 0 {
+        let chunk = Statement::prepare(db, &insert_sql(CHUNK_ROWS))?;
+        for _ in 0..full_chunks {
+            chunk.insert(rows, row..row + CHUNK_ROWS)?;
+            row += CHUNK_ROWS;
+        }
+    }
+    if row < rows.len() {
+        let single = Statement::prepare(db, &insert_sql(1))?;
+        for r in row..rows.len() {
+            single.insert(rows, r..r + 1)?;
+        }
     }
     Ok(())
 }
@@ -78,26 +105,35 @@ impl Statement {
         }
     }
 
-    fn insert_row(&self, sensor_pk: i64, time: i64, value: f64) -> Result<(), sqlx::Error> {
+    /// Binds `range` of `rows` to the statement's parameters, which must
+    /// be three per row of the range, and runs it once.
+    fn insert(&self, rows: &ReadingColumns, range: Range<usize>) -> Result<(), sqlx::Error> {
         let stmt = self.raw.as_ptr();
-        // SAFETY: `stmt` is a live statement of three parameters on a
-        // connection this thread holds; binding numbers copies them.
-        let rc = unsafe {
-            let mut rc = ffi::sqlite3_bind_int64(stmt, 1, sensor_pk);
-            if rc == ffi::SQLITE_OK {
-                rc = ffi::sqlite3_bind_int64(stmt, 2, time);
-            }
-            if rc == ffi::SQLITE_OK {
-                rc = ffi::sqlite3_bind_double(stmt, 3, value);
+        let mut rc = ffi::SQLITE_OK;
+        // SAFETY: `stmt` is a live statement with 3 × range.len()
+        // parameters on a connection this thread holds; binding numbers
+        // copies them, and parameter indexes start at 1.
+        unsafe {
+            let mut param: c_int = 1;
+            for i in range {
+                for r in [
+                    ffi::sqlite3_bind_int64(stmt, param, rows.sensor_pk[i]),
+                    ffi::sqlite3_bind_int64(stmt, param + 1, rows.time[i]),
+                    ffi::sqlite3_bind_double(stmt, param + 2, rows.value[i]),
+                ] {
+                    if rc == ffi::SQLITE_OK {
+                        rc = r;
+                    }
+                }
+                param += 3;
             }
             if rc == ffi::SQLITE_OK {
                 rc = ffi::sqlite3_step(stmt);
             }
             // Reset whatever happened, so the statement can run again (or
-            // be finalized) and a failed step's error stays readable.
+            // be finalized); a failed step's message stays readable.
             ffi::sqlite3_reset(stmt);
-            rc
-        };
+        }
         if rc == ffi::SQLITE_DONE {
             Ok(())
         } else {
