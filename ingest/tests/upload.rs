@@ -21,6 +21,7 @@ backend_tests!(
     many_devices_uploading_at_once_lose_nothing,
     an_empty_stream_reports_the_stored_cursor,
     hundreds_of_concurrent_calls_share_one_connection,
+    large_batches_are_stored_row_for_row,
 );
 
 async fn summary_reports_every_figure(backend: Backend) {
@@ -404,4 +405,67 @@ async fn hundreds_of_concurrent_calls_share_one_connection(backend: Backend) {
             .expect("every call on the shared connection succeeds");
         assert_eq!(reply.into_inner().device_id, "dev-1");
     }
+}
+
+/// Batches larger than the writer's bulk statements (512 rows on SQLite,
+/// one binary COPY on PostgreSQL) and not a multiple of them: every reading
+/// lands once, with its own sensor, time and value.
+async fn large_batches_are_stored_row_for_row(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("dev-bulk").await;
+    let mut client = server.ingest(&token).await;
+    let t = now_nanos();
+    let points = |offset: u64, n: u64| -> Vec<(u64, f64)> {
+        (0..n)
+            .map(|i| (t + offset + i, (offset + i) as f64 * 0.25 - 100.0))
+            .collect()
+    };
+    let batches = vec![
+        batch(1, vec![series("a", "", &points(0, 1300))]),
+        batch(
+            2,
+            vec![
+                series("a", "", &points(1300, 511)),
+                series("b", "", &points(1811, 513)),
+                series("c", "", &points(2324, 1)),
+            ],
+        ),
+    ];
+    let summary = upload(&mut client, batches).await.unwrap();
+    assert_eq!(summary.readings_accepted, 2325);
+    assert_eq!(server.storage.count_readings().await, 2325);
+    // Each reading's offset i is recoverable from its time and its value;
+    // these sums are exact integers.
+    assert_eq!(
+        server
+            .storage
+            .scalar(&format!(
+                "SELECT CAST(SUM(time_unix_nano - {t}) AS BIGINT) FROM readings"
+            ))
+            .await,
+        (0..2325).sum::<i64>()
+    );
+    assert_eq!(
+        server
+            .storage
+            .scalar(&format!(
+                "SELECT COUNT(*) FROM readings WHERE value * 4 + 400 <> time_unix_nano - {t}"
+            ))
+            .await,
+        0
+    );
+    assert_eq!(
+        server
+            .storage
+            .scalar(&format!(
+                "SELECT COUNT(DISTINCT time_unix_nano) FROM readings r JOIN sensors s \
+                 ON s.pk = r.sensor_pk WHERE (s.sensor = 'a' AND r.time_unix_nano < {t} + 1811) \
+                 OR (s.sensor = 'b' AND r.time_unix_nano BETWEEN {t} + 1811 AND {t} + 2323) \
+                 OR (s.sensor = 'c' AND r.time_unix_nano = {t} + 2324)"
+            ))
+            .await,
+        2325
+    );
 }
