@@ -4,9 +4,9 @@
 //! connection's worker thread and bound there one by one: at a million
 //! readings a second that marshalling was about a tenth of the SQLite
 //! thread (docs/benchmarks.md). Here a prepared multi-row statement is
-//! bound straight from the columns, with no allocation per value. sqlx lends the handle (`lock_handle`) for
-//! the duration, so the rows land in the transaction sqlx opened and
-//! commit with everything else in the group.
+//! bound straight from the columns, with no allocation per value. sqlx
+//! lends the handle (`lock_handle`) for the duration, so the rows land in
+//! the transaction sqlx opened and commit with everything else in the group.
 
 use std::ffi::{CStr, CString, c_int};
 use std::ops::Range;
@@ -94,7 +94,7 @@ impl Statement {
                 db.as_ptr(),
                 sql.as_ptr(),
                 -1,
-                ffi::SQLITE_PREPARE_PERSISTENT as u32,
+                ffi::SQLITE_PREPARE_PERSISTENT,
                 &mut raw,
                 ptr::null_mut(),
             )
