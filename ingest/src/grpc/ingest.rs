@@ -135,7 +135,7 @@ impl IngestService {
             Outgoing::Command(c) => Ok(pb::ServerMessage {
                 msg: Some(pb::server_message::Msg::Command(command_to_pb(&c))),
             }),
-            Outgoing::End(end) => Err(Status::from(end)),
+            Outgoing::End(end) => Err(Status::from(*end)),
         });
         Ok(Response::new(Box::pin(stream)))
     }
