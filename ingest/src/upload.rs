@@ -112,10 +112,14 @@ type InFlight = VecDeque<(
 
 /// Runs an upload stream for `device` to its end, or until `credential`
 /// no longer holds.
+///
+/// Everything is lent: the caller's future owns the stream and the
+/// credential once, for as long as the stream lasts (see
+/// `IngestService::upload_call`).
 pub async fn run<S>(
-    messages: S,
+    messages: &mut S,
     device: &DeviceKey,
-    credential: Option<CredentialWatch>,
+    credential: &mut Option<CredentialWatch>,
     ctx: &UploadContext,
 ) -> Result<UploadTally, UploadFailure>
 where
@@ -152,9 +156,9 @@ where
 }
 
 async fn receive<S>(
-    mut messages: S,
+    messages: &mut S,
     device: &DeviceKey,
-    mut credential: Option<CredentialWatch>,
+    credential: &mut Option<CredentialWatch>,
     ctx: &UploadContext,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
@@ -176,7 +180,7 @@ where
         let next = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
-            ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
+            ended = until_ended(credential) => return Err(UploadError::CredentialEnded(ended)),
             // Answers are taken as they come rather than when the next
             // batch arrives: an idle stream (a device sending every few
             // seconds, its stream open) then keeps nothing of its batches.
@@ -261,7 +265,7 @@ where
         // flow control holds it back and nothing is refused or lost.
         let hold = ctx.rate_limits.readings(device.pk, received);
         if !hold.is_zero() {
-            Box::pin(throttle(hold, &mut shutdown, &mut credential)).await?;
+            Box::pin(throttle(hold, &mut shutdown, credential)).await?;
             tally.throttled += hold;
             ctx.metrics
                 .upload_throttled_seconds
@@ -379,5 +383,73 @@ fn record(
             metrics.reading("rejected", "commit_failed", received);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    #![allow(unreachable_code, unused_variables, clippy::diverging_sub_expression)]
+    use super::*;
+
+    fn size<F: std::future::Future>(_: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn print_sizes() {
+        type S = tonic::Streaming<pb::ReadingBatch>;
+        eprintln!("Streaming {}", std::mem::size_of::<S>());
+        eprintln!("UploadTally {}", std::mem::size_of::<UploadTally>());
+        eprintln!("CredentialWatch {}", std::mem::size_of::<Option<CredentialWatch>>());
+        eprintln!(
+            "run {}",
+            size(|| run::<S>(unimplemented!(), unimplemented!(), unimplemented!(), unimplemented!()))
+        );
+        eprintln!(
+            "receive {}",
+            size(|| receive::<S>(
+                unimplemented!(),
+                unimplemented!(),
+                unimplemented!(),
+                unimplemented!(),
+                unimplemented!(),
+                unimplemented!()
+            ))
+        );
+        eprintln!(
+            "until_ended {}",
+            size(|| until_ended(unimplemented!()))
+        );
+        eprintln!(
+            "oldest_answer {}",
+            size(|| oldest_answer(unimplemented!()))
+        );
+        eprintln!(
+            "wait_for {}",
+            size(|| {
+                let w: &'static mut watch::Receiver<bool> = unimplemented!();
+                async move { w.wait_for(|s| *s).await.is_ok() }
+            })
+        );
+        eprintln!(
+            "timeout_next {}",
+            size(|| {
+                let m: &'static mut S = unimplemented!();
+                tokio::time::timeout(Duration::from_secs(1), m.next())
+            })
+        );
+        eprintln!("sleep {}", std::mem::size_of::<tokio::time::Sleep>());
+        eprintln!("ReadingBatch {}", std::mem::size_of::<pb::ReadingBatch>());
+        eprintln!(
+            "ValidatedBatch {}",
+            std::mem::size_of::<crate::domain::reading::ValidatedBatch>()
+        );
+        eprintln!("BatchReport {}", std::mem::size_of::<BatchReport>());
+        eprintln!(
+            "session::run {}",
+            size(|| crate::control::session::run_for_size::<
+                tonic::Streaming<pb::DeviceMessage>,
+            >())
+        );
     }
 }

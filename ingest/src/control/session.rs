@@ -377,3 +377,23 @@ async fn handle(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(unreachable_code, clippy::diverging_sub_expression)]
+pub(crate) fn run_for_size<S>() -> impl std::future::Future<Output = ()>
+where
+    S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
+{
+    run::<S>(
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+        unimplemented!(),
+    )
+}

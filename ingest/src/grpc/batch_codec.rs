@@ -206,8 +206,7 @@ impl ClientStreamingService<pb::ReadingBatch> for UploadMethod {
     type Future = BoxFuture<'static, Result<tonic::Response<pb::UploadSummary>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<pb::ReadingBatch>>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.upload_readings(request).await })
+        self.0.clone().upload_call(request)
     }
 }
 
