@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
@@ -32,6 +33,8 @@ use crate::stats::Stats;
 
 /// Batches queued between an upload stream and the gRPC body; small, so a
 /// slow server pushes back on the device instead of buffering in memory.
+/// Queued boxed: tokio allocates a channel's slots 32 at a time whatever
+/// its bound, and a fleet of 100,000 devices holds one such queue each.
 const STREAM_QUEUE: usize = 8;
 /// Batches waiting between the sampler and the uploader.
 const SAMPLER_QUEUE: usize = 16;
@@ -365,13 +368,15 @@ impl Uploader {
             wait = true;
 
             let mut client = self.client.clone();
-            let call = async move {
+            // Boxed: the device's task would otherwise keep room for this
+            // call (a few KiB) for as long as it runs.
+            let call = Box::pin(async move {
                 tokio::time::timeout(
                     CURSOR_TIMEOUT,
                     client.get_upload_cursor(GetUploadCursorRequest {}),
                 )
                 .await
-            };
+            });
             match self.while_sampling(call).await? {
                 Ok(Ok(response)) => {
                     self.set_connected(true);
@@ -416,14 +421,13 @@ impl Uploader {
     /// new ones until the stream has carried `batches_per_stream`, closes it
     /// and waits for the summary.
     async fn upload_stream(&mut self) -> Result<StreamEnd, CallFailure> {
-        let (tx, rx) = mpsc::channel::<ReadingBatch>(STREAM_QUEUE);
+        let (tx, rx) = mpsc::channel::<Box<ReadingBatch>>(STREAM_QUEUE);
         let mut client = self.client.clone();
         // Spawned so the request body keeps flowing while this loop waits on
         // the sampler, the queue or the clock.
         let mut call = tokio::spawn(async move {
-            client
-                .upload_readings(Request::new(ReceiverStream::new(rx)))
-                .await
+            let batches = ReceiverStream::new(rx).map(|batch| *batch);
+            client.upload_readings(Request::new(batches)).await
         });
 
         let mut tx = Some(tx);
@@ -507,7 +511,7 @@ impl Uploader {
     /// sequence.
     fn hand_over(
         &mut self,
-        permit: mpsc::Permit<'_, ReadingBatch>,
+        permit: mpsc::Permit<'_, Box<ReadingBatch>>,
         last_handed: u64,
     ) -> Option<u64> {
         let pending = self.buffer.next_after(last_handed)?;
@@ -520,7 +524,7 @@ impl Uploader {
             self.stats.batches_sent.inc();
             self.stats.readings_sent.add(pending.readings);
         }
-        permit.send(pending.batch.clone());
+        permit.send(Box::new(pending.batch.clone()));
         Some(pending.sequence())
     }
 
@@ -607,8 +611,8 @@ impl Uploader {
 /// A send slot on the stream, or never when the stream is closed (`select!`
 /// builds every branch's future even when its guard is false).
 async fn reserve(
-    tx: Option<&mpsc::Sender<ReadingBatch>>,
-) -> Result<mpsc::Permit<'_, ReadingBatch>, mpsc::error::SendError<()>> {
+    tx: Option<&mpsc::Sender<Box<ReadingBatch>>>,
+) -> Result<mpsc::Permit<'_, Box<ReadingBatch>>, mpsc::error::SendError<()>> {
     match tx {
         Some(tx) => tx.reserve().await,
         None => std::future::pending().await,
