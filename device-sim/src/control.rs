@@ -18,7 +18,7 @@ use telemetry_proto::v1::{
     ServerMessage, SetBatchSize, SetSamplingInterval, SetSensorEnabled, device_message,
     server_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
@@ -179,10 +179,16 @@ impl Controller {
     /// must stop (its token is refused); `Ok` on shutdown, and when the
     /// server has no Control call (the device goes on uploading without
     /// one).
-    pub async fn run(mut self) -> Result<(), String> {
+    ///
+    /// `connecting` is the device's place among those connecting at once:
+    /// given back when the first stream has been answered, either way.
+    pub async fn run(mut self, connecting: Option<Arc<OwnedSemaphorePermit>>) -> Result<(), String> {
+        let mut connecting = connecting;
         loop {
             let opened = Instant::now();
-            match self.stream().await {
+            let end = self.stream(&mut connecting).await;
+            connecting = None;
+            match end {
                 StreamEnd::Shutdown => return Ok(()),
                 StreamEnd::Fatal(reason) => return Err(reason),
                 StreamEnd::Unimplemented(detail) => {
@@ -240,7 +246,7 @@ impl Controller {
     }
 
     /// One Control stream, from Hello to its end.
-    async fn stream(&mut self) -> StreamEnd {
+    async fn stream(&mut self, connecting: &mut Option<Arc<OwnedSemaphorePermit>>) -> StreamEnd {
         let (tx, rx) = mpsc::channel::<Box<DeviceMessage>>(CONTROL_QUEUE);
         if tx.try_send(Box::new(self.hello())).is_err() {
             unreachable!("a new queue has room for the hello");
@@ -264,6 +270,7 @@ impl Controller {
             }
         };
         debug!(device = %self.device_id, "control stream open");
+        *connecting = None;
 
         // The first status goes out right after the hello.
         let mut status_ticker = tokio::time::interval(self.status_interval);
@@ -564,7 +571,7 @@ mod tests {
                 Arc::clone(&stats),
                 shutdown,
             )
-            .run(),
+            .run(None),
         );
         Harness {
             control,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
@@ -43,6 +43,8 @@ const SUMMARY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the last stream may take to answer once shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const CURSOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// The latest a device's first batch comes after it starts.
+const FIRST_BATCH_SPREAD: Duration = Duration::from_secs(20);
 
 /// How a device's run ended.
 #[derive(Debug)]
@@ -55,13 +57,25 @@ pub struct DeviceOutcome {
 }
 
 /// Runs one device until shutdown or a fatal error.
+///
+/// The device first waits for a place among the devices connecting at once
+/// (`admission`, `--connect-concurrency`); the place is given back once its
+/// upload cursor is known and its Control stream has been answered (or
+/// either has given up).
 pub async fn run_device(
     device_id: String,
     client: DeviceClient,
     config: Arc<Config>,
     stats: Arc<Stats>,
-    shutdown: Shutdown,
+    admission: Arc<Semaphore>,
+    mut shutdown: Shutdown,
 ) -> DeviceOutcome {
+    let connecting = tokio::select! {
+        permit = admission.acquire_owned() => permit.ok().map(Arc::new),
+        () = shutdown.requested() => {
+            return DeviceOutcome { device_id, failure: None, unacked_batches: 0 };
+        }
+    };
     let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
     let (produced_tx, produced_rx) = mpsc::channel(SAMPLER_QUEUE);
     let sampler = Sampler::new(
@@ -71,8 +85,13 @@ pub async fn run_device(
         &shared.settings.borrow(),
     );
     shared.set_battery(sampler.battery_level());
+    // Staggered over a batch period, but never past FIRST_BATCH_SPREAD: the
+    // server ends a stream whose first batch is late
+    // (--upload-first-message-timeout, 30 s by default), and a slow fleet
+    // (a batch a minute) would otherwise lose most first streams to it.
     let first_delay = config
         .batch_period()
+        .min(FIRST_BATCH_SPREAD)
         .mul_f64(rand::rng().random_range(0.0..1.0));
     let sampler_task = tokio::spawn(run_sampler(
         sampler,
@@ -92,7 +111,7 @@ pub async fn run_device(
             Arc::clone(&stats),
             shutdown.clone(),
         )
-        .run(),
+        .run(connecting.clone()),
     );
 
     let mut uploader = Uploader {
@@ -111,6 +130,7 @@ pub async fn run_device(
         warned_rejections: false,
         power: shared.power.subscribe(),
         boot: 0,
+        connecting,
     };
     let result = {
         let upload = uploader.run();
@@ -169,6 +189,10 @@ fn classify(status: &Status) -> CallFailure {
         // Transient codes, and RESOURCE_EXHAUSTED with a retry delay (too
         // many stream opens): the delay is honoured by the backoff.
         _ if is_retryable(status) => CallFailure::Retryable(detail),
+        // The connection itself failed (a GOAWAY, say ENHANCE_YOUR_CALM,
+        // which tonic reports as RESOURCE_EXHAUSTED): another connection, or
+        // the same one reopened, can take the call.
+        _ if is_connection_error(status) => CallFailure::Retryable(detail),
         Code::Unauthenticated => CallFailure::Fatal(format!(
             "the server rejected this device's token ({detail}); the credentials file does not \
              match the server's devices: delete it (or the server's data) or use another \
@@ -184,6 +208,12 @@ fn classify(status: &Status) -> CallFailure {
         )),
         _ => CallFailure::Fatal(format!("unexpected answer from the server ({detail})")),
     }
+}
+
+/// Whether `status` comes from the HTTP/2 connection rather than from the
+/// server's handler (tonic puts the h2 error in the message).
+fn is_connection_error(status: &Status) -> bool {
+    status.message().starts_with("h2 protocol error")
 }
 
 enum StreamEnd {
@@ -226,6 +256,9 @@ struct Uploader {
     /// The device's power state, and the boot this uploader runs in.
     power: watch::Receiver<Power>,
     boot: u64,
+    /// The device's place among those connecting at once, until its first
+    /// cursor is known (shared with its controller).
+    connecting: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl Uploader {
@@ -248,7 +281,9 @@ impl Uploader {
 
     /// Uploads from (re)boot until shutdown, a reboot or a fatal error.
     async fn run_powered(&mut self) -> Halt {
-        let cursor = match self.fetch_cursor(false).await {
+        let fetched = self.fetch_cursor(false).await;
+        self.connecting = None;
+        let cursor = match fetched {
             Ok(cursor) => cursor,
             Err(halt) => return halt,
         };
@@ -679,6 +714,7 @@ mod tests {
             client,
             Arc::new(config),
             Arc::clone(&stats),
+            Arc::new(tokio::sync::Semaphore::new(1)),
             shutdown,
         ));
         Running {

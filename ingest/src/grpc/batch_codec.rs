@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use prost::Message;
 use prost::encoding::{DecodeContext, decode_key, message};
 use telemetry_proto::v1 as pb;
-use telemetry_proto::v1::ingest_server::{Ingest, IngestServer};
+use telemetry_proto::v1::ingest_server::IngestServer;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
 use tonic::server::{ClientStreamingService, NamedService};
