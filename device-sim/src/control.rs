@@ -182,7 +182,10 @@ impl Controller {
     ///
     /// `connecting` is the device's place among those connecting at once:
     /// given back when the first stream has been answered, either way.
-    pub async fn run(mut self, connecting: Option<Arc<OwnedSemaphorePermit>>) -> Result<(), String> {
+    pub async fn run(
+        mut self,
+        connecting: Option<Arc<OwnedSemaphorePermit>>,
+    ) -> Result<(), String> {
         let mut connecting = connecting;
         loop {
             let opened = Instant::now();

@@ -311,9 +311,7 @@ pub fn raw_series(series: Vec<pb::SensorSeries>) -> Vec<RawSeries> {
 
 /// Resolves with the answer to the oldest in-flight batch; pending while
 /// there is none.
-async fn oldest_answer(
-    inflight: &mut InFlight,
-) -> Result<CommitResult, oneshot::error::RecvError> {
+async fn oldest_answer(inflight: &mut InFlight) -> Result<CommitResult, oneshot::error::RecvError> {
     match inflight.front_mut() {
         Some((_, _, committed, _)) => committed.await,
         None => std::future::pending().await,
@@ -383,73 +381,5 @@ fn record(
             metrics.reading("rejected", "commit_failed", received);
             true
         }
-    }
-}
-
-#[cfg(test)]
-mod future_sizes {
-    #![allow(unreachable_code, unused_variables, clippy::diverging_sub_expression)]
-    use super::*;
-
-    fn size<F: std::future::Future>(_: impl FnOnce() -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    #[test]
-    fn print_sizes() {
-        type S = tonic::Streaming<pb::ReadingBatch>;
-        eprintln!("Streaming {}", std::mem::size_of::<S>());
-        eprintln!("UploadTally {}", std::mem::size_of::<UploadTally>());
-        eprintln!("CredentialWatch {}", std::mem::size_of::<Option<CredentialWatch>>());
-        eprintln!(
-            "run {}",
-            size(|| run::<S>(unimplemented!(), unimplemented!(), unimplemented!(), unimplemented!()))
-        );
-        eprintln!(
-            "receive {}",
-            size(|| receive::<S>(
-                unimplemented!(),
-                unimplemented!(),
-                unimplemented!(),
-                unimplemented!(),
-                unimplemented!(),
-                unimplemented!()
-            ))
-        );
-        eprintln!(
-            "until_ended {}",
-            size(|| until_ended(unimplemented!()))
-        );
-        eprintln!(
-            "oldest_answer {}",
-            size(|| oldest_answer(unimplemented!()))
-        );
-        eprintln!(
-            "wait_for {}",
-            size(|| {
-                let w: &'static mut watch::Receiver<bool> = unimplemented!();
-                async move { w.wait_for(|s| *s).await.is_ok() }
-            })
-        );
-        eprintln!(
-            "timeout_next {}",
-            size(|| {
-                let m: &'static mut S = unimplemented!();
-                tokio::time::timeout(Duration::from_secs(1), m.next())
-            })
-        );
-        eprintln!("sleep {}", std::mem::size_of::<tokio::time::Sleep>());
-        eprintln!("ReadingBatch {}", std::mem::size_of::<pb::ReadingBatch>());
-        eprintln!(
-            "ValidatedBatch {}",
-            std::mem::size_of::<crate::domain::reading::ValidatedBatch>()
-        );
-        eprintln!("BatchReport {}", std::mem::size_of::<BatchReport>());
-        eprintln!(
-            "session::run {}",
-            size(|| crate::control::session::run_for_size::<
-                tonic::Streaming<pb::DeviceMessage>,
-            >())
-        );
     }
 }

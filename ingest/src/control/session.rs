@@ -377,23 +377,3 @@ async fn handle(
     }
     Ok(())
 }
-
-#[cfg(test)]
-#[allow(unreachable_code, clippy::diverging_sub_expression)]
-pub(crate) fn run_for_size<S>() -> impl std::future::Future<Output = ()>
-where
-    S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
-{
-    run::<S>(
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-        unimplemented!(),
-    )
-}

@@ -15,9 +15,9 @@ use tracing::Instrument;
 use super::command_messages::command_to_pb;
 use super::{convert, status};
 use crate::auth::{self, CredentialWatch};
-use crate::domain::{DeviceKey, UploadTally};
 use crate::control::CommandCenter;
 use crate::control::session::{self, Outgoing};
+use crate::domain::{DeviceKey, UploadTally};
 use crate::telemetry;
 use crate::upload::{self, UploadContext};
 
@@ -102,8 +102,7 @@ impl IngestService {
         };
         Box::pin(
             async move {
-                let result =
-                    upload::run(&mut messages, &device, &mut credential, &self.ctx).await;
+                let result = upload::run(&mut messages, &device, &mut credential, &self.ctx).await;
                 summarize(result)
             }
             .instrument(span),
@@ -120,7 +119,14 @@ impl IngestService {
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> (
         tracing::Span,
-        Result<(DeviceKey, Option<CredentialWatch>, Streaming<pb::ReadingBatch>), Status>,
+        Result<
+            (
+                DeviceKey,
+                Option<CredentialWatch>,
+                Streaming<pb::ReadingBatch>,
+            ),
+            Status,
+        >,
     ) {
         let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
         telemetry::follow_caller(&span, request.metadata());
