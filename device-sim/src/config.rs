@@ -142,6 +142,14 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_buffered_batches: u32,
 
+    /// Devices connecting at once (fetching their upload cursor and opening
+    /// their Control stream for the first time). The rest wait their turn,
+    /// so a large fleet started together comes online as fast as the server
+    /// admits it instead of timing out and retrying in a storm.
+    #[arg(long, env = "DEVICE_SIM_CONNECT_CONCURRENCY", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_concurrency: u32,
+
     /// How often each device sends a status report (battery, uptime,
     /// signal) on its Control stream.
     #[arg(long, env = "DEVICE_SIM_STATUS_INTERVAL", default_value = "10s")]
@@ -183,6 +191,7 @@ pub struct Config {
     /// `Some(rate)` when anomalies are on.
     pub anomaly_rate: Option<f64>,
     pub max_buffered_batches: usize,
+    pub connect_concurrency: usize,
     pub status_interval: Duration,
     pub reboot_delay: Duration,
     pub report_json: Option<PathBuf>,
@@ -269,6 +278,7 @@ impl Config {
             max_buffered_batches: usize::try_from(args.max_buffered_batches)
                 .context("--max-buffered-batches is too large")?,
             status_interval,
+            connect_concurrency: args.connect_concurrency as usize,
             reboot_delay,
             report_json: args.report_json,
             quiet: args.quiet,

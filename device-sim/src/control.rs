@@ -18,7 +18,8 @@ use telemetry_proto::v1::{
     ServerMessage, SetBatchSize, SetSamplingInterval, SetSensorEnabled, device_message,
     server_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -45,7 +46,10 @@ pub const CAPABILITIES: [&str; 6] = [
 
 /// Acknowledgements remembered for answering redelivered commands.
 const RECENT_COMMANDS: usize = 1024;
-/// Messages queued for the request body of a Control stream.
+/// Messages queued for the request body of a Control stream, boxed: tokio
+/// allocates a channel's slots 32 at a time whatever its bound, and 32
+/// inline messages cost every device over 2 KiB for a queue that is nearly
+/// always empty.
 const CONTROL_QUEUE: usize = 16;
 /// How long the server may take to accept a Control stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -175,10 +179,19 @@ impl Controller {
     /// must stop (its token is refused); `Ok` on shutdown, and when the
     /// server has no Control call (the device goes on uploading without
     /// one).
-    pub async fn run(mut self) -> Result<(), String> {
+    ///
+    /// `connecting` is the device's place among those connecting at once:
+    /// given back when the first stream has been answered, either way.
+    pub async fn run(
+        mut self,
+        connecting: Option<Arc<OwnedSemaphorePermit>>,
+    ) -> Result<(), String> {
+        let mut connecting = connecting;
         loop {
             let opened = Instant::now();
-            match self.stream().await {
+            let end = self.stream(&mut connecting).await;
+            connecting = None;
+            match end {
                 StreamEnd::Shutdown => return Ok(()),
                 StreamEnd::Fatal(reason) => return Err(reason),
                 StreamEnd::Unimplemented(detail) => {
@@ -236,15 +249,18 @@ impl Controller {
     }
 
     /// One Control stream, from Hello to its end.
-    async fn stream(&mut self) -> StreamEnd {
-        let (tx, rx) = mpsc::channel::<DeviceMessage>(CONTROL_QUEUE);
-        if tx.try_send(self.hello()).is_err() {
+    async fn stream(&mut self, connecting: &mut Option<Arc<OwnedSemaphorePermit>>) -> StreamEnd {
+        let (tx, rx) = mpsc::channel::<Box<DeviceMessage>>(CONTROL_QUEUE);
+        if tx.try_send(Box::new(self.hello())).is_err() {
             unreachable!("a new queue has room for the hello");
         }
         let mut client = self.client.clone();
-        let open = tokio::time::timeout(OPEN_TIMEOUT, async move {
-            client.control(Request::new(ReceiverStream::new(rx))).await
-        });
+        // Boxed: the controller's task would otherwise keep room for the
+        // opening call for as long as the stream lasts.
+        let open = Box::pin(tokio::time::timeout(OPEN_TIMEOUT, async move {
+            let messages = ReceiverStream::new(rx).map(|message| *message);
+            client.control(Request::new(messages)).await
+        }));
         let opened = tokio::select! {
             opened = open => opened,
             () = self.shutdown.requested() => return StreamEnd::Shutdown,
@@ -257,6 +273,7 @@ impl Controller {
             }
         };
         debug!(device = %self.device_id, "control stream open");
+        *connecting = None;
 
         // The first status goes out right after the hello.
         let mut status_ticker = tokio::time::interval(self.status_interval);
@@ -300,11 +317,11 @@ impl Controller {
     /// an error here: the response side reports why it ended.
     async fn send(
         &mut self,
-        tx: &mpsc::Sender<DeviceMessage>,
+        tx: &mpsc::Sender<Box<DeviceMessage>>,
         message: DeviceMessage,
     ) -> Result<(), StreamEnd> {
         tokio::select! {
-            sent = tokio::time::timeout(SEND_TIMEOUT, tx.send(message)) => match sent {
+            sent = tokio::time::timeout(SEND_TIMEOUT, tx.send(Box::new(message))) => match sent {
                 Ok(_) => Ok(()),
                 Err(_elapsed) => Err(StreamEnd::Retry(format!(
                     "the server has not read the control stream for {} s",
@@ -557,7 +574,7 @@ mod tests {
                 Arc::clone(&stats),
                 shutdown,
             )
-            .run(),
+            .run(None),
         );
         Harness {
             control,

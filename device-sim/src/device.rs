@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use telemetry_proto::v1::{GetUploadCursorRequest, ReadingBatch, RejectReason, UploadSummary};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
@@ -32,6 +33,8 @@ use crate::stats::Stats;
 
 /// Batches queued between an upload stream and the gRPC body; small, so a
 /// slow server pushes back on the device instead of buffering in memory.
+/// Queued boxed: tokio allocates a channel's slots 32 at a time whatever
+/// its bound, and a fleet of 100,000 devices holds one such queue each.
 const STREAM_QUEUE: usize = 8;
 /// Batches waiting between the sampler and the uploader.
 const SAMPLER_QUEUE: usize = 16;
@@ -40,6 +43,8 @@ const SUMMARY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the last stream may take to answer once shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const CURSOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// The latest a device's first batch comes after it starts.
+const FIRST_BATCH_SPREAD: Duration = Duration::from_secs(20);
 
 /// How a device's run ended.
 #[derive(Debug)]
@@ -52,13 +57,25 @@ pub struct DeviceOutcome {
 }
 
 /// Runs one device until shutdown or a fatal error.
+///
+/// The device first waits for a place among the devices connecting at once
+/// (`admission`, `--connect-concurrency`); the place is given back once its
+/// upload cursor is known and its Control stream has been answered (or
+/// either has given up).
 pub async fn run_device(
     device_id: String,
     client: DeviceClient,
     config: Arc<Config>,
     stats: Arc<Stats>,
-    shutdown: Shutdown,
+    admission: Arc<Semaphore>,
+    mut shutdown: Shutdown,
 ) -> DeviceOutcome {
+    let connecting = tokio::select! {
+        permit = admission.acquire_owned() => permit.ok().map(Arc::new),
+        () = shutdown.requested() => {
+            return DeviceOutcome { device_id, failure: None, unacked_batches: 0 };
+        }
+    };
     let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
     let (produced_tx, produced_rx) = mpsc::channel(SAMPLER_QUEUE);
     let sampler = Sampler::new(
@@ -68,8 +85,13 @@ pub async fn run_device(
         &shared.settings.borrow(),
     );
     shared.set_battery(sampler.battery_level());
+    // Staggered over a batch period, but never past FIRST_BATCH_SPREAD: the
+    // server ends a stream whose first batch is late
+    // (--upload-first-message-timeout, 30 s by default), and a slow fleet
+    // (a batch a minute) would otherwise lose most first streams to it.
     let first_delay = config
         .batch_period()
+        .min(FIRST_BATCH_SPREAD)
         .mul_f64(rand::rng().random_range(0.0..1.0));
     let sampler_task = tokio::spawn(run_sampler(
         sampler,
@@ -89,7 +111,7 @@ pub async fn run_device(
             Arc::clone(&stats),
             shutdown.clone(),
         )
-        .run(),
+        .run(connecting.clone()),
     );
 
     let mut uploader = Uploader {
@@ -108,6 +130,7 @@ pub async fn run_device(
         warned_rejections: false,
         power: shared.power.subscribe(),
         boot: 0,
+        connecting,
     };
     let result = {
         let upload = uploader.run();
@@ -166,6 +189,10 @@ fn classify(status: &Status) -> CallFailure {
         // Transient codes, and RESOURCE_EXHAUSTED with a retry delay (too
         // many stream opens): the delay is honoured by the backoff.
         _ if is_retryable(status) => CallFailure::Retryable(detail),
+        // The connection itself failed (a GOAWAY, say ENHANCE_YOUR_CALM,
+        // which tonic reports as RESOURCE_EXHAUSTED): another connection, or
+        // the same one reopened, can take the call.
+        _ if is_connection_error(status) => CallFailure::Retryable(detail),
         Code::Unauthenticated => CallFailure::Fatal(format!(
             "the server rejected this device's token ({detail}); the credentials file does not \
              match the server's devices: delete it (or the server's data) or use another \
@@ -181,6 +208,12 @@ fn classify(status: &Status) -> CallFailure {
         )),
         _ => CallFailure::Fatal(format!("unexpected answer from the server ({detail})")),
     }
+}
+
+/// Whether `status` comes from the HTTP/2 connection rather than from the
+/// server's handler (tonic puts the h2 error in the message).
+fn is_connection_error(status: &Status) -> bool {
+    status.message().starts_with("h2 protocol error")
 }
 
 enum StreamEnd {
@@ -223,6 +256,9 @@ struct Uploader {
     /// The device's power state, and the boot this uploader runs in.
     power: watch::Receiver<Power>,
     boot: u64,
+    /// The device's place among those connecting at once, until its first
+    /// cursor is known (shared with its controller).
+    connecting: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl Uploader {
@@ -245,7 +281,9 @@ impl Uploader {
 
     /// Uploads from (re)boot until shutdown, a reboot or a fatal error.
     async fn run_powered(&mut self) -> Halt {
-        let cursor = match self.fetch_cursor(false).await {
+        let fetched = self.fetch_cursor(false).await;
+        self.connecting = None;
+        let cursor = match fetched {
             Ok(cursor) => cursor,
             Err(halt) => return halt,
         };
@@ -365,13 +403,15 @@ impl Uploader {
             wait = true;
 
             let mut client = self.client.clone();
-            let call = async move {
+            // Boxed: the device's task would otherwise keep room for this
+            // call (a few KiB) for as long as it runs.
+            let call = Box::pin(async move {
                 tokio::time::timeout(
                     CURSOR_TIMEOUT,
                     client.get_upload_cursor(GetUploadCursorRequest {}),
                 )
                 .await
-            };
+            });
             match self.while_sampling(call).await? {
                 Ok(Ok(response)) => {
                     self.set_connected(true);
@@ -416,14 +456,13 @@ impl Uploader {
     /// new ones until the stream has carried `batches_per_stream`, closes it
     /// and waits for the summary.
     async fn upload_stream(&mut self) -> Result<StreamEnd, CallFailure> {
-        let (tx, rx) = mpsc::channel::<ReadingBatch>(STREAM_QUEUE);
+        let (tx, rx) = mpsc::channel::<Box<ReadingBatch>>(STREAM_QUEUE);
         let mut client = self.client.clone();
         // Spawned so the request body keeps flowing while this loop waits on
         // the sampler, the queue or the clock.
         let mut call = tokio::spawn(async move {
-            client
-                .upload_readings(Request::new(ReceiverStream::new(rx)))
-                .await
+            let batches = ReceiverStream::new(rx).map(|batch| *batch);
+            client.upload_readings(Request::new(batches)).await
         });
 
         let mut tx = Some(tx);
@@ -507,7 +546,7 @@ impl Uploader {
     /// sequence.
     fn hand_over(
         &mut self,
-        permit: mpsc::Permit<'_, ReadingBatch>,
+        permit: mpsc::Permit<'_, Box<ReadingBatch>>,
         last_handed: u64,
     ) -> Option<u64> {
         let pending = self.buffer.next_after(last_handed)?;
@@ -520,7 +559,7 @@ impl Uploader {
             self.stats.batches_sent.inc();
             self.stats.readings_sent.add(pending.readings);
         }
-        permit.send(pending.batch.clone());
+        permit.send(Box::new(pending.batch.clone()));
         Some(pending.sequence())
     }
 
@@ -607,8 +646,8 @@ impl Uploader {
 /// A send slot on the stream, or never when the stream is closed (`select!`
 /// builds every branch's future even when its guard is false).
 async fn reserve(
-    tx: Option<&mpsc::Sender<ReadingBatch>>,
-) -> Result<mpsc::Permit<'_, ReadingBatch>, mpsc::error::SendError<()>> {
+    tx: Option<&mpsc::Sender<Box<ReadingBatch>>>,
+) -> Result<mpsc::Permit<'_, Box<ReadingBatch>>, mpsc::error::SendError<()>> {
     match tx {
         Some(tx) => tx.reserve().await,
         None => std::future::pending().await,
@@ -675,6 +714,7 @@ mod tests {
             client,
             Arc::new(config),
             Arc::clone(&stats),
+            Arc::new(tokio::sync::Semaphore::new(1)),
             shutdown,
         ));
         Running {

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use telemetry_proto::v1::RegisterDeviceRequest;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
@@ -125,6 +125,7 @@ fn spawn_devices(
         tasks: JoinSet::new(),
         ids: HashMap::new(),
     };
+    let admission = Arc::new(Semaphore::new(config.connect_concurrency.max(1)));
     for (index, n) in (1..=config.devices).enumerate() {
         let device_id = config.device_id(n);
         let Some(token) = credentials.get(&device_id) else {
@@ -153,6 +154,7 @@ fn spawn_devices(
             client,
             Arc::clone(config),
             Arc::clone(stats),
+            Arc::clone(&admission),
             shutdown.clone(),
         ));
         running.ids.insert(handle.id(), device_id);

@@ -27,6 +27,7 @@ mod demo_command;
 mod device;
 mod fleet;
 mod local_server;
+mod memory;
 #[cfg(test)]
 mod mock_server;
 mod report;

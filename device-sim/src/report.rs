@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::memory::OwnMemory;
 use crate::stats::{LatencySummary, Stats};
 use crate::wire::Compression;
 
@@ -91,6 +92,9 @@ pub struct Report {
     /// `wire_bytes_sent` / `readings_accepted`; null when none was accepted.
     pub wire_bytes_per_reading: Option<f64>,
     pub batch_ack_latency: LatencySummary,
+    /// The simulator's own resident memory when the report was made, and
+    /// its peak over the run.
+    pub memory: OwnMemory,
     pub settings: LoadSettings,
 }
 
@@ -142,6 +146,7 @@ impl Report {
             wire_bytes_per_reading: (readings_accepted > 0)
                 .then(|| wire_bytes_sent as f64 / readings_accepted as f64),
             batch_ack_latency: stats.latency_summary(),
+            memory: OwnMemory::now(),
             settings,
         }
     }
@@ -252,6 +257,18 @@ impl fmt::Display for Report {
                 &format_args!(
                     "p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (n={})",
                     latency.p50_ms, latency.p99_ms, latency.max_ms, latency.count
+                ),
+            )?;
+        }
+        if let (Some(rss), Some(peak)) = (self.memory.rss_kib, self.memory.peak_rss_kib) {
+            row(
+                f,
+                "simulator memory",
+                &format_args!(
+                    "RSS {} MiB now, peak {} MiB ({:.1} KiB per device)",
+                    rss / 1024,
+                    peak / 1024,
+                    peak as f64 / self.devices.max(1) as f64
                 ),
             )?;
         }

@@ -112,10 +112,14 @@ type InFlight = VecDeque<(
 
 /// Runs an upload stream for `device` to its end, or until `credential`
 /// no longer holds.
+///
+/// Everything is lent: the caller's future owns the stream and the
+/// credential once, for as long as the stream lasts (see
+/// `IngestService::upload_call`).
 pub async fn run<S>(
-    messages: S,
+    messages: &mut S,
     device: &DeviceKey,
-    credential: Option<CredentialWatch>,
+    credential: &mut Option<CredentialWatch>,
     ctx: &UploadContext,
 ) -> Result<UploadTally, UploadFailure>
 where
@@ -127,11 +131,11 @@ where
     let ended = receive(messages, device, credential, ctx, &mut tally, &mut inflight).await;
     // Batches already handed over commit whatever happened to the stream;
     // wait for them, so the summary (or error) tells the truth.
-    let settled = settle(&mut tally, &mut inflight, 0, &ctx.metrics).await;
+    let settled = Box::pin(settle(&mut tally, &mut inflight, 0, &ctx.metrics)).await;
     let outcome = ended.and(settled);
     if tally.batches_committed + tally.duplicate_batches == 0 {
         // No batch reached the writer: ask the database for the mark.
-        match ctx.store.committed_sequence(device.pk).await {
+        match Box::pin(ctx.store.committed_sequence(device.pk)).await {
             Ok(seq) => tally.committed_sequence = seq,
             Err(e) if outcome.is_ok() => {
                 return Err(UploadFailure {
@@ -152,9 +156,9 @@ where
 }
 
 async fn receive<S>(
-    mut messages: S,
+    messages: &mut S,
     device: &DeviceKey,
-    mut credential: Option<CredentialWatch>,
+    credential: &mut Option<CredentialWatch>,
     ctx: &UploadContext,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
@@ -176,7 +180,22 @@ where
         let next = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
-            ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
+            ended = until_ended(credential) => return Err(UploadError::CredentialEnded(ended)),
+            // Answers are taken as they come rather than when the next
+            // batch arrives: an idle stream (a device sending every few
+            // seconds, its stream open) then keeps nothing of its batches.
+            answer = oldest_answer(inflight) => {
+                let (report, arrived, _, durable) = inflight.pop_front().expect("answered");
+                let failed = record(answer, report, arrived, durable, tally, &ctx.metrics);
+                if inflight.is_empty() {
+                    // Its buffer (a few hundred bytes a batch) goes too.
+                    *inflight = InFlight::new();
+                }
+                if failed {
+                    return Err(UploadError::CommitFailed);
+                }
+                continue;
+            }
             next = tokio::time::timeout(wait, messages.next()) => match next {
                 Ok(next) => next,
                 Err(_) => return Err(timed_out),
@@ -224,17 +243,20 @@ where
             return Err(e.into());
         }
         let queue = tracing::debug_span!(parent: &span, "queue");
-        settle(
+        // The futures awaited per batch are boxed: a stream spends most of
+        // its life waiting for its next message, and the state it keeps
+        // meanwhile (one per connected device) would otherwise be as large
+        // as the largest of them.
+        Box::pin(settle(
             tally,
             inflight,
             ctx.max_inflight_batches.max(1) - 1,
             &ctx.metrics,
-        )
+        ))
         .instrument(queue.clone())
         .await?;
         let received = batch.report.accepted + batch.report.rejected();
-        let committed = writer
-            .submit(batch.sequence, batch.series, &span)
+        let committed = Box::pin(writer.submit(batch.sequence, batch.series, &span))
             .instrument(queue)
             .await?;
         let durable = tracing::debug_span!(parent: &span, "durable");
@@ -243,16 +265,26 @@ where
         // flow control holds it back and nothing is refused or lost.
         let hold = ctx.rate_limits.readings(device.pk, received);
         if !hold.is_zero() {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
-                ended = until_ended(&mut credential) => return Err(UploadError::CredentialEnded(ended)),
-                () = tokio::time::sleep(hold) => {
-                    tally.throttled += hold;
-                    ctx.metrics.upload_throttled_seconds.inc_by(hold.as_secs_f64());
-                }
-            }
+            Box::pin(throttle(hold, &mut shutdown, credential)).await?;
+            tally.throttled += hold;
+            ctx.metrics
+                .upload_throttled_seconds
+                .inc_by(hold.as_secs_f64());
         }
+    }
+}
+
+/// Holds a device over its rate for `hold`, with its stream unread.
+async fn throttle(
+    hold: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    credential: &mut Option<CredentialWatch>,
+) -> Result<(), UploadError> {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stopping| *stopping) => Err(UploadError::ShuttingDown),
+        ended = until_ended(credential) => Err(UploadError::CredentialEnded(ended)),
+        () = tokio::time::sleep(hold) => Ok(()),
     }
 }
 
@@ -277,6 +309,15 @@ pub fn raw_series(series: Vec<pb::SensorSeries>) -> Vec<RawSeries> {
         .collect()
 }
 
+/// Resolves with the answer to the oldest in-flight batch; pending while
+/// there is none.
+async fn oldest_answer(inflight: &mut InFlight) -> Result<CommitResult, oneshot::error::RecvError> {
+    match inflight.front_mut() {
+        Some((_, _, committed, _)) => committed.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for the oldest in-flight batches until at most `keep` remain.
 async fn settle(
     tally: &mut UploadTally,
@@ -287,44 +328,58 @@ async fn settle(
     let mut failed = false;
     while inflight.len() > keep {
         let (report, arrived, committed, durable) = inflight.pop_front().expect("len > keep >= 0");
-        let outcome = committed.await;
-        drop(durable);
-        metrics
-            .batch_ack_seconds
-            .observe(arrived.elapsed().as_secs_f64());
-        let received = report.accepted + report.rejected();
-        match outcome {
-            Ok(Ok(BatchOutcome::Committed {
-                committed_sequence,
-                refused_series,
-            })) => {
-                let mut report = report;
-                if !refused_series.is_empty() {
-                    report.refuse_series(&refused_series, RejectReason::TooManySensors);
-                }
-                metrics.batch("committed");
-                metrics.reading("committed", "", report.accepted);
-                for reason in RejectReason::ALL {
-                    metrics.reading("rejected", reason.name(), report.rejected_for(reason));
-                }
-                tally.committed(report, committed_sequence);
-            }
-            Ok(Ok(BatchOutcome::Duplicate { committed_sequence })) => {
-                metrics.batch("duplicate");
-                metrics.reading("duplicate", "", received);
-                tally.duplicate(committed_sequence);
-            }
-            // The writer dropped the reply only if it stopped mid-group.
-            Ok(Err(_)) | Err(_) => {
-                metrics.batch("failed");
-                metrics.reading("rejected", "commit_failed", received);
-                failed = true;
-            }
-        }
+        let answer = committed.await;
+        failed |= record(answer, report, arrived, durable, tally, metrics);
     }
     if failed {
         Err(UploadError::CommitFailed)
     } else {
         Ok(())
+    }
+}
+
+/// Counts a batch's answer; true if it failed to commit.
+fn record(
+    answer: Result<CommitResult, oneshot::error::RecvError>,
+    report: BatchReport,
+    arrived: Instant,
+    durable: tracing::Span,
+    tally: &mut UploadTally,
+    metrics: &Metrics,
+) -> bool {
+    drop(durable);
+    metrics
+        .batch_ack_seconds
+        .observe(arrived.elapsed().as_secs_f64());
+    let received = report.accepted + report.rejected();
+    match answer {
+        Ok(Ok(BatchOutcome::Committed {
+            committed_sequence,
+            refused_series,
+        })) => {
+            let mut report = report;
+            if !refused_series.is_empty() {
+                report.refuse_series(&refused_series, RejectReason::TooManySensors);
+            }
+            metrics.batch("committed");
+            metrics.reading("committed", "", report.accepted);
+            for reason in RejectReason::ALL {
+                metrics.reading("rejected", reason.name(), report.rejected_for(reason));
+            }
+            tally.committed(report, committed_sequence);
+            false
+        }
+        Ok(Ok(BatchOutcome::Duplicate { committed_sequence })) => {
+            metrics.batch("duplicate");
+            metrics.reading("duplicate", "", received);
+            tally.duplicate(committed_sequence);
+            false
+        }
+        // The writer dropped the reply only if it stopped mid-group.
+        Ok(Err(_)) | Err(_) => {
+            metrics.batch("failed");
+            metrics.reading("rejected", "commit_failed", received);
+            true
+        }
     }
 }

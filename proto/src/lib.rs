@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("telemetry.v1");
 }
 
+pub mod codec;
 pub mod raw;
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.

@@ -23,10 +23,14 @@ use crate::storage::commands::CommandRecord;
 use crate::upload::until_ended;
 
 /// What a session writes to its stream.
+///
+/// Boxed: tokio's channel allocates its slots 32 at a time whatever its
+/// bound, so every Control session paid 32 inline commands (about 5 KiB)
+/// for a queue that is almost always empty.
 #[derive(Debug)]
 pub enum Outgoing {
-    Command(CommandRecord),
-    End(SessionEnd),
+    Command(Box<CommandRecord>),
+    End(Box<SessionEnd>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,8 +183,11 @@ async fn run<S>(
                 tracing::info!(device = %device.id, %ended, "credential revoked; ending the Control stream");
                 break Some(SessionEnd::CredentialEnded(ended));
             }
+            // Boxed, as `handle` and the goodbye below: a session spends its
+            // life waiting, and its task would otherwise be as large as
+            // the largest database call it ever makes.
             () = wake.notified() => {
-                if !deliver(&center, &device, &stale, &tx, &mut written).await {
+                if !Box::pin(deliver(&center, &device, &stale, &tx, &mut written)).await {
                     break None;
                 }
             }
@@ -188,7 +195,7 @@ async fn run<S>(
                 Some(Ok(message)) => {
                     // Written to the database with all sessions' (`LAST_SEEN_WRITE_INTERVAL`).
                     last_seen.store(now_unix_nanos(), Ordering::Relaxed);
-                    if let Err(refused) = handle(&center, &device, message).await {
+                    if let Err(refused) = Box::pin(handle(&center, &device, message)).await {
                         tracing::info!(device = %device.id, error = %refused, "Control message refused; ending the stream");
                         break Some(SessionEnd::Refused(refused));
                     }
@@ -203,7 +210,7 @@ async fn run<S>(
         }
     };
     if let Some(end) = end {
-        let _ = tx.send(Outgoing::End(end)).await;
+        let _ = tx.send(Outgoing::End(Box::new(end))).await;
     }
     let current = {
         let mut sessions = center.sessions.lock().expect("lock poisoned");
@@ -220,10 +227,12 @@ async fn run<S>(
     // another process; the database checks the generation again, so a late
     // goodbye never marks a device offline that reconnected elsewhere.
     if current {
-        match center
-            .store
-            .close_session(ticket, &center.replica.id, now_unix_nanos())
-            .await
+        match Box::pin(
+            center
+                .store
+                .close_session(ticket, &center.replica.id, now_unix_nanos()),
+        )
+        .await
         {
             Ok(true) => tracing::info!(device = %device.id, "device offline"),
             Ok(false) => {}
@@ -280,7 +289,7 @@ async fn deliver(
         let mut command = command;
         command.state = CommandState::Sent;
         command.sent.get_or_insert(now);
-        if tx.send(Outgoing::Command(command)).await.is_err() {
+        if tx.send(Outgoing::Command(Box::new(command))).await.is_err() {
             return false;
         }
         // Recorded after the write and beside the session, off the

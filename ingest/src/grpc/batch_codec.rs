@@ -20,9 +20,9 @@ use futures::future::BoxFuture;
 use prost::Message;
 use prost::encoding::{DecodeContext, decode_key, message};
 use telemetry_proto::v1 as pb;
-use telemetry_proto::v1::ingest_server::{Ingest, IngestServer};
+use telemetry_proto::v1::ingest_server::IngestServer;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
 use tonic::server::{ClientStreamingService, NamedService};
 
 use super::IngestService;
@@ -112,6 +112,11 @@ impl Encoder for SummaryEncoder {
         item.encode(dst)
             .map_err(|e| Status::internal(format!("encoding the summary: {e}")))
     }
+
+    /// Small, as for every generated service (telemetry_proto::codec).
+    fn buffer_settings(&self) -> BufferSettings {
+        telemetry_proto::codec::buffer_settings()
+    }
 }
 
 #[derive(Debug)]
@@ -130,6 +135,13 @@ impl Decoder for BatchDecoder {
         decode_batch(src, self.max_series)
             .map(Some)
             .map_err(Status::from)
+    }
+
+    /// Small, as for every generated service (telemetry_proto::codec): an
+    /// upload stream mostly waits, and its buffer grows to the batches it
+    /// carries.
+    fn buffer_settings(&self) -> BufferSettings {
+        telemetry_proto::codec::buffer_settings()
     }
 }
 
@@ -194,8 +206,7 @@ impl ClientStreamingService<pb::ReadingBatch> for UploadMethod {
     type Future = BoxFuture<'static, Result<tonic::Response<pb::UploadSummary>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<pb::ReadingBatch>>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.upload_readings(request).await })
+        self.0.clone().upload_call(request)
     }
 }
 

@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use telemetry_proto::v1 as pb;
 use tokio::sync::watch;
@@ -13,9 +14,10 @@ use tracing::Instrument;
 
 use super::command_messages::command_to_pb;
 use super::{convert, status};
-use crate::auth;
+use crate::auth::{self, CredentialWatch};
 use crate::control::CommandCenter;
 use crate::control::session::{self, Outgoing};
+use crate::domain::{DeviceKey, UploadTally};
 use crate::telemetry;
 use crate::upload::{self, UploadContext};
 
@@ -44,11 +46,12 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> Result<Response<pb::UploadSummary>, Status> {
-        // Made by hand rather than by `instrument`: the caller's
-        // traceparent must become its parent before it is first entered.
-        let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
-        telemetry::follow_caller(&span, request.metadata());
-        self.upload(request).instrument(span).await
+        let (span, accepted) = self.accept_upload(request);
+        let (device, mut credential, mut messages) = accepted?;
+        let result = upload::run(&mut messages, &device, &mut credential, &self.ctx)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| summarize(result))
     }
 
     type ControlStream = ControlStream;
@@ -83,33 +86,61 @@ impl pb::ingest_server::Ingest for IngestService {
 }
 
 impl IngestService {
-    async fn upload(
+    /// `UploadReadings` as [`super::IngestRoutes`] serves it. The request
+    /// is taken apart before the stream's future is made, and the future
+    /// owns each part once and lends it down: it lives as long as the
+    /// stream, one per connected device, and nested `async fn`s taking the
+    /// parts by value kept a copy at every level (docs/memory.md).
+    pub fn upload_call(
+        self: Arc<Self>,
+        request: Request<Streaming<pb::ReadingBatch>>,
+    ) -> BoxFuture<'static, Result<Response<pb::UploadSummary>, Status>> {
+        let (span, accepted) = self.accept_upload(request);
+        let (device, mut credential, mut messages) = match accepted {
+            Ok(parts) => parts,
+            Err(status) => return Box::pin(std::future::ready(Err(status))),
+        };
+        Box::pin(
+            async move {
+                let result = upload::run(&mut messages, &device, &mut credential, &self.ctx).await;
+                summarize(result)
+            }
+            .instrument(span),
+        )
+    }
+
+    /// Authenticates an upload stream and admits it under the device's
+    /// stream-open rate; the stream's span (made by hand rather than by
+    /// `instrument`: the caller's traceparent must become its parent before
+    /// it is first entered) names the device.
+    #[allow(clippy::type_complexity)]
+    fn accept_upload(
         &self,
         request: Request<Streaming<pb::ReadingBatch>>,
-    ) -> Result<Response<pb::UploadSummary>, Status> {
-        let caller = auth::device(&request)?;
-        let (device, credential) = (caller.key.clone(), caller.take_watch());
-        tracing::Span::current().record("device", device.id.as_str());
-        self.ctx
-            .rate_limits
-            .open_stream(device.pk)
-            .map_err(status::stream_rate_exceeded)?;
-        match upload::run(request.into_inner(), &device, credential, &self.ctx).await {
-            Ok(tally) => {
-                tracing::debug!(
-                    batches = tally.batches_received,
-                    accepted = tally.readings_accepted,
-                    rejected = tally.readings_rejected(),
-                    duplicates = tally.duplicate_batches,
-                    "upload complete"
-                );
-                Ok(Response::new(convert::summary(tally)))
-            }
-            Err(failure) => {
-                tracing::info!(error = %failure.error, committed = failure.committed_sequence, "upload ended early");
-                Err(failure.into())
-            }
-        }
+    ) -> (
+        tracing::Span,
+        Result<
+            (
+                DeviceKey,
+                Option<CredentialWatch>,
+                Streaming<pb::ReadingBatch>,
+            ),
+            Status,
+        >,
+    ) {
+        let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
+        telemetry::follow_caller(&span, request.metadata());
+        let accepted = span.in_scope(|| -> Result<_, Status> {
+            let caller = auth::device(&request)?;
+            let (device, credential) = (caller.key.clone(), caller.take_watch());
+            tracing::Span::current().record("device", device.id.as_str());
+            self.ctx
+                .rate_limits
+                .open_stream(device.pk)
+                .map_err(status::stream_rate_exceeded)?;
+            Ok((device, credential, request.into_inner()))
+        });
+        (span, accepted)
     }
 
     async fn open_control(
@@ -135,8 +166,30 @@ impl IngestService {
             Outgoing::Command(c) => Ok(pb::ServerMessage {
                 msg: Some(pb::server_message::Msg::Command(command_to_pb(&c))),
             }),
-            Outgoing::End(end) => Err(Status::from(end)),
+            Outgoing::End(end) => Err(Status::from(*end)),
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The stream's summary, or why it ended early.
+fn summarize(
+    result: Result<UploadTally, upload::UploadFailure>,
+) -> Result<Response<pb::UploadSummary>, Status> {
+    match result {
+        Ok(tally) => {
+            tracing::debug!(
+                batches = tally.batches_received,
+                accepted = tally.readings_accepted,
+                rejected = tally.readings_rejected(),
+                duplicates = tally.duplicate_batches,
+                "upload complete"
+            );
+            Ok(Response::new(convert::summary(tally)))
+        }
+        Err(failure) => {
+            tracing::info!(error = %failure.error, committed = failure.committed_sequence, "upload ended early");
+            Err(failure.into())
+        }
     }
 }
