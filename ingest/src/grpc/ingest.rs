@@ -109,6 +109,23 @@ impl IngestService {
         )
     }
 
+    /// The stream's device and its credential watch, once the device is
+    /// authenticated and within its stream-open rate; the current span
+    /// names the device.
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(DeviceKey, Option<CredentialWatch>), Status> {
+        let caller = auth::device(request)?;
+        let (device, credential) = (caller.key.clone(), caller.take_watch());
+        tracing::Span::current().record("device", device.id.as_str());
+        self.ctx
+            .rate_limits
+            .open_stream(device.pk)
+            .map_err(status::stream_rate_exceeded)?;
+        Ok((device, credential))
+    }
+
     /// Authenticates an upload stream and admits it under the device's
     /// stream-open rate; the stream's span (made by hand rather than by
     /// `instrument`: the caller's traceparent must become its parent before
@@ -131,13 +148,7 @@ impl IngestService {
         let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
         telemetry::follow_caller(&span, request.metadata());
         let accepted = span.in_scope(|| -> Result<_, Status> {
-            let caller = auth::device(&request)?;
-            let (device, credential) = (caller.key.clone(), caller.take_watch());
-            tracing::Span::current().record("device", device.id.as_str());
-            self.ctx
-                .rate_limits
-                .open_stream(device.pk)
-                .map_err(status::stream_rate_exceeded)?;
+            let (device, credential) = self.admit(&request)?;
             Ok((device, credential, request.into_inner()))
         });
         (span, accepted)
@@ -147,13 +158,7 @@ impl IngestService {
         &self,
         request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
-        let caller = auth::device(&request)?;
-        let (device, credential) = (caller.key.clone(), caller.take_watch());
-        tracing::Span::current().record("device", device.id.as_str());
-        self.ctx
-            .rate_limits
-            .open_stream(device.pk)
-            .map_err(status::stream_rate_exceeded)?;
+        let (device, credential) = self.admit(&request)?;
         let outgoing = session::open(
             self.control.clone(),
             device,
