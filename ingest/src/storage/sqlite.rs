@@ -279,7 +279,7 @@ impl SqliteStore {
         }
         Ok(SqliteGroupTx {
             tx: self.begin_write().await?,
-            statements: HashMap::new(),
+            rollup_statements: HashMap::new(),
             checkpoints: self.checkpoints.clone(),
         })
     }
@@ -400,93 +400,43 @@ impl std::ops::DerefMut for SqliteWriteConn {
 pub(crate) struct SqliteGroupTx {
     /// Holds the write gate until commit.
     tx: SqliteWriteTx,
-    /// Multi-row statement texts by table and row count. Chunks are sized
-    /// in powers of two so that only a handful of distinct statements exist,
+    /// Multi-row rollup statement texts by row count. Chunks are sized in
+    /// powers of two so that only a handful of distinct statements exist,
     /// and the connection's prepared-statement cache keeps them all.
-    statements: HashMap<(BulkStatement, usize), String>,
+    rollup_statements: HashMap<usize, String>,
     checkpoints: Arc<Checkpoints>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum BulkStatement {
-    Rollups,
-}
+/// Values per rollup row.
+const ROLLUP_COLUMNS: usize = 8;
+/// Most rollup rows per statement within SQLite's 32766 bound parameters.
+const ROLLUP_MAX_ROWS: usize = 2048;
 
-impl BulkStatement {
-    const fn columns(self) -> usize {
-        match self {
-            Self::Rollups => 8,
+/// The rollup upsert of `rows` rows. Adding to a bucket that already has
+/// readings (late data, or the rest of the hour) merges the aggregates. SET
+/// expressions all see the row as it was, so last_time decides both columns.
+fn rollup_sql(rows: usize) -> String {
+    const HEAD: &str = "INSERT INTO readings_hourly_rollup (sensor_pk, hour_unix_nano, \
+        reading_count, value_sum, value_min, value_max, last_time_unix_nano, last_value) VALUES ";
+    const TAIL: &str = " ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
+         reading_count = reading_count + excluded.reading_count, \
+         value_sum = value_sum + excluded.value_sum, \
+         value_min = MIN(value_min, excluded.value_min), \
+         value_max = MAX(value_max, excluded.value_max), \
+         last_value = CASE WHEN excluded.last_time_unix_nano >= last_time_unix_nano \
+             THEN excluded.last_value ELSE last_value END, \
+         last_time_unix_nano = MAX(last_time_unix_nano, excluded.last_time_unix_nano)";
+    let row = format!("({})", ["?"; ROLLUP_COLUMNS].join(","));
+    let mut sql = String::with_capacity(HEAD.len() + TAIL.len() + rows * (row.len() + 1));
+    sql.push_str(HEAD);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
         }
+        sql.push_str(&row);
     }
-
-    /// Most rows per statement within SQLite's 32766 bound parameters.
-    const fn max_rows(self) -> usize {
-        match self {
-            Self::Rollups => 2048,
-        }
-    }
-
-    fn sql(self, rows: usize) -> String {
-        let (head, tail) = match self {
-            // Adding to a bucket that already has readings (late data, or
-            // the rest of the hour) merges the aggregates. SET expressions
-            // all see the row as it was, so last_time decides both columns.
-            Self::Rollups => (
-                "INSERT INTO readings_hourly_rollup (sensor_pk, hour_unix_nano, reading_count, \
-                 value_sum, value_min, value_max, last_time_unix_nano, last_value) VALUES ",
-                " ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
-                 reading_count = reading_count + excluded.reading_count, \
-                 value_sum = value_sum + excluded.value_sum, \
-                 value_min = MIN(value_min, excluded.value_min), \
-                 value_max = MAX(value_max, excluded.value_max), \
-                 last_value = CASE WHEN excluded.last_time_unix_nano >= last_time_unix_nano \
-                     THEN excluded.last_value ELSE last_value END, \
-                 last_time_unix_nano = MAX(last_time_unix_nano, excluded.last_time_unix_nano)",
-            ),
-        };
-        let row = format!("({})", vec!["?"; self.columns()].join(","));
-        let mut sql = String::with_capacity(head.len() + tail.len() + rows * (row.len() + 1));
-        sql.push_str(head);
-        for i in 0..rows {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&row);
-        }
-        sql.push_str(tail);
-        sql
-    }
-}
-
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
-impl SqliteGroupTx {
-    fn statement(&mut self, kind: BulkStatement, rows: usize) -> String {
-        self.statements
-            .entry((kind, rows))
-            .or_insert_with(|| kind.sql(rows))
-            .clone()
-    }
-
-    /// Runs `kind` over rows `0..n` in chunks; `bind` binds row `i`.
-    async fn bulk(
-        &mut self,
-        kind: BulkStatement,
-        n: usize,
-        bind: impl for<'q> Fn(SqliteQuery<'q>, usize) -> SqliteQuery<'q>,
-    ) -> Result<(), sqlx::Error> {
-        let mut start = 0;
-        for size in chunk_sizes(n, kind.max_rows()) {
-            let sql = self.statement(kind, size);
-            let mut query = sqlx::query(&sql);
-            for i in start..start + size {
-                query = bind(query, i);
-            }
-            query.execute(&mut *self.tx).await?;
-            start += size;
-        }
-        Ok(())
-    }
+    sql.push_str(TAIL);
+    sql
 }
 
 /// Splits `n` rows into chunks of `max` rows, then powers of two.
@@ -537,17 +487,29 @@ impl GroupTx for SqliteGroupTx {
     }
 
     async fn add_rollups(&mut self, rows: &RollupRows) -> Result<(), sqlx::Error> {
-        self.bulk(BulkStatement::Rollups, rows.len(), |q, i| {
-            q.bind(rows.sensor_pk[i])
-                .bind(rows.hour[i])
-                .bind(rows.count[i])
-                .bind(rows.sum[i])
-                .bind(rows.min[i])
-                .bind(rows.max[i])
-                .bind(rows.last_time[i])
-                .bind(rows.last_value[i])
-        })
-        .await
+        let mut start = 0;
+        for size in chunk_sizes(rows.len(), ROLLUP_MAX_ROWS) {
+            let sql = self
+                .rollup_statements
+                .entry(size)
+                .or_insert_with(|| rollup_sql(size))
+                .clone();
+            let mut query = sqlx::query(&sql);
+            for i in start..start + size {
+                query = query
+                    .bind(rows.sensor_pk[i])
+                    .bind(rows.hour[i])
+                    .bind(rows.count[i])
+                    .bind(rows.sum[i])
+                    .bind(rows.min[i])
+                    .bind(rows.max[i])
+                    .bind(rows.last_time[i])
+                    .bind(rows.last_value[i]);
+            }
+            query.execute(&mut *self.tx).await?;
+            start += size;
+        }
+        Ok(())
     }
 
     async fn set_committed_sequences(
@@ -687,17 +649,15 @@ mod tests {
 
     #[test]
     fn chunks_cover_all_rows_with_few_shapes() {
-        for kind in [BulkStatement::Rollups] {
-            let max = kind.max_rows();
-            assert!(
-                max * kind.columns() <= 32766,
-                "{kind:?} exceeds SQLite's parameter limit"
-            );
-            for n in [0, 1, 2, 3, 1000, 2047, 2048, 2049, 8191, 8192, 8193, 50_000] {
-                let sizes: Vec<_> = chunk_sizes(n, max).collect();
-                assert_eq!(sizes.iter().sum::<usize>(), n);
-                assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
-            }
+        let max = ROLLUP_MAX_ROWS;
+        assert!(
+            max * ROLLUP_COLUMNS <= 32766,
+            "rollups exceed SQLite's parameter limit"
+        );
+        for n in [0, 1, 2, 3, 1000, 2047, 2048, 2049, 8191, 8192, 8193, 50_000] {
+            let sizes: Vec<_> = chunk_sizes(n, max).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= max));
         }
     }
 }
