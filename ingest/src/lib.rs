@@ -1,63 +1,60 @@
 //! telemetry-ingest: devices stream sensor readings over gRPC; the server
-//! validates them, commits them to SQLite or PostgreSQL and answers each
-//! upload with a summary.
+//! validates them, commits them to SQLite or PostgreSQL, judges them against
+//! alert rules, steers devices with commands and gives operators the data
+//! back.
 //!
-//! Where a reading goes:
+//! The folders, top to bottom (a module imports only those below it; see
+//! `docs/architecture.md`, and `scripts/import-graph` checks it):
 //!
-//! - [`tls`]: TLS accepted in front of tonic, with certificates that reload
-//!   without a restart; every connection's address and verified client
-//!   certificate ([`tls::ConnectionInfo`]) for the auth layer.
-//! - [`handshake`]: a connection must send its HTTP/2 preface in time.
-//! - [`auth`]: a tower layer authenticates every call (device or ops token)
-//!   before any handler runs.
-//! - [`grpc`]: one file per service; thin handlers, one status mapping;
-//!   [`grpc::transport_status`] makes tonic's framing errors precise for
-//!   every method, [`grpc::batch_codec`] decodes batches with a bound on
-//!   what they allocate, [`grpc::compression`] lists gzip and zstd.
-//! - [`domain`]: values that passed validation, free text included
-//!   ([`domain::text`]: nothing either database or a terminal cannot take).
-//! - [`rate_limit`]: per-device readings and stream-open rates.
-//! - [`upload`]: an upload stream: validate each batch ([`domain::reading`]),
-//!   hand it to the writer, tally the summary ([`domain::summary`]).
-//! - [`storage::writer`]: group commit of many streams' batches; bounded, so
-//!   a slow database slows devices through HTTP/2 flow control. Each group
-//!   is judged against the alert rules ([`alerts::judge`]) and its alert
-//!   events are written in the same transaction as its readings;
-//!   [`alerts`] also holds the rules, the feed of committed events and the
-//!   WatchAlerts streams.
-//! - [`storage`]: one interface, a module per backend, migrations in
-//!   `migrations/{sqlite,postgres}`; the writer also keeps the hourly
-//!   rollup ([`storage::rollup`]) the reporting views read.
+//! - [`cli`]: the `ingest` command line: `serve` and the operator
+//!   subcommands.
+//! - [`server`]: the wiring: [`server::run`] assembles the services, the
+//!   admin HTTP listener (`/metrics`, `/healthz`, `/readyz`), the cluster
+//!   lease and the LISTEN connection that hears the other processes, and
+//!   the [`Config`] it all runs from.
+//! - [`grpc`]: one file per service; thin handlers (proto -> domain ->
+//!   pipeline, control, alerts or storage), one status mapping.
+//! - [`pipeline`]: the write path: an upload stream, the per-device rate
+//!   limits, and the group commit that judges each group's readings and
+//!   commits them with their alert events. Its entry,
+//!   [`pipeline::Pipeline`], takes validated batches from any protocol.
+//! - [`control`]: the durable command queue, device sessions and presence.
+//! - [`alerts`]: rules, judging ([`alerts::judge`]), the feed of alert
+//!   events and the WatchAlerts streams.
+//! - [`auth`]: a tower layer that authenticates every call (device token,
+//!   certificate or ops token), and the credentials' revocation watch.
+//! - [`cluster`]: several processes on one database: replicas, who leads.
 //! - [`retention`]: removes old readings and rollups in small steps.
-//! - [`reports`]: the public reporting views read back, read-only
-//!   (`ingest report`).
-//!
-//! - [`telemetry`]: logs (text or JSON) and, with the `otel` feature, OTLP
-//!   trace export of streams, batches and group commits.
-//!
-//! [`server::run`] wires it together; [`cli`] is the `ingest` command line.
+//! - [`reports`]: the public reporting views read back (`ingest report`).
+//! - [`transport`]: TCP and TLS connections in front of tonic: certificates
+//!   that reload without a restart, the HTTP/2 preface deadline, each
+//!   connection's peer for the auth layer.
+//! - [`metrics`]: the Prometheus registry and the handle that records.
+//! - [`observability`]: logs (text or JSON) and, with the `otel` feature,
+//!   OTLP trace export.
+//! - [`storage`]: a leaf: one interface ([`storage::Store`]), a module per
+//!   backend, the group transaction, the SQL, backups; migrations in
+//!   `migrations/{sqlite,postgres}`.
+//! - [`domain`]: values that passed validation, with no I/O.
+//! - [`tls`]: the client side of TLS and balancing (device-sim, CLI).
 
 pub mod alerts;
 pub mod auth;
 pub mod backoff;
-pub mod backup;
 pub mod cli;
 pub mod cluster;
-pub mod config;
 pub mod control;
 pub mod domain;
 pub mod grpc;
-pub mod handshake;
 pub mod metrics;
-pub mod rate_limit;
+pub mod observability;
+pub mod pipeline;
 pub mod reports;
 pub mod retention;
 pub mod server;
-pub mod shutdown;
 pub mod storage;
-pub mod telemetry;
 pub mod tls;
-pub mod upload;
+pub mod transport;
 
-pub use config::{AlertsConfig, Config, Limits};
+pub use server::config::{AlertsConfig, Config, Limits};
 pub use server::run;

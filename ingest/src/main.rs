@@ -7,7 +7,7 @@ async fn main() -> std::process::ExitCode {
     let cli = ingest::cli::Cli::parse();
     // After parsing: `serve --log-format` chooses the format, and only the
     // server exports traces.
-    let telemetry = ingest::telemetry::init(cli.log_format(), cli.serves());
+    let telemetry = ingest::observability::init(cli.log_format(), cli.serves());
     let result = cli.run().await;
     telemetry.shutdown().await;
     match result {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ingest::domain::ReadingLimits;
 use ingest::domain::reading::validate_batch;
 use ingest::grpc::batch_codec::decode_batch;
-use ingest::upload::raw_series;
+use ingest::grpc::convert::raw_series;
 use proptest::prelude::*;
 
 struct Counting;

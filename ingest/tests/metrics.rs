@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ingest::metrics::admin::sum;
+use ingest::server::admin::sum;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::pki::{TestCert, TestPki};
 use common::*;
-use ingest::tls::ClientAuth;
+use ingest::transport::ClientAuth;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;

@@ -103,16 +103,16 @@ async fn receiver_and_exporter() -> (Receiver, opentelemetry_sdk::trace::SdkTrac
         std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"));
         std::env::set_var("OTEL_SERVICE_NAME", "ingest-under-test");
     }
-    let provider = ingest::telemetry::otel::from_env()
+    let provider = ingest::observability::otel::from_env()
         .unwrap()
         .expect("an endpoint is configured");
     // The same layers `ingest serve` installs, the log layer included, so
     // the two are seen to work together.
     tracing_subscriber::registry()
-        .with(ingest::telemetry::log_layer(
-            ingest::telemetry::LogFormat::Text,
+        .with(ingest::observability::log_layer(
+            ingest::observability::LogFormat::Text,
         ))
-        .with(ingest::telemetry::otel::layer(&provider))
+        .with(ingest::observability::otel::layer(&provider))
         .init();
     (receiver, provider)
 }
@@ -223,7 +223,7 @@ async fn group_commit_links_to_the_batch_and_streams_follow_traceparent() {
     assert_eq!(hex(&control.parent_span_id), "b7ad6b7169203331");
 
     server.stop().await;
-    ingest::telemetry::otel::shutdown(provider).await;
+    ingest::observability::otel::shutdown(provider).await;
 }
 
 fn hex(bytes: &[u8]) -> String {

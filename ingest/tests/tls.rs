@@ -11,7 +11,7 @@ use common::pki::{TestCert, TestPki};
 use common::*;
 use futures::StreamExt;
 use ingest::domain::CertFingerprint;
-use ingest::tls::{ClientAuth, ConnectionInfo, TlsAcceptor, TlsSettings};
+use ingest::transport::{ClientAuth, ConnectionInfo, TlsAcceptor, TlsSettings};
 use rustls::pki_types::ServerName;
 use telemetry_proto::v1 as pb;
 use tokio::io::AsyncReadExt;
@@ -306,7 +306,7 @@ async fn connection_info_carries_the_verified_client_certificate() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_stop, stopping) = tokio::sync::watch::channel(false);
-    let (mut incoming, _transport) = ingest::tls::listen(
+    let (mut incoming, _transport) = ingest::transport::listen(
         listener,
         Some(&settings),
         PATIENCE,
@@ -394,7 +394,7 @@ async fn a_stalled_handshake_holds_up_no_one_and_is_closed_at_the_deadline() {
     let addr = listener.local_addr().unwrap();
     let (_stop, stopping) = tokio::sync::watch::channel(false);
     let deadline = Duration::from_millis(500);
-    let (mut incoming, _transport) = ingest::tls::listen(
+    let (mut incoming, _transport) = ingest::transport::listen(
         listener,
         Some(&settings),
         deadline,
@@ -557,7 +557,7 @@ async fn serve_health_recording(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let (incoming, _transport) =
-        ingest::tls::listen(listener, tls, PATIENCE, stopping, Default::default()).unwrap();
+        ingest::transport::listen(listener, tls, PATIENCE, stopping, Default::default()).unwrap();
     let (_health, health_service) = tonic_health::server::health_reporter();
     let record = tower::ServiceBuilder::new().map_request(
         move |request: http::Request<tonic::body::Body>| {

@@ -16,7 +16,6 @@ use tokio::sync::{Notify, OwnedRwLockReadGuard, RwLock, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use super::feed;
-use super::judge::Judge;
 use crate::cluster::leader::Leadership;
 use crate::domain::alert::{Rule, RuleId};
 use crate::domain::time::now_unix_nanos;
@@ -130,11 +129,6 @@ impl AlertEngine {
             },
             task,
         ))
-    }
-
-    /// The judge of one writer, for the devices that writer owns.
-    pub fn judge(&self, owns: fn(i64, usize, usize) -> bool, shard: usize, shards: usize) -> Judge {
-        Judge::new(self.clone(), owns, shard, shards)
     }
 
     /// The rules, held until the guard drops (see [`RuleBook`]).

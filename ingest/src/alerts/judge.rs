@@ -74,7 +74,8 @@ pub struct JudgedBatch<'a> {
 }
 
 impl Judge {
-    pub(super) fn new(
+    /// The judge of one writer, for the devices that writer owns.
+    pub fn new(
         engine: AlertEngine,
         owns: fn(i64, usize, usize) -> bool,
         shard: usize,

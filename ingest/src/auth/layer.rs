@@ -14,7 +14,7 @@ use super::credentials::{AuthFailure, Credentials};
 use super::ops_token::OpsTokens;
 use crate::domain::TokenHash;
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::tls::ConnectionInfo;
+use crate::transport::ConnectionInfo;
 
 const INGEST_PREFIX: &str = "/telemetry.v1.Ingest/";
 const OPS_PREFIX: &str = "/telemetry.v1.Ops/";

@@ -14,7 +14,7 @@ mod revocation;
 pub use credentials::{AuthFailure, AuthenticatedDevice, Credentials};
 pub use layer::{AuthLayer, Authenticator, Operator};
 pub use ops_token::{OpsTokenSource, OpsTokens, resolve_ops_token};
-pub use revocation::{Credential, CredentialEnded, CredentialEvent, CredentialWatch};
+pub use revocation::{Credential, CredentialEnded, CredentialEvent, CredentialWatch, until_ended};
 
 /// The authenticated device of an `Ingest` call.
 pub fn device<T>(request: &tonic::Request<T>) -> Result<&AuthenticatedDevice, tonic::Status> {

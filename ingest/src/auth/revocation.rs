@@ -180,6 +180,14 @@ pub struct CredentialWatch {
     pub(super) recheck: Recheck,
 }
 
+/// Resolves when the stream's credential stops holding; never without one.
+pub async fn until_ended(credential: &mut Option<CredentialWatch>) -> CredentialEnded {
+    match credential {
+        Some(watch) => watch.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl CredentialWatch {
     /// Resolves when the credential this call was authenticated with no
     /// longer holds; pending forever while it does.

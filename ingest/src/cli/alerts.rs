@@ -146,7 +146,7 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
         AlertsCommand::Watch(args) => {
             tokio::select! {
                 result = watch(&args) => result?,
-                () = crate::shutdown::signal() => {}
+                () = crate::server::shutdown::signal() => {}
             }
         }
     }

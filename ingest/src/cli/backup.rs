@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::serve::StorageArgs;
-use crate::backup;
 use crate::storage::Database;
+use crate::storage::backup;
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {

@@ -55,10 +55,10 @@ enum Command {
 
 impl Cli {
     /// How to log: only `serve` has a choice, the operator commands log text.
-    pub fn log_format(&self) -> crate::telemetry::LogFormat {
+    pub fn log_format(&self) -> crate::observability::LogFormat {
         match &self.command {
             Command::Serve(args) => args.log_format,
-            _ => crate::telemetry::LogFormat::Text,
+            _ => crate::observability::LogFormat::Text,
         }
     }
 

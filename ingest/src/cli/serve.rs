@@ -9,15 +9,15 @@ use clap::Args;
 
 use crate::auth::OpsTokenSource;
 use crate::cluster::ClusterConfig;
-use crate::config::{Config, Limits};
 use crate::domain::ReadingLimits;
 use crate::domain::Token;
 use crate::domain::reading::SensorName;
+use crate::observability::LogFormat;
+use crate::pipeline::commit::WriterConfig;
+use crate::pipeline::upload::UploadTimeouts;
 use crate::retention::RetentionConfig;
+use crate::server::config::{Config, Limits};
 use crate::storage::Database;
-use crate::storage::writer::WriterConfig;
-use crate::telemetry::LogFormat;
-use crate::upload::UploadTimeouts;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -323,5 +323,5 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    crate::server::run(config, listener, crate::shutdown::signal()).await
+    crate::server::run(config, listener, crate::server::shutdown::signal()).await
 }

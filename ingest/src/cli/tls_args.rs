@@ -13,7 +13,7 @@ use tonic::transport::Endpoint;
 
 use crate::tls::balance::{Transport, balanced, single};
 use crate::tls::client::{ClientTls, server_list};
-use crate::tls::{ClientAuth, TlsSettings};
+use crate::transport::{ClientAuth, TlsSettings};
 
 #[derive(Debug, Args)]
 pub struct ServeTlsArgs {

@@ -11,8 +11,6 @@
 //! SQLite is served by one process: [`single::ProcessLock`] refuses a second.
 
 pub mod leader;
-pub mod lease;
-pub mod listener;
 pub mod single;
 
 use std::time::Duration;

@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::session::SessionEnd;
+use crate::auth::CredentialEnded;
 use crate::cluster::Replica;
 use crate::cluster::leader::Leadership;
 use crate::domain::command::{CommandKind, CommandState};
+use crate::domain::device_message::InvalidDeviceMessage;
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::storage::cluster::{SessionOpen, SessionTicket};
@@ -58,6 +59,22 @@ pub enum SendError {
     TtlTooLong(Duration),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// Why a device's Control stream ends, sent to its session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEnd {
+    /// The device opened a newer Control stream (on any server process).
+    Superseded,
+    /// The stream reached its lifetime (`--control-max-lifetime`), or this
+    /// process is handing its streams over: the device reconnects, perhaps
+    /// to another process, so streams spread after the fleet scales out.
+    Rebalance,
+    ShuttingDown,
+    /// The device sent a message past the limits; nothing of it was stored.
+    Refused(InvalidDeviceMessage),
+    /// An operator revoked or disabled what the stream authenticated with.
+    CredentialEnded(CredentialEnded),
 }
 
 /// One device's current session, so commands can wake it and a newer

@@ -10,8 +10,8 @@ use telemetry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::Instrument;
 
-use super::center::{CommandCenter, SessionSlot, until_set};
-use crate::auth::{CredentialEnded, CredentialWatch};
+use super::center::{CommandCenter, SessionEnd, SessionSlot, until_set};
+use crate::auth::{CredentialWatch, until_ended};
 use crate::cluster::jittered;
 use crate::domain::DeviceKey;
 use crate::domain::command::CommandState;
@@ -20,7 +20,6 @@ use crate::domain::text::Text;
 use crate::domain::time::now_unix_nanos;
 use crate::storage::cluster::{SessionOpen, SessionTicket};
 use crate::storage::commands::CommandRecord;
-use crate::upload::until_ended;
 
 /// What a session writes to its stream.
 ///
@@ -31,21 +30,6 @@ use crate::upload::until_ended;
 pub enum Outgoing {
     Command(Box<CommandRecord>),
     End(Box<SessionEnd>),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum SessionEnd {
-    /// The device opened a newer Control stream (on any server process).
-    Superseded,
-    /// The stream reached its lifetime (`--control-max-lifetime`), or this
-    /// process is handing its streams over: the device reconnects, perhaps
-    /// to another process, so streams spread after the fleet scales out.
-    Rebalance,
-    ShuttingDown,
-    /// The device sent a message past the limits; nothing of it was stored.
-    Refused(InvalidDeviceMessage),
-    /// An operator revoked or disabled what the stream authenticated with.
-    CredentialEnded(CredentialEnded),
 }
 
 /// Why a stream could not start.

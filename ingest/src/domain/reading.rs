@@ -327,6 +327,22 @@ impl ValidatedBatch {
     }
 }
 
+/// A batch as it arrives from the wire, whatever the protocol.
+pub struct RawBatch {
+    pub sequence: u64,
+    pub series: Vec<RawSeries>,
+}
+
+impl RawBatch {
+    /// The readings it claims to hold (a series' longer column counts).
+    pub fn readings(&self) -> u64 {
+        self.series
+            .iter()
+            .map(|s| s.times.len().max(s.values.len()) as u64)
+            .sum()
+    }
+}
+
 /// One sensor's columns as they arrive from the wire.
 pub struct RawSeries {
     pub sensor: String,

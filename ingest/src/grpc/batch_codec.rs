@@ -206,7 +206,7 @@ impl ClientStreamingService<pb::ReadingBatch> for UploadMethod {
     type Future = BoxFuture<'static, Result<tonic::Response<pb::UploadSummary>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<pb::ReadingBatch>>) -> Self::Future {
-        self.0.clone().upload_call(request)
+        self.0.upload_call(request)
     }
 }
 

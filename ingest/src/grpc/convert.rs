@@ -2,6 +2,7 @@
 
 use telemetry_proto::v1 as pb;
 
+use crate::domain::reading::{RawBatch, RawSeries};
 use crate::domain::{RejectReason, UploadTally};
 use crate::storage::DeviceRecord;
 use crate::storage::credentials::DeviceCredentials;
@@ -108,4 +109,25 @@ pub fn summary(t: UploadTally) -> pb::UploadSummary {
         sensors_truncated: t.sensors_truncated,
         throttled_millis: t.throttled.as_millis() as u64,
     }
+}
+
+/// A batch off the wire, as validation takes it; the columns move, not copy.
+pub fn raw_batch(batch: pb::ReadingBatch) -> RawBatch {
+    RawBatch {
+        sequence: batch.sequence,
+        series: raw_series(batch.series),
+    }
+}
+
+/// A batch's series as validation takes them; the columns move, not copy.
+pub fn raw_series(series: Vec<pb::SensorSeries>) -> Vec<RawSeries> {
+    series
+        .into_iter()
+        .map(|s| RawSeries {
+            sensor: s.sensor,
+            unit: s.unit,
+            times: s.time_unix_nano,
+            values: s.value,
+        })
+        .collect()
 }

@@ -18,23 +18,28 @@ use crate::auth::{self, CredentialWatch};
 use crate::control::CommandCenter;
 use crate::control::session::{self, Outgoing};
 use crate::domain::{DeviceKey, UploadTally};
-use crate::telemetry;
-use crate::upload::{self, UploadContext};
+use crate::observability;
+use crate::pipeline::{Pipeline, UploadFailure, upload};
 
-pub struct IngestService {
-    ctx: UploadContext,
+/// Cheap to clone: an upload stream's future holds one for as long as the
+/// stream lasts, one per connected device.
+#[derive(Clone)]
+pub struct IngestService(Arc<Shared>);
+
+struct Shared {
+    ctx: Pipeline,
     control: Arc<CommandCenter>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl IngestService {
-    pub fn new(ctx: UploadContext, control: Arc<CommandCenter>) -> Self {
+    pub fn new(ctx: Pipeline, control: Arc<CommandCenter>) -> Self {
         let shutdown = ctx.shutdown.clone();
-        Self {
+        Self(Arc::new(Shared {
             ctx,
             control,
             shutdown,
-        }
+        }))
     }
 }
 
@@ -46,12 +51,7 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> Result<Response<pb::UploadSummary>, Status> {
-        let (span, accepted) = self.accept_upload(request);
-        let (device, mut credential, mut messages) = accepted?;
-        let result = upload::run(&mut messages, &device, &mut credential, &self.ctx)
-            .instrument(span.clone())
-            .await;
-        span.in_scope(|| summarize(result))
+        self.upload_call(request).await
     }
 
     type ControlStream = ControlStream;
@@ -63,7 +63,7 @@ impl pb::ingest_server::Ingest for IngestService {
         // The session's task (control::session) runs in it too: it lasts as
         // long as the stream.
         let span = tracing::info_span!("control", device = tracing::field::Empty);
-        telemetry::follow_caller(&span, request.metadata());
+        observability::follow_caller(&span, request.metadata());
         self.open_control(request).instrument(span).await
     }
 
@@ -73,6 +73,7 @@ impl pb::ingest_server::Ingest for IngestService {
     ) -> Result<Response<pb::UploadCursor>, Status> {
         let device = &auth::device(&request)?.key;
         let committed_sequence = self
+            .0
             .ctx
             .store
             .committed_sequence(device.pk)
@@ -86,23 +87,27 @@ impl pb::ingest_server::Ingest for IngestService {
 }
 
 impl IngestService {
-    /// `UploadReadings` as [`super::IngestRoutes`] serves it. The request
+    /// `UploadReadings`, as [`super::IngestRoutes`] and the generated
+    /// service both serve it. The request
     /// is taken apart before the stream's future is made, and the future
     /// owns each part once and lends it down: it lives as long as the
     /// stream, one per connected device, and nested `async fn`s taking the
     /// parts by value kept a copy at every level (docs/memory.md).
     pub fn upload_call(
-        self: Arc<Self>,
+        &self,
         request: Request<Streaming<pb::ReadingBatch>>,
     ) -> BoxFuture<'static, Result<Response<pb::UploadSummary>, Status>> {
         let (span, accepted) = self.accept_upload(request);
-        let (device, mut credential, mut messages) = match accepted {
+        let (device, mut credential, messages) = match accepted {
             Ok(parts) => parts,
             Err(status) => return Box::pin(std::future::ready(Err(status))),
         };
+        let shared = self.0.clone();
         Box::pin(
             async move {
-                let result = upload::run(&mut messages, &device, &mut credential, &self.ctx).await;
+                let mut messages = messages.map(|m| m.map(convert::raw_batch));
+                let result =
+                    upload::run(&mut messages, &device, &mut credential, &shared.ctx).await;
                 summarize(result)
             }
             .instrument(span),
@@ -119,7 +124,8 @@ impl IngestService {
         let caller = auth::device(request)?;
         let (device, credential) = (caller.key.clone(), caller.take_watch());
         tracing::Span::current().record("device", device.id.as_str());
-        self.ctx
+        self.0
+            .ctx
             .rate_limits
             .open_stream(device.pk)
             .map_err(status::stream_rate_exceeded)?;
@@ -146,7 +152,7 @@ impl IngestService {
         >,
     ) {
         let span = tracing::info_span!("upload_readings", device = tracing::field::Empty);
-        telemetry::follow_caller(&span, request.metadata());
+        observability::follow_caller(&span, request.metadata());
         let accepted = span.in_scope(|| -> Result<_, Status> {
             let (device, credential) = self.admit(&request)?;
             Ok((device, credential, request.into_inner()))
@@ -160,10 +166,10 @@ impl IngestService {
     ) -> Result<Response<ControlStream>, Status> {
         let (device, credential) = self.admit(&request)?;
         let outgoing = session::open(
-            self.control.clone(),
+            self.0.control.clone(),
             device,
             request.into_inner(),
-            self.shutdown.clone(),
+            self.0.shutdown.clone(),
             credential,
         )
         .await?;
@@ -179,7 +185,7 @@ impl IngestService {
 
 /// The stream's summary, or why it ended early.
 fn summarize(
-    result: Result<UploadTally, upload::UploadFailure>,
+    result: Result<UploadTally, UploadFailure>,
 ) -> Result<Response<pb::UploadSummary>, Status> {
     match result {
         Ok(tally) => {

@@ -6,7 +6,7 @@ mod alert_messages;
 pub mod batch_codec;
 mod command_messages;
 pub mod compression;
-mod convert;
+pub mod convert;
 pub mod ingest;
 pub mod ops;
 pub mod status;

@@ -8,13 +8,14 @@ use tonic::Status;
 use crate::alerts::EngineError;
 use crate::auth::AuthFailure;
 use crate::control::SendError;
-use crate::control::session::{OpenError, SessionEnd};
+use crate::control::center::SessionEnd;
+use crate::control::session::OpenError;
 use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
 use crate::domain::{BatchError, InvalidDevice};
+use crate::pipeline::upload::{UploadError, UploadFailure};
 use crate::storage::StorageError;
 use crate::storage::credentials::CredentialError;
-use crate::upload::{UploadError, UploadFailure};
 
 impl From<UploadFailure> for Status {
     fn from(failure: UploadFailure) -> Self {

@@ -6,9 +6,11 @@
 //! Counters are registered without their `_total` suffix: the encoder adds
 //! it, as OpenMetrics wants.
 
-pub mod admin;
 pub mod grpc;
 mod process;
+mod progress;
+
+pub use progress::WriterProgress;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -110,7 +112,7 @@ pub struct Metrics {
     pub partitions_created: Counter,
 
     /// Not exported: what readiness asks of the writer.
-    pub writer_progress: admin::WriterProgress,
+    pub writer_progress: WriterProgress,
 }
 
 impl Metrics {
@@ -144,7 +146,7 @@ impl Metrics {
             db_pool_acquire_seconds: seconds_buckets(),
             retention_deleted: Counter::default(),
             partitions_created: Counter::default(),
-            writer_progress: admin::WriterProgress::default(),
+            writer_progress: WriterProgress::default(),
         };
         let r = registry;
         r.register(
@@ -373,37 +375,5 @@ mod tests {
             "# HELP a_thing_total Things.\n# TYPE a_thing_total counter\na_thing_total 3\n\
              # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
-    }
-}
-
-/// `tls_certificate_expiry_timestamp_seconds`, read from the served
-/// certificate at each scrape (it changes on reload). Registered only when
-/// serving TLS: a plaintext server has no certificate to expire.
-pub fn register_tls_expiry(registry: &mut Registry, tls: crate::tls::TlsHandle) {
-    registry.register_collector(Box::new(TlsExpiry(tls)));
-}
-
-#[derive(Debug)]
-struct TlsExpiry(crate::tls::TlsHandle);
-
-impl prometheus_client::collector::Collector for TlsExpiry {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        let Some(not_after) = self.0.certificate_not_after() else {
-            return Ok(());
-        };
-        let seconds = not_after
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(seconds);
-        gauge.encode(encoder.encode_descriptor(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the served certificate expires, unix seconds",
-            None,
-            gauge.metric_type(),
-        )?)
     }
 }

@@ -15,6 +15,7 @@ macro_rules! dispatch {
 }
 
 pub mod alerts;
+pub mod backup;
 pub mod cluster;
 pub mod commands;
 mod copy_binary;
@@ -26,13 +27,14 @@ pub mod rollup;
 mod shared;
 mod sqlite;
 mod sqlite_bulk;
-pub mod writer;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 
 pub use error::StorageError;
+pub use postgres::{PgGroupTx, PgStore};
+pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use crate::domain::time::UnixNanos;
 use crate::domain::{
@@ -328,6 +330,58 @@ where
     }
 }
 
+/// A backend that can open a group-commit transaction: what the group
+/// commit (`pipeline::commit`) drives, the same way for both.
+pub trait GroupBackend: Clone + Send + Sync + 'static {
+    type Tx: GroupTx;
+
+    /// What must exist before a transaction holding readings at `times`
+    /// (unix nanoseconds): the days whose partitions [`Self::prepare`] makes.
+    fn days_to_prepare(&self, times: impl Iterator<Item = i64>) -> Vec<i64>;
+
+    /// Creates what a group needs, outside its transaction.
+    fn prepare(&self, days: &[i64]) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx, sqlx::Error>> + Send;
+}
+
+impl GroupBackend for SqliteStore {
+    type Tx = SqliteGroupTx;
+
+    /// None: SQLite is not partitioned, and the times are not even read.
+    fn days_to_prepare(&self, _times: impl Iterator<Item = i64>) -> Vec<i64> {
+        Vec::new()
+    }
+
+    async fn prepare(&self, _days: &[i64]) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<SqliteGroupTx, sqlx::Error> {
+        self.begin_group().await
+    }
+}
+
+impl GroupBackend for PgStore {
+    type Tx = PgGroupTx;
+
+    fn days_to_prepare(&self, times: impl Iterator<Item = i64>) -> Vec<i64> {
+        partitions::days_of(times)
+    }
+
+    /// The day partitions of the group's readings: already there unless the
+    /// data is late or backfilled past what was created ahead. Creating one
+    /// is DDL, kept out of the group's transaction so that the parent
+    /// table's lock is held only for that moment.
+    async fn prepare(&self, days: &[i64]) -> Result<(), StorageError> {
+        self.ensure_partitions(days).await.map(drop)
+    }
+
+    async fn begin(&self) -> Result<PgGroupTx, sqlx::Error> {
+        self.begin_group().await
+    }
+}
+
 /// The columns of many batches' readings, ready for one bulk insert.
 #[derive(Debug, Default)]
 pub struct ReadingColumns {
@@ -354,7 +408,7 @@ impl ReadingColumns {
 
 /// One group commit's transaction. Each backend implements it with the bulk
 /// statement it does fastest; the writer drives it the same way for both.
-pub(crate) trait GroupTx: Send + Sized {
+pub trait GroupTx: Send + Sized {
     /// The committed sequence of each device, locked until commit so another
     /// server process cannot commit the same batch concurrently.
     fn committed_sequences(

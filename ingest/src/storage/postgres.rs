@@ -299,7 +299,7 @@ impl PgStore {
     }
 }
 
-pub(crate) struct PgGroupTx {
+pub struct PgGroupTx {
     tx: Transaction<'static, Postgres>,
 }
 

@@ -397,7 +397,7 @@ impl std::ops::DerefMut for SqliteWriteConn {
     }
 }
 
-pub(crate) struct SqliteGroupTx {
+pub struct SqliteGroupTx {
     /// Holds the write gate until commit.
     tx: SqliteWriteTx,
     /// Multi-row rollup statement texts by row count. Chunks are sized in

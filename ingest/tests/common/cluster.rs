@@ -391,7 +391,7 @@ impl Cluster {
 
     /// GET on process `i`'s admin listener: (status, body).
     pub async fn admin(&self, i: usize, path: &str) -> (u16, String) {
-        ingest::metrics::admin::get(self.nodes[i].admin_addr, path)
+        ingest::server::admin::get(self.nodes[i].admin_addr, path)
             .await
             .unwrap_or_else(|e| panic!("admin {path} of process {i}: {e}"))
     }
@@ -402,7 +402,7 @@ impl Cluster {
         assert_eq!(status, 200, "/metrics of process {i}: {body}");
         body.lines()
             .any(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
-            .then(|| ingest::metrics::admin::sum(&body, name, &[]))
+            .then(|| ingest::server::admin::sum(&body, name, &[]))
     }
 
     /// The running processes reporting `ingest_cluster_leader 1`.

@@ -303,7 +303,7 @@ impl TestServer {
 
     /// GET on the admin listener: (status, body).
     pub async fn admin(&self, path: &str) -> (u16, String) {
-        ingest::metrics::admin::get(self.admin_addr, path)
+        ingest::server::admin::get(self.admin_addr, path)
             .await
             .unwrap()
     }

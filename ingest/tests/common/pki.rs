@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ingest::Config;
 use ingest::domain::CertFingerprint;
-use ingest::tls::{ClientAuth, TlsSettings};
+use ingest::transport::{ClientAuth, TlsSettings};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SerialNumber,

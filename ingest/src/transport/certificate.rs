@@ -10,6 +10,15 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::domain::{CertFingerprint, ClientCertificate};
 
+/// The certificate being served, as logs and metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    pub subject: String,
+    pub serial: String,
+    pub not_after: SystemTime,
+    pub fingerprint: CertFingerprint,
+}
+
 /// The facts about one certificate worth logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {

@@ -8,10 +8,10 @@ use crate::alerts::WatchConfig;
 use crate::auth::OpsTokenSource;
 use crate::control::ControlConfig;
 use crate::domain::ReadingLimits;
+use crate::pipeline::commit::WriterConfig;
+use crate::pipeline::upload::UploadTimeouts;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;
-use crate::storage::writer::WriterConfig;
-use crate::upload::UploadTimeouts;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,7 +31,7 @@ pub struct Config {
     /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Serve TLS with these certificates; `None`: plaintext.
-    pub tls: Option<crate::tls::TlsSettings>,
+    pub tls: Option<crate::transport::TlsSettings>,
     /// Leases of server processes sharing a PostgreSQL database.
     pub cluster: crate::cluster::ClusterConfig,
     /// Connections are sent GOAWAY after this (±10%); `None`: never.

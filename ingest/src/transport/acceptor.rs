@@ -9,22 +9,11 @@ use std::time::SystemTime;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 
-use super::certificate::display_time;
+use super::certificate::{CertificateSummary, display_time};
 use super::connection::Connection;
 use super::error::TlsError;
-use super::load::{Loaded, load};
-use super::reload::FileStamps;
-use super::settings::TlsSettings;
-use crate::domain::CertFingerprint;
-
-/// The certificate being served, as logs and metrics show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificateSummary {
-    pub subject: String,
-    pub serial: String,
-    pub not_after: SystemTime,
-    pub fingerprint: CertFingerprint,
-}
+use super::load::{FileStamps, Loaded, load};
+use super::settings::{Reloadable, TlsSettings};
 
 #[derive(Clone)]
 pub struct TlsAcceptor {
@@ -162,5 +151,15 @@ impl From<Loaded> for Current {
                 fingerprint: loaded.fingerprint,
             },
         }
+    }
+}
+
+impl Reloadable for TlsAcceptor {
+    fn reload(&self, cause: &str) -> Result<CertificateSummary, TlsError> {
+        TlsAcceptor::reload(self, cause)
+    }
+
+    fn certificate(&self) -> CertificateSummary {
+        TlsAcceptor::certificate(self)
     }
 }

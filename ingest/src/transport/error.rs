@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::settings::ClientAuth;
+use super::client_auth::ClientAuth;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

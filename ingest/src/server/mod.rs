@@ -5,6 +5,12 @@
 //! answer); wait for open calls, at most the grace period; let the writer
 //! drain its queue; close the database.
 
+pub mod admin;
+mod cluster_listener;
+pub mod config;
+mod lease;
+pub mod shutdown;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -18,20 +24,21 @@ use tonic::transport::Server;
 use crate::alerts::AlertEngine;
 use crate::auth::{AuthLayer, Authenticator, Credentials, OpsTokens};
 use crate::cluster::leader::Leadership;
-use crate::cluster::listener::{self, Subscribers};
 use crate::cluster::single::ProcessLock;
-use crate::cluster::{Replica, jittered, lease};
-use crate::config::Config;
+use crate::cluster::{Replica, jittered};
 use crate::control::CommandCenter;
 use crate::grpc::compression::compressed;
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
 use crate::metrics::Metrics;
-use crate::metrics::admin::Admin;
 use crate::metrics::grpc::GrpcMetricsLayer;
-use crate::rate_limit::DeviceRateLimits;
-use crate::storage::{Database, Store, writer};
-use crate::upload::UploadContext;
+use crate::pipeline::Pipeline;
+use crate::pipeline::commit as writer;
+use crate::pipeline::rate_limit::DeviceRateLimits;
+use crate::storage::{Database, Store};
+use admin::Admin;
+use cluster_listener::Subscribers;
+use config::Config;
 use prometheus_client::registry::Registry;
 
 /// Serves on `listener` until `shutdown` resolves, then stops gracefully.
@@ -41,7 +48,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let admin = crate::metrics::admin::bind(config.admin_listen).await?;
+    let admin = crate::server::admin::bind(config.admin_listen).await?;
     run_with_admin(config, listener, admin, shutdown).await
 }
 
@@ -112,7 +119,7 @@ pub async fn run_with_admin(
     // What the other server processes on the database commit, heard here.
     let cluster_tasks = match store.side_connection(&replica.connection_name(Some("listener"))) {
         Some(options) => vec![
-            listener::start(
+            cluster_listener::start(
                 options,
                 Subscribers {
                     alerts: alerts.clone(),
@@ -140,7 +147,7 @@ pub async fn run_with_admin(
         stopping.clone(),
         metrics.clone(),
     ));
-    let upload = UploadContext {
+    let upload = Pipeline {
         store: store.clone(),
         writer,
         limits: config.limits.readings.clone(),
@@ -209,7 +216,7 @@ pub async fn run_with_admin(
         }
     };
     // TLS (or plaintext) in front of tonic; the reloader stops at shutdown.
-    let (incoming, transport) = crate::tls::listen(
+    let (incoming, transport) = crate::transport::listen(
         listener,
         config.tls.as_ref(),
         config.limits.handshake_timeout,
@@ -218,7 +225,7 @@ pub async fn run_with_admin(
     )
     .context("setting up TLS")?;
     if let Some(tls) = &config.tls {
-        crate::metrics::register_tls_expiry(&mut registry, tls.handle.clone());
+        crate::transport::expiry_metric::register_expiry_metric(&mut registry, tls.handle.clone());
     }
     let mut builder = Server::builder();
     if let Some(age) = config.max_connection_age {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{ClusterConfig, Replica};
+use crate::cluster::{ClusterConfig, Replica};
 use crate::control::CommandCenter;
 use crate::storage::{StorageError, Store};
 

@@ -3,6 +3,7 @@
 //! every client CA is usable. Anything wrong is an error naming the file;
 //! on reload the caller keeps the config it had.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -21,6 +22,41 @@ use crate::domain::CertFingerprint;
 
 const CHAIN: &str = "the server certificate, then its intermediates";
 const CA: &str = "the CA certificates that sign client certificates";
+
+/// The metadata of the certificate, key and client CA files; `None` for a
+/// file that cannot be read (missing for a moment during a swap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamps(Vec<Option<Stamp>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+    device: u64,
+}
+
+impl FileStamps {
+    pub fn of(settings: &TlsSettings) -> Self {
+        let paths = [Some(&settings.cert), Some(&settings.key)]
+            .into_iter()
+            .chain([settings.client_ca.as_ref()])
+            .flatten();
+        // Follows symlinks: what matters is the file the path leads to now.
+        Self(
+            paths
+                .map(|path| {
+                    std::fs::metadata(path).ok().map(|m| Stamp {
+                        modified: m.modified().ok(),
+                        len: m.len(),
+                        inode: m.ino(),
+                        device: m.dev(),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
 
 /// A validated configuration and what it serves.
 pub struct Loaded {

@@ -23,7 +23,7 @@ use super::connection::Connection;
 use super::error::TlsError;
 use super::reload;
 use super::settings::TlsSettings;
-use crate::handshake::PrefaceDeadline;
+use crate::transport::handshake::PrefaceDeadline;
 use prometheus_client::metrics::counter::Counter;
 
 /// What `serve_with_incoming_shutdown` takes.
@@ -76,7 +76,7 @@ pub fn listen(
         return Ok((plain.boxed(), Transport::default()));
     };
     let acceptor = TlsAcceptor::load(settings)?;
-    settings.handle.attach(acceptor.clone());
+    settings.handle.attach(Arc::new(acceptor.clone()));
     let reloader = reload::spawn(acceptor.clone(), stopping);
     let (ready, connections) = mpsc::channel(READY_CONNECTIONS);
     tokio::spawn(accept_loop(

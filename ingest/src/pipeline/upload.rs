@@ -1,4 +1,5 @@
-//! One `UploadReadings` stream, from the first batch to the summary:
+//! One upload stream, from the first batch to the summary (gRPC's
+//! `UploadReadings`; the stream's messages already taken off the wire):
 //! validate each batch, hand it to the group-commit writer, wait for the
 //! commits, tally what happened.
 //!
@@ -7,41 +8,22 @@
 //! filling the writer's queue on its own.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use telemetry_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use crate::auth::{CredentialEnded, CredentialWatch};
+use super::Pipeline;
+use super::commit::{BatchOutcome, CommitResult};
+use crate::auth::{CredentialEnded, CredentialWatch, until_ended};
 use crate::domain::DeviceKey;
-use crate::domain::reading::{BatchReport, RawSeries, validate_batch};
+use crate::domain::reading::{BatchReport, RawBatch, validate_batch};
 use crate::domain::summary::SequenceNotIncreasing;
 use crate::domain::time::now_unix_nanos;
-use crate::domain::{BatchError, ReadingLimits, RejectReason, UploadTally};
+use crate::domain::{BatchError, RejectReason, UploadTally};
 use crate::metrics::Metrics;
-use crate::rate_limit::DeviceRateLimits;
-use crate::storage::writer::{BatchOutcome, CommitResult, WriterHandle};
-use crate::storage::{StorageError, Store};
-
-/// What every upload stream shares.
-#[derive(Clone)]
-pub struct UploadContext {
-    pub store: Store,
-    /// Commits batches, and records the alerts they cause in the same
-    /// transaction: the summary never runs ahead of an alert.
-    pub writer: WriterHandle,
-    pub limits: ReadingLimits,
-    /// Batches of one stream submitted but not yet committed.
-    pub max_inflight_batches: usize,
-    /// Turns true when the server begins shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    pub rate_limits: Arc<DeviceRateLimits>,
-    pub timeouts: UploadTimeouts,
-    pub metrics: Arc<Metrics>,
-}
+use crate::storage::StorageError;
 
 /// How long an upload stream may keep the server waiting for a message.
 #[derive(Debug, Clone, Copy)]
@@ -120,10 +102,10 @@ pub async fn run<S>(
     messages: &mut S,
     device: &DeviceKey,
     credential: &mut Option<CredentialWatch>,
-    ctx: &UploadContext,
+    ctx: &Pipeline,
 ) -> Result<UploadTally, UploadFailure>
 where
-    S: Stream<Item = Result<pb::ReadingBatch, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<RawBatch, tonic::Status>> + Unpin,
 {
     let _open = ctx.metrics.stream("upload");
     let mut tally = UploadTally::new(ctx.limits.max_listed_rejections, 0);
@@ -159,14 +141,14 @@ async fn receive<S>(
     messages: &mut S,
     device: &DeviceKey,
     credential: &mut Option<CredentialWatch>,
-    ctx: &UploadContext,
+    ctx: &Pipeline,
     tally: &mut UploadTally,
     inflight: &mut InFlight,
 ) -> Result<(), UploadError>
 where
-    S: Stream<Item = Result<pb::ReadingBatch, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<RawBatch, tonic::Status>> + Unpin,
 {
-    let writer = ctx.writer.stream(device.pk);
+    let writer = ctx.stream(device);
     let mut shutdown = ctx.shutdown.clone();
     let mut first = true;
     loop {
@@ -208,11 +190,7 @@ where
             Some(Err(status)) => return Err(UploadError::Transport(status)),
         };
         let arrived = Instant::now();
-        let readings: u64 = message
-            .series
-            .iter()
-            .map(|s| s.time_unix_nano.len().max(s.value.len()) as u64)
-            .sum();
+        let readings = message.readings();
         // From arrival (decoded: see grpc::batch_codec) to its answer, with a
         // span per stage: validate; queue (waiting for the stream's in-flight
         // cap, then for room in the writer's queue); durable (queued to
@@ -226,7 +204,7 @@ where
         let validated = tracing::debug_span!(parent: &span, "validate").in_scope(|| {
             validate_batch(
                 message.sequence,
-                raw_series(message.series),
+                message.series,
                 &ctx.limits,
                 now_unix_nanos(),
             )
@@ -263,7 +241,7 @@ where
         inflight.push_back((batch.report, arrived, committed, durable));
         // Over its rate the device waits here, with its stream unread: HTTP/2
         // flow control holds it back and nothing is refused or lost.
-        let hold = ctx.rate_limits.readings(device.pk, received);
+        let hold = writer.hold_for(received);
         if !hold.is_zero() {
             Box::pin(throttle(hold, &mut shutdown, credential)).await?;
             tally.throttled += hold;
@@ -286,27 +264,6 @@ async fn throttle(
         ended = until_ended(credential) => Err(UploadError::CredentialEnded(ended)),
         () = tokio::time::sleep(hold) => Ok(()),
     }
-}
-
-/// Resolves when the stream's credential stops holding; never without one.
-pub async fn until_ended(credential: &mut Option<CredentialWatch>) -> CredentialEnded {
-    match credential {
-        Some(watch) => watch.ended().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A batch's series as validation takes them; the columns move, not copy.
-pub fn raw_series(series: Vec<pb::SensorSeries>) -> Vec<RawSeries> {
-    series
-        .into_iter()
-        .map(|s| RawSeries {
-            sensor: s.sensor,
-            unit: s.unit,
-            times: s.time_unix_nano,
-            values: s.value,
-        })
-        .collect()
 }
 
 /// Resolves with the answer to the oldest in-flight batch; pending while

@@ -5,8 +5,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::acceptor::{CertificateSummary, TlsAcceptor};
+use super::certificate::CertificateSummary;
+pub use super::client_auth::ClientAuth;
 use super::error::TlsError;
+
+/// How often the files' metadata is checked, by default.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
@@ -36,7 +40,7 @@ impl TlsSettings {
             key,
             client_ca: None,
             client_auth: ClientAuth::None,
-            poll_interval: super::reload::DEFAULT_POLL,
+            poll_interval: DEFAULT_POLL,
             max_concurrent_handshakes: 1024,
             handle: TlsHandle::default(),
         }
@@ -58,39 +62,24 @@ impl TlsSettings {
     }
 }
 
-/// `--tls-client-auth`: whether a client must present a certificate signed
-/// by `--tls-client-ca`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ClientAuth {
-    /// No client certificate is asked for.
-    None,
-    /// A client may present one; if it does, it must verify.
-    Optional,
-    /// Every client must present one that verifies.
-    Require,
-}
-
-impl std::fmt::Display for ClientAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::None => "none",
-            Self::Optional => "optional",
-            Self::Require => "require",
-        })
-    }
+/// What a [`TlsHandle`] reaches of the running acceptor (a trait, so that
+/// the settings need not know the acceptor that is built from them).
+pub(crate) trait Reloadable: Send + Sync {
+    fn reload(&self, cause: &str) -> Result<CertificateSummary, TlsError>;
+    fn certificate(&self) -> CertificateSummary;
 }
 
 /// The running server's TLS, reachable from whoever holds the settings. A
 /// server attaches its acceptor at start (a restart attaches the new one).
 #[derive(Clone, Default)]
-pub struct TlsHandle(Arc<RwLock<Option<TlsAcceptor>>>);
+pub struct TlsHandle(Arc<RwLock<Option<Arc<dyn Reloadable>>>>);
 
 impl TlsHandle {
-    pub(crate) fn attach(&self, acceptor: TlsAcceptor) {
+    pub(crate) fn attach(&self, acceptor: Arc<dyn Reloadable>) {
         *self.0.write().expect("lock poisoned") = Some(acceptor);
     }
 
-    fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+    fn acceptor(&self) -> Result<Arc<dyn Reloadable>, TlsError> {
         self.0
             .read()
             .expect("lock poisoned")

@@ -8,7 +8,6 @@
 //! HTTP/2 flow control slows the devices down: memory stays flat.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,18 +16,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::alerts::EventOutcome;
-use super::partitions;
-use super::postgres::{PgGroupTx, PgStore};
-use super::rollup::RollupRows;
-use super::sqlite::{SqliteGroupTx, SqliteStore};
-use super::{GroupTx, ReadingColumns, StorageError, Store};
 use crate::alerts::AlertEngine;
 use crate::alerts::judge::{Judge, JudgedBatch};
 use crate::domain::reading::SeriesRows;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{SensorName, Unit};
 use crate::metrics::Metrics;
+use crate::storage::alerts::EventOutcome;
+use crate::storage::rollup::RollupRows;
+use crate::storage::{GroupBackend, GroupTx, ReadingColumns, StorageError, Store};
 
 /// How the writer batches work.
 #[derive(Debug, Clone)]
@@ -209,7 +205,7 @@ pub fn spawn(
     for shard in 0..writers {
         let (tx, rx) = mpsc::channel(depth);
         queues.push(tx);
-        let judge = alerts.judge(owns, shard, writers);
+        let judge = Judge::new(alerts.clone(), owns, shard, writers);
         tasks.push(match store {
             Store::Sqlite(s) => tokio::spawn(run(
                 s.clone(),
@@ -243,53 +239,6 @@ pub fn spawn(
     )
 }
 
-/// A backend that can open a group-commit transaction.
-trait BeginGroup: Send + Sync + 'static {
-    type Tx: GroupTx;
-
-    /// Whatever must exist before the group's transaction, done outside it.
-    fn prepare(
-        &self,
-        group: &[PendingBatch],
-    ) -> impl Future<Output = Result<(), StorageError>> + Send;
-
-    fn begin(&self) -> impl Future<Output = Result<Self::Tx, sqlx::Error>> + Send;
-}
-
-impl BeginGroup for SqliteStore {
-    type Tx = SqliteGroupTx;
-
-    async fn prepare(&self, _group: &[PendingBatch]) -> Result<(), StorageError> {
-        Ok(())
-    }
-
-    async fn begin(&self) -> Result<SqliteGroupTx, sqlx::Error> {
-        self.begin_group().await
-    }
-}
-
-impl BeginGroup for PgStore {
-    type Tx = PgGroupTx;
-
-    /// The day partitions of the group's readings: already there unless the
-    /// data is late or backfilled past what was created ahead. Creating one
-    /// is DDL, kept out of the group's transaction so that the parent
-    /// table's lock is held only for that moment.
-    async fn prepare(&self, group: &[PendingBatch]) -> Result<(), StorageError> {
-        let days = partitions::days_of(
-            group
-                .iter()
-                .flat_map(|b| b.series.iter())
-                .flat_map(|s| s.times.iter().copied()),
-        );
-        self.ensure_partitions(&days).await.map(drop)
-    }
-
-    async fn begin(&self) -> Result<PgGroupTx, sqlx::Error> {
-        self.begin_group().await
-    }
-}
-
 type SensorKey = (i64, SensorName, Unit);
 
 /// Sensor pks already in the database, so a steady stream of readings
@@ -300,7 +249,7 @@ const MAX_CACHED_SENSORS: usize = 1_000_000;
 /// How often silences are checked: the lateness of an inactivity alert.
 const INACTIVITY_TICK: Duration = Duration::from_millis(100);
 
-async fn run<B: BeginGroup>(
+async fn run<B: GroupBackend>(
     backend: B,
     mut rx: mpsc::Receiver<PendingBatch>,
     mut judge: Judge,
@@ -363,11 +312,20 @@ async fn run<B: BeginGroup>(
             tracing::debug_span!(parent: None, "group_commit", batches = group.len(), readings);
         #[cfg(feature = "otel")]
         for batch in &group {
-            crate::telemetry::otel::link(&span, &crate::telemetry::otel::span_context(&batch.span));
+            crate::observability::otel::link(
+                &span,
+                &crate::observability::otel::span_context(&batch.span),
+            );
         }
         let started = std::time::Instant::now();
+        let days = backend.days_to_prepare(
+            group
+                .iter()
+                .flat_map(|b| b.series.iter())
+                .flat_map(|s| s.times.iter().copied()),
+        );
         let committed = async {
-            match backend.prepare(&group).await {
+            match backend.prepare(&days).await {
                 Ok(()) => commit_group(
                     &backend,
                     &group,
@@ -469,7 +427,7 @@ impl GroupSizing {
 /// Records inactivity alerts of this writer's devices in a transaction of
 /// their own. A failure changes nothing: the next tick finds the same
 /// silences and tries again.
-async fn judge_silences<B: BeginGroup>(backend: &B, judge: &mut Judge) {
+async fn judge_silences<B: GroupBackend>(backend: &B, judge: &mut Judge) {
     if !judge.engine().judges_silences() {
         return;
     }
@@ -500,7 +458,7 @@ async fn judge_silences<B: BeginGroup>(backend: &B, judge: &mut Judge) {
 /// marks, judges the new batches against the alert rules, inserts their
 /// readings with one bulk statement, records the alert events they caused
 /// and advances the marks, all in one transaction.
-async fn commit_group<B: BeginGroup>(
+async fn commit_group<B: GroupBackend>(
     backend: &B,
     group: &[PendingBatch],
     sensors: &mut HashMap<SensorKey, i64>,

@@ -4,50 +4,12 @@
 //! symlink, certbot and `mv` by renaming, and polling `stat` through the
 //! path sees all of them the same way.
 
-use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, SystemTime};
-
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::acceptor::TlsAcceptor;
-use super::settings::TlsSettings;
-
-/// The metadata of the certificate, key and client CA files; `None` for a
-/// file that cannot be read (missing for a moment during a swap).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileStamps(Vec<Option<Stamp>>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-    device: u64,
-}
-
-impl FileStamps {
-    pub fn of(settings: &TlsSettings) -> Self {
-        let paths = [Some(&settings.cert), Some(&settings.key)]
-            .into_iter()
-            .chain([settings.client_ca.as_ref()])
-            .flatten();
-        // Follows symlinks: what matters is the file the path leads to now.
-        Self(
-            paths
-                .map(|path| {
-                    std::fs::metadata(path).ok().map(|m| Stamp {
-                        modified: m.modified().ok(),
-                        len: m.len(),
-                        inode: m.ino(),
-                        device: m.dev(),
-                    })
-                })
-                .collect(),
-        )
-    }
-}
+use super::load::FileStamps;
 
 /// Reloads on SIGHUP and on file changes until `stopping` turns true.
 pub fn spawn(acceptor: TlsAcceptor, mut stopping: watch::Receiver<bool>) -> JoinHandle<()> {
@@ -93,6 +55,3 @@ async fn recv(hangup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
         None => std::future::pending().await,
     }
 }
-
-/// The default poll interval, for documentation.
-pub const DEFAULT_POLL: Duration = Duration::from_secs(1);

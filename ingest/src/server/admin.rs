@@ -9,7 +9,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,53 +21,16 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::domain::time::now_unix_nanos;
+use crate::metrics::Metrics;
 use crate::storage::Store;
 
 /// The database must answer a readiness query within this.
 const DATABASE_DEADLINE: Duration = Duration::from_secs(1);
-/// Batches queued and no commit for this long: the writer is stuck.
-const WRITER_STALL: Duration = Duration::from_secs(30);
-
-/// What the writer last did, for readiness.
-#[derive(Debug)]
-pub struct WriterProgress {
-    /// When a group last committed (or the writer last found its queue
-    /// empty), unix nanoseconds.
-    last_progress: AtomicI64,
-}
-
-impl Default for WriterProgress {
-    fn default() -> Self {
-        Self {
-            last_progress: AtomicI64::new(now_unix_nanos()),
-        }
-    }
-}
-
-impl WriterProgress {
-    pub fn progressed(&self) {
-        self.last_progress
-            .store(now_unix_nanos(), Ordering::Relaxed);
-    }
-
-    /// How long the writer has made no progress with `queued` batches
-    /// waiting, past the stall limit.
-    fn stalled_for(&self, queued: i64) -> Option<Duration> {
-        if queued <= 0 {
-            return None;
-        }
-        let idle = now_unix_nanos() - self.last_progress.load(Ordering::Relaxed);
-        let idle = Duration::from_nanos(idle.max(0) as u64);
-        (idle > WRITER_STALL).then_some(idle)
-    }
-}
-
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct Admin {
     pub registry: Arc<Registry>,
-    pub metrics: Arc<super::Metrics>,
+    pub metrics: Arc<Metrics>,
     pub store: Store,
     pub stopping: watch::Receiver<bool>,
 }
@@ -118,7 +80,7 @@ impl Admin {
                     .get(http::header::ACCEPT)
                     .and_then(|a| a.to_str().ok())
                     .is_some_and(|a| a.contains("application/openmetrics-text"));
-                let text = super::encode(&self.registry);
+                let text = crate::metrics::encode(&self.registry);
                 let (body, content_type) = if openmetrics {
                     (
                         text,
@@ -126,7 +88,7 @@ impl Admin {
                     )
                 } else {
                     (
-                        super::to_prometheus_text(&text),
+                        crate::metrics::to_prometheus_text(&text),
                         "text/plain; version=0.0.4; charset=utf-8",
                     )
                 };
