@@ -176,6 +176,14 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .credentials
                 .as_ref()
                 .context("server returned no credentials")?;
+            // As text, the token alone on stdout, so `TOKEN=$(ingest devices
+            // rotate-token ...)` takes it; the rest is for the person.
+            if !json {
+                eprintln!(
+                    "{}: new token {} (shown once, store it now):",
+                    credentials.device_id, response.credential_id
+                );
+            }
             Answer::stdout(json).one(
                 &response,
                 |r| {
@@ -185,15 +193,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                         "credentials": credentials_json(credentials),
                     })
                 },
-                |r| {
-                    // The token alone on stdout, so `TOKEN=$(ingest devices
-                    // rotate-token ...)` takes it; the rest is for the person.
-                    eprintln!(
-                        "{}: new token {} (shown once, store it now):",
-                        credentials.device_id, r.credential_id
-                    );
-                    r.token.clone()
-                },
+                |r| r.token.clone(),
             )?;
             if !json {
                 for line in rotate_notes(response.credential_id, credentials) {

@@ -72,7 +72,7 @@ impl<W: Write> Answer<W> {
 }
 
 /// `value` as compact JSON on a line of its own (JSON Lines).
-pub(crate) fn json_line(out: &mut impl Write, value: &serde_json::Value) -> io::Result<()> {
+fn json_line(out: &mut impl Write, value: &serde_json::Value) -> io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
     out.write_all(b"\n")
 }

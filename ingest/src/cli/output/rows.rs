@@ -439,6 +439,12 @@ mod tests {
             ),
             "only\n\"\"\n1\n"
         );
+        // Never clipped, unlike a table's cells.
+        let long = "x".repeat(40_000);
+        assert_eq!(
+            render(Format::Csv, &["long"], &[vec![Value::Text(long.clone())]]),
+            format!("long\n{long}\n")
+        );
     }
 
     #[test]

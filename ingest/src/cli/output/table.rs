@@ -155,9 +155,9 @@ impl Table {
         debug_assert_eq!(lines.len(), self.row_count(), "one line per row");
         if ragged {
             let gap = if laid == 0 { 0 } else { last.gap };
-            for (line, row) in lines.iter_mut().zip(self.cells()) {
+            for (line, cell) in lines.iter_mut().zip(self.column_cells(laid)) {
                 line.extend(std::iter::repeat_n(' ', gap));
-                line.push_str(&clip(&row[laid], self.clip));
+                line.push_str(&clip(cell, self.clip));
             }
         }
         if self.trim {
@@ -172,12 +172,12 @@ impl Table {
         self.rows.len() + usize::from(self.header)
     }
 
-    /// The header (if shown) and the rows.
-    fn cells(&self) -> impl Iterator<Item = Vec<String>> + '_ {
-        let header = self
-            .header
-            .then(|| self.columns.iter().map(|c| c.header.clone()).collect());
-        header.into_iter().chain(self.rows.iter().cloned())
+    /// Column `index` from the top: its header (if shown), then its cells.
+    fn column_cells(&self, index: usize) -> impl Iterator<Item = &str> {
+        let header = self.header.then_some(self.columns[index].header.as_str());
+        header
+            .into_iter()
+            .chain(self.rows.iter().map(move |row| row[index].as_str()))
     }
 
     /// The first `count` columns, laid out by comfy-table: no borders, the
@@ -185,20 +185,15 @@ impl Table {
     fn laid_out(&self, count: usize) -> comfy_table::Table {
         let mut table = comfy_table::Table::new();
         table.load_style(presets::NOTHING);
-        let cells = |row: &[String]| -> Vec<String> {
-            row[..count].iter().map(|c| clip(c, self.clip)).collect()
-        };
         if self.header {
-            table.set_header(cells(
-                &self
-                    .columns
+            table.set_header(
+                self.columns[..count]
                     .iter()
-                    .map(|c| c.header.clone())
-                    .collect::<Vec<_>>(),
-            ));
+                    .map(|c| clip(&c.header, self.clip)),
+            );
         }
         for row in &self.rows {
-            table.add_row(cells(row));
+            table.add_row(row[..count].iter().map(|c| clip(c, self.clip)));
         }
         for (index, spec) in self.columns[..count].iter().enumerate() {
             let gap = if index == 0 { 0 } else { spec.gap };
