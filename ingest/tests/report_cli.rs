@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ingest::reports::{Format, ReportDb, ReportName, ReportQuery};
+use ingest::cli::output::Format;
+use ingest::reports::{ReportDb, ReportName, ReportQuery};
 use ingest::storage::Database;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;

@@ -15,8 +15,8 @@ use telemetry_proto::v1 as pb;
 use tonic::Code;
 
 use super::client::{Ops, ServerArgs};
-use super::output::{status_error, time};
-use super::rules::{SeverityArg, severity_name};
+use super::output::{Answer, Column, Table, or_dash, status_error, time};
+use super::rules::{SeverityArg, severity_json, severity_name};
 use crate::backoff::{Backoff, is_retryable, retry_delay};
 
 #[derive(Debug, Subcommand)]
@@ -116,14 +116,7 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .alerts;
-            let mut out = std::io::stdout().lock();
-            if json {
-                for alert in &alerts {
-                    writeln!(out, "{}", alert_json(alert))?;
-                }
-            } else {
-                print_table(&mut out, &alerts)?;
-            }
+            Answer::stdout(json).list(&alerts, alert_json, table)?;
         }
         AlertsCommand::Ack {
             server,
@@ -136,12 +129,7 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut out = std::io::stdout().lock();
-            if json {
-                writeln!(out, "{}", alert_json(&alert))?;
-            } else {
-                print_table(&mut out, &[alert])?;
-            }
+            Answer::stdout(json).one(&alert, alert_json, |a| table(std::slice::from_ref(a)))?;
         }
         AlertsCommand::Watch(args) => {
             tokio::select! {
@@ -167,10 +155,6 @@ fn alert_state(alert: &pb::Alert) -> &'static str {
     }
 }
 
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() { "-" } else { s }
-}
-
 fn alert_json(a: &pb::Alert) -> serde_json::Value {
     serde_json::json!({
         "alert_id": a.alert_id,
@@ -189,36 +173,32 @@ fn alert_json(a: &pb::Alert) -> serde_json::Value {
     })
 }
 
-fn severity_json(severity: i32) -> serde_json::Value {
-    match severity_name(severity) {
-        "-" => serde_json::Value::Null,
-        name => name.into(),
-    }
-}
-
-fn print_table(out: &mut impl Write, alerts: &[pb::Alert]) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:>8}  {:<8} {:<8}  {:<20} {:<20} {:<16} {:>10}  {:<19}  RESOLVED (UTC)",
-        "ALERT", "STATE", "SEVERITY", "RULE", "DEVICE", "SENSOR", "VALUE", "FIRED (UTC)"
-    )?;
+fn table(alerts: &[pb::Alert]) -> Table {
+    let mut table = Table::new([
+        Column::right("ALERT").min_width(8),
+        Column::left("STATE").min_width(8),
+        Column::left("SEVERITY").min_width(8).gap(1),
+        Column::left("RULE").min_width(20),
+        Column::left("DEVICE").min_width(20).gap(1),
+        Column::left("SENSOR").min_width(16).gap(1),
+        Column::right("VALUE").min_width(10).gap(1),
+        Column::left("FIRED (UTC)").min_width(19),
+        Column::left("RESOLVED (UTC)"),
+    ]);
     for a in alerts {
-        let value = a.fired_value.map_or_else(|| "-".into(), |v| v.to_string());
-        writeln!(
-            out,
-            "{:>8}  {:<8} {:<8}  {:<20} {:<20} {:<16} {:>10}  {:<19}  {}",
-            a.alert_id,
-            alert_state(a),
-            severity_name(a.severity),
-            a.rule_id,
-            a.device_id,
-            or_dash(&a.sensor),
-            value,
+        table.row([
+            a.alert_id.to_string(),
+            alert_state(a).to_owned(),
+            severity_name(a.severity).to_owned(),
+            a.rule_id.clone(),
+            a.device_id.clone(),
+            or_dash(&a.sensor).to_owned(),
+            a.fired_value.map_or_else(|| "-".into(), |v| v.to_string()),
             time(a.fired_time_unix_nano),
             time(a.resolved_time_unix_nano),
-        )?;
+        ]);
     }
-    Ok(())
+    table
 }
 
 // ---------------------------------------------------------------------------
@@ -409,11 +389,11 @@ impl Printer {
     ) -> anyhow::Result<()> {
         let heartbeat = event.kind == pb::AlertEventKind::Heartbeat as i32;
         if !heartbeat || self.heartbeats {
-            if self.json {
-                writeln!(out, "{}", event_json(event, received))?;
-            } else {
-                writeln!(out, "{}", event_line(event))?;
-            }
+            Answer::new(&mut *out, self.json).one(
+                event,
+                |e| event_json(e, received),
+                event_line,
+            )?;
         }
         // The id must not reach the cursor file before the event reached
         // stdout's reader, or a crash in between would lose the event.
@@ -804,9 +784,7 @@ mod tests {
         assert_eq!(alert_state(&resolved), "resolved");
         assert_eq!(alert_json(&resolved)["state"], "resolved");
 
-        let mut out = Vec::new();
-        print_table(&mut out, &[alert, resolved]).expect("write to a Vec");
-        let text = String::from_utf8(out).expect("utf-8");
+        let text = table(&[alert, resolved]).to_string();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].trim_start().starts_with("ALERT  STATE"));

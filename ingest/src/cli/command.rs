@@ -5,7 +5,6 @@
 //! JSON at all); the server owns the limits and explains a refusal with
 //! INVALID_ARGUMENT.
 
-use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -13,7 +12,7 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::command::Kind;
 
 use super::client::ServerArgs;
-use super::output::{duration_text, status_error, time};
+use super::output::{Answer, Column, Table, duration_text, or_dash, status_error, time};
 
 #[derive(Debug, Subcommand)]
 pub enum CommandCommand {
@@ -202,13 +201,7 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                writeln!(out, "{}", command_json(&command))?;
-            } else {
-                writeln!(out, "{}", command_line(&command))?;
-            }
-            out.flush()?;
+            Answer::stdout(args.json).one(&command, command_json, command_line)?;
             let code = exit_code(command.state, wait_millis > 0);
             if code != 0 {
                 // main knows only success and failure; the status tells a
@@ -227,12 +220,7 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut out = std::io::stdout().lock();
-            if json {
-                writeln!(out, "{}", command_json(&command))?;
-            } else {
-                print_table(&mut out, &[command], usize::MAX)?;
-            }
+            Answer::stdout(json).one(&command, command_json, |c| table(std::slice::from_ref(c)))?;
         }
         CommandCommand::List {
             server,
@@ -265,14 +253,9 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             if limit > 0 {
                 commands.truncate(limit);
             }
-            let mut out = std::io::stdout().lock();
-            if json {
-                for command in &commands {
-                    writeln!(out, "{}", command_json(command))?;
-                }
-            } else {
-                print_table(&mut out, &commands, 40)?;
-            }
+            // Clipped, so that a long custom payload or result does not
+            // push the table past a terminal's width.
+            Answer::stdout(json).list(&commands, command_json, |c| table(c).clip(40))?;
         }
     }
     Ok(())
@@ -428,73 +411,32 @@ fn command_json(c: &pb::Command) -> serde_json::Value {
     })
 }
 
-/// `s` in at most `width` characters, the cut marked with `…`.
-fn clip(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_owned()
-    } else {
-        let mut clipped: String = s.chars().take(width.saturating_sub(1)).collect();
-        clipped.push('…');
-        clipped
+/// One row per command; the times after its creation are relative to it.
+fn table(commands: &[pb::Command]) -> Table {
+    let mut table = Table::new([
+        Column::right("ID").min_width(8),
+        Column::left("DEVICE"),
+        Column::left("KIND"),
+        Column::left("STATE").min_width(7),
+        Column::left("RESULT"),
+        Column::left("CREATED (UTC)").min_width(19),
+        Column::right("SENT").min_width(9),
+        Column::left("FINISHED"),
+    ]);
+    for c in commands {
+        let offset = |t| offset_text(c.created_time_unix_nano, t).unwrap_or_else(|| "-".into());
+        table.row([
+            c.command_id.to_string(),
+            c.device_id.clone(),
+            kind_text(c.kind.as_ref()),
+            state_name(c.state).to_owned(),
+            or_dash(&c.result).to_owned(),
+            time(c.created_time_unix_nano),
+            offset(c.sent_time_unix_nano),
+            offset(c.finished_time_unix_nano),
+        ]);
     }
-}
-
-/// One row per command; the text columns are as wide as their widest value,
-/// clipped to `max_width`.
-fn print_table(
-    out: &mut impl Write,
-    commands: &[pb::Command],
-    max_width: usize,
-) -> std::io::Result<()> {
-    struct Row {
-        id: u64,
-        device: String,
-        kind: String,
-        state: &'static str,
-        result: String,
-        created: String,
-        sent: String,
-        finished: String,
-    }
-    let rows: Vec<Row> = commands
-        .iter()
-        .map(|c| {
-            let offset = |t| offset_text(c.created_time_unix_nano, t).unwrap_or_else(|| "-".into());
-            Row {
-                id: c.command_id,
-                device: clip(&c.device_id, max_width),
-                kind: clip(&kind_text(c.kind.as_ref()), max_width),
-                state: state_name(c.state),
-                result: clip(if c.result.is_empty() { "-" } else { &c.result }, max_width),
-                created: time(c.created_time_unix_nano),
-                sent: offset(c.sent_time_unix_nano),
-                finished: offset(c.finished_time_unix_nano),
-            }
-        })
-        .collect();
-    let width = |header: &str, column: fn(&Row) -> &str| {
-        rows.iter()
-            .map(|r| column(r).chars().count())
-            .chain([header.len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let device_w = width("DEVICE", |r| r.device.as_str());
-    let kind_w = width("KIND", |r| r.kind.as_str());
-    let result_w = width("RESULT", |r| r.result.as_str());
-    writeln!(
-        out,
-        "{:>8}  {:<device_w$}  {:<kind_w$}  {:<7}  {:<result_w$}  {:<19}  {:>9}  FINISHED",
-        "ID", "DEVICE", "KIND", "STATE", "RESULT", "CREATED (UTC)", "SENT"
-    )?;
-    for r in &rows {
-        writeln!(
-            out,
-            "{:>8}  {:<device_w$}  {:<kind_w$}  {:<7}  {:<result_w$}  {:<19}  {:>9}  {}",
-            r.id, r.device, r.kind, r.state, r.result, r.created, r.sent, r.finished
-        )?;
-    }
-    Ok(())
+    table
 }
 
 #[cfg(test)]
@@ -875,9 +817,7 @@ mod tests {
             finished_time_unix_nano: 0,
             ..acked()
         };
-        let mut out = Vec::new();
-        print_table(&mut out, &[acked(), queued], 40).expect("write to a Vec");
-        let text = String::from_utf8(out).expect("utf-8");
+        let text = super::table(&[acked(), queued]).clip(40).to_string();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("      ID  DEVICE     KIND"), "{text}");
@@ -904,15 +844,7 @@ mod tests {
         assert_eq!(column(lines[2], "2026"), column(lines[0], "CREATED"));
 
         // Unclipped for a single command.
-        let mut out = Vec::new();
-        print_table(&mut out, &[acked()], usize::MAX).expect("write to a Vec");
-        assert_eq!(String::from_utf8(out).expect("utf-8").lines().count(), 2);
-    }
-
-    #[test]
-    fn clipping() {
-        assert_eq!(clip("abc", 3), "abc");
-        assert_eq!(clip("abcd", 3), "ab…");
-        assert_eq!(clip("äöüß", 2), "ä…");
+        let out = super::table(&[acked()]).to_string();
+        assert_eq!(out.lines().count(), 2);
     }
 }

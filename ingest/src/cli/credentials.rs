@@ -5,7 +5,6 @@
 //! each command can say what the change left behind (tokens still active,
 //! require_mtls with no certificate) without a second call.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
-use super::output::status_error;
+use super::output::{Answer, Column, Table, status_error, yes_no};
 use crate::domain::CertFingerprint;
 
 #[derive(Debug, Subcommand)]
@@ -157,7 +156,6 @@ pub(super) fn read_certificate(path: &Path) -> anyhow::Result<(String, CertFinge
 }
 
 pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
     match cmd {
         CredentialsCommand::RotateToken {
             server,
@@ -178,22 +176,26 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .credentials
                 .as_ref()
                 .context("server returned no credentials")?;
-            if json {
-                let rotated = serde_json::json!({
-                    "token": response.token,
-                    "credential_id": response.credential_id,
-                    "credentials": credentials_json(credentials),
-                });
-                writeln!(stdout, "{rotated}")?;
-            } else {
-                // The token alone on stdout, so `TOKEN=$(ingest devices
-                // rotate-token ...)` takes it; the rest is for the person.
+            // As text, the token alone on stdout, so `TOKEN=$(ingest devices
+            // rotate-token ...)` takes it; the rest is for the person.
+            if !json {
                 eprintln!(
                     "{}: new token {} (shown once, store it now):",
                     credentials.device_id, response.credential_id
                 );
-                writeln!(stdout, "{}", response.token)?;
-                stdout.flush()?;
+            }
+            Answer::stdout(json).one(
+                &response,
+                |r| {
+                    serde_json::json!({
+                        "token": r.token,
+                        "credential_id": r.credential_id,
+                        "credentials": credentials_json(credentials),
+                    })
+                },
+                |r| r.token.clone(),
+            )?;
+            if !json {
                 for line in rotate_notes(response.credential_id, credentials) {
                     eprintln!("{line}");
                 }
@@ -210,11 +212,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                writeln!(stdout, "{}", credentials_json(&credentials))?;
-            } else {
-                print_credentials(&mut stdout, &credentials)?;
-            }
+            Answer::stdout(json).one(&credentials, credentials_json, credentials_text)?;
         }
         CredentialsCommand::Revoke(args) => {
             use pb::revoke_device_credential_request::Credential;
@@ -231,11 +229,9 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if args.json {
-                writeln!(stdout, "{}", credentials_json(&credentials))?;
-            } else {
-                writeln!(stdout, "{}", revoke_text(args.token, &credentials))?;
-            }
+            Answer::stdout(args.json).one(&credentials, credentials_json, |c| {
+                revoke_text(args.token, c)
+            })?;
         }
         CredentialsCommand::Disable {
             server,
@@ -246,7 +242,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             let credentials = ops
                 .disable_device(pb::DisableDeviceRequest { device_id })
                 .await;
-            print_access(&mut stdout, credentials, json)?;
+            print_access(credentials, json)?;
         }
         CredentialsCommand::Enable {
             server,
@@ -257,7 +253,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             let credentials = ops
                 .enable_device(pb::EnableDeviceRequest { device_id })
                 .await;
-            print_access(&mut stdout, credentials, json)?;
+            print_access(credentials, json)?;
         }
         CredentialsCommand::BindCert(args) => {
             let certificate_pem = match &args.cert {
@@ -274,11 +270,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if args.json {
-                writeln!(stdout, "{}", credentials_json(&credentials))?;
-            } else {
-                writeln!(stdout, "{}", bind_text(&credentials))?;
-            }
+            Answer::stdout(args.json).one(&credentials, credentials_json, bind_text)?;
         }
     }
     Ok(())
@@ -286,16 +278,11 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
 
 /// Prints the answer of DisableDevice or EnableDevice.
 fn print_access(
-    stdout: &mut impl Write,
     answer: Result<tonic::Response<pb::DeviceCredentials>, tonic::Status>,
     json: bool,
 ) -> anyhow::Result<()> {
     let credentials = answer.map_err(status_error)?.into_inner();
-    if json {
-        writeln!(stdout, "{}", credentials_json(&credentials))?;
-    } else {
-        writeln!(stdout, "{}", access_text(&credentials))?;
-    }
+    Answer::stdout(json).one(&credentials, credentials_json, access_text)?;
     Ok(())
 }
 
@@ -304,12 +291,7 @@ fn utc(nanos: u64, zero: &'static str) -> String {
     if nanos == 0 {
         return zero.into();
     }
-    chrono::DateTime::from_timestamp_nanos(nanos as i64)
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
+    super::output::utc(nanos as i64)
 }
 
 /// What became of the device's other tokens: the operator rotating wants
@@ -421,45 +403,49 @@ fn credentials_json(c: &pb::DeviceCredentials) -> serde_json::Value {
     })
 }
 
-fn print_credentials(out: &mut impl Write, c: &pb::DeviceCredentials) -> std::io::Result<()> {
-    writeln!(out, "device        {}", c.device_id)?;
-    match c.disabled_time_unix_nano {
-        0 => writeln!(out, "disabled      no")?,
-        t => writeln!(out, "disabled      since {}", utc(t, "-"))?,
-    }
-    writeln!(out, "require_mtls  {}", yes_no(c.require_mtls))?;
-    if c.certificate_sha256.is_empty() {
-        writeln!(out, "certificate   none")?;
+/// The device's access and certificate, a blank line, its tokens.
+fn credentials_text(c: &pb::DeviceCredentials) -> String {
+    let disabled = match c.disabled_time_unix_nano {
+        0 => "no".to_owned(),
+        t => format!("since {}", utc(t, "-")),
+    };
+    let certificate = if c.certificate_sha256.is_empty() {
+        "none".to_owned()
     } else {
-        writeln!(
-            out,
-            "certificate   sha256 {} (bound {})",
+        format!(
+            "sha256 {} (bound {})",
             c.certificate_sha256,
             utc(c.certificate_bound_time_unix_nano, "-")
-        )?;
-    }
-    writeln!(out)?;
+        )
+    };
+    let mut fields = Table::new([Column::left(""), Column::left("")]).headless();
+    fields
+        .row(["device", c.device_id.as_str()])
+        .row(["disabled", disabled.as_str()])
+        .row(["require_mtls", yes_no(c.require_mtls)])
+        .row(["certificate", certificate.as_str()]);
     if c.tokens.is_empty() {
-        return writeln!(out, "no tokens");
+        return format!("{fields}\n\nno tokens");
     }
-    writeln!(
-        out,
-        "{:>5}  {:<20}  {:<20}  {:<20}  {:<20}  ACTIVE",
-        "TOKEN", "CREATED (UTC)", "LAST USED (UTC)", "EXPIRES (UTC)", "REVOKED (UTC)"
-    )?;
+    let mut tokens = Table::new([
+        Column::right("TOKEN").min_width(5),
+        Column::left("CREATED (UTC)").min_width(20),
+        Column::left("LAST USED (UTC)").min_width(20),
+        Column::left("EXPIRES (UTC)").min_width(20),
+        Column::left("REVOKED (UTC)").min_width(20),
+        Column::left("ACTIVE"),
+    ]);
     for t in &c.tokens {
-        writeln!(
-            out,
-            "{:>5}  {:<20}  {:<20}  {:<20}  {:<20}  {}",
-            t.credential_id,
+        tokens.row([
+            t.credential_id.to_string(),
             utc(t.created_time_unix_nano, "-"),
             utc(t.last_used_time_unix_nano, "never"),
             utc(t.expires_time_unix_nano, "never"),
             utc(t.revoked_time_unix_nano, "-"),
-            yes_no(t.active)
-        )?;
+            yes_no(t.active).to_owned(),
+        ]);
     }
-    Ok(())
+    format!("{fields}\n\n{tokens}")
 }
 
 #[cfg(test)]
@@ -507,9 +493,7 @@ mod tests {
     }
 
     fn table(c: &pb::DeviceCredentials) -> String {
-        let mut out = Vec::new();
-        print_credentials(&mut out, c).expect("write to a Vec");
-        String::from_utf8(out).expect("utf-8")
+        credentials_text(c) + "\n"
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! credential subcommands of `credentials.rs`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -11,7 +10,7 @@ use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
 use super::credentials::{CredentialsCommand, read_certificate};
-use super::output::{status_error, time};
+use super::output::{Answer, Column, Table, status_error, time, yes_no};
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
@@ -118,11 +117,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                writeln!(std::io::stdout(), "{}", device_json(&device))?;
-            } else {
-                print_table(&mut std::io::stdout().lock(), &[device])?;
-            }
+            Answer::stdout(json).one(&device, device_json, |d| table(std::slice::from_ref(d)))?;
         }
         DevicesCommand::List { server, json } => {
             let mut ops = server.ops().await?;
@@ -143,14 +138,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
-            if json {
-                let mut out = std::io::stdout().lock();
-                for d in &all {
-                    writeln!(out, "{}", device_json(d))?;
-                }
-            } else {
-                print_table(&mut std::io::stdout().lock(), &all)?;
-            }
+            Answer::stdout(json).list(&all, device_json, table)?;
         }
         DevicesCommand::ResetCursor {
             server,
@@ -169,15 +157,16 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 .into_inner();
             let device = response.device.context("server returned no device")?;
             let previous = response.previous_committed_sequence;
-            if json {
-                let reset = serde_json::json!({
-                    "previous_committed_sequence": previous,
-                    "device": device_json(&device),
-                });
-                writeln!(std::io::stdout(), "{reset}")?;
-            } else {
-                writeln!(std::io::stdout(), "{}", reset_text(previous, &device))?;
-            }
+            Answer::stdout(json).one(
+                &device,
+                |d| {
+                    serde_json::json!({
+                        "previous_committed_sequence": previous,
+                        "device": device_json(d),
+                    })
+                },
+                |d| reset_text(previous, d),
+            )?;
         }
     }
     Ok(())
@@ -220,32 +209,30 @@ fn device_json(d: &pb::Device) -> serde_json::Value {
     })
 }
 
-fn yes_no(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
-}
-
-fn print_table(out: &mut impl Write, devices: &[pb::Device]) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<24} {:<24} {:<6} {:>10}  {:<19}  {:<19}  LABELS",
-        "DEVICE", "NAME", "ONLINE", "SEQUENCE", "LAST UPLOAD (UTC)", "LAST SEEN (UTC)"
-    )?;
+fn table(devices: &[pb::Device]) -> Table {
+    let mut table = Table::new([
+        Column::left("DEVICE").min_width(24),
+        Column::left("NAME").min_width(24).gap(1),
+        Column::left("ONLINE").min_width(6).gap(1),
+        Column::right("SEQUENCE").min_width(10).gap(1),
+        Column::left("LAST UPLOAD (UTC)").min_width(19),
+        Column::left("LAST SEEN (UTC)").min_width(19),
+        Column::left("LABELS"),
+    ]);
     for d in devices {
         let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
-        writeln!(
-            out,
-            "{:<24} {:<24} {:<6} {:>10}  {:<19}  {:<19}  {}",
-            d.device_id,
-            d.display_name,
-            yes_no(d.online),
-            d.committed_sequence,
+        table.row([
+            d.device_id.clone(),
+            d.display_name.clone(),
+            yes_no(d.online).to_owned(),
+            d.committed_sequence.to_string(),
             time(d.last_upload_time_unix_nano),
             time(d.last_seen_time_unix_nano),
-            labels.join(",")
-        )?;
+            labels.join(","),
+        ]);
     }
-    Ok(())
+    table
 }
 
 #[cfg(test)]
@@ -283,9 +270,7 @@ mod tests {
             firmware_version: String::new(),
             ..device()
         };
-        let mut out = Vec::new();
-        print_table(&mut out, &[device(), never]).expect("write to a Vec");
-        let text = String::from_utf8(out).expect("utf-8");
+        let text = table(&[device(), never]).to_string();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(

@@ -8,7 +8,7 @@ mod command;
 mod credentials;
 mod devices;
 mod migrate;
-mod output;
+pub mod output;
 mod report;
 mod rules;
 mod serve;

@@ -5,9 +5,10 @@ use std::io::BufWriter;
 
 use clap::Args;
 
+use super::output::Format;
 use super::serve::StorageArgs;
 use crate::domain::time::now_unix_nanos;
-use crate::reports::{Format, ReportDb, ReportError, ReportName, ReportQuery, TimeArg};
+use crate::reports::{ReportDb, ReportError, ReportName, ReportQuery, TimeArg};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\

@@ -15,7 +15,7 @@ use telemetry_proto::v1::device_selector::Selector;
 use telemetry_proto::v1::threshold_condition::Direction;
 
 use super::client::ServerArgs;
-use super::output::{duration_text, status_error};
+use super::output::{Answer, Column, Table, duration_text, status_error};
 
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
@@ -138,12 +138,9 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                writeln!(out, "{}", rule_json(&stored))?;
-            } else {
-                writeln!(out, "stored rule {}", rule_line(&stored))?;
-            }
+            Answer::stdout(args.json).one(&stored, rule_json, |r| {
+                format!("stored rule {}", rule_line(r))
+            })?;
         }
         RulesCommand::List { server, json } => {
             let mut ops = server.ops().await?;
@@ -154,14 +151,7 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
                 .into_inner()
                 .rules;
             rules.sort_by(|a, b| a.rule_id.cmp(&b.rule_id));
-            let mut out = std::io::stdout().lock();
-            if json {
-                for rule in &rules {
-                    writeln!(out, "{}", rule_json(rule))?;
-                }
-            } else {
-                print_table(&mut out, &rules)?;
-            }
+            Answer::stdout(json).list(&rules, rule_json, table)?;
         }
         RulesCommand::Rm { server, rule_id } => {
             let mut ops = server.ops().await?;
@@ -244,7 +234,7 @@ pub(super) fn severity_name(severity: i32) -> &'static str {
     }
 }
 
-fn severity_json(severity: i32) -> serde_json::Value {
+pub(super) fn severity_json(severity: i32) -> serde_json::Value {
     match severity_name(severity) {
         "-" => serde_json::Value::Null,
         name => name.into(),
@@ -344,24 +334,24 @@ fn rule_json(rule: &pb::AlertRule) -> serde_json::Value {
     })
 }
 
-fn print_table(out: &mut impl Write, rules: &[pb::AlertRule]) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<24} {:<8}  {:<20} {:<24} CONDITION",
-        "RULE", "SEVERITY", "SENSOR", "DEVICES"
-    )?;
+fn table(rules: &[pb::AlertRule]) -> Table {
+    let mut table = Table::new([
+        Column::left("RULE").min_width(24),
+        Column::left("SEVERITY").min_width(8).gap(1),
+        Column::left("SENSOR").min_width(20),
+        Column::left("DEVICES").min_width(24).gap(1),
+        Column::left("CONDITION").gap(1),
+    ]);
     for rule in rules {
-        writeln!(
-            out,
-            "{:<24} {:<8}  {:<20} {:<24} {}",
-            rule.rule_id,
-            severity_name(rule.severity),
-            sensor_text(rule),
+        table.row([
+            rule.rule_id.clone(),
+            severity_name(rule.severity).to_owned(),
+            sensor_text(rule).to_owned(),
             devices_text(rule.devices.as_ref()),
-            condition_text(rule.condition.as_ref())
-        )?;
+            condition_text(rule.condition.as_ref()),
+        ]);
     }
-    Ok(())
+    table
 }
 
 #[cfg(test)]
@@ -646,9 +636,7 @@ mod tests {
             severity: pb::Severity::Critical as i32,
             condition: Some(threshold(Direction::Above, 40.0, 35.0, 0)),
         };
-        let mut out = Vec::new();
-        print_table(&mut out, &[rule]).expect("write to a Vec");
-        let text = String::from_utf8(out).expect("utf-8");
+        let text = table(&[rule]).to_string();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("RULE "));

@@ -7,8 +7,8 @@
 //!   database; it streams a report's rows as [`Value`]s, decoded by each
 //!   value's type at run time, so the same data reads the same on SQLite and
 //!   PostgreSQL.
-//! - [`format`]: the row writers (`table`, `csv`, `json`), streaming to any
-//!   [`std::io::Write`].
+//! - [`RowWriter`]: where a report's rows go; the CLI's output module
+//!   writes them as a table, CSV or JSON lines.
 
 mod db;
 pub mod format;
@@ -17,7 +17,7 @@ mod query;
 use std::path::PathBuf;
 
 pub use db::{Report, ReportDb};
-pub use format::{Format, RowWriter};
+pub use format::RowWriter;
 pub use query::{ReportQuery, TimeArg};
 
 /// One of the public reporting views; the names are the views' names.
