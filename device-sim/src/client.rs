@@ -6,14 +6,14 @@ use telemetry_proto::v1::ingest_client::IngestClient;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 
-use ingest::tls::balance::Transport;
+use telemetry_client::balance::Transport;
 
-use crate::auth::BearerAuth;
+use telemetry_client::bearer::Bearer;
 
 /// `Ingest` with the device's token on every call. Uploads and Control
 /// share it, and with it the compression and the transport (one server, or
 /// several balanced per call).
-pub type DeviceClient = IngestClient<InterceptedService<Transport, BearerAuth>>;
+pub type DeviceClient = IngestClient<InterceptedService<Transport, Bearer>>;
 
 /// A short one-line description; `Status`'s own Display includes metadata
 /// and details that only clutter a terminal.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 
-use ingest::tls::client::{ClientTls, server_list};
+use telemetry_client::tls::{ClientTls, server_list};
 
 use crate::wire::Compression;
 

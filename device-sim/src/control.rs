@@ -24,7 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use ingest::backoff::{Backoff, retry_delay};
+use telemetry_client::backoff::Backoff;
+use telemetry_client::status::retry_delay;
 
 use crate::client::{DeviceClient, describe};
 use crate::config::Config;
@@ -521,11 +522,11 @@ mod tests {
     use tonic::transport::Endpoint;
 
     use super::*;
-    use crate::auth::BearerAuth;
     use crate::config::Args;
     use crate::mock_server::{GOOD_TOKEN, MockControl, MockIngest, serve};
     use crate::settings::DeviceSettings;
     use crate::shutdown::ShutdownTrigger;
+    use telemetry_client::bearer::Bearer;
 
     struct Harness {
         control: MockControl,
@@ -559,8 +560,8 @@ mod tests {
             .expect("endpoint")
             .connect_lazy();
         let client = IngestClient::with_interceptor(
-            ingest::tls::balance::single(channel),
-            BearerAuth::new(token).expect("token"),
+            telemetry_client::balance::single(channel),
+            Bearer::new(token).expect("token"),
         );
         let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
         let stats = Arc::new(Stats::new());

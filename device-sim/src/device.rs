@@ -20,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
 
-use ingest::backoff::{Backoff, is_retryable, retry_delay};
+use telemetry_client::backoff::Backoff;
+use telemetry_client::status::{is_retryable, retry_delay};
 
 use crate::buffer::UploadBuffer;
 use crate::client::{DeviceClient, describe};
@@ -667,9 +668,9 @@ mod tests {
     use tonic::transport::Endpoint;
 
     use super::*;
-    use crate::auth::BearerAuth;
     use crate::config::Args;
     use crate::mock_server::{GOOD_TOKEN, MockControl, MockIngest, MockOps, serve, serve_on};
+    use telemetry_client::bearer::Bearer;
     use telemetry_proto::v1::command::Kind;
     use telemetry_proto::v1::ingest_client::IngestClient;
     use telemetry_proto::v1::{CommandAckState, Reboot, SetSamplingInterval};
@@ -704,8 +705,8 @@ mod tests {
             .expect("endpoint")
             .connect_lazy();
         let client = IngestClient::with_interceptor(
-            ingest::tls::balance::single(channel),
-            BearerAuth::new(token).expect("token"),
+            telemetry_client::balance::single(channel),
+            Bearer::new(token).expect("token"),
         );
         let stats = Arc::new(Stats::new());
         let (trigger, shutdown) = crate::shutdown::channel();

@@ -19,10 +19,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 use tracing::{debug, warn};
 
-use ingest::backoff::{Backoff, is_transient};
-use ingest::tls::balance::{Transport, balanced, single};
+use telemetry_client::backoff::Backoff;
+use telemetry_client::balance::{Transport, balanced, single};
+use telemetry_client::status::is_transient;
 
-use crate::auth::BearerAuth;
 use crate::client::describe;
 use crate::config::Config;
 use crate::credentials;
@@ -32,8 +32,9 @@ use crate::sampling::device_seed;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::stats::{Counter, Stats};
 use crate::wire::CountingConnector;
+use telemetry_client::bearer::Bearer;
 
-type OpsApi = OpsClient<InterceptedService<Transport, BearerAuth>>;
+type OpsApi = OpsClient<InterceptedService<Transport, Bearer>>;
 
 /// Registrations in flight at once: enough to register a large fleet
 /// quickly without queueing thousands of calls on one connection.
@@ -131,7 +132,7 @@ fn spawn_devices(
         let Some(token) = credentials.get(&device_id) else {
             continue; // Its registration failure is already recorded.
         };
-        let auth = match BearerAuth::new(token) {
+        let auth = match Bearer::new(token) {
             Ok(auth) => auth,
             Err(e) => {
                 failures.push(DeviceFailure {
@@ -246,7 +247,7 @@ async fn ensure_credentials(
     let ops_token = read_ops_token(config)?;
     let mut client = OpsClient::with_interceptor(
         channel.clone(),
-        BearerAuth::new(&ops_token).context("the ops token")?,
+        Bearer::new(&ops_token).context("the ops token")?,
     );
     if let Some(encoding) = config.compression.encoding() {
         client = client.send_compressed(encoding).accept_compressed(encoding);

@@ -324,7 +324,7 @@ mod tests {
                 let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
                     .expect("endpoint")
                     .connect_lazy();
-                let auth = crate::auth::BearerAuth::new(&server.ops_token).expect("token");
+                let auth = telemetry_client::bearer::Bearer::new(&server.ops_token).expect("token");
                 let mut ops = OpsClient::with_interceptor(channel, auth);
                 // Wait until the device holds its Control stream.
                 for _ in 0..100 {

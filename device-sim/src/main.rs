@@ -16,7 +16,6 @@
 //! `RUST_LOG` (default `warn`, so the progress line stays readable).
 
 mod anomaly;
-mod auth;
 mod buffer;
 mod client;
 mod config;

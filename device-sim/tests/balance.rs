@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use ingest::auth::OpsTokenSource;
 use ingest::domain::Token;
 use ingest::storage::Database;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1::RegisterDeviceRequest;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::runtime::Runtime;
@@ -122,14 +123,7 @@ async fn two_servers(dir: &Path) -> (Server, Server, PathBuf) {
         .connect()
         .await
         .expect("server a answers");
-    let bearer: tonic::metadata::AsciiMetadataValue =
-        format!("Bearer {OPS_TOKEN}").parse().expect("header");
-    let mut ops = OpsClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert("authorization", bearer.clone());
-        Ok(request)
-    });
+    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(OPS_TOKEN).expect("token"));
     let mut credentials = serde_json::Map::new();
     for n in 1..=DEVICES {
         let device_id = format!("sim-{n:05}");

@@ -39,7 +39,6 @@
 
 pub mod alerts;
 pub mod auth;
-pub mod backoff;
 pub mod backup;
 pub mod cli;
 pub mod cluster;

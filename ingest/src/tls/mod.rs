@@ -1,6 +1,6 @@
-//! TLS: the server's certificates, which reload without a restart, the
-//! connections it accepts (plaintext or TLS, one type), and the client side
-//! that device-sim, the CLI and the examples share.
+//! TLS: the server's certificates, which reload without a restart, and the
+//! connections it accepts (plaintext or TLS, one type). The client side
+//! lives in the telemetry-client crate (`telemetry_client::tls`).
 //!
 //! tonic's own `ServerTlsConfig` is fixed at start, so the server accepts
 //! TLS itself, in front of tonic:
@@ -18,13 +18,9 @@
 //!   into every request's extensions (remote address, verified client
 //!   certificate) for the auth layer.
 //! - [`certificate`]: what is read from X.509 (expiry, serial, names).
-//! - [`client`]: `https://` endpoints with a CA file and a client identity.
-//! - [`balance`]: a client's calls spread over several server processes.
 
 pub mod acceptor;
-pub mod balance;
 pub mod certificate;
-pub mod client;
 pub mod connection;
 pub mod error;
 pub mod incoming;
