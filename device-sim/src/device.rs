@@ -666,6 +666,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 mod tests {
     use clap::Parser;
     use tonic::transport::Endpoint;
+    use tonic_types::{ErrorDetails, StatusExt};
 
     use super::*;
     use crate::config::Args;
@@ -953,8 +954,13 @@ mod tests {
 
     #[test]
     fn a_refusal_that_says_when_to_retry_is_retried() {
-        // The server's answer to too many stream opens per minute.
-        let status = ingest::grpc::status::stream_rate_exceeded(Duration::from_secs(2));
+        // The server's answer to too many stream opens per minute
+        // (ingest::grpc::status::stream_rate_exceeded).
+        let status = Status::with_error_details(
+            Code::ResourceExhausted,
+            "this device opens streams faster than the server allows",
+            ErrorDetails::with_retry_info(Some(Duration::from_secs(2))),
+        );
         assert!(matches!(classify(&status), CallFailure::Retryable(_)));
     }
 

@@ -21,10 +21,13 @@ mod client;
 mod config;
 mod control;
 mod credentials;
+#[cfg(feature = "local-server")]
 mod demo_alerts;
+#[cfg(feature = "local-server")]
 mod demo_command;
 mod device;
 mod fleet;
+#[cfg(feature = "local-server")]
 mod local_server;
 mod memory;
 #[cfg(test)]
@@ -39,7 +42,6 @@ mod wire;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -68,42 +70,68 @@ fn run(args: config::Args) -> anyhow::Result<ExitCode> {
     let local = args
         .local_server
         .then(|| (args.data_dir.clone(), args.listen));
-    let mut config = config::Config::from_args(args)?;
+    let config = config::Config::from_args(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
     runtime.block_on(async move {
-        let Some((data_dir, listen)) = local else {
-            return fleet::run(config).await;
-        };
-        let server = local_server::LocalServer::start(&data_dir, listen).await?;
-        config.servers = vec![server.url.clone()];
-        config.ops_token = Some(server.ops_token.clone());
-        let alerts = match config.anomaly_rate {
-            Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),
-            None => None,
-        };
-        let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
-        let halfway = config.duration.map_or(Duration::from_secs(15), |d| d / 2);
-        let command = demo_command::start(server.url.clone(), server.ops_token.clone(), devices, config.sample_rate, halfway);
-        let code = fleet::run(config).await;
-        command.abort();
-        if let Some((counts, task)) = alerts {
-            task.abort();
-            println!(
-                "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
-                counts.fired.load(std::sync::atomic::Ordering::Relaxed),
-                counts.resolved.load(std::sync::atomic::Ordering::Relaxed)
-            );
+        match local {
+            None => fleet::run(config).await,
+            #[cfg(feature = "local-server")]
+            Some((data_dir, listen)) => run_local(config, &data_dir, listen).await,
+            #[cfg(not(feature = "local-server"))]
+            Some(_) => anyhow::bail!(
+                "--local-server needs the `local-server` cargo feature, which this device-sim \
+                 was built without (--no-default-features): rebuild it with default features, \
+                 or point --server at a running ingest server"
+            ),
         }
-        let database = server.database.clone();
-        server.stop().await?;
-        println!(
-            "  stored in         {} (SQLite; try: sqlite3 {} 'SELECT COUNT(*) FROM readings')",
-            database.display(),
-            database.display()
-        );
-        code
     })
+}
+
+/// `--local-server`: the real server in this process, the fleet against it,
+/// and the demo's alerts and command.
+#[cfg(feature = "local-server")]
+async fn run_local(
+    mut config: config::Config,
+    data_dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<ExitCode> {
+    let server = local_server::LocalServer::start(data_dir, listen).await?;
+    config.servers = vec![server.url.clone()];
+    config.ops_token = Some(server.ops_token.clone());
+    let alerts = match config.anomaly_rate {
+        Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),
+        None => None,
+    };
+    let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
+    let halfway = config
+        .duration
+        .map_or(std::time::Duration::from_secs(15), |d| d / 2);
+    let command = demo_command::start(
+        server.url.clone(),
+        server.ops_token.clone(),
+        devices,
+        config.sample_rate,
+        halfway,
+    );
+    let code = fleet::run(config).await;
+    command.abort();
+    if let Some((counts, task)) = alerts {
+        task.abort();
+        println!(
+            "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
+            counts.fired.load(std::sync::atomic::Ordering::Relaxed),
+            counts.resolved.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    let database = server.database.clone();
+    server.stop().await?;
+    println!(
+        "  stored in         {} (SQLite; try: sqlite3 {} 'SELECT COUNT(*) FROM readings')",
+        database.display(),
+        database.display()
+    );
+    code
 }
