@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-
-use telemetry_client::bearer::Bearer;
 
 /// Alert counts for the final report.
 #[derive(Default)]

@@ -6,12 +6,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-
-use telemetry_client::bearer::Bearer;
 
 /// Sends the command to `device_ids` after `delay`.
 pub fn start(
