@@ -4,7 +4,7 @@
 
 mod memory;
 pub mod progress;
-pub mod stats;
+mod stats;
 mod summary;
 
 pub use stats::{Counter, Stats};

@@ -2,7 +2,7 @@
 //! signals, and the faults real sensors show. Pure computation, driven by
 //! the device's seeded generator; the device decides when to sample.
 
-pub mod anomaly;
+mod anomaly;
 mod models;
 
 pub use models::{Sensor, sensor_name};
