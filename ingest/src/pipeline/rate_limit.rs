@@ -111,6 +111,7 @@ impl Schedule {
         }
     }
 
+    #[cfg(test)]
     fn tracked(&self) -> usize {
         self.next.lock().expect("lock poisoned").at.len()
     }
