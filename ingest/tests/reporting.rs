@@ -483,7 +483,28 @@ async fn seconds_since_last_upload_is_never_negative(backend: Backend) {
     }
 }
 
+/// A device that has never uploaded has NULL there, not 0: the README's
+/// "devices gone silent" query must not list it as heard from just now.
+/// (PostgreSQL's GREATEST skipped the NULL difference and gave 0.)
+async fn seconds_since_last_upload_is_null_before_any_upload(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    server.register("never-uploaded").await;
+    assert_eq!(
+        server
+            .storage
+            .scalar(
+                "SELECT COUNT(*) FROM device_status WHERE device_id = 'never-uploaded' \
+                 AND last_upload_unix_nano IS NULL AND seconds_since_last_upload IS NULL",
+            )
+            .await,
+        1
+    );
+}
+
 backend_tests!(
+    seconds_since_last_upload_is_null_before_any_upload,
     seconds_since_last_upload_is_never_negative,
     view_columns_have_portable_types,
     rollups_match_raw_readings,
