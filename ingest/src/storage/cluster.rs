@@ -2,13 +2,15 @@
 //! are alive (`replicas`), which holds each device's Control stream
 //! (`device_sessions`), and the notifications that tell the others.
 //!
-//! Sessions are written once for both backends (`session_queries!`, like
-//! `shared.rs`); replicas, leases and notifications exist on PostgreSQL
-//! only, where several processes can share a database.
+//! Sessions are written once for both backends (see [`super::sql`]), but
+//! for opening them, which PostgreSQL does for a batch in three statements;
+//! replicas, leases and notifications exist on PostgreSQL only, where
+//! several processes can share a database.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::devices::PRESENCE;
 use super::{StorageError, Store};
 use crate::domain::SensorName;
 use crate::domain::time::UnixNanos;
@@ -112,22 +114,22 @@ pub(super) const DB_NOW: &str =
 
 /// Opens a stream: the generation goes up by one, whoever held it before.
 pub(super) const OPEN_SESSION: &str = "INSERT INTO device_sessions (device_pk, replica_id, generation, connected_unix_nano) \
-     VALUES (?, ?, 1, ?) ON CONFLICT (device_pk) DO UPDATE SET replica_id = excluded.replica_id, \
+     VALUES ($1, $2, 1, $3) ON CONFLICT (device_pk) DO UPDATE SET replica_id = excluded.replica_id, \
      generation = device_sessions.generation + 1, connected_unix_nano = excluded.connected_unix_nano \
      RETURNING generation";
 
 /// Ends a stream only if it is still the device's newest: a superseded
 /// stream's late disconnect matches nothing.
-pub(super) const CLOSE_SESSION: &str = "UPDATE device_sessions SET replica_id = NULL \
-     WHERE device_pk = ? AND generation = ? AND replica_id = ?";
+const CLOSE_SESSION: &str = "UPDATE device_sessions SET replica_id = NULL \
+     WHERE device_pk = $1 AND generation = $2 AND replica_id = $3";
 
 /// When a device last uploaded (the server's clock at commit).
-pub(super) const LAST_UPLOAD: &str = "SELECT last_upload_unix_nano FROM devices WHERE pk = ?";
+const LAST_UPLOAD: &str = "SELECT last_upload_unix_nano FROM devices WHERE pk = $1";
 
 /// The newest reading of one of a device's sensors (the device's clock),
 /// if newer than a bound: a short walk of `readings_sensor_time`.
-pub(super) const LAST_SENSOR_READING: &str = "SELECT MAX(r.time_unix_nano) FROM sensors s \
-     JOIN readings r ON r.sensor_pk = s.pk WHERE s.device_pk = ? AND s.sensor = ? AND r.time_unix_nano > ?";
+const LAST_SENSOR_READING: &str = "SELECT MAX(r.time_unix_nano) FROM sensors s \
+     JOIN readings r ON r.sensor_pk = s.pk WHERE s.device_pk = $1 AND s.sensor = $2 AND r.time_unix_nano > $3";
 
 impl Store {
     /// Opens Control streams: each gets the next generation of its device
@@ -138,25 +140,78 @@ impl Store {
         opens: &[SessionOpen],
         replica_id: &str,
     ) -> Result<Vec<SessionTicket>, StorageError> {
-        dispatch!(self, s => s.open_sessions(opens, replica_id).await)
+        match self {
+            Self::Sqlite(s) => s.open_sessions(opens, replica_id).await,
+            Self::Postgres(s) => s.open_sessions(opens, replica_id).await,
+        }
     }
 
+    /// Ends a stream; the device goes offline only if the stream was its
+    /// newest. Returns whether it was.
     pub async fn close_session(
         &self,
         ticket: SessionTicket,
         replica_id: &str,
         at: UnixNanos,
     ) -> Result<bool, StorageError> {
-        dispatch!(self, s => s.close_session(ticket, replica_id, at).await)
+        let lock = format!("SELECT pk FROM devices WHERE pk = $1{}", self.row_lock());
+        let mut tx = self.begin_write().await?;
+        // The device's row first, as opens and group commits take it:
+        // taking the session's row first deadlocked with an open of the
+        // same device.
+        tx.query(&lock)
+            .bind(ticket.device_pk)
+            .fetch_optional()
+            .await?;
+        let closed = tx
+            .query(CLOSE_SESSION)
+            .bind(ticket.device_pk)
+            .bind(ticket.generation.min(i64::MAX as u64) as i64)
+            .bind(replica_id)
+            .execute()
+            .await?
+            > 0;
+        if closed {
+            tx.query(PRESENCE)
+                .bind(false)
+                .bind(at)
+                .bind(None::<&str>)
+                .bind(ticket.device_pk)
+                .execute()
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(closed)
     }
 
+    /// When the device was last heard from, as the judge of an inactivity
+    /// rule needs it when the device's batches may have been committed by
+    /// another process: its last upload, or with a sensor, its newest
+    /// reading of that sensor after `after`.
     pub async fn last_activity(
         &self,
         device_pk: i64,
         sensor: Option<&SensorName>,
         after: UnixNanos,
     ) -> Result<Option<UnixNanos>, StorageError> {
-        dispatch!(self, s => s.last_activity(device_pk, sensor, after).await)
+        let mut conn = self.read().await?;
+        let last: Option<i64> = match sensor {
+            None => conn
+                .query(LAST_UPLOAD)
+                .bind(device_pk)
+                .fetch_optional_scalar::<Option<i64>>()
+                .await?
+                .flatten(),
+            Some(sensor) => {
+                conn.query(LAST_SENSOR_READING)
+                    .bind(device_pk)
+                    .bind(sensor.as_str())
+                    .bind(after)
+                    .fetch_scalar()
+                    .await?
+            }
+        };
+        Ok(last)
     }
 
     /// Whether other processes may share the database (PostgreSQL).
@@ -237,82 +292,6 @@ impl Store {
         }
     }
 }
-
-macro_rules! session_queries {
-    ($store:ty, $conn:ty) => {
-        impl $store {
-            /// Ends a stream; the device goes offline only if the stream was
-            /// its newest. Returns whether it was.
-            pub async fn close_session(
-                &self,
-                ticket: cluster::SessionTicket,
-                replica_id: &str,
-                at: UnixNanos,
-            ) -> Result<bool, StorageError> {
-                let mut tx = self.begin_write().await?;
-                // The device's row first, as opens and group commits take
-                // it: taking the session's row first deadlocked with an
-                // open of the same device.
-                sqlx::query(&Self::sql(&format!(
-                    "SELECT pk FROM devices WHERE pk = ?{}",
-                    Self::ROW_LOCK
-                )))
-                .bind(ticket.device_pk)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let closed = sqlx::query(&Self::sql(cluster::CLOSE_SESSION))
-                    .bind(ticket.device_pk)
-                    .bind(ticket.generation.min(i64::MAX as u64) as i64)
-                    .bind(replica_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    > 0;
-                if closed {
-                    sqlx::query(&Self::sql(commands::PRESENCE))
-                        .bind(false)
-                        .bind(at)
-                        .bind(None::<&str>)
-                        .bind(ticket.device_pk)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(closed)
-            }
-
-            /// When the device was last heard from, as the judge of an
-            /// inactivity rule needs it when the device's batches may have
-            /// been committed by another process: its last upload, or with
-            /// a sensor, its newest reading of that sensor after `after`.
-            pub async fn last_activity(
-                &self,
-                device_pk: i64,
-                sensor: Option<&SensorName>,
-                after: UnixNanos,
-            ) -> Result<Option<UnixNanos>, StorageError> {
-                let last: Option<i64> = match sensor {
-                    None => sqlx::query_scalar(&Self::sql(cluster::LAST_UPLOAD))
-                        .bind(device_pk)
-                        .fetch_optional(&self.pool)
-                        .await?
-                        .flatten(),
-                    Some(sensor) => {
-                        sqlx::query_scalar(&Self::sql(cluster::LAST_SENSOR_READING))
-                            .bind(device_pk)
-                            .bind(sensor.as_str())
-                            .bind(after)
-                            .fetch_one(&self.pool)
-                            .await?
-                    }
-                };
-                Ok(last)
-            }
-        }
-    };
-}
-
-pub(super) use session_queries;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,11 @@
-//! Storage of the command queue and of device presence: the types and the
-//! SQL, shared by both backends (`?` placeholders; numbered for
-//! PostgreSQL).
+//! Storage of the command queue: the types and the queries, written once
+//! for both backends (see [`super::sql`]).
 
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
 
+use super::cluster;
+use super::sql::Row;
 use super::{StorageError, Store};
 
 /// A command as stored.
@@ -31,78 +32,63 @@ pub enum EnqueueError {
     Storage(#[from] StorageError),
 }
 
-pub(super) const COMMAND_COLUMNS: &str = "c.command_id, c.device_pk, d.device_id, c.kind, c.arguments, c.state, c.result, \
+const COMMAND_COLUMNS: &str = "c.command_id, c.device_pk, d.device_id, c.kind, c.arguments, c.state, c.result, \
      c.created_unix_nano, c.sent_unix_nano, c.finished_unix_nano, c.expires_unix_nano \
      FROM commands c JOIN devices d ON d.pk = c.device_pk";
-pub(super) const COUNT_PENDING: &str =
-    "SELECT COUNT(*) FROM commands WHERE device_pk = ? AND state IN ('queued', 'sent')";
-pub(super) const INSERT_COMMAND: &str = "INSERT INTO commands (device_pk, kind, arguments, state, created_unix_nano, expires_unix_nano) \
-     VALUES (?, ?, ?, 'queued', ?, ?) RETURNING command_id";
+const COUNT_PENDING: &str =
+    "SELECT COUNT(*) FROM commands WHERE device_pk = $1 AND state IN ('queued', 'sent')";
+const INSERT_COMMAND: &str = "INSERT INTO commands (device_pk, kind, arguments, state, created_unix_nano, expires_unix_nano) \
+     VALUES ($1, $2, $3, 'queued', $4, $5) RETURNING command_id";
 // Also for a command the device already answered (its acknowledgement can
 // be recorded first): the delivery time is kept, the final state stays.
-pub(super) const MARK_SENT: &str = "UPDATE commands SET sent_unix_nano = COALESCE(sent_unix_nano, ?), \
+const MARK_SENT: &str = "UPDATE commands SET sent_unix_nano = COALESCE(sent_unix_nano, $1), \
      state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END \
-     WHERE command_id = ? AND state <> 'expired'";
+     WHERE command_id = $2 AND state <> 'expired'";
 // ACCEPTED then DONE (or FAILED) both land: only final-by-server states
 // (expired) and failures are left alone. The sent mark is written beside
 // the session, so an acknowledgement can land first: it then stands in for
 // the delivery time (no later than the truth), so no answered command
 // reads as never delivered; the mark's COALESCE keeps it.
-pub(super) const ACK: &str = "UPDATE commands SET state = ?, result = ?, finished_unix_nano = ?, \
-     sent_unix_nano = COALESCE(sent_unix_nano, ?) \
-     WHERE command_id = ? AND device_pk = ? AND state IN ('queued', 'sent', 'acked')";
-pub(super) const EXPIRE: &str = "UPDATE commands SET state = 'expired', finished_unix_nano = ? \
-     WHERE state = 'queued' AND expires_unix_nano <= ? RETURNING command_id";
-pub(super) const PRESENCE: &str = "UPDATE devices SET online = ?, last_seen_unix_nano = ?, \
-     firmware_version = COALESCE(?, firmware_version) WHERE pk = ?";
-/// Devices per `last_seen` refresh transaction: each holds SQLite's write
-/// lock (and PostgreSQL's row locks, which group commits also take) for
-/// about a millisecond.
-pub(super) const LAST_SEEN_CHUNK: usize = 500;
-pub(super) const ALL_OFFLINE: &str = "UPDATE devices SET online = FALSE WHERE online";
+const ACK: &str = "UPDATE commands SET state = $1, result = $2, finished_unix_nano = $3, \
+     sent_unix_nano = COALESCE(sent_unix_nano, $4) \
+     WHERE command_id = $5 AND device_pk = $6 AND state IN ('queued', 'sent', 'acked')";
+const EXPIRE: &str = "UPDATE commands SET state = 'expired', finished_unix_nano = $1 \
+     WHERE state = 'queued' AND expires_unix_nano <= $2 RETURNING command_id";
 
-pub(super) fn deliverable_sql() -> String {
-    format!(
-        "SELECT {COMMAND_COLUMNS} WHERE c.device_pk = ? \
-         AND (c.state = 'sent' OR (c.state = 'queued' AND c.expires_unix_nano > ?)) ORDER BY c.command_id"
-    )
-}
-
-pub(super) fn list_sql(by_device: bool, by_state: bool) -> String {
-    let mut sql = format!("SELECT {COMMAND_COLUMNS} WHERE c.command_id > ?");
+/// The `SELECT` of commands after `$1`, filtered by device (`$2`) and
+/// state (`$2` or `$3`) when asked, then the limit.
+fn list_sql(by_device: bool, by_state: bool) -> String {
+    let mut sql = format!("SELECT {COMMAND_COLUMNS} WHERE c.command_id > $1");
+    let mut n = 1;
     if by_device {
-        sql.push_str(" AND d.device_id = ?");
+        n += 1;
+        sql.push_str(&format!(" AND d.device_id = ${n}"));
     }
     if by_state {
-        sql.push_str(" AND c.state = ?");
+        n += 1;
+        sql.push_str(&format!(" AND c.state = ${n}"));
     }
-    sql.push_str(" ORDER BY c.command_id LIMIT ?");
+    sql.push_str(&format!(" ORDER BY c.command_id LIMIT ${}", n + 1));
     sql
 }
 
-pub(super) fn command_from_row<'r, R>(row: &'r R) -> Result<CommandRecord, StorageError>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let kind: String = row.try_get(3)?;
-    let arguments: String = row.try_get(4)?;
-    let state: String = row.try_get(5)?;
+fn command_from_row(row: &Row) -> Result<CommandRecord, StorageError> {
+    let kind: String = row.get(3)?;
+    let arguments: String = row.get(4)?;
+    let state: String = row.get(5)?;
     Ok(CommandRecord {
-        command_id: row.try_get::<i64, _>(0)?.max(0) as u64,
-        device_pk: row.try_get(1)?,
-        device_id: row.try_get(2)?,
+        command_id: row.get::<i64>(0)?.max(0) as u64,
+        device_pk: row.get(1)?,
+        device_id: row.get(2)?,
         kind: CommandKind::from_stored(&kind, &arguments)
             .map_err(|e| StorageError::Corrupt(format!("command arguments: {e}")))?,
         state: CommandState::parse(&state)
             .ok_or_else(|| StorageError::Corrupt(format!("command state {state:?}")))?,
-        result: row.try_get(6)?,
-        created: row.try_get(7)?,
-        sent: row.try_get(8)?,
-        finished: row.try_get(9)?,
-        expires: row.try_get(10)?,
+        result: row.get(6)?,
+        created: row.get(7)?,
+        sent: row.get(8)?,
+        finished: row.get(9)?,
+        expires: row.get(10)?,
     })
 }
 
@@ -117,7 +103,42 @@ impl Store {
         expires: UnixNanos,
         max_pending: u64,
     ) -> Result<CommandRecord, EnqueueError> {
-        dispatch!(self, s => s.enqueue_command(device_pk, kind, created, expires, max_pending).await)
+        let lock = format!("SELECT pk FROM devices WHERE pk = $1{}", self.row_lock());
+        let mut tx = self.begin_write().await.map_err(StorageError::from)?;
+        // Two senders (on any processes) counting at once would both see
+        // room for one more: the device's row lock makes them count in
+        // turn. (SQLite's write transaction already does.)
+        tx.query(&lock)
+            .bind(device_pk)
+            .fetch_optional()
+            .await
+            .map_err(StorageError::from)?;
+        let pending: i64 = tx
+            .query(COUNT_PENDING)
+            .bind(device_pk)
+            .fetch_scalar()
+            .await
+            .map_err(StorageError::from)?;
+        if pending as u64 >= max_pending {
+            return Err(EnqueueError::QueueFull(pending as u64));
+        }
+        let id: i64 = tx
+            .query(INSERT_COMMAND)
+            .bind(device_pk)
+            .bind(kind.name())
+            .bind(kind.arguments().to_string())
+            .bind(created)
+            .bind(expires)
+            .fetch_scalar()
+            .await
+            .map_err(StorageError::from)?;
+        // Wakes the device's stream wherever it is, once committed.
+        tx.conn()
+            .notify(cluster::channel::CONTROL, &device_pk.to_string())
+            .await
+            .map_err(StorageError::from)?;
+        tx.commit().await.map_err(StorageError::from)?;
+        Ok(self.get_command(id as u64).await?)
     }
 
     /// Commands to (re)deliver to a device now: sent and not acknowledged,
@@ -127,7 +148,19 @@ impl Store {
         device_pk: i64,
         now: UnixNanos,
     ) -> Result<Vec<CommandRecord>, StorageError> {
-        dispatch!(self, s => s.deliverable_commands(device_pk, now).await)
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} WHERE c.device_pk = $1 \
+             AND (c.state = 'sent' OR (c.state = 'queued' AND c.expires_unix_nano > $2)) ORDER BY c.command_id"
+        );
+        let rows = self
+            .read()
+            .await?
+            .query(&sql)
+            .bind(device_pk)
+            .bind(now)
+            .fetch_all()
+            .await?;
+        rows.iter().map(command_from_row).collect()
     }
 
     /// Records when a command went down its stream. False if it had
@@ -137,7 +170,15 @@ impl Store {
         command_id: u64,
         now: UnixNanos,
     ) -> Result<bool, StorageError> {
-        dispatch!(self, s => s.mark_command_sent(command_id, now).await)
+        let changed = self
+            .write_conn()
+            .await?
+            .query(MARK_SENT)
+            .bind(now)
+            .bind(command_id as i64)
+            .execute()
+            .await?;
+        Ok(changed > 0)
     }
 
     /// Records a device's acknowledgement; `None` if the command is not the
@@ -150,16 +191,53 @@ impl Store {
         result: &str,
         now: UnixNanos,
     ) -> Result<Option<CommandRecord>, StorageError> {
-        dispatch!(self, s => s.ack_command(device_pk, command_id, state, result, now).await)
+        let mut tx = self.begin_write().await?;
+        let changed = tx
+            .query(ACK)
+            .bind(state.as_str())
+            .bind(result)
+            .bind(now)
+            .bind(now)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .bind(device_pk)
+            .execute()
+            .await?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        // For a SendCommand waiting on another process.
+        let payload = format!("{command_id}:{}", state.as_str());
+        tx.conn()
+            .notify(cluster::channel::COMMANDS, &payload)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(self.get_command(command_id).await?))
     }
 
     /// Expires queued commands past their time to live; returns their ids.
     pub async fn expire_commands(&self, now: UnixNanos) -> Result<Vec<u64>, StorageError> {
-        dispatch!(self, s => s.expire_commands(now).await)
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<i64> = tx.query(EXPIRE).bind(now).bind(now).fetch_scalars().await?;
+        for id in &ids {
+            let payload = format!("{id}:{}", CommandState::Expired.as_str());
+            tx.conn()
+                .notify(cluster::channel::COMMANDS, &payload)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.into_iter().map(|id| id.max(0) as u64).collect())
     }
 
     pub async fn get_command(&self, command_id: u64) -> Result<CommandRecord, StorageError> {
-        dispatch!(self, s => s.get_command(command_id).await)
+        let sql = format!("SELECT {COMMAND_COLUMNS} WHERE c.command_id = $1");
+        let row = self
+            .read()
+            .await?
+            .query(&sql)
+            .bind(command_id.min(i64::MAX as u64) as i64)
+            .fetch_one()
+            .await?;
+        command_from_row(&row)
     }
 
     pub async fn list_commands(
@@ -169,31 +247,26 @@ impl Store {
         after: u64,
         limit: u32,
     ) -> Result<Vec<CommandRecord>, StorageError> {
-        dispatch!(self, s => s.list_commands(device_id, state, after, limit).await)
-    }
-
-    pub async fn set_presence(
-        &self,
-        device_pk: i64,
-        online: bool,
-        seen: UnixNanos,
-        firmware: Option<&str>,
-    ) -> Result<(), StorageError> {
-        dispatch!(self, s => s.set_presence(device_pk, online, seen, firmware).await)
-    }
-
-    /// Refreshes the `last_seen` of many connected devices in one
-    /// transaction: (device pk, last seen).
-    /// Never moves `last_seen` back: a disconnect may have written a later one.
-    pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
-        for chunk in seen.chunks(LAST_SEEN_CHUNK) {
-            dispatch!(self, s => s.record_last_seen(chunk).await)?;
+        let sql = list_sql(device_id.is_some(), state.is_some());
+        let mut conn = self.read().await?;
+        let mut query = conn.query(&sql).bind(after.min(i64::MAX as u64) as i64);
+        if let Some(d) = device_id {
+            query = query.bind(d);
         }
-        Ok(())
+        if let Some(s) = state {
+            query = query.bind(s.as_str());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all().await?;
+        rows.iter().map(command_from_row).collect()
     }
 
-    /// At start-up no device holds a stream to this server yet.
-    pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
-        dispatch!(self, s => s.mark_all_offline().await)
+    /// Commands queued or sent and not yet answered, all devices.
+    pub async fn pending_commands(&self) -> Result<i64, StorageError> {
+        Ok(self
+            .read()
+            .await?
+            .query("SELECT COUNT(*) FROM commands WHERE state IN ('queued', 'sent')")
+            .fetch_scalar()
+            .await?)
     }
 }

@@ -3,16 +3,13 @@
 //!
 //! The backend is chosen at run time from the database URL: SQLite (the
 //! embedded default, a file in the data directory) or PostgreSQL.
-
-/// Calls the same method on whichever backend the store is.
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            Store::Sqlite($s) => $e,
-            Store::Postgres($s) => $e,
-        }
-    };
-}
+//!
+//! A query that reads the same on both backends is written once, as a
+//! method of [`Store`] in the file of what it stores (`devices`, `alerts`,
+//! `commands`, `credentials`, `cluster`), and runs on either through
+//! [`sql`]. `sqlite` and `postgres` hold what differs: connecting, the group
+//! commit's bulk statements ([`GroupTx`]), retention, PostgreSQL's day
+//! partitions and replicas.
 
 pub mod alerts;
 pub mod backup;
@@ -20,11 +17,12 @@ pub mod cluster;
 pub mod commands;
 mod copy_binary;
 pub mod credentials;
+mod devices;
 mod error;
 pub mod partitions;
 mod postgres;
 pub mod rollup;
-mod shared;
+mod sql;
 mod sqlite;
 mod sqlite_bulk;
 
@@ -32,46 +30,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 
+pub use devices::{DeviceRecord, NewDevice};
 pub use error::StorageError;
 pub use postgres::{PgGroupTx, PgStore};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use crate::domain::time::UnixNanos;
-use crate::domain::{
-    CertFingerprint, DeviceId, DeviceKey, DisplayName, Labels, SensorName, TokenHash, Unit,
-};
-use credentials::{CertificateGrant, CredentialError, DeviceCredentials, RotatedToken, TokenGrant};
-
-/// A registered device as stored.
-#[derive(Debug, Clone)]
-pub struct DeviceRecord {
-    /// Internal key; other tables refer to the device by it.
-    pub pk: i64,
-    pub id: DeviceId,
-    pub display_name: DisplayName,
-    pub labels: Labels,
-    pub created: UnixNanos,
-    pub committed_sequence: u64,
-    pub last_upload: Option<UnixNanos>,
-    /// Holds a Control stream now.
-    pub online: bool,
-    pub last_seen: Option<UnixNanos>,
-    pub firmware_version: Option<String>,
-}
-
-/// A device to register.
-#[derive(Debug, Clone)]
-pub struct NewDevice {
-    pub id: DeviceId,
-    pub display_name: DisplayName,
-    pub labels: Labels,
-    /// The token issued at registration (the first of `device_tokens`).
-    pub token_hash: TokenHash,
-    pub created: UnixNanos,
-    /// A certificate bound at registration.
-    pub certificate: Option<CertFingerprint>,
-    pub require_mtls: bool,
-}
+use crate::domain::{SensorName, Unit};
 
 /// Where the data lives.
 #[derive(Debug, Clone)]
@@ -101,7 +66,8 @@ impl Database {
     }
 }
 
-/// The storage interface; each method dispatches to the backend.
+/// The storage interface, over either backend. Its methods live in the
+/// files of what they store; see the module's documentation.
 #[derive(Clone)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
@@ -135,128 +101,27 @@ impl Store {
     }
 
     pub async fn migrate(&self) -> Result<(), StorageError> {
-        dispatch!(self, s => s.migrate().await)
-    }
-
-    pub async fn register_device(&self, device: &NewDevice) -> Result<DeviceRecord, StorageError> {
-        dispatch!(self, s => s.register_device(device).await)
-    }
-
-    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
-        dispatch!(self, s => s.get_device(id).await)
-    }
-
-    /// Devices ordered by id, starting after `after`.
-    pub async fn list_devices(
-        &self,
-        after: Option<&DeviceId>,
-        limit: u32,
-    ) -> Result<Vec<DeviceRecord>, StorageError> {
-        dispatch!(self, s => s.list_devices(after, limit).await)
-    }
-
-    /// The device and state behind a token, revoked or expired included.
-    pub async fn token_grant(&self, hash: &TokenHash) -> Result<Option<TokenGrant>, StorageError> {
-        dispatch!(self, s => s.token_grant(hash).await)
-    }
-
-    pub async fn certificate_grant(
-        &self,
-        fingerprint: &CertFingerprint,
-    ) -> Result<Option<CertificateGrant>, StorageError> {
-        dispatch!(self, s => s.certificate_grant(fingerprint).await)
-    }
-
-    pub async fn device_credentials(
-        &self,
-        id: &DeviceId,
-    ) -> Result<DeviceCredentials, CredentialError> {
-        dispatch!(self, s => s.device_credentials(id).await)
-    }
-
-    /// See `credentials::credential_queries`' `rotate_token`.
-    pub async fn rotate_token(
-        &self,
-        id: &DeviceId,
-        hash: &TokenHash,
-        now: UnixNanos,
-        others_expire: Option<UnixNanos>,
-        max_active: usize,
-    ) -> Result<RotatedToken, CredentialError> {
-        dispatch!(self, s => s.rotate_token(id, hash, now, others_expire, max_active).await)
-    }
-
-    pub async fn revoke_token(
-        &self,
-        id: &DeviceId,
-        token_id: i64,
-        now: UnixNanos,
-    ) -> Result<DeviceKey, CredentialError> {
-        dispatch!(self, s => s.revoke_token(id, token_id, now).await)
-    }
-
-    /// Binds (`Some`) or unbinds (`None`) a device's certificate.
-    pub async fn bind_certificate(
-        &self,
-        id: &DeviceId,
-        certificate: Option<&CertFingerprint>,
-        require_mtls: Option<bool>,
-        now: UnixNanos,
-    ) -> Result<DeviceKey, CredentialError> {
-        dispatch!(self, s => s.bind_certificate(id, certificate, require_mtls, now).await)
-    }
-
-    pub async fn set_require_mtls(
-        &self,
-        id: &DeviceId,
-        require_mtls: bool,
-    ) -> Result<DeviceKey, CredentialError> {
-        dispatch!(self, s => s.set_require_mtls(id, require_mtls).await)
-    }
-
-    /// Disables (`Some(now)`) or enables (`None`) a device.
-    pub async fn set_disabled(
-        &self,
-        id: &DeviceId,
-        disabled: Option<UnixNanos>,
-    ) -> Result<DeviceKey, CredentialError> {
-        dispatch!(self, s => s.set_disabled(id, disabled).await)
-    }
-
-    pub async fn record_token_use(&self, uses: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
-        dispatch!(self, s => s.record_token_use(uses).await)
-    }
-
-    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
-        dispatch!(self, s => s.committed_sequence(device_pk).await)
-    }
-
-    /// Sets a device's committed sequence (at most `i64::MAX`), in one
-    /// transaction holding the device's row against group commits; returns
-    /// the previous one and the device after. `NotFound` for an unknown id.
-    pub async fn reset_committed_sequence(
-        &self,
-        id: &DeviceId,
-        to: u64,
-    ) -> Result<(u64, DeviceRecord), StorageError> {
-        dispatch!(self, s => s.reset_committed_sequence(id, to).await)
-    }
-
-    pub async fn pending_commands(&self) -> Result<i64, StorageError> {
-        dispatch!(self, s => s.pending_commands().await)
-    }
-
-    pub async fn open_alerts_by_severity(&self) -> Result<Vec<(String, i64)>, StorageError> {
-        dispatch!(self, s => s.open_alerts_by_severity().await)
-    }
-
-    /// One trivial query, for readiness; how long a pooled connection took.
-    pub async fn ping(&self) -> Result<std::time::Duration, StorageError> {
-        dispatch!(self, s => s.ping().await)
+        match self {
+            Self::Sqlite(s) => s.migrate().await,
+            Self::Postgres(s) => s.migrate().await,
+        }
     }
 
     pub async fn close(&self) {
-        dispatch!(self, s => s.close().await)
+        match self {
+            Self::Sqlite(s) => s.close().await,
+            Self::Postgres(s) => s.close().await,
+        }
+    }
+
+    /// One trivial query, for readiness: the database answers. Returns how
+    /// long getting a pooled connection took.
+    pub async fn ping(&self) -> Result<std::time::Duration, StorageError> {
+        let started = std::time::Instant::now();
+        let mut conn = self.read().await?;
+        let acquired = started.elapsed();
+        conn.query("SELECT 1").execute().await?;
+        Ok(acquired)
     }
 
     /// Makes sure readings of these days (see [`partitions::day_of`]) have
@@ -289,7 +154,10 @@ impl Store {
         cutoff: UnixNanos,
         step_rows: usize,
     ) -> Result<Expired, StorageError> {
-        dispatch!(self, s => s.expire_rollups(cutoff, step_rows.max(1)).await)
+        match self {
+            Self::Sqlite(s) => s.expire_rollups(cutoff, step_rows.max(1)).await,
+            Self::Postgres(s) => s.expire_rollups(cutoff, step_rows.max(1)).await,
+        }
     }
 }
 
@@ -475,59 +343,4 @@ pub trait GroupTx: Send + Sized {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     fn commit(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
-}
-
-fn to_u64(v: i64, what: &str) -> Result<u64, StorageError> {
-    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
-}
-
-/// The columns `device_from_row` reads, in order.
-const DEVICE_COLUMNS: &str = "pk, device_id, display_name, CAST(labels AS TEXT), created_unix_nano, committed_sequence, \
-     last_upload_unix_nano, online, last_seen_unix_nano, firmware_version";
-
-fn device_from_row<'r, R>(row: &'r R) -> Result<DeviceRecord, StorageError>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let mut device = device_from_parts(
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        &row.try_get::<String, _>(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-    )?;
-    device.online = row.try_get(7)?;
-    device.last_seen = row.try_get(8)?;
-    device.firmware_version = row.try_get(9)?;
-    Ok(device)
-}
-
-fn device_from_parts(
-    pk: i64,
-    id: String,
-    display_name: String,
-    labels: &str,
-    created: i64,
-    committed_sequence: i64,
-    last_upload: Option<i64>,
-) -> Result<DeviceRecord, StorageError> {
-    Ok(DeviceRecord {
-        pk,
-        id: DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
-        display_name: DisplayName::from_trusted(display_name),
-        labels: Labels::from_json(labels)
-            .map_err(|e| StorageError::Corrupt(format!("labels of device {id}: {e}")))?,
-        created,
-        committed_sequence: to_u64(committed_sequence, "committed_sequence")?,
-        last_upload,
-        online: false,
-        last_seen: None,
-        firmware_version: None,
-    })
 }

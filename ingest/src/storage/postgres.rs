@@ -8,34 +8,25 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::Mutex;
 
-use super::alerts::{
-    self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
-};
+use super::alerts::{self, EventOutcome, NewAlertEvent, PendingChange};
 use super::cluster;
-use super::commands::{self, CommandRecord, EnqueueError};
-use super::credentials;
+use super::devices::{self, to_u64};
 use super::partitions::{DAY_NANOS, parse_partition_name, partition_name};
 use super::rollup::RollupRows;
-use super::{
-    DEVICE_COLUMNS, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns, StorageError,
-    device_from_row, in_steps, to_u64,
-};
-use crate::domain::alert::{Rule, RuleId};
-use crate::domain::command::{CommandKind, CommandState};
+use super::sql::Conn;
+use super::{Expired, GroupTx, ReadingColumns, StorageError, in_steps};
 use crate::domain::time::UnixNanos;
-use crate::domain::{CertFingerprint, DeviceKey, TokenHash};
-use crate::domain::{DeviceId, SensorName, Unit};
+use crate::domain::{SensorName, Unit};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// How the pool connects, for the connections a server keeps beside it
     /// (the notification listener, the leader's lock).
     options: Arc<PgConnectOptions>,
@@ -75,76 +66,11 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
-        let sql = format!(
-            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano, \
-             cert_sha256, cert_bound_unix_nano, require_mtls) \
-             VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8) RETURNING {DEVICE_COLUMNS}"
-        );
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query(&sql)
-            .bind(d.id.as_str())
-            .bind(d.display_name.as_str())
-            .bind(d.labels.to_json())
-            .bind(d.token_hash.as_bytes().as_slice())
-            .bind(d.created)
-            .bind(d.certificate.map(|c| c.as_bytes().to_vec()))
-            .bind(d.certificate.map(|_| d.created))
-            .bind(d.require_mtls)
-            .fetch_one(&mut *tx)
-            .await?;
-        let device = device_from_row(&row)?;
-        sqlx::query(&Self::sql(credentials::INSERT_TOKEN))
-            .bind(device.pk)
-            .bind(d.token_hash.as_bytes().as_slice())
-            .bind(d.created)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(device)
-    }
-
-    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        device_from_row(&row)
-    }
-
-    pub async fn list_devices(
-        &self,
-        after: Option<&DeviceId>,
-        limit: u32,
-    ) -> Result<Vec<DeviceRecord>, StorageError> {
-        // COLLATE "C" orders like SQLite's byte-wise comparison, so pages are
-        // the same on both backends whatever the database's locale.
-        let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id COLLATE \"C\" > $1 \
-             ORDER BY device_id COLLATE \"C\" LIMIT $2"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(after.map_or("", DeviceId::as_str))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(device_from_row).collect()
-    }
-
-    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
-        let seq: i64 = sqlx::query_scalar("SELECT committed_sequence FROM devices WHERE pk = $1")
-            .bind(device_pk)
-            .fetch_one(&self.pool)
-            .await?;
-        to_u64(seq, "committed_sequence")
-    }
-
     pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
         let mut seen = seen.to_vec();
         seen.sort_unstable();
         let (pks, times): (Vec<i64>, Vec<i64>) = seen.into_iter().unzip();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.pool.begin().await?;
         // The rows in pk order first, as group commits lock them: an UPDATE
         // over a join locks in the join's order, and deadlocked with them
         // (each deadlock stalled both for PostgreSQL's deadlock_timeout).
@@ -163,24 +89,6 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// SQL with `?` placeholders, numbered as PostgreSQL takes them.
-    fn sql(sql: &str) -> String {
-        alerts::numbered(sql)
-    }
-
-    /// Appended to a read of a row the transaction goes on to change, so
-    /// that a group commit reading the same row waits for it.
-    const ROW_LOCK: &str = " FOR UPDATE";
-
-    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        self.pool.begin().await
-    }
-
-    /// PostgreSQL takes concurrent writers as they come.
-    async fn write_conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-        self.pool.acquire().await
     }
 
     pub(crate) async fn begin_group(&self) -> Result<PgGroupTx, sqlx::Error> {
@@ -328,7 +236,14 @@ impl GroupTx for PgGroupTx {
         unit: &Unit,
         max_sensors: usize,
     ) -> Result<Option<i64>, sqlx::Error> {
-        PgStore::sensor_pk_on(&mut self.tx, device_pk, sensor, unit, max_sensors).await
+        devices::sensor_pk(
+            Conn::Postgres(&mut self.tx),
+            device_pk,
+            sensor,
+            unit,
+            max_sensors,
+        )
+        .await
     }
 
     /// Binary COPY: PostgreSQL's cheapest way in, with no per-row parsing
@@ -430,7 +345,7 @@ impl GroupTx for PgGroupTx {
         device_pk: i64,
         sensor: &SensorName,
     ) -> Result<Option<(UnixNanos, f64)>, sqlx::Error> {
-        PgStore::last_reading_on(&mut self.tx, device_pk, sensor).await
+        alerts::last_reading(Conn::Postgres(&mut self.tx), device_pk, sensor).await
     }
 
     async fn record_alert_events(
@@ -438,11 +353,11 @@ impl GroupTx for PgGroupTx {
         events: &[NewAlertEvent],
         now: UnixNanos,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        PgStore::record_events_on(&mut self.tx, events, now).await
+        alerts::record_events(Conn::Postgres(&mut self.tx), events, now).await
     }
 
     async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {
-        PgStore::set_pending_on(&mut self.tx, changes).await
+        alerts::set_pending(Conn::Postgres(&mut self.tx), changes).await
     }
 
     async fn commit(self) -> Result<(), sqlx::Error> {
@@ -450,31 +365,15 @@ impl GroupTx for PgGroupTx {
     }
 }
 
-super::shared::shared_queries!(PgStore, sqlx::PgConnection);
-super::cluster::session_queries!(PgStore, sqlx::PgConnection);
-super::credentials::credential_queries!(PgStore, sqlx::PgConnection);
-
 /// Replicas and their leases: PostgreSQL only, where several processes can
 /// share a database. Lease times are the database's clock.
 impl PgStore {
-    pub(super) async fn notify_on(
-        conn: &mut sqlx::PgConnection,
-        channel: &str,
-        payload: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(conn)
-            .await?;
-        Ok(())
-    }
-
     /// A notification in a transaction of its own, for a change already
     /// committed (a credential or rule change, whose transactions are shared
     /// with the single-process backend).
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StorageError> {
-        Self::notify_on(&mut *self.pool.acquire().await?, channel, payload).await?;
+        let mut conn = self.pool.acquire().await?;
+        Conn::Postgres(&mut conn).notify(channel, payload).await?;
         Ok(())
     }
 
@@ -522,7 +421,7 @@ impl PgStore {
     /// the devices' rows are locked first in pk order, as opens, closes and
     /// group commits take them. Returns the devices taken offline.
     pub async fn sweep_dead_replicas(&self) -> Result<Vec<i64>, StorageError> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.pool.begin().await?;
         let dead: Vec<String> = sqlx::query_scalar(&format!(
             "DELETE FROM replicas WHERE lease_until_unix_nano < {} RETURNING replica_id",
             cluster::DB_NOW
@@ -549,7 +448,7 @@ impl PgStore {
         opens: &[cluster::SessionOpen],
         replica_id: &str,
     ) -> Result<Vec<cluster::SessionTicket>, StorageError> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.pool.begin().await?;
         let mut tickets = Vec::with_capacity(opens.len());
         // A device opening twice in one batch: its streams go in rounds, as
         // one statement cannot upsert a row twice.
@@ -602,7 +501,9 @@ impl PgStore {
             }
         }
         for payload in cluster::sessions_payload(&tickets) {
-            Self::notify_on(&mut tx, cluster::channel::SESSIONS, &payload).await?;
+            Conn::Postgres(&mut tx)
+                .notify(cluster::channel::SESSIONS, &payload)
+                .await?;
         }
         tx.commit().await?;
         // In the order asked.
@@ -622,7 +523,7 @@ impl PgStore {
 
     /// Ends every session of one replica (its devices go offline).
     pub async fn sweep_replica(&self, replica_id: &str) -> Result<(), StorageError> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.pool.begin().await?;
         Self::end_sessions_of(&mut tx, &[replica_id.to_owned()]).await?;
         tx.commit().await?;
         Ok(())

@@ -11,29 +11,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
-use super::alerts::{
-    self, AlertEventRecord, AlertRecord, EventKind, EventOutcome, NewAlertEvent, PendingChange,
-};
+use super::alerts::{self, EventOutcome, NewAlertEvent, PendingChange};
 use super::cluster;
-use super::commands::{self, CommandRecord, EnqueueError};
-use super::credentials;
+use super::devices::{self, ALL_OFFLINE, PRESENCE, to_u64};
 use super::rollup::RollupRows;
-use super::{
-    DEVICE_COLUMNS, DeviceRecord, Expired, GroupTx, NewDevice, ReadingColumns, StorageError,
-    device_from_row, in_steps, to_u64,
-};
-use crate::domain::alert::{Rule, RuleId};
-use crate::domain::command::{CommandKind, CommandState};
+use super::sql::Conn;
+use super::{Expired, GroupTx, ReadingColumns, StorageError, in_steps};
 use crate::domain::time::UnixNanos;
-use crate::domain::{CertFingerprint, DeviceKey, TokenHash};
-use crate::domain::{DeviceId, SensorName, Unit};
+use crate::domain::{SensorName, Unit};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -42,7 +33,7 @@ const SQLITE_CACHE_KIB: u32 = 64 * 1024;
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     /// Taken by the group writer and by retention for each of their write
     /// transactions. SQLite has one writer at a time and makes the others
     /// wait by sleeping and polling (up to 100 ms per nap), so two of our
@@ -154,106 +145,32 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
-        let sql = format!(
-            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano, \
-             cert_sha256, cert_bound_unix_nano, require_mtls) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {DEVICE_COLUMNS}"
-        );
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query(&sql)
-            .bind(d.id.as_str())
-            .bind(d.display_name.as_str())
-            .bind(d.labels.to_json())
-            .bind(d.token_hash.as_bytes().as_slice())
-            .bind(d.created)
-            .bind(d.certificate.map(|c| c.as_bytes().to_vec()))
-            .bind(d.certificate.map(|_| d.created))
-            .bind(d.require_mtls)
-            .fetch_one(&mut *tx)
-            .await?;
-        let device = device_from_row(&row)?;
-        sqlx::query(&Self::sql(credentials::INSERT_TOKEN))
-            .bind(device.pk)
-            .bind(d.token_hash.as_bytes().as_slice())
-            .bind(d.created)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(device)
-    }
-
-    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        device_from_row(&row)
-    }
-
-    pub async fn list_devices(
-        &self,
-        after: Option<&DeviceId>,
-        limit: u32,
-    ) -> Result<Vec<DeviceRecord>, StorageError> {
-        let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(after.map_or("", DeviceId::as_str))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(device_from_row).collect()
-    }
-
-    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
-        let seq: i64 = sqlx::query_scalar("SELECT committed_sequence FROM devices WHERE pk = ?")
-            .bind(device_pk)
-            .fetch_one(&self.pool)
-            .await?;
-        to_u64(seq, "committed_sequence")
-    }
-
     pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
         let rows = serde_json::to_string(seen).expect("integers serialise");
+        let _gate = self.lock_writes().await;
         sqlx::query(
             "UPDATE devices SET last_seen_unix_nano = j.value ->> 1 FROM json_each(?) j \
              WHERE devices.pk = j.value ->> 0 \
              AND (last_seen_unix_nano IS NULL OR last_seen_unix_nano < j.value ->> 1)",
         )
         .bind(rows)
-        .execute(&mut *self.write_conn().await?)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// SQL with `?` placeholders, as SQLite takes it.
-    fn sql(sql: &str) -> String {
-        sql.to_owned()
+    /// Waits for the write gate; a write outside [`Self::begin_write`]
+    /// holds it until the write is done.
+    pub(super) async fn lock_writes(&self) -> OwnedMutexGuard<()> {
+        self.write_gate.clone().lock_owned().await
     }
-
-    /// SQLite has no row locks: a write transaction (`begin_write`) holds
-    /// the database's one write lock from its start, which is more.
-    const ROW_LOCK: &str = "";
 
     /// A write transaction, holding the write lock from the start (see
     /// `begin_group`) and the write gate until it ends.
-    async fn begin_write(&self) -> Result<SqliteWriteTx, sqlx::Error> {
-        let gate = self.write_gate.clone().lock_owned().await;
+    pub(super) async fn begin_write(&self) -> Result<SqliteWriteTx, sqlx::Error> {
+        let gate = self.lock_writes().await;
         Ok(SqliteWriteTx {
             tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            _gate: gate,
-        })
-    }
-
-    /// A connection for one write statement, holding the write gate while
-    /// it lives: use it as a temporary, `.execute(&mut *self.write_conn().await?)`.
-    async fn write_conn(&self) -> Result<SqliteWriteConn, sqlx::Error> {
-        let gate = self.write_gate.clone().lock_owned().await;
-        Ok(SqliteWriteConn {
-            conn: self.pool.acquire().await?,
             _gate: gate,
         })
     }
@@ -339,7 +256,7 @@ impl SqliteStore {
         cutoff: UnixNanos,
         step_rows: usize,
     ) -> Result<u64, StorageError> {
-        let _gate = self.write_gate.lock().await;
+        let _gate = self.lock_writes().await;
         let mut query = sqlx::query(sql);
         if let Some(pk) = sensor_pk {
             query = query.bind(pk);
@@ -354,13 +271,13 @@ impl SqliteStore {
 }
 
 /// A write transaction holding the write gate.
-struct SqliteWriteTx {
+pub(super) struct SqliteWriteTx {
     tx: Transaction<'static, Sqlite>,
     _gate: OwnedMutexGuard<()>,
 }
 
 impl SqliteWriteTx {
-    async fn commit(self) -> Result<(), sqlx::Error> {
+    pub(super) async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
     }
 }
@@ -375,25 +292,6 @@ impl std::ops::Deref for SqliteWriteTx {
 impl std::ops::DerefMut for SqliteWriteTx {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         &mut self.tx
-    }
-}
-
-/// A pooled connection holding the write gate.
-struct SqliteWriteConn {
-    conn: PoolConnection<Sqlite>,
-    _gate: OwnedMutexGuard<()>,
-}
-
-impl std::ops::Deref for SqliteWriteConn {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for SqliteWriteConn {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
     }
 }
 
@@ -479,7 +377,14 @@ impl GroupTx for SqliteGroupTx {
         unit: &Unit,
         max_sensors: usize,
     ) -> Result<Option<i64>, sqlx::Error> {
-        SqliteStore::sensor_pk_on(&mut self.tx, device_pk, sensor, unit, max_sensors).await
+        devices::sensor_pk(
+            Conn::Sqlite(&mut self.tx),
+            device_pk,
+            sensor,
+            unit,
+            max_sensors,
+        )
+        .await
     }
 
     async fn insert_readings(&mut self, rows: &ReadingColumns) -> Result<(), sqlx::Error> {
@@ -561,7 +466,7 @@ impl GroupTx for SqliteGroupTx {
         device_pk: i64,
         sensor: &SensorName,
     ) -> Result<Option<(UnixNanos, f64)>, sqlx::Error> {
-        SqliteStore::last_reading_on(&mut self.tx, device_pk, sensor).await
+        alerts::last_reading(Conn::Sqlite(&mut self.tx), device_pk, sensor).await
     }
 
     async fn record_alert_events(
@@ -569,11 +474,11 @@ impl GroupTx for SqliteGroupTx {
         events: &[NewAlertEvent],
         now: UnixNanos,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        SqliteStore::record_events_on(&mut self.tx, events, now).await
+        alerts::record_events(Conn::Sqlite(&mut self.tx), events, now).await
     }
 
     async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {
-        SqliteStore::set_pending_on(&mut self.tx, changes).await
+        alerts::set_pending(Conn::Sqlite(&mut self.tx), changes).await
     }
 
     async fn commit(self) -> Result<(), sqlx::Error> {
@@ -582,10 +487,6 @@ impl GroupTx for SqliteGroupTx {
         Ok(())
     }
 }
-
-super::shared::shared_queries!(SqliteStore, SqliteConnection);
-super::cluster::session_queries!(SqliteStore, SqliteConnection);
-super::credentials::credential_queries!(SqliteStore, SqliteConnection);
 
 /// One process serves a SQLite database: nobody listens for notifications.
 impl SqliteStore {
@@ -601,13 +502,13 @@ impl SqliteStore {
         let mut tx = self.begin_write().await?;
         let mut tickets = Vec::with_capacity(opens.len());
         for o in opens {
-            let generation: i64 = sqlx::query_scalar(&Self::sql(cluster::OPEN_SESSION))
+            let generation: i64 = sqlx::query_scalar(cluster::OPEN_SESSION)
                 .bind(o.device_pk)
                 .bind(replica_id)
                 .bind(o.at)
                 .fetch_one(&mut *tx)
                 .await?;
-            sqlx::query(&Self::sql(commands::PRESENCE))
+            sqlx::query(PRESENCE)
                 .bind(true)
                 .bind(o.at)
                 .bind(o.firmware.as_deref())
@@ -623,21 +524,13 @@ impl SqliteStore {
         Ok(tickets)
     }
 
-    pub(super) async fn notify_on(
-        _conn: &mut SqliteConnection,
-        _channel: &str,
-        _payload: &str,
-    ) -> Result<(), sqlx::Error> {
-        Ok(())
-    }
-
     /// At start: no stream survived the previous process.
     pub async fn reset_sessions(&self) -> Result<(), StorageError> {
         let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE device_sessions SET replica_id = NULL WHERE replica_id IS NOT NULL")
             .execute(&mut *tx)
             .await?;
-        sqlx::query(commands::ALL_OFFLINE).execute(&mut *tx).await?;
+        sqlx::query(ALL_OFFLINE).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

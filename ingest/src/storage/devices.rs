@@ -1,0 +1,293 @@
+//! Storage of devices and their sensors: registration, lookup, the committed
+//! sequence, presence. Written once for both backends (see [`super::sql`]).
+
+use super::sql::{Conn, Row};
+use super::{StorageError, Store};
+use crate::domain::time::UnixNanos;
+use crate::domain::{CertFingerprint, DeviceId, DisplayName, Labels, SensorName, TokenHash, Unit};
+
+/// A registered device as stored.
+#[derive(Debug, Clone)]
+pub struct DeviceRecord {
+    /// Internal key; other tables refer to the device by it.
+    pub pk: i64,
+    pub id: DeviceId,
+    pub display_name: DisplayName,
+    pub labels: Labels,
+    pub created: UnixNanos,
+    pub committed_sequence: u64,
+    pub last_upload: Option<UnixNanos>,
+    /// Holds a Control stream now.
+    pub online: bool,
+    pub last_seen: Option<UnixNanos>,
+    pub firmware_version: Option<String>,
+}
+
+/// A device to register.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub display_name: DisplayName,
+    pub labels: Labels,
+    /// The token issued at registration (the first of `device_tokens`).
+    pub token_hash: TokenHash,
+    pub created: UnixNanos,
+    /// A certificate bound at registration.
+    pub certificate: Option<CertFingerprint>,
+    pub require_mtls: bool,
+}
+
+/// The columns [`device_from_row`] reads, in order.
+const DEVICE_COLUMNS: &str = "pk, device_id, display_name, CAST(labels AS TEXT), created_unix_nano, committed_sequence, \
+     last_upload_unix_nano, online, last_seen_unix_nano, firmware_version";
+
+/// `device_tokens`' first row, written with the device.
+pub(super) const INSERT_TOKEN: &str = "INSERT INTO device_tokens (device_pk, token_sha256, created_unix_nano) \
+     VALUES ($1, $2, $3) RETURNING pk";
+
+/// A device's presence: whether it holds a Control stream, when it was
+/// last heard, the firmware it reported (kept when it reports none).
+pub(super) const PRESENCE: &str = "UPDATE devices SET online = $1, last_seen_unix_nano = $2, \
+     firmware_version = COALESCE($3, firmware_version) WHERE pk = $4";
+
+pub(super) const ALL_OFFLINE: &str = "UPDATE devices SET online = FALSE WHERE online";
+
+/// Devices per `last_seen` refresh transaction: each holds SQLite's write
+/// lock (and PostgreSQL's row locks, which group commits also take) for
+/// about a millisecond.
+const LAST_SEEN_CHUNK: usize = 500;
+
+impl Store {
+    pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
+        let sql = format!(
+            "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano, \
+             cert_sha256, cert_bound_unix_nano, require_mtls) \
+             VALUES ($1, $2, CAST($3 AS {}), $4, $5, $6, $7, $8) RETURNING {DEVICE_COLUMNS}",
+            self.json_type()
+        );
+        let mut tx = self.begin_write().await?;
+        let row = tx
+            .query(&sql)
+            .bind(d.id.as_str())
+            .bind(d.display_name.as_str())
+            .bind(d.labels.to_json())
+            .bind(d.token_hash.as_bytes().as_slice())
+            .bind(d.created)
+            .bind(d.certificate.map(|c| c.as_bytes().to_vec()))
+            .bind(d.certificate.map(|_| d.created))
+            .bind(d.require_mtls)
+            .fetch_one()
+            .await?;
+        let device = device_from_row(&row)?;
+        tx.query(INSERT_TOKEN)
+            .bind(device.pk)
+            .bind(d.token_hash.as_bytes().as_slice())
+            .bind(d.created)
+            .execute()
+            .await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1");
+        let row = self
+            .read()
+            .await?
+            .query(&sql)
+            .bind(id.as_str())
+            .fetch_one()
+            .await?;
+        device_from_row(&row)
+    }
+
+    /// Devices ordered by id, starting after `after`.
+    pub async fn list_devices(
+        &self,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StorageError> {
+        let order = format!("device_id{}", self.bytewise());
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE {order} > $1 ORDER BY {order} LIMIT $2"
+        );
+        let rows = self
+            .read()
+            .await?
+            .query(&sql)
+            .bind(after.map_or("", DeviceId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all()
+            .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Every device, for the alert engine's view of the fleet.
+    pub async fn all_devices(&self) -> Result<Vec<DeviceRecord>, StorageError> {
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .list_devices(all.last().map(|d: &DeviceRecord| &d.id), 1000)
+                .await?;
+            let done = page.len() < 1000;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
+        let seq: i64 = self
+            .read()
+            .await?
+            .query("SELECT committed_sequence FROM devices WHERE pk = $1")
+            .bind(device_pk)
+            .fetch_scalar()
+            .await?;
+        to_u64(seq, "committed_sequence")
+    }
+
+    /// Sets a device's committed sequence to `to` (at most `i64::MAX`; the
+    /// API refuses more) and returns the previous one with the device as it
+    /// is now. `NotFound` for an unknown id. The device's row is locked
+    /// first ([`Store::row_lock`]), as a group commit locks it before
+    /// reading the marks, so the reset lands between two groups, never
+    /// inside one.
+    pub async fn reset_committed_sequence(
+        &self,
+        id: &DeviceId,
+        to: u64,
+    ) -> Result<(u64, DeviceRecord), StorageError> {
+        let lock = format!(
+            "SELECT committed_sequence FROM devices WHERE device_id = $1{}",
+            self.row_lock()
+        );
+        let update = format!(
+            "UPDATE devices SET committed_sequence = $1 WHERE device_id = $2 RETURNING {DEVICE_COLUMNS}"
+        );
+        let mut tx = self.begin_write().await?;
+        let previous: Option<i64> = tx
+            .query(&lock)
+            .bind(id.as_str())
+            .fetch_optional_scalar()
+            .await?;
+        let previous = to_u64(
+            previous.ok_or(StorageError::NotFound)?,
+            "committed_sequence",
+        )?;
+        let row = tx
+            .query(&update)
+            // The API refused more; the bound only keeps the cast from
+            // wrapping.
+            .bind(to.min(i64::MAX as u64) as i64)
+            .bind(id.as_str())
+            .fetch_one()
+            .await?;
+        let device = device_from_row(&row)?;
+        tx.commit().await?;
+        Ok((previous, device))
+    }
+
+    pub async fn set_presence(
+        &self,
+        device_pk: i64,
+        online: bool,
+        seen: UnixNanos,
+        firmware: Option<&str>,
+    ) -> Result<(), StorageError> {
+        self.write_conn()
+            .await?
+            .query(PRESENCE)
+            .bind(online)
+            .bind(seen)
+            .bind(firmware)
+            .bind(device_pk)
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Refreshes the `last_seen` of many connected devices in one
+    /// transaction: (device pk, last seen).
+    /// Never moves `last_seen` back: a disconnect may have written a later one.
+    pub async fn record_last_seen(&self, seen: &[(i64, UnixNanos)]) -> Result<(), StorageError> {
+        for chunk in seen.chunks(LAST_SEEN_CHUNK) {
+            match self {
+                Self::Sqlite(s) => s.record_last_seen(chunk).await?,
+                Self::Postgres(s) => s.record_last_seen(chunk).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// At start-up no device holds a stream to this server yet.
+    pub async fn mark_all_offline(&self) -> Result<(), StorageError> {
+        self.write_conn()
+            .await?
+            .query(ALL_OFFLINE)
+            .execute()
+            .await?;
+        Ok(())
+    }
+}
+
+/// The pk of a device's sensor, created if new, unless the device has
+/// `max_sensors` already (then `None`). For the group transaction, which
+/// holds the device's row lock (its committed sequence was read for
+/// update), so the count cannot race.
+pub(super) async fn sensor_pk(
+    mut conn: Conn<'_>,
+    device_pk: i64,
+    sensor: &SensorName,
+    unit: &Unit,
+    max_sensors: usize,
+) -> Result<Option<i64>, sqlx::Error> {
+    let existing: Option<i64> = conn
+        .query("SELECT pk FROM sensors WHERE device_pk = $1 AND sensor = $2 AND unit = $3")
+        .bind(device_pk)
+        .bind(sensor.as_str())
+        .bind(unit.as_str())
+        .fetch_optional_scalar()
+        .await?;
+    if existing.is_some() {
+        return Ok(existing);
+    }
+    let count: i64 = conn
+        .query("SELECT COUNT(*) FROM sensors WHERE device_pk = $1")
+        .bind(device_pk)
+        .fetch_scalar()
+        .await?;
+    if count as u64 >= max_sensors as u64 {
+        return Ok(None);
+    }
+    conn.query("INSERT INTO sensors (device_pk, sensor, unit) VALUES ($1, $2, $3) RETURNING pk")
+        .bind(device_pk)
+        .bind(sensor.as_str())
+        .bind(unit.as_str())
+        .fetch_scalar()
+        .await
+        .map(Some)
+}
+
+pub(super) fn to_u64(v: i64, what: &str) -> Result<u64, StorageError> {
+    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+fn device_from_row(row: &Row) -> Result<DeviceRecord, StorageError> {
+    let id: String = row.get(1)?;
+    let labels: String = row.get(3)?;
+    Ok(DeviceRecord {
+        pk: row.get(0)?,
+        id: DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
+        display_name: DisplayName::from_trusted(row.get(2)?),
+        labels: Labels::from_json(&labels)
+            .map_err(|e| StorageError::Corrupt(format!("labels of device {id}: {e}")))?,
+        created: row.get(4)?,
+        committed_sequence: to_u64(row.get(5)?, "committed_sequence")?,
+        last_upload: row.get(6)?,
+        online: row.get(7)?,
+        last_seen: row.get(8)?,
+        firmware_version: row.get(9)?,
+    })
+}
