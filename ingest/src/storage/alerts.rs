@@ -263,8 +263,6 @@ impl Store {
 
     pub async fn list_rules(&self) -> Result<Vec<Rule>, StorageError> {
         let rows: Vec<String> = self
-            .read()
-            .await?
             .query("SELECT definition FROM alert_rules ORDER BY rule_id")
             .fetch_scalars()
             .await?;
@@ -274,8 +272,6 @@ impl Store {
     /// The open alerts of a rule: (alert id, device pk).
     pub async fn open_alerts_of_rule(&self, id: &RuleId) -> Result<Vec<(u64, i64)>, StorageError> {
         let rows = self
-            .read()
-            .await?
             .query(OPEN_ALERTS_OF_RULE)
             .bind(id.as_str())
             .fetch_all()
@@ -301,8 +297,6 @@ impl Store {
     /// The id of the newest recorded event (0 if none).
     pub async fn last_event_id(&self) -> Result<u64, StorageError> {
         let last: i64 = self
-            .read()
-            .await?
             .query("SELECT last_id FROM alert_event_counter")
             .fetch_scalar()
             .await?;
@@ -315,8 +309,6 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<AlertEventRecord>, StorageError> {
         let rows = self
-            .read()
-            .await?
             .query(EVENTS_AFTER)
             .bind(after.min(i64::MAX as u64) as i64)
             .bind(i64::from(limit))
@@ -332,8 +324,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<AlertRecord>, StorageError> {
         let sql = list_alerts_sql(include_resolved, device_ids.len());
-        let mut conn = self.read().await?;
-        let mut query = conn.query(&sql);
+        let mut query = self.query(&sql);
         for d in device_ids {
             query = query.bind(d);
         }
@@ -344,8 +335,6 @@ impl Store {
     pub async fn get_alert(&self, alert_id: u64) -> Result<AlertRecord, StorageError> {
         let sql = format!("SELECT {ALERT_COLUMNS} WHERE a.alert_id = $1");
         let row = self
-            .read()
-            .await?
             .query(&sql)
             .bind(alert_id.min(i64::MAX as u64) as i64)
             .fetch_one()
@@ -355,10 +344,7 @@ impl Store {
 
     /// Open alerts by severity.
     pub async fn open_alerts_by_severity(&self) -> Result<Vec<(String, i64)>, StorageError> {
-        let rows = self
-            .read()
-            .await?
-            .query(
+        let rows = self.query(
                 "SELECT severity, COUNT(*) FROM alerts WHERE resolved_unix_nano IS NULL GROUP BY severity",
             )
             .fetch_all()

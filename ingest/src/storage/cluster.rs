@@ -194,16 +194,15 @@ impl Store {
         sensor: Option<&SensorName>,
         after: UnixNanos,
     ) -> Result<Option<UnixNanos>, StorageError> {
-        let mut conn = self.read().await?;
         let last: Option<i64> = match sensor {
-            None => conn
+            None => self
                 .query(LAST_UPLOAD)
                 .bind(device_pk)
                 .fetch_optional_scalar::<Option<i64>>()
                 .await?
                 .flatten(),
             Some(sensor) => {
-                conn.query(LAST_SENSOR_READING)
+                self.query(LAST_SENSOR_READING)
                     .bind(device_pk)
                     .bind(sensor.as_str())
                     .bind(after)

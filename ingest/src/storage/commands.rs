@@ -153,8 +153,6 @@ impl Store {
              AND (c.state = 'sent' OR (c.state = 'queued' AND c.expires_unix_nano > $2)) ORDER BY c.command_id"
         );
         let rows = self
-            .read()
-            .await?
             .query(&sql)
             .bind(device_pk)
             .bind(now)
@@ -231,8 +229,6 @@ impl Store {
     pub async fn get_command(&self, command_id: u64) -> Result<CommandRecord, StorageError> {
         let sql = format!("SELECT {COMMAND_COLUMNS} WHERE c.command_id = $1");
         let row = self
-            .read()
-            .await?
             .query(&sql)
             .bind(command_id.min(i64::MAX as u64) as i64)
             .fetch_one()
@@ -248,8 +244,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<CommandRecord>, StorageError> {
         let sql = list_sql(device_id.is_some(), state.is_some());
-        let mut conn = self.read().await?;
-        let mut query = conn.query(&sql).bind(after.min(i64::MAX as u64) as i64);
+        let mut query = self.query(&sql).bind(after.min(i64::MAX as u64) as i64);
         if let Some(d) = device_id {
             query = query.bind(d);
         }
@@ -263,8 +258,6 @@ impl Store {
     /// Commands queued or sent and not yet answered, all devices.
     pub async fn pending_commands(&self) -> Result<i64, StorageError> {
         Ok(self
-            .read()
-            .await?
             .query("SELECT COUNT(*) FROM commands WHERE state IN ('queued', 'sent')")
             .fetch_scalar()
             .await?)

@@ -130,9 +130,18 @@ fn fingerprint(bytes: Option<Vec<u8>>) -> Result<Option<CertFingerprint>, Storag
         .transpose()
 }
 
-/// The device and its state from `row`'s columns from `first` on: pk,
+/// A credential's row (`sql` looks it up by the hash in `$1`), with the
+/// device and its state from the row's columns `first..first + 5`: pk,
 /// device_id, require_mtls, disabled_unix_nano, cert_sha256.
-fn device_auth(row: &Row, first: usize) -> Result<(DeviceKey, DeviceAuthState), StorageError> {
+async fn grant(
+    store: &Store,
+    sql: &str,
+    hash: &[u8],
+    first: usize,
+) -> Result<Option<(Row, DeviceKey, DeviceAuthState)>, StorageError> {
+    let Some(row) = store.query(sql).bind(hash).fetch_optional().await? else {
+        return Ok(None);
+    };
     let id: String = row.get(first + 1)?;
     let device = DeviceKey {
         pk: row.get(first)?,
@@ -143,7 +152,7 @@ fn device_auth(row: &Row, first: usize) -> Result<(DeviceKey, DeviceAuthState), 
         disabled: row.get::<Option<i64>>(first + 3)?.is_some(),
         certificate: fingerprint(row.get(first + 4)?)?,
     };
-    Ok((device, state))
+    Ok(Some((row, device, state)))
 }
 
 /// A device's tokens, oldest first.
@@ -169,18 +178,18 @@ async fn device_tokens(
         .collect()
 }
 
+/// The device an `UPDATE devices ... RETURNING pk` changed, if any.
+fn changed_device(id: &DeviceId, pk: Option<i64>) -> Result<DeviceKey, CredentialError> {
+    pk.map(|pk| DeviceKey { pk, id: id.clone() })
+        .ok_or_else(|| CredentialError::NoSuchDevice(id.to_string()))
+}
+
 impl Store {
     /// The device and state behind a token, revoked or expired included.
     pub async fn token_grant(&self, hash: &TokenHash) -> Result<Option<TokenGrant>, StorageError> {
-        let row = self
-            .read()
-            .await?
-            .query(TOKEN_GRANT)
-            .bind(hash.as_bytes().as_slice())
-            .fetch_optional()
-            .await?;
-        let Some(r) = row else { return Ok(None) };
-        let (device, state) = device_auth(&r, 4)?;
+        let Some((r, device, state)) = grant(self, TOKEN_GRANT, hash.as_bytes(), 4).await? else {
+            return Ok(None);
+        };
         Ok(Some(TokenGrant {
             device,
             token_pk: r.get(0)?,
@@ -195,16 +204,8 @@ impl Store {
         &self,
         fingerprint: &CertFingerprint,
     ) -> Result<Option<CertificateGrant>, StorageError> {
-        let row = self
-            .read()
-            .await?
-            .query(CERTIFICATE_GRANT)
-            .bind(fingerprint.as_bytes().as_slice())
-            .fetch_optional()
-            .await?;
-        let Some(r) = row else { return Ok(None) };
-        let (device, state) = device_auth(&r, 0)?;
-        Ok(Some(CertificateGrant { device, state }))
+        let found = grant(self, CERTIFICATE_GRANT, fingerprint.as_bytes(), 0).await?;
+        Ok(found.map(|(_, device, state)| CertificateGrant { device, state }))
     }
 
     pub async fn device_credentials(
@@ -372,8 +373,7 @@ impl Store {
             .fetch_optional_scalar::<i64>()
             .await;
         match result {
-            Ok(Some(pk)) => Ok(DeviceKey { pk, id: id.clone() }),
-            Ok(None) => Err(CredentialError::NoSuchDevice(id.to_string())),
+            Ok(pk) => changed_device(id, pk),
             Err(e) => match StorageError::from(e) {
                 StorageError::AlreadyExists => Err(CredentialError::CertificateInUse),
                 other => Err(other.into()),
@@ -394,8 +394,7 @@ impl Store {
             .bind(id.as_str())
             .fetch_optional_scalar()
             .await?;
-        pk.map(|pk| DeviceKey { pk, id: id.clone() })
-            .ok_or_else(|| CredentialError::NoSuchDevice(id.to_string()))
+        changed_device(id, pk)
     }
 
     /// Disables (`Some(now)`) or enables (`None`) a device. A device
@@ -417,8 +416,7 @@ impl Store {
             .bind(id.as_str())
             .fetch_optional_scalar()
             .await?;
-        pk.map(|pk| DeviceKey { pk, id: id.clone() })
-            .ok_or_else(|| CredentialError::NoSuchDevice(id.to_string()))
+        changed_device(id, pk)
     }
 
     /// Records when tokens were last used, never moving a time back.

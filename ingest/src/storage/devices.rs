@@ -91,13 +91,7 @@ impl Store {
 
     pub async fn get_device(&self, id: &DeviceId) -> Result<DeviceRecord, StorageError> {
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1");
-        let row = self
-            .read()
-            .await?
-            .query(&sql)
-            .bind(id.as_str())
-            .fetch_one()
-            .await?;
+        let row = self.query(&sql).bind(id.as_str()).fetch_one().await?;
         device_from_row(&row)
     }
 
@@ -112,8 +106,6 @@ impl Store {
             "SELECT {DEVICE_COLUMNS} FROM devices WHERE {order} > $1 ORDER BY {order} LIMIT $2"
         );
         let rows = self
-            .read()
-            .await?
             .query(&sql)
             .bind(after.map_or("", DeviceId::as_str))
             .bind(i64::from(limit))
@@ -139,8 +131,6 @@ impl Store {
 
     pub async fn committed_sequence(&self, device_pk: i64) -> Result<u64, StorageError> {
         let seq: i64 = self
-            .read()
-            .await?
             .query("SELECT committed_sequence FROM devices WHERE pk = $1")
             .bind(device_pk)
             .fetch_scalar()

@@ -148,16 +148,34 @@ impl Store {
         }
     }
 
-    /// Removes hourly rollup rows of hours before `cutoff`, in steps.
+    /// Removes hourly rollup rows of hours before `cutoff`, `step_rows` at
+    /// a time, each step a statement of its own: on SQLite each queues on
+    /// the write gate like a group commit, so ingest waits for one short
+    /// step at most.
     pub async fn expire_rollups(
         &self,
         cutoff: UnixNanos,
         step_rows: usize,
     ) -> Result<Expired, StorageError> {
-        match self {
-            Self::Sqlite(s) => s.expire_rollups(cutoff, step_rows.max(1)).await,
-            Self::Postgres(s) => s.expire_rollups(cutoff, step_rows.max(1)).await,
-        }
+        let step_rows = step_rows.max(1);
+        // Rows are picked by where they are stored: SQLite's rowid,
+        // PostgreSQL's ctid.
+        let sql = match self {
+            Self::Sqlite(_) => {
+                "DELETE FROM readings_hourly_rollup WHERE rowid IN (SELECT rowid \
+                 FROM readings_hourly_rollup WHERE hour_unix_nano < $1 LIMIT $2)"
+            }
+            Self::Postgres(_) => {
+                "DELETE FROM readings_hourly_rollup WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM readings_hourly_rollup WHERE hour_unix_nano < $1 LIMIT $2))"
+            }
+        };
+        in_steps(step_rows, || async {
+            let mut conn = self.write_conn().await?;
+            let step = conn.query(sql).bind(cutoff).bind(step_rows as i64);
+            Ok(step.execute().await?)
+        })
+        .await
     }
 }
 

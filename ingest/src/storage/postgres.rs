@@ -18,7 +18,7 @@ use super::devices::{self, to_u64};
 use super::partitions::{DAY_NANOS, parse_partition_name, partition_name};
 use super::rollup::RollupRows;
 use super::sql::Conn;
-use super::{Expired, GroupTx, ReadingColumns, StorageError, in_steps};
+use super::{Expired, GroupTx, ReadingColumns, StorageError};
 use crate::domain::time::UnixNanos;
 use crate::domain::{SensorName, Unit};
 
@@ -184,26 +184,6 @@ impl PgStore {
             expired.steps += 1;
         }
         Ok(expired)
-    }
-
-    /// Deletes rollup rows of hours before `cutoff`, `step_rows` at a time.
-    pub async fn expire_rollups(
-        &self,
-        cutoff: UnixNanos,
-        step_rows: usize,
-    ) -> Result<Expired, StorageError> {
-        in_steps(step_rows, || async {
-            let done = sqlx::query(
-                "DELETE FROM readings_hourly_rollup WHERE ctid = ANY(ARRAY( \
-                 SELECT ctid FROM readings_hourly_rollup WHERE hour_unix_nano < $1 LIMIT $2))",
-            )
-            .bind(cutoff)
-            .bind(step_rows as i64)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected())
-        })
-        .await
     }
 }
 

@@ -29,9 +29,9 @@
 //! gate, and it knows neither PostgreSQL's arrays nor COPY.
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::{PgArguments, PgPool, PgRow};
 use sqlx::query::Query;
-use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
 use sqlx::{Decode, Encode, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction, Type};
 use tokio::sync::OwnedMutexGuard;
 
@@ -70,8 +70,8 @@ pub(super) enum Conn<'c> {
 impl Conn<'_> {
     pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
         match self {
-            Self::Sqlite(c) => Statement::Sqlite(c, sqlx::query(sql)),
-            Self::Postgres(c) => Statement::Postgres(c, sqlx::query(sql)),
+            Self::Sqlite(c) => Statement::Sqlite(On::Conn(c), sqlx::query(sql)),
+            Self::Postgres(c) => Statement::Postgres(On::Conn(c), sqlx::query(sql)),
         }
     }
 
@@ -90,56 +90,76 @@ impl Conn<'_> {
     }
 }
 
-/// One statement and its arguments, on the connection it will run on.
+/// Where a statement runs: on a connection, or on any of a pool's.
+pub(super) enum On<'c, C, P> {
+    Conn(&'c mut C),
+    Pool(&'c P),
+}
+
+/// One statement and its arguments, with where it will run.
 pub(super) enum Statement<'c, 'q> {
     Sqlite(
-        &'c mut SqliteConnection,
+        On<'c, SqliteConnection, SqlitePool>,
         Query<'q, Sqlite, SqliteArguments<'q>>,
     ),
-    Postgres(&'c mut PgConnection, Query<'q, Postgres, PgArguments>),
+    Postgres(
+        On<'c, PgConnection, PgPool>,
+        Query<'q, Postgres, PgArguments>,
+    ),
 }
 
 impl<'q> Statement<'_, 'q> {
     /// Binds the next `$N`.
     pub(super) fn bind<T: Param<'q>>(self, value: T) -> Self {
         match self {
-            Self::Sqlite(c, q) => Self::Sqlite(c, q.bind(value)),
-            Self::Postgres(c, q) => Self::Postgres(c, q.bind(value)),
+            Self::Sqlite(on, q) => Self::Sqlite(on, q.bind(value)),
+            Self::Postgres(on, q) => Self::Postgres(on, q.bind(value)),
         }
     }
 
     /// Runs it; returns how many rows it changed.
     pub(super) async fn execute(self) -> Result<u64, sqlx::Error> {
-        Ok(match self {
-            Self::Sqlite(c, q) => q.execute(c).await?.rows_affected(),
-            Self::Postgres(c, q) => q.execute(c).await?.rows_affected(),
-        })
+        let done = match self {
+            Self::Sqlite(On::Conn(c), q) => q.execute(c).await?.rows_affected(),
+            Self::Sqlite(On::Pool(p), q) => q.execute(p).await?.rows_affected(),
+            Self::Postgres(On::Conn(c), q) => q.execute(c).await?.rows_affected(),
+            Self::Postgres(On::Pool(p), q) => q.execute(p).await?.rows_affected(),
+        };
+        Ok(done)
     }
 
+    /// The one row; `RowNotFound` if there is none (as sqlx's `fetch_one`).
     pub(super) async fn fetch_one(self) -> Result<Row, sqlx::Error> {
-        Ok(match self {
-            Self::Sqlite(c, q) => Row::Sqlite(q.fetch_one(c).await?),
-            Self::Postgres(c, q) => Row::Postgres(q.fetch_one(c).await?),
-        })
+        self.fetch_optional().await?.ok_or(sqlx::Error::RowNotFound)
     }
 
     pub(super) async fn fetch_optional(self) -> Result<Option<Row>, sqlx::Error> {
         Ok(match self {
-            Self::Sqlite(c, q) => q.fetch_optional(c).await?.map(Row::Sqlite),
-            Self::Postgres(c, q) => q.fetch_optional(c).await?.map(Row::Postgres),
+            Self::Sqlite(On::Conn(c), q) => q.fetch_optional(c).await?.map(Row::Sqlite),
+            Self::Sqlite(On::Pool(p), q) => q.fetch_optional(p).await?.map(Row::Sqlite),
+            Self::Postgres(On::Conn(c), q) => q.fetch_optional(c).await?.map(Row::Postgres),
+            Self::Postgres(On::Pool(p), q) => q.fetch_optional(p).await?.map(Row::Postgres),
         })
     }
 
     pub(super) async fn fetch_all(self) -> Result<Vec<Row>, sqlx::Error> {
-        Ok(match self {
-            Self::Sqlite(c, q) => q.fetch_all(c).await?.into_iter().map(Row::Sqlite).collect(),
-            Self::Postgres(c, q) => q
-                .fetch_all(c)
-                .await?
-                .into_iter()
-                .map(Row::Postgres)
-                .collect(),
-        })
+        let rows: Vec<Row> = match self {
+            Self::Sqlite(on, q) => match on {
+                On::Conn(c) => q.fetch_all(c).await?,
+                On::Pool(p) => q.fetch_all(p).await?,
+            }
+            .into_iter()
+            .map(Row::Sqlite)
+            .collect(),
+            Self::Postgres(on, q) => match on {
+                On::Conn(c) => q.fetch_all(c).await?,
+                On::Pool(p) => q.fetch_all(p).await?,
+            }
+            .into_iter()
+            .map(Row::Postgres)
+            .collect(),
+        };
+        Ok(rows)
     }
 
     /// The first column of the one row.
@@ -204,8 +224,8 @@ impl Pooled {
 
     pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
         match &mut self.conn {
-            PooledConn::Sqlite(c) => Statement::Sqlite(c, sqlx::query(sql)),
-            PooledConn::Postgres(c) => Statement::Postgres(c, sqlx::query(sql)),
+            PooledConn::Sqlite(c) => Statement::Sqlite(On::Conn(c), sqlx::query(sql)),
+            PooledConn::Postgres(c) => Statement::Postgres(On::Conn(c), sqlx::query(sql)),
         }
     }
 }
@@ -228,8 +248,8 @@ impl WriteTx {
 
     pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
         match self {
-            Self::Sqlite(tx) => Statement::Sqlite(tx, sqlx::query(sql)),
-            Self::Postgres(tx) => Statement::Postgres(tx, sqlx::query(sql)),
+            Self::Sqlite(tx) => Statement::Sqlite(On::Conn(tx), sqlx::query(sql)),
+            Self::Postgres(tx) => Statement::Postgres(On::Conn(tx), sqlx::query(sql)),
         }
     }
 
@@ -243,7 +263,15 @@ impl WriteTx {
 
 /// Connections, and the few words of SQL that differ between the backends.
 impl Store {
-    /// A pooled connection for reads.
+    /// A statement run on any of the pool's connections: for reads.
+    pub(super) fn query<'q>(&self, sql: &'q str) -> Statement<'_, 'q> {
+        match self {
+            Self::Sqlite(s) => Statement::Sqlite(On::Pool(&s.pool), sqlx::query(sql)),
+            Self::Postgres(s) => Statement::Postgres(On::Pool(&s.pool), sqlx::query(sql)),
+        }
+    }
+
+    /// A pooled connection, for several reads on one.
     pub(super) async fn read(&self) -> Result<Pooled, sqlx::Error> {
         let conn = match self {
             Self::Sqlite(s) => PooledConn::Sqlite(s.pool.acquire().await?),

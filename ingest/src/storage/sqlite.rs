@@ -217,56 +217,22 @@ impl SqliteStore {
             .await?;
         let mut expired = Expired::default();
         for pk in sensors {
-            expired += in_steps(step_rows, || {
-                self.delete_step(
+            expired += in_steps(step_rows, || async {
+                let _gate = self.lock_writes().await;
+                let done = sqlx::query(
                     "DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings \
-                     WHERE sensor_pk = ? AND time_unix_nano < ? LIMIT ?)",
-                    Some(pk),
-                    cutoff,
-                    step_rows,
+                     WHERE sensor_pk = $1 AND time_unix_nano < $2 LIMIT $3)",
                 )
+                .bind(pk)
+                .bind(cutoff)
+                .bind(step_rows as i64)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
             })
             .await?;
         }
         Ok(expired)
-    }
-
-    /// Deletes rollup rows of hours before `cutoff`, `step_rows` at a time.
-    pub async fn expire_rollups(
-        &self,
-        cutoff: UnixNanos,
-        step_rows: usize,
-    ) -> Result<Expired, StorageError> {
-        in_steps(step_rows, || {
-            self.delete_step(
-                "DELETE FROM readings_hourly_rollup WHERE rowid IN (SELECT rowid \
-                 FROM readings_hourly_rollup WHERE hour_unix_nano < ? LIMIT ?)",
-                None,
-                cutoff,
-                step_rows,
-            )
-        })
-        .await
-    }
-
-    async fn delete_step(
-        &self,
-        sql: &str,
-        sensor_pk: Option<i64>,
-        cutoff: UnixNanos,
-        step_rows: usize,
-    ) -> Result<u64, StorageError> {
-        let _gate = self.lock_writes().await;
-        let mut query = sqlx::query(sql);
-        if let Some(pk) = sensor_pk {
-            query = query.bind(pk);
-        }
-        let done = query
-            .bind(cutoff)
-            .bind(step_rows as i64)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
     }
 }
 
@@ -351,6 +317,20 @@ fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
         n -= size;
         Some(size)
     })
+}
+
+impl SqliteGroupTx {
+    /// The rows of `sql`, whose `$1` is the devices as a JSON array.
+    async fn of_devices(
+        &mut self,
+        sql: &str,
+        device_pks: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
+        sqlx::query_as(sql)
+            .bind(serde_json::to_string(device_pks).expect("integers serialise"))
+            .fetch_all(&mut *self.tx)
+            .await
+    }
 }
 
 impl GroupTx for SqliteGroupTx {
@@ -439,26 +419,18 @@ impl GroupTx for SqliteGroupTx {
         &mut self,
         device_pks: &[i64],
     ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT device_pk, rule_id, alert_id FROM alerts WHERE resolved_unix_nano IS NULL \
-             AND device_pk IN (SELECT value FROM json_each(?))",
-        )
-        .bind(serde_json::to_string(device_pks).expect("integers serialise"))
-        .fetch_all(&mut *self.tx)
-        .await
+        let sql = "SELECT device_pk, rule_id, alert_id FROM alerts WHERE resolved_unix_nano IS NULL \
+             AND device_pk IN (SELECT value FROM json_each($1))";
+        self.of_devices(sql, device_pks).await
     }
 
     async fn pending_holds(
         &mut self,
         device_pks: &[i64],
     ) -> Result<Vec<(i64, String, i64)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT device_pk, rule_id, since_unix_nano FROM alert_pending \
-             WHERE device_pk IN (SELECT value FROM json_each(?))",
-        )
-        .bind(serde_json::to_string(device_pks).expect("integers serialise"))
-        .fetch_all(&mut *self.tx)
-        .await
+        let sql = "SELECT device_pk, rule_id, since_unix_nano FROM alert_pending \
+             WHERE device_pk IN (SELECT value FROM json_each($1))";
+        self.of_devices(sql, device_pks).await
     }
 
     async fn last_reading(
