@@ -6,7 +6,7 @@ use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName};
 
 use super::cluster;
-use super::sql::{Conn, Row};
+use super::sql::{Conn, Row, bigint};
 use super::{StorageError, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +310,7 @@ impl Store {
     ) -> Result<Vec<AlertEventRecord>, StorageError> {
         let rows = self
             .query(EVENTS_AFTER)
-            .bind(after.min(i64::MAX as u64) as i64)
+            .bind(bigint(after))
             .bind(i64::from(limit))
             .fetch_all()
             .await?;
@@ -334,11 +334,7 @@ impl Store {
 
     pub async fn get_alert(&self, alert_id: u64) -> Result<AlertRecord, StorageError> {
         let sql = format!("SELECT {ALERT_COLUMNS} WHERE a.alert_id = $1");
-        let row = self
-            .query(&sql)
-            .bind(alert_id.min(i64::MAX as u64) as i64)
-            .fetch_one()
-            .await?;
+        let row = self.query(&sql).bind(bigint(alert_id)).fetch_one().await?;
         alert_from_row(&row)
     }
 
@@ -400,7 +396,7 @@ pub(super) async fn record_events(
                         .rev()
                         .find(|(key, _)| *key == (&e.rule_id, e.device_pk))
                         .map(|(_, id)| *id),
-                    Some(id) => Some(id.min(i64::MAX as u64) as i64),
+                    Some(id) => Some(bigint(id)),
                 };
                 match alert_id {
                     Some(alert_id) => {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::devices::PRESENCE;
+use super::sql::bigint;
 use super::{StorageError, Store};
 use crate::domain::SensorName;
 use crate::domain::time::UnixNanos;
@@ -166,7 +167,7 @@ impl Store {
         let closed = tx
             .query(CLOSE_SESSION)
             .bind(ticket.device_pk)
-            .bind(ticket.generation.min(i64::MAX as u64) as i64)
+            .bind(bigint(ticket.generation))
             .bind(replica_id)
             .execute()
             .await?

@@ -5,7 +5,7 @@ use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;
 
 use super::cluster;
-use super::sql::Row;
+use super::sql::{Row, bigint};
 use super::{StorageError, Store};
 
 /// A command as stored.
@@ -196,7 +196,7 @@ impl Store {
             .bind(result)
             .bind(now)
             .bind(now)
-            .bind(command_id.min(i64::MAX as u64) as i64)
+            .bind(bigint(command_id))
             .bind(device_pk)
             .execute()
             .await?;
@@ -230,7 +230,7 @@ impl Store {
         let sql = format!("SELECT {COMMAND_COLUMNS} WHERE c.command_id = $1");
         let row = self
             .query(&sql)
-            .bind(command_id.min(i64::MAX as u64) as i64)
+            .bind(bigint(command_id))
             .fetch_one()
             .await?;
         command_from_row(&row)
@@ -244,7 +244,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<CommandRecord>, StorageError> {
         let sql = list_sql(device_id.is_some(), state.is_some());
-        let mut query = self.query(&sql).bind(after.min(i64::MAX as u64) as i64);
+        let mut query = self.query(&sql).bind(bigint(after));
         if let Some(d) = device_id {
             query = query.bind(d);
         }

@@ -1,7 +1,7 @@
 //! Storage of devices and their sensors: registration, lookup, the committed
 //! sequence, presence. Written once for both backends (see [`super::sql`]).
 
-use super::sql::{Conn, Row};
+use super::sql::{Conn, Row, bigint};
 use super::{StorageError, Store};
 use crate::domain::time::UnixNanos;
 use crate::domain::{CertFingerprint, DeviceId, DisplayName, Labels, SensorName, TokenHash, Unit};
@@ -170,7 +170,7 @@ impl Store {
             .query(&update)
             // The API refused more; the bound only keeps the cast from
             // wrapping.
-            .bind(to.min(i64::MAX as u64) as i64)
+            .bind(bigint(to))
             .bind(id.as_str())
             .fetch_one()
             .await?;

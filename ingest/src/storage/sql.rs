@@ -32,7 +32,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgPool, PgRow};
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
-use sqlx::{Decode, Encode, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction, Type};
+use sqlx::{
+    Database, Decode, Encode, PgConnection, Pool, Postgres, Sqlite, SqliteConnection, Transaction,
+    Type,
+};
 use tokio::sync::OwnedMutexGuard;
 
 use super::Store;
@@ -58,6 +61,12 @@ pub(super) trait Value:
 impl<T> Value for T where
     T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
 {
+}
+
+/// A `u64` (an id, a sequence, a cursor) as the BIGINT the column holds;
+/// past `i64::MAX`, where no stored value is, it stays at `i64::MAX`.
+pub(super) fn bigint(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
 }
 
 /// A connection of either backend, borrowed for some statements: a pooled
@@ -96,6 +105,24 @@ pub(super) enum On<'c, C, P> {
     Pool(&'c P),
 }
 
+impl<'c, DB: Database> On<'c, DB::Connection, Pool<DB>> {
+    /// The connection to run on: the one borrowed, or one taken from the
+    /// pool into `taken` (back in the pool when `taken` is dropped), as
+    /// sqlx's `&Pool` executor does.
+    async fn conn<'t>(
+        self,
+        taken: &'t mut Option<PoolConnection<DB>>,
+    ) -> Result<&'t mut DB::Connection, sqlx::Error>
+    where
+        'c: 't,
+    {
+        match self {
+            Self::Conn(c) => Ok(c),
+            Self::Pool(p) => Ok(taken.insert(p.acquire().await?)),
+        }
+    }
+}
+
 /// One statement and its arguments, with where it will run.
 pub(super) enum Statement<'c, 'q> {
     Sqlite(
@@ -120,10 +147,8 @@ impl<'q> Statement<'_, 'q> {
     /// Runs it; returns how many rows it changed.
     pub(super) async fn execute(self) -> Result<u64, sqlx::Error> {
         let done = match self {
-            Self::Sqlite(On::Conn(c), q) => q.execute(c).await?.rows_affected(),
-            Self::Sqlite(On::Pool(p), q) => q.execute(p).await?.rows_affected(),
-            Self::Postgres(On::Conn(c), q) => q.execute(c).await?.rows_affected(),
-            Self::Postgres(On::Pool(p), q) => q.execute(p).await?.rows_affected(),
+            Self::Sqlite(on, q) => q.execute(on.conn(&mut None).await?).await?.rows_affected(),
+            Self::Postgres(on, q) => q.execute(on.conn(&mut None).await?).await?.rows_affected(),
         };
         Ok(done)
     }
@@ -134,30 +159,29 @@ impl<'q> Statement<'_, 'q> {
     }
 
     pub(super) async fn fetch_optional(self) -> Result<Option<Row>, sqlx::Error> {
-        Ok(match self {
-            Self::Sqlite(On::Conn(c), q) => q.fetch_optional(c).await?.map(Row::Sqlite),
-            Self::Sqlite(On::Pool(p), q) => q.fetch_optional(p).await?.map(Row::Sqlite),
-            Self::Postgres(On::Conn(c), q) => q.fetch_optional(c).await?.map(Row::Postgres),
-            Self::Postgres(On::Pool(p), q) => q.fetch_optional(p).await?.map(Row::Postgres),
-        })
+        let row = match self {
+            Self::Sqlite(on, q) => {
+                let row = q.fetch_optional(on.conn(&mut None).await?).await?;
+                row.map(Row::Sqlite)
+            }
+            Self::Postgres(on, q) => {
+                let row = q.fetch_optional(on.conn(&mut None).await?).await?;
+                row.map(Row::Postgres)
+            }
+        };
+        Ok(row)
     }
 
     pub(super) async fn fetch_all(self) -> Result<Vec<Row>, sqlx::Error> {
         let rows: Vec<Row> = match self {
-            Self::Sqlite(on, q) => match on {
-                On::Conn(c) => q.fetch_all(c).await?,
-                On::Pool(p) => q.fetch_all(p).await?,
+            Self::Sqlite(on, q) => {
+                let rows = q.fetch_all(on.conn(&mut None).await?).await?;
+                rows.into_iter().map(Row::Sqlite).collect()
             }
-            .into_iter()
-            .map(Row::Sqlite)
-            .collect(),
-            Self::Postgres(on, q) => match on {
-                On::Conn(c) => q.fetch_all(c).await?,
-                On::Pool(p) => q.fetch_all(p).await?,
+            Self::Postgres(on, q) => {
+                let rows = q.fetch_all(on.conn(&mut None).await?).await?;
+                rows.into_iter().map(Row::Postgres).collect()
             }
-            .into_iter()
-            .map(Row::Postgres)
-            .collect(),
         };
         Ok(rows)
     }
