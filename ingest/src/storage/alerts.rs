@@ -1,5 +1,5 @@
 //! Storage of alert rules, alerts and alert events: the types and the
-//! queries, written once for both backends (see [`super::sql`]).
+//! queries, written once for both backends (see `sql.rs`).
 
 use crate::domain::alert::{Rule, RuleId, Severity};
 use crate::domain::time::UnixNanos;

@@ -2,7 +2,7 @@
 //! are alive (`replicas`), which holds each device's Control stream
 //! (`device_sessions`), and the notifications that tell the others.
 //!
-//! Sessions are written once for both backends (see [`super::sql`]), but
+//! Sessions are written once for both backends (see `sql.rs`), but
 //! for opening them, which PostgreSQL does for a batch in three statements;
 //! replicas, leases and notifications exist on PostgreSQL only, where
 //! several processes can share a database.

@@ -1,5 +1,5 @@
 //! Storage of the command queue: the types and the queries, written once
-//! for both backends (see [`super::sql`]).
+//! for both backends (see `sql.rs`).
 
 use crate::domain::command::{CommandKind, CommandState};
 use crate::domain::time::UnixNanos;

@@ -1,7 +1,7 @@
 //! Device credentials as stored: bearer tokens (several per device, for
 //! rotation with an overlap), the certificate bound to a device, and
 //! whether the device is enabled. Written once for both backends (see
-//! [`super::sql`]).
+//! `sql.rs`).
 //!
 //! Every change returns the device it touched, so the caller can invalidate
 //! what the server remembers of it in the same step (see `auth::Credentials`).

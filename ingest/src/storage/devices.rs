@@ -1,5 +1,5 @@
 //! Storage of devices and their sensors: registration, lookup, the committed
-//! sequence, presence. Written once for both backends (see [`super::sql`]).
+//! sequence, presence. Written once for both backends (see `sql.rs`).
 
 use super::sql::{Conn, Row, bigint};
 use super::{StorageError, Store};
@@ -141,7 +141,7 @@ impl Store {
     /// Sets a device's committed sequence to `to` (at most `i64::MAX`; the
     /// API refuses more) and returns the previous one with the device as it
     /// is now. `NotFound` for an unknown id. The device's row is locked
-    /// first ([`Store::row_lock`]), as a group commit locks it before
+    /// first (`Store::row_lock`), as a group commit locks it before
     /// reading the marks, so the reset lands between two groups, never
     /// inside one.
     pub async fn reset_committed_sequence(

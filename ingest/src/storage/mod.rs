@@ -1,5 +1,6 @@
 //! Durable storage: one interface ([`Store`]), one module per backend, and
-//! the group-commit [`writer`] every upload stream hands its batches to.
+//! the group transaction ([`GroupBackend`], [`GroupTx`]) the group commit
+//! drives.
 //!
 //! The backend is chosen at run time from the database URL: SQLite (the
 //! embedded default, a file in the data directory) or PostgreSQL.
@@ -7,9 +8,11 @@
 //! A query that reads the same on both backends is written once, as a
 //! method of [`Store`] in the file of what it stores (`devices`, `alerts`,
 //! `commands`, `credentials`, `cluster`), and runs on either through
-//! [`sql`]. `sqlite` and `postgres` hold what differs: connecting, the group
-//! commit's bulk statements ([`GroupTx`]), retention, PostgreSQL's day
-//! partitions and replicas.
+//! `sql.rs`'s statements; the connections it runs on (`Store::query`,
+//! `write_conn`, `begin_write`) and the few words of SQL that differ are
+//! defined here. `sqlite` and `postgres` hold what differs beyond words:
+//! connecting, the group transaction's bulk statements, retention of raw
+//! readings, PostgreSQL's day partitions and replicas, opening sessions.
 
 pub mod alerts;
 pub mod backup;
@@ -35,8 +38,14 @@ pub use error::StorageError;
 pub use postgres::{PgGroupTx, PgStore};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
+use sqlx::pool::PoolConnection;
+use sqlx::{Postgres, Sqlite, Transaction};
+use tokio::sync::OwnedMutexGuard;
+
 use crate::domain::time::UnixNanos;
 use crate::domain::{SensorName, Unit};
+use sql::{Conn, On, Statement};
+use sqlite::SqliteWriteTx;
 
 /// Where the data lives.
 #[derive(Debug, Clone)]
@@ -176,6 +185,135 @@ impl Store {
             Ok(step.execute().await?)
         })
         .await
+    }
+}
+
+/// A pooled connection; taken for a write on SQLite, it also holds the
+/// write gate (see `SqliteStore`) until dropped.
+struct Pooled {
+    conn: PooledConn,
+    /// Dropped after `conn` is back in the pool.
+    _gate: Option<OwnedMutexGuard<()>>,
+}
+
+enum PooledConn {
+    Sqlite(PoolConnection<Sqlite>),
+    Postgres(PoolConnection<Postgres>),
+}
+
+impl Pooled {
+    fn conn(&mut self) -> Conn<'_> {
+        match &mut self.conn {
+            PooledConn::Sqlite(c) => Conn::Sqlite(c),
+            PooledConn::Postgres(c) => Conn::Postgres(c),
+        }
+    }
+
+    fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
+        self.conn().into_query(sql)
+    }
+}
+
+/// A write transaction of either backend. Dropped without `commit`, it
+/// rolls back.
+enum WriteTx {
+    /// Holds SQLite's write lock and the write gate from its start.
+    Sqlite(SqliteWriteTx),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+impl WriteTx {
+    fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Self::Sqlite(tx) => Conn::Sqlite(tx),
+            Self::Postgres(tx) => Conn::Postgres(tx),
+        }
+    }
+
+    fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
+        self.conn().into_query(sql)
+    }
+
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(tx) => tx.commit().await,
+            Self::Postgres(tx) => tx.commit().await,
+        }
+    }
+}
+
+/// Connections, and the few words of SQL that differ between the backends.
+impl Store {
+    /// A statement run on any of the pool's connections: for reads.
+    fn query<'q>(&self, sql: &'q str) -> Statement<'_, 'q> {
+        match self {
+            Self::Sqlite(s) => Statement::Sqlite(On::Pool(&s.pool), sqlx::query(sql)),
+            Self::Postgres(s) => Statement::Postgres(On::Pool(&s.pool), sqlx::query(sql)),
+        }
+    }
+
+    /// A pooled connection, for several reads on one.
+    async fn read(&self) -> Result<Pooled, sqlx::Error> {
+        let conn = match self {
+            Self::Sqlite(s) => PooledConn::Sqlite(s.pool.acquire().await?),
+            Self::Postgres(s) => PooledConn::Postgres(s.pool.acquire().await?),
+        };
+        Ok(Pooled { conn, _gate: None })
+    }
+
+    /// A connection for one write statement: on SQLite it waits for the
+    /// write gate first. Use it as a temporary,
+    /// `self.write_conn().await?.query(...)`.
+    async fn write_conn(&self) -> Result<Pooled, sqlx::Error> {
+        match self {
+            Self::Sqlite(s) => {
+                let gate = s.lock_writes().await;
+                Ok(Pooled {
+                    conn: PooledConn::Sqlite(s.pool.acquire().await?),
+                    _gate: Some(gate),
+                })
+            }
+            Self::Postgres(_) => self.read().await,
+        }
+    }
+
+    /// A write transaction (on SQLite holding the write lock from its
+    /// start, see `SqliteStore::begin_write`).
+    async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        Ok(match self {
+            Self::Sqlite(s) => WriteTx::Sqlite(s.begin_write().await?),
+            Self::Postgres(s) => WriteTx::Postgres(s.pool.begin().await?),
+        })
+    }
+
+    /// Appended to a read of a row the transaction goes on to change, so
+    /// that a group commit reading the same row waits for it. SQLite has no
+    /// row locks: its write transaction holds the database's one write lock
+    /// from its start, which is more.
+    fn row_lock(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres(_) => " FOR UPDATE",
+        }
+    }
+
+    /// The type a JSON parameter is cast to for a JSON column: PostgreSQL
+    /// stores `jsonb`, SQLite text.
+    fn json_type(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "TEXT",
+            Self::Postgres(_) => "jsonb",
+        }
+    }
+
+    /// Appended to a text column to compare byte by byte, as SQLite does
+    /// by default, whatever PostgreSQL's locale: pages of ids are then the
+    /// same on both.
+    fn bytewise(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres(_) => " COLLATE \"C\"",
+        }
     }
 }
 

@@ -3,9 +3,10 @@
 //! Most of our SQL reads the same on SQLite and PostgreSQL, placeholders
 //! included: both take `$1, $2, ...` (sqlx's SQLite driver binds `$N` to the
 //! N-th argument). So a query that is the same on both is written once, as
-//! an ordinary method of [`Store`] (or a function taking a [`Conn`], when it
-//! also runs inside the group commit's transaction), and runs through the
-//! small types here, which pick the driver statement by statement:
+//! an ordinary method of [`Store`](super::Store) (or a function taking a
+//! [`Conn`], when it also runs inside the group commit's transaction), and
+//! runs through the small types here, which pick the driver statement by
+//! statement:
 //!
 //! ```text
 //! let mut tx = self.begin_write().await?;
@@ -21,8 +22,10 @@
 //! ([`Param`], [`Value`]), so the compiler checks every shared query against
 //! both. What is not the same (COPY, arrays, the C-API bulk insert, day
 //! partitions, replicas, locking) is written with sqlx directly in
-//! `postgres.rs` and `sqlite.rs`; the few words of SQL that differ inside an
-//! otherwise shared query are the methods at the end of this file.
+//! `postgres.rs` and `sqlite.rs`. The connections a shared query runs on
+//! (`Store::query` for reads, `write_conn`, `begin_write`) and the few words
+//! of SQL that differ inside an otherwise shared query (`Store::row_lock`,
+//! `json_type`, `bytewise`) are in `mod.rs`, beside [`Store`](super::Store).
 //!
 //! Why not `sqlx::Any`: it needs pools of its own, so a shared query could
 //! not run inside the group commit's transaction nor behind SQLite's write
@@ -33,13 +36,8 @@ use sqlx::postgres::{PgArguments, PgPool, PgRow};
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
 use sqlx::{
-    Database, Decode, Encode, PgConnection, Pool, Postgres, Sqlite, SqliteConnection, Transaction,
-    Type,
+    Database, Decode, Encode, PgConnection, Pool, Postgres, Sqlite, SqliteConnection, Type,
 };
-use tokio::sync::OwnedMutexGuard;
-
-use super::Store;
-use super::sqlite::SqliteWriteTx;
 
 /// A value both drivers can bind.
 pub(super) trait Param<'q>:
@@ -76,12 +74,24 @@ pub(super) enum Conn<'c> {
     Postgres(&'c mut PgConnection),
 }
 
-impl Conn<'_> {
-    pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
+impl<'c> Conn<'c> {
+    /// A statement that runs on this connection and ends the borrow: how a
+    /// holder of a connection (`Pooled`, `WriteTx`) lends it to one
+    /// statement at a time (`tx.query(..)`).
+    pub(super) fn into_query<'q>(self, sql: &'q str) -> Statement<'c, 'q> {
         match self {
             Self::Sqlite(c) => Statement::Sqlite(On::Conn(c), sqlx::query(sql)),
             Self::Postgres(c) => Statement::Postgres(On::Conn(c), sqlx::query(sql)),
         }
+    }
+
+    /// A statement on this connection, which stays usable after it.
+    pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
+        let conn = match self {
+            Self::Sqlite(c) => Conn::Sqlite(c),
+            Self::Postgres(c) => Conn::Postgres(c),
+        };
+        conn.into_query(sql)
     }
 
     /// Tells the other server processes on `channel` once the transaction
@@ -221,141 +231,6 @@ impl Row {
         match self {
             Self::Sqlite(r) => sqlx::Row::try_get(r, column),
             Self::Postgres(r) => sqlx::Row::try_get(r, column),
-        }
-    }
-}
-
-/// A pooled connection; taken for a write on SQLite, it also holds the
-/// write gate (see `SqliteStore`) until dropped.
-pub(super) struct Pooled {
-    conn: PooledConn,
-    /// Dropped after `conn` is back in the pool.
-    _gate: Option<OwnedMutexGuard<()>>,
-}
-
-enum PooledConn {
-    Sqlite(PoolConnection<Sqlite>),
-    Postgres(PoolConnection<Postgres>),
-}
-
-impl Pooled {
-    pub(super) fn conn(&mut self) -> Conn<'_> {
-        match &mut self.conn {
-            PooledConn::Sqlite(c) => Conn::Sqlite(c),
-            PooledConn::Postgres(c) => Conn::Postgres(c),
-        }
-    }
-
-    pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
-        match &mut self.conn {
-            PooledConn::Sqlite(c) => Statement::Sqlite(On::Conn(c), sqlx::query(sql)),
-            PooledConn::Postgres(c) => Statement::Postgres(On::Conn(c), sqlx::query(sql)),
-        }
-    }
-}
-
-/// A write transaction of either backend. Dropped without `commit`, it
-/// rolls back.
-pub(super) enum WriteTx {
-    /// Holds SQLite's write lock and the write gate from its start.
-    Sqlite(SqliteWriteTx),
-    Postgres(Transaction<'static, Postgres>),
-}
-
-impl WriteTx {
-    pub(super) fn conn(&mut self) -> Conn<'_> {
-        match self {
-            Self::Sqlite(tx) => Conn::Sqlite(tx),
-            Self::Postgres(tx) => Conn::Postgres(tx),
-        }
-    }
-
-    pub(super) fn query<'q>(&mut self, sql: &'q str) -> Statement<'_, 'q> {
-        match self {
-            Self::Sqlite(tx) => Statement::Sqlite(On::Conn(tx), sqlx::query(sql)),
-            Self::Postgres(tx) => Statement::Postgres(On::Conn(tx), sqlx::query(sql)),
-        }
-    }
-
-    pub(super) async fn commit(self) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Sqlite(tx) => tx.commit().await,
-            Self::Postgres(tx) => tx.commit().await,
-        }
-    }
-}
-
-/// Connections, and the few words of SQL that differ between the backends.
-impl Store {
-    /// A statement run on any of the pool's connections: for reads.
-    pub(super) fn query<'q>(&self, sql: &'q str) -> Statement<'_, 'q> {
-        match self {
-            Self::Sqlite(s) => Statement::Sqlite(On::Pool(&s.pool), sqlx::query(sql)),
-            Self::Postgres(s) => Statement::Postgres(On::Pool(&s.pool), sqlx::query(sql)),
-        }
-    }
-
-    /// A pooled connection, for several reads on one.
-    pub(super) async fn read(&self) -> Result<Pooled, sqlx::Error> {
-        let conn = match self {
-            Self::Sqlite(s) => PooledConn::Sqlite(s.pool.acquire().await?),
-            Self::Postgres(s) => PooledConn::Postgres(s.pool.acquire().await?),
-        };
-        Ok(Pooled { conn, _gate: None })
-    }
-
-    /// A connection for one write statement: on SQLite it waits for the
-    /// write gate first. Use it as a temporary,
-    /// `self.write_conn().await?.query(...)`.
-    pub(super) async fn write_conn(&self) -> Result<Pooled, sqlx::Error> {
-        match self {
-            Self::Sqlite(s) => {
-                let gate = s.lock_writes().await;
-                Ok(Pooled {
-                    conn: PooledConn::Sqlite(s.pool.acquire().await?),
-                    _gate: Some(gate),
-                })
-            }
-            Self::Postgres(_) => self.read().await,
-        }
-    }
-
-    /// A write transaction (on SQLite holding the write lock from its
-    /// start, see `SqliteStore::begin_write`).
-    pub(super) async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        Ok(match self {
-            Self::Sqlite(s) => WriteTx::Sqlite(s.begin_write().await?),
-            Self::Postgres(s) => WriteTx::Postgres(s.pool.begin().await?),
-        })
-    }
-
-    /// Appended to a read of a row the transaction goes on to change, so
-    /// that a group commit reading the same row waits for it. SQLite has no
-    /// row locks: its write transaction holds the database's one write lock
-    /// from its start, which is more.
-    pub(super) fn row_lock(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "",
-            Self::Postgres(_) => " FOR UPDATE",
-        }
-    }
-
-    /// The type a JSON parameter is cast to for a JSON column: PostgreSQL
-    /// stores `jsonb`, SQLite text.
-    pub(super) fn json_type(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "TEXT",
-            Self::Postgres(_) => "jsonb",
-        }
-    }
-
-    /// Appended to a text column to compare byte by byte, as SQLite does
-    /// by default, whatever PostgreSQL's locale: pages of ids are then the
-    /// same on both.
-    pub(super) fn bytewise(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "",
-            Self::Postgres(_) => " COLLATE \"C\"",
         }
     }
 }
