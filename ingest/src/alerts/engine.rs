@@ -231,26 +231,31 @@ impl AlertEngine {
             .insert(pk, DeviceInfo { id, labels });
     }
 
+    /// RESOLVED events for the open alerts of `rule` whose device `closes`.
+    async fn closing_events(
+        &self,
+        rule: &Rule,
+        reason: &str,
+        closes: impl Fn(&DeviceInfo) -> bool,
+    ) -> Result<Vec<NewAlertEvent>, EngineError> {
+        let mut closing = Vec::new();
+        for (alert_id, pk) in self.inner.store.open_alerts_of_rule(&rule.id).await? {
+            if let Some(device) = self.device(pk).await.filter(|d| closes(d)) {
+                closing.push(closing_event(rule, pk, device.id, alert_id, reason));
+            }
+        }
+        Ok(closing)
+    }
+
     /// Creates or replaces a rule. Alerts of devices the new version no
     /// longer selects are resolved in the same transaction.
     pub async fn put_rule(&self, rule: Rule) -> Result<(), EngineError> {
         let mut book = self.inner.rules.write().await;
-        let mut closing = Vec::new();
-        for (alert_id, pk) in self.inner.store.open_alerts_of_rule(&rule.id).await? {
-            let device = self.device(pk).await;
-            let still = device
-                .as_ref()
-                .is_some_and(|d| rule.devices.matches(&d.id, &d.labels));
-            if let (false, Some(device)) = (still, device) {
-                closing.push(closing_event(
-                    &rule,
-                    pk,
-                    device.id,
-                    alert_id,
-                    "the rule no longer selects this device",
-                ));
-            }
-        }
+        let closing = self
+            .closing_events(&rule, "the rule no longer selects this device", |d| {
+                !rule.devices.matches(&d.id, &d.labels)
+            })
+            .await?;
         let outcomes = self
             .inner
             .store
@@ -276,18 +281,9 @@ impl AlertEngine {
         let Some(rule) = stored.into_iter().find(|r| r.id == id) else {
             return Err(EngineError::NoRule);
         };
-        let mut closing = Vec::new();
-        for (alert_id, pk) in self.inner.store.open_alerts_of_rule(&id).await? {
-            if let Some(device) = self.device(pk).await {
-                closing.push(closing_event(
-                    &rule,
-                    pk,
-                    device.id,
-                    alert_id,
-                    "the rule was deleted",
-                ));
-            }
-        }
+        let closing = self
+            .closing_events(&rule, "the rule was deleted", |_| true)
+            .await?;
         let outcomes = self
             .inner
             .store

@@ -312,7 +312,7 @@ impl ServeArgs {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         config.control.max_lifetime = nonzero(self.control_max_lifetime);
         config.max_connection_age = nonzero(self.max_connection_age);
-        crate::storage::cluster::set_test_hold_event_tx(self.test_hold_event_tx);
+        config.test_hold_event_tx = self.test_hold_event_tx;
         Ok(config)
     }
 }

@@ -51,6 +51,17 @@ impl OpsService {
             shutdown,
         }
     }
+
+    /// `DisableDevice` and `EnableDevice`.
+    async fn set_disabled(
+        &self,
+        device_id: &str,
+        disabled: bool,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let id = DeviceId::parse(device_id)?;
+        let credentials = self.credentials.set_disabled(&id, disabled).await?;
+        Ok(Response::new(convert::credentials(credentials)))
+    }
 }
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -223,18 +234,14 @@ impl pb::ops_server::Ops for OpsService {
         &self,
         request: Request<pb::DisableDeviceRequest>,
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
-        let id = DeviceId::parse(&request.into_inner().device_id)?;
-        let credentials = self.credentials.set_disabled(&id, true).await?;
-        Ok(Response::new(convert::credentials(credentials)))
+        self.set_disabled(&request.get_ref().device_id, true).await
     }
 
     async fn enable_device(
         &self,
         request: Request<pb::EnableDeviceRequest>,
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
-        let id = DeviceId::parse(&request.into_inner().device_id)?;
-        let credentials = self.credentials.set_disabled(&id, false).await?;
-        Ok(Response::new(convert::credentials(credentials)))
+        self.set_disabled(&request.get_ref().device_id, false).await
     }
 
     async fn get_device(

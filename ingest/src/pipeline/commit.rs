@@ -206,23 +206,16 @@ pub fn spawn(
         let (tx, rx) = mpsc::channel(depth);
         queues.push(tx);
         let judge = Judge::new(alerts.clone(), owns, shard, writers);
+        let writer = Writer {
+            rx,
+            judge,
+            sizing,
+            config: config.clone(),
+            metrics: metrics.clone(),
+        };
         tasks.push(match store {
-            Store::Sqlite(s) => tokio::spawn(run(
-                s.clone(),
-                rx,
-                judge,
-                sizing,
-                config.clone(),
-                metrics.clone(),
-            )),
-            Store::Postgres(s) => tokio::spawn(run(
-                s.clone(),
-                rx,
-                judge,
-                sizing,
-                config.clone(),
-                metrics.clone(),
-            )),
+            Store::Sqlite(s) => tokio::spawn(run(s.clone(), writer)),
+            Store::Postgres(s) => tokio::spawn(run(s.clone(), writer)),
         });
     }
     let all = tokio::spawn(async move {
@@ -249,14 +242,23 @@ const MAX_CACHED_SENSORS: usize = 1_000_000;
 /// How often silences are checked: the lateness of an inactivity alert.
 const INACTIVITY_TICK: Duration = Duration::from_millis(100);
 
-async fn run<B: GroupBackend>(
-    backend: B,
-    mut rx: mpsc::Receiver<PendingBatch>,
-    mut judge: Judge,
-    mut sizing: GroupSizing,
+/// One writer task's own state, whichever backend it writes to.
+struct Writer {
+    rx: mpsc::Receiver<PendingBatch>,
+    judge: Judge,
+    sizing: GroupSizing,
     config: WriterConfig,
     metrics: Arc<Metrics>,
-) {
+}
+
+async fn run<B: GroupBackend>(backend: B, writer: Writer) {
+    let Writer {
+        mut rx,
+        mut judge,
+        mut sizing,
+        config,
+        metrics,
+    } = writer;
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
     let mut group = Vec::new();

@@ -32,6 +32,10 @@ where
         })
 }
 
+fn connect_error(backend: &'static str) -> impl FnOnce(sqlx::Error) -> ReportError {
+    move |error| ReportError::Connect { backend, error }
+}
+
 /// A read-only connection for reports. It never creates a database nor
 /// changes its schema: SQLite is opened read-only and must exist; on
 /// PostgreSQL every transaction is read-only
@@ -81,10 +85,7 @@ impl ReportDb {
                     .disable_statement_logging()
                     .connect()
                     .await
-                    .map_err(|error| ReportError::Connect {
-                        backend: "SQLite",
-                        error,
-                    })?;
+                    .map_err(connect_error("SQLite"))?;
                 Ok(Self(Conn::Sqlite(connection)))
             }
             Database::Postgres { url } => {
@@ -93,10 +94,7 @@ impl ReportDb {
                     .disable_statement_logging()
                     .connect()
                     .await
-                    .map_err(|error| ReportError::Connect {
-                        backend: "PostgreSQL",
-                        error,
-                    })?;
+                    .map_err(connect_error("PostgreSQL"))?;
                 Ok(Self(Conn::Postgres(connection)))
             }
         }

@@ -36,6 +36,9 @@ pub struct Config {
     pub cluster: crate::cluster::ClusterConfig,
     /// Connections are sent GOAWAY after this (±10%); `None`: never.
     pub max_connection_age: Option<Duration>,
+    /// A test hook: every transaction recording alert events stays open
+    /// this long after taking its event ids ([`crate::storage::EventTxHold`]).
+    pub test_hold_event_tx: Duration,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
             tls: None,
             cluster: crate::cluster::ClusterConfig::default(),
             max_connection_age: Some(Duration::from_secs(30 * 60)),
+            test_hold_event_tx: Duration::ZERO,
         }
     }
 }

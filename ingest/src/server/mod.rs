@@ -71,7 +71,8 @@ pub async fn run_with_admin(
     let replica = Replica::new();
     let store = Store::open_named(&config.database, &replica.connection_name(None))
         .await
-        .context("opening the database")?;
+        .context("opening the database")?
+        .with_event_tx_hold(config.test_hold_event_tx);
     let local_addr = listener.local_addr()?;
     lease::register(&store, &replica, &local_addr.to_string(), &config.cluster)
         .await

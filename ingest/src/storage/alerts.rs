@@ -1,6 +1,7 @@
 //! Storage of alert rules, alerts and alert events: the types and the
 //! queries, written once for both backends (see `sql.rs`).
 
+use super::EventTxHold;
 use crate::domain::alert::{Rule, RuleId, Severity};
 use crate::domain::time::UnixNanos;
 use crate::domain::{DeviceId, SensorName};
@@ -234,7 +235,7 @@ impl Store {
             .bind(rule.id.as_str())
             .execute()
             .await?;
-        let outcomes = record_events(tx.conn(), closing, now).await?;
+        let outcomes = record_events(tx.conn(), closing, now, self.event_tx_hold()).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -256,7 +257,7 @@ impl Store {
             .bind(id.as_str())
             .execute()
             .await?;
-        let outcomes = record_events(tx.conn(), closing, now).await?;
+        let outcomes = record_events(tx.conn(), closing, now, self.event_tx_hold()).await?;
         tx.commit().await?;
         Ok(Some(outcomes))
     }
@@ -289,7 +290,7 @@ impl Store {
         now: UnixNanos,
     ) -> Result<Vec<EventOutcome>, StorageError> {
         let mut tx = self.begin_write().await?;
-        let outcomes = record_events(tx.conn(), events, now).await?;
+        let outcomes = record_events(tx.conn(), events, now, self.event_tx_hold()).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -357,6 +358,7 @@ pub(super) async fn record_events(
     mut conn: Conn<'_>,
     events: &[NewAlertEvent],
     now: UnixNanos,
+    hold: EventTxHold,
 ) -> Result<Vec<EventOutcome>, sqlx::Error> {
     let mut outcomes = Vec::with_capacity(events.len());
     // FIRED earlier in this call, for the RESOLVED that follow.
@@ -442,7 +444,7 @@ pub(super) async fn record_events(
     // Delivered at commit, when the events are visible.
     conn.notify(cluster::channel::ALERTS, &last.to_string())
         .await?;
-    cluster::test_hold_event_tx().await;
+    hold.wait().await;
     let first = last - to_record.len() as i64 + 1;
     for (n, (i, alert_id)) in to_record.into_iter().enumerate() {
         let e = &events[i];

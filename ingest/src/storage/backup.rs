@@ -108,23 +108,25 @@ async fn verify(path: &Path, dest: &Path, started: Instant) -> anyhow::Result<Ba
         "the copy failed its integrity check: {}",
         integrity.join("; ")
     );
-    let count = |table: &'static str| format!("SELECT COUNT(*) FROM {table}");
-    let devices: i64 = sqlx::query_scalar(&count("devices"))
-        .fetch_one(&mut conn)
-        .await?;
-    let readings: i64 = sqlx::query_scalar(&count("readings"))
-        .fetch_one(&mut conn)
-        .await?;
-    let alert_events: i64 = sqlx::query_scalar(&count("alert_events"))
-        .fetch_one(&mut conn)
-        .await?;
-    let commands: i64 = sqlx::query_scalar(&count("commands"))
-        .fetch_one(&mut conn)
-        .await?;
-    let committed_sequences: i64 =
-        sqlx::query_scalar("SELECT COALESCE(SUM(committed_sequence), 0) FROM devices")
-            .fetch_one(&mut conn)
-            .await?;
+    // What the copy holds, for the report: a count per table, and the sum
+    // of the devices' marks (what a restore must not go behind).
+    let mut figures = [0i64; 5];
+    for (figure, sql) in figures.iter_mut().zip([
+        "SELECT COUNT(*) FROM devices",
+        "SELECT COUNT(*) FROM readings",
+        "SELECT COUNT(*) FROM alert_events",
+        "SELECT COUNT(*) FROM commands",
+        "SELECT COALESCE(SUM(committed_sequence), 0) FROM devices",
+    ]) {
+        *figure = sqlx::query_scalar(sql).fetch_one(&mut conn).await?;
+    }
+    let [
+        devices,
+        readings,
+        alert_events,
+        commands,
+        committed_sequences,
+    ] = figures;
     conn.close().await?;
     Ok(BackupReport {
         path: dest.to_owned(),

@@ -7,7 +7,6 @@
 //! replicas, leases and notifications exist on PostgreSQL only, where
 //! several processes can share a database.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::devices::PRESENCE;
@@ -87,25 +86,6 @@ pub fn parse_sessions_payload(payload: &str) -> Vec<SessionTicket> {
             })
         })
         .collect()
-}
-
-/// A test hook (`serve --test-hold-event-tx`): how long a transaction that
-/// records alert events stays open after taking its event ids. Process-wide
-/// because it stands for a slow commit, which is no one's configuration.
-static TEST_HOLD_EVENT_TX_NANOS: AtomicU64 = AtomicU64::new(0);
-
-pub fn set_test_hold_event_tx(hold: Duration) {
-    TEST_HOLD_EVENT_TX_NANOS.store(
-        hold.as_nanos().min(u64::MAX as u128) as u64,
-        Ordering::Relaxed,
-    );
-}
-
-pub(super) async fn test_hold_event_tx() {
-    let hold = TEST_HOLD_EVENT_TX_NANOS.load(Ordering::Relaxed);
-    if hold > 0 {
-        tokio::time::sleep(Duration::from_nanos(hold)).await;
-    }
 }
 
 /// The database's clock in unix nanoseconds, on PostgreSQL: leases are

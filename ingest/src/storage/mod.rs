@@ -32,6 +32,7 @@ mod sqlite_bulk;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
 
 pub use devices::{DeviceRecord, NewDevice};
 pub use error::StorageError;
@@ -100,6 +101,22 @@ impl Store {
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// With the test hook `hold` (see [`EventTxHold`]).
+    pub fn with_event_tx_hold(mut self, hold: Duration) -> Self {
+        match &mut self {
+            Self::Sqlite(s) => s.event_tx_hold = EventTxHold(hold),
+            Self::Postgres(s) => s.event_tx_hold = EventTxHold(hold),
+        }
+        self
+    }
+
+    fn event_tx_hold(&self) -> EventTxHold {
+        match self {
+            Self::Sqlite(s) => s.event_tx_hold,
+            Self::Postgres(s) => s.event_tx_hold,
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -350,6 +367,20 @@ where
         expired.steps += 1;
         if deleted < step_rows as u64 {
             return Ok(expired);
+        }
+    }
+}
+
+/// A test hook (`serve --test-hold-event-tx`, `Config::test_hold_event_tx`):
+/// how long a transaction that records alert events stays open after taking
+/// its event ids, as a slow commit would. Zero (the default) in service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventTxHold(pub Duration);
+
+impl EventTxHold {
+    async fn wait(self) {
+        if !self.0.is_zero() {
+            tokio::time::sleep(self.0).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 //! three array parameters however many rows, so the statement is prepared
 //! once and the rows travel in PostgreSQL's binary array format.
 
+use super::EventTxHold;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub struct PgStore {
     /// Days whose readings partition is known to exist. The lock also keeps
     /// this process's writers from creating the same partition at once.
     partitions: Arc<Mutex<BTreeSet<i64>>>,
+    pub(super) event_tx_hold: EventTxHold,
 }
 
 impl PgStore {
@@ -49,6 +51,7 @@ impl PgStore {
             pool,
             options: Arc::new(options),
             partitions: Arc::default(),
+            event_tx_hold: EventTxHold::default(),
         })
     }
 
@@ -94,6 +97,7 @@ impl PgStore {
     pub(crate) async fn begin_group(&self) -> Result<PgGroupTx, sqlx::Error> {
         Ok(PgGroupTx {
             tx: self.pool.begin().await?,
+            event_tx_hold: self.event_tx_hold,
         })
     }
 }
@@ -189,6 +193,7 @@ impl PgStore {
 
 pub struct PgGroupTx {
     tx: Transaction<'static, Postgres>,
+    event_tx_hold: EventTxHold,
 }
 
 impl GroupTx for PgGroupTx {
@@ -333,7 +338,13 @@ impl GroupTx for PgGroupTx {
         events: &[NewAlertEvent],
         now: UnixNanos,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        alerts::record_events(Conn::Postgres(&mut self.tx), events, now).await
+        alerts::record_events(
+            Conn::Postgres(&mut self.tx),
+            events,
+            now,
+            self.event_tx_hold,
+        )
+        .await
     }
 
     async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {

@@ -4,6 +4,7 @@
 //! committed group survives a power cut (group commit pays for the fsync).
 //! All writes of readings go through the single group-commit writer.
 
+use super::EventTxHold;
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -41,6 +42,7 @@ pub struct SqliteStore {
     /// them on this fair lock instead hands the file over without a nap.
     write_gate: Arc<Mutex<()>>,
     checkpoints: Arc<Checkpoints>,
+    pub(super) event_tx_hold: EventTxHold,
 }
 
 /// WAL checkpoints beside the writer rather than inside its commits.
@@ -133,6 +135,7 @@ impl SqliteStore {
             pool,
             write_gate: Arc::new(Mutex::new(())),
             checkpoints,
+            event_tx_hold: EventTxHold::default(),
         })
     }
 
@@ -198,6 +201,7 @@ impl SqliteStore {
             tx: self.begin_write().await?,
             rollup_statements: HashMap::new(),
             checkpoints: self.checkpoints.clone(),
+            event_tx_hold: self.event_tx_hold,
         })
     }
 }
@@ -269,6 +273,7 @@ pub struct SqliteGroupTx {
     /// and the connection's prepared-statement cache keeps them all.
     rollup_statements: HashMap<usize, String>,
     checkpoints: Arc<Checkpoints>,
+    event_tx_hold: EventTxHold,
 }
 
 /// Values per rollup row.
@@ -446,7 +451,7 @@ impl GroupTx for SqliteGroupTx {
         events: &[NewAlertEvent],
         now: UnixNanos,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        alerts::record_events(Conn::Sqlite(&mut self.tx), events, now).await
+        alerts::record_events(Conn::Sqlite(&mut self.tx), events, now, self.event_tx_hold).await
     }
 
     async fn set_pending_holds(&mut self, changes: &[PendingChange]) -> Result<(), sqlx::Error> {
