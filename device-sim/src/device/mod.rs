@@ -180,17 +180,8 @@ mod tests {
     }
 
     fn start_device_with(server: String, token: &str, extra: &[&str]) -> Running {
-        let mut argv = vec![
-            "device-sim",
-            "--server",
-            &server,
-            "--sample-rate",
-            "1000",
-            "--batch-size",
-            "10",
-            "--batches-per-stream",
-            "5",
-        ];
+        let mut argv = vec!["device-sim", "--server", &server];
+        argv.extend_from_slice(&crate::config::FAST_UPLOADS);
         argv.extend_from_slice(extra);
         let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
         let client = test_client(server, token);
