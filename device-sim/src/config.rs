@@ -352,6 +352,18 @@ fn validate_device_prefix(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For tests: sampling, batches and streams small and fast enough that a
+/// device uploads many batches over many streams within a second.
+#[cfg(test)]
+pub const FAST_UPLOADS: [&str; 6] = [
+    "--sample-rate",
+    "1000",
+    "--batch-size",
+    "10",
+    "--batches-per-stream",
+    "5",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

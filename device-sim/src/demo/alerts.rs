@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::alert_rule::Condition;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -22,46 +23,47 @@ pub struct AlertCounts {
 
 fn rules() -> Vec<pb::AlertRule> {
     let threshold = |fire, clear| {
-        pb::alert_rule::Condition::Threshold(pb::ThresholdCondition {
+        Condition::Threshold(pb::ThresholdCondition {
             direction: pb::threshold_condition::Direction::Above as i32,
             fire_value: fire,
             clear_value: clear,
             for_millis: 0,
         })
     };
+    // Every rule watches one sensor on all devices.
+    let rule = |rule_id: &str, sensor: &str, severity: pb::Severity, condition| pb::AlertRule {
+        rule_id: rule_id.into(),
+        devices: None,
+        sensor: sensor.into(),
+        severity: severity as i32,
+        condition: Some(condition),
+    };
     vec![
         // Spikes and drifts carry temperature far past its daily range.
-        pb::AlertRule {
-            rule_id: "demo-too-hot".into(),
-            devices: None,
-            sensor: "temperature".into(),
-            severity: pb::Severity::Critical as i32,
-            condition: Some(threshold(40.0, 35.0)),
-        },
+        rule(
+            "demo-too-hot",
+            "temperature",
+            pb::Severity::Critical,
+            threshold(40.0, 35.0),
+        ),
         // A pressure spike is a jump no weather makes.
-        pb::AlertRule {
-            rule_id: "demo-pressure-jump".into(),
-            devices: None,
-            sensor: "pressure".into(),
-            severity: pb::Severity::Warning as i32,
-            condition: Some(pb::alert_rule::Condition::RateOfChange(
-                pb::RateOfChangeCondition {
-                    max_change_per_minute: 600.0,
-                },
-            )),
-        },
+        rule(
+            "demo-pressure-jump",
+            "pressure",
+            pb::Severity::Warning,
+            Condition::RateOfChange(pb::RateOfChangeCondition {
+                max_change_per_minute: 600.0,
+            }),
+        ),
         // A dropout silences one sensor while the others go on.
-        pb::AlertRule {
-            rule_id: "demo-humidity-silent".into(),
-            devices: None,
-            sensor: "humidity".into(),
-            severity: pb::Severity::Warning as i32,
-            condition: Some(pb::alert_rule::Condition::Inactivity(
-                pb::InactivityCondition {
-                    silence_millis: 2000,
-                },
-            )),
-        },
+        rule(
+            "demo-humidity-silent",
+            "humidity",
+            pb::Severity::Warning,
+            Condition::Inactivity(pb::InactivityCondition {
+                silence_millis: 2000,
+            }),
+        ),
     ]
 }
 

@@ -58,16 +58,14 @@ mod tests {
 
     #[test]
     fn transient_codes_retry_and_contract_violations_stop() {
+        let failure = |code| classify(&Status::new(code, "x"));
         for code in [
             Code::Unavailable,
             Code::Unknown,
             Code::Internal,
             Code::Cancelled,
         ] {
-            assert!(matches!(
-                classify(&Status::new(code, "x")),
-                CallFailure::Retryable(_)
-            ));
+            assert!(matches!(failure(code), CallFailure::Retryable(_)));
         }
         for code in [
             Code::Unauthenticated,
@@ -76,10 +74,7 @@ mod tests {
             Code::PermissionDenied,
             Code::Unimplemented,
         ] {
-            assert!(matches!(
-                classify(&Status::new(code, "x")),
-                CallFailure::Fatal(_)
-            ));
+            assert!(matches!(failure(code), CallFailure::Fatal(_)));
         }
     }
 

@@ -154,6 +154,8 @@ pub async fn run_device(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use clap::Parser;
     use telemetry_proto::v1::command::Kind;
     use telemetry_proto::v1::{CommandAckState, Reboot, SetSamplingInterval};
@@ -161,7 +163,9 @@ mod tests {
     use super::client::test_client;
     use super::*;
     use crate::config::Args;
-    use crate::server::mock::{GOOD_TOKEN, MockControl, MockIngest, MockOps, serve, serve_on};
+    use crate::server::mock::{
+        GOOD_TOKEN, Ledger, MockControl, MockIngest, MockOps, serve, serve_on,
+    };
 
     struct Running {
         device: tokio::task::JoinHandle<DeviceOutcome>,
@@ -176,17 +180,8 @@ mod tests {
     }
 
     fn start_device_with(server: String, token: &str, extra: &[&str]) -> Running {
-        let mut argv = vec![
-            "device-sim",
-            "--server",
-            &server,
-            "--sample-rate",
-            "1000",
-            "--batch-size",
-            "10",
-            "--batches-per-stream",
-            "5",
-        ];
+        let mut argv = vec!["device-sim", "--server", &server];
+        argv.extend_from_slice(&crate::config::FAST_UPLOADS);
         argv.extend_from_slice(extra);
         let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
         let client = test_client(server, token);
@@ -230,6 +225,18 @@ mod tests {
         running.stop().await
     }
 
+    /// Runs one device with the good token against `mock` for `run_for`,
+    /// and finds it did not fail; gives the mock's ledger and the stats.
+    async fn run_without_failure(
+        mock: MockIngest,
+        run_for: Duration,
+    ) -> (Arc<Mutex<Ledger>>, Arc<Stats>) {
+        let ledger = Arc::clone(&mock.ledger);
+        let (outcome, stats) = run_against(mock, GOOD_TOKEN, run_for).await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        (ledger, stats)
+    }
+
     fn assert_contiguous(stored: &[u64], from: u64) {
         let expected: Vec<u64> = (from..from + stored.len() as u64).collect();
         assert_eq!(
@@ -241,9 +248,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_and_acknowledges_everything_it_sends() {
         let mock = MockIngest::default();
-        let ledger = Arc::clone(&mock.ledger);
-        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(800)).await;
-        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let (ledger, stats) = run_without_failure(mock, Duration::from_millis(800)).await;
 
         let ledger = ledger.lock().expect("ledger");
         assert!(
@@ -268,9 +273,7 @@ mod tests {
             break_every: Some(3),
             ..MockIngest::default()
         };
-        let ledger = Arc::clone(&mock.ledger);
-        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(1500)).await;
-        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let (ledger, stats) = run_without_failure(mock, Duration::from_millis(1500)).await;
 
         let ledger = ledger.lock().expect("ledger");
         assert_contiguous(&ledger.stored, 1);
@@ -283,10 +286,7 @@ mod tests {
     #[tokio::test]
     async fn connects_once_a_late_server_comes_up() {
         // Reserve a port, free it, and bring the server up there later.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = crate::server::mock::local_listener().await;
         drop(listener);
         let running = start_device(format!("http://{addr}"), GOOD_TOKEN);
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -319,9 +319,7 @@ mod tests {
     async fn resumes_numbering_after_the_server_cursor() {
         let mock = MockIngest::default();
         mock.ledger.lock().expect("ledger").committed = 100;
-        let ledger = Arc::clone(&mock.ledger);
-        let (outcome, _) = run_against(mock, GOOD_TOKEN, Duration::from_millis(300)).await;
-        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let (ledger, _) = run_without_failure(mock, Duration::from_millis(300)).await;
         let ledger = ledger.lock().expect("ledger");
         assert!(!ledger.stored.is_empty());
         assert_contiguous(&ledger.stored, 101);
@@ -399,9 +397,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_without_control_still_gets_uploads() {
         let mock = MockIngest::default();
-        let ledger = Arc::clone(&mock.ledger);
-        let (outcome, stats) = run_against(mock, GOOD_TOKEN, Duration::from_millis(300)).await;
-        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let (ledger, stats) = run_without_failure(mock, Duration::from_millis(300)).await;
         assert_eq!(stats.control_unsupported.get(), 1);
         assert!(!ledger.lock().expect("ledger").stored.is_empty());
     }

@@ -173,10 +173,7 @@ mod tests {
     /// are not.
     #[tokio::test]
     async fn counts_the_bytes_written() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = crate::server::mock::local_listener().await;
         let peer = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
             socket.write_all(b"hello back").await.expect("write");

@@ -207,12 +207,6 @@ mod tests {
             "3",
             "--connections",
             "2",
-            "--sample-rate",
-            "1000",
-            "--batch-size",
-            "10",
-            "--batches-per-stream",
-            "5",
             "--duration",
             "1s",
             "--quiet",
@@ -221,6 +215,7 @@ mod tests {
             "--report-json",
             report_path.to_str().expect("utf-8 path"),
         ];
+        let argv = argv.into_iter().chain(crate::config::FAST_UPLOADS);
         let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
         let code = run(config).await.expect("run completes");
         assert_eq!(

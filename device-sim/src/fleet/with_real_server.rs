@@ -13,6 +13,16 @@ use tokio::sync::oneshot;
 use crate::config::{Args, Config};
 use crate::server::local::LocalServer;
 
+/// A real server on an ephemeral port, its data in a new temporary
+/// directory (kept while the test holds it).
+async fn start_server() -> (tempfile::TempDir, LocalServer) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server starts");
+    (dir, server)
+}
+
 async fn run_fleet(server: &LocalServer, dir: &Path, report: &Path) -> serde_json::Value {
     run_fleet_for(server, dir, report, "1s").await
 }
@@ -80,10 +90,7 @@ async fn stored_readings(database: &Path) -> u64 {
 /// duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_against_the_real_server_stores_everything_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server starts");
+    let (dir, server) = start_server().await;
     let first = run_fleet(&server, dir.path(), &dir.path().join("r1.json")).await;
     let second = run_fleet(&server, dir.path(), &dir.path().join("r2.json")).await;
     let database = server.database.clone();
@@ -104,10 +111,7 @@ async fn fleet_against_the_real_server_stores_everything_once() {
 /// sent is counted once, under its outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_reading_counts_add_up_to_what_the_fleet_sent() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server starts");
+    let (dir, server) = start_server().await;
     let report = run_fleet(&server, dir.path(), &dir.path().join("r.json")).await;
     let (status, text) = ingest::server::admin::get(server.admin, "/metrics")
         .await
@@ -131,10 +135,7 @@ async fn the_servers_reading_counts_add_up_to_what_the_fleet_sent() {
 /// network are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_fleets_store_everything_and_count_their_bytes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server starts");
+    let (dir, server) = start_server().await;
     let mut per_reading = Vec::new();
     for compression in ["none", "gzip", "zstd"] {
         let prefix = format!("{compression}-");
@@ -242,10 +243,7 @@ async fn devices_obey_commands_sent_through_the_real_server() {
         Command, CommandState, GetDeviceRequest, Ping, SendCommandRequest, SetSamplingInterval,
     };
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = LocalServer::start(dir.path(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server starts");
+    let (dir, server) = start_server().await;
     let report_path = dir.path().join("r.json");
     let (report, ()) = tokio::join!(
         run_fleet_for(&server, dir.path(), &report_path, "3s"),
@@ -347,10 +345,7 @@ async fn a_fleet_over_mutual_tls_stores_everything_and_counts_its_bytes() {
         OpsTokenSource::Value(token.clone()),
     );
     config.tls = Some(tls);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (listener, addr) = crate::server::mock::local_listener().await;
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(ingest::run(config, listener, async {
         let _ = stopped.await;

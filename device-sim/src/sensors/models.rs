@@ -261,21 +261,18 @@ mod tests {
     #[test]
     fn models_stay_within_physical_ranges() {
         for seed in 0..8 {
-            let (name, t) = series(0, seed);
-            assert_eq!(name, "temperature");
-            assert_within(&t, 5.0, 35.0, "temperature");
-
-            let (name, h) = series(1, seed);
-            assert_eq!(name, "humidity");
-            assert_within(&h, 0.0, 100.0, "humidity");
-
-            let (name, p) = series(2, seed);
-            assert_eq!(name, "pressure");
-            assert_within(&p, 870.0, 1085.0, "pressure");
-
-            let (name, b) = series(3, seed);
-            assert_eq!(name, "battery");
-            assert_within(&b, 0.0, 100.0, "battery");
+            let ranges = [
+                ("temperature", 5.0, 35.0),
+                ("humidity", 0.0, 100.0),
+                ("pressure", 870.0, 1085.0),
+                ("battery", 0.0, 100.0),
+            ];
+            for (index, (sensor, lo, hi)) in ranges.into_iter().enumerate() {
+                let (name, values) = series(index, seed);
+                assert_eq!(name, sensor);
+                assert_within(&values, lo, hi, sensor);
+            }
+            let (_, b) = series(3, seed);
             assert!(b.windows(2).all(|w| w[1] <= w[0]), "battery never charges");
         }
     }

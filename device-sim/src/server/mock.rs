@@ -411,9 +411,15 @@ pub async fn serve(ingest: MockIngest) -> SocketAddr {
     serve_both(ingest, MockOps::default()).await
 }
 
-pub async fn serve_both(ingest: MockIngest, ops: MockOps) -> SocketAddr {
+/// A listener on an ephemeral local port, and its address.
+pub async fn local_listener() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
+}
+
+pub async fn serve_both(ingest: MockIngest, ops: MockOps) -> SocketAddr {
+    let (listener, addr) = local_listener().await;
     tokio::spawn(serve_on(listener, ingest, ops));
     addr
 }

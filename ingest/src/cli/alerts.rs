@@ -18,7 +18,7 @@ use telemetry_client::backoff::Backoff;
 use telemetry_client::status::{is_retryable, retry_delay};
 
 use super::client::{Ops, ServerArgs};
-use super::output::{Answer, Column, Table, or_dash, status_error, time};
+use super::output::{Answer, Column, Table, or_dash, reply, status_error, time};
 use super::rules::{SeverityArg, severity_json, severity_name};
 
 #[derive(Debug, Subcommand)]
@@ -108,16 +108,15 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let alerts = ops
-                .list_alerts(pb::ListAlertsRequest {
+            let alerts = reply(
+                ops.list_alerts(pb::ListAlertsRequest {
                     include_resolved: all,
                     device_ids: devices,
                     limit: limit.unwrap_or(0),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .alerts;
+                .await,
+            )?
+            .alerts;
             Answer::stdout(json).list(&alerts, alert_json, table)?;
         }
         AlertsCommand::Ack {
@@ -126,11 +125,7 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let alert = ops
-                .ack_alert(pb::AckAlertRequest { alert_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let alert = reply(ops.ack_alert(pb::AckAlertRequest { alert_id }).await)?;
             Answer::stdout(json).one(&alert, alert_json, |a| table(std::slice::from_ref(a)))?;
         }
         AlertsCommand::Watch(args) => {

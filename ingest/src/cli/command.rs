@@ -12,7 +12,7 @@ use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::command::Kind;
 
 use super::client::ServerArgs;
-use super::output::{Answer, Column, Table, duration_text, or_dash, status_error, time};
+use super::output::{Answer, Column, Table, duration_text, or_dash, reply, time};
 
 #[derive(Debug, Subcommand)]
 pub enum CommandCommand {
@@ -196,11 +196,7 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
                 wait_millis,
             };
             let mut ops = args.server.ops().await?;
-            let command = ops
-                .send_command(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let command = reply(ops.send_command(request).await)?;
             Answer::stdout(args.json).one(&command, command_json, command_line)?;
             let code = exit_code(command.state, wait_millis > 0);
             if code != 0 {
@@ -215,11 +211,7 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let command = ops
-                .get_command(pb::GetCommandRequest { command_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let command = reply(ops.get_command(pb::GetCommandRequest { command_id }).await)?;
             Answer::stdout(json).one(&command, command_json, |c| table(std::slice::from_ref(c)))?;
         }
         CommandCommand::List {
@@ -233,16 +225,15 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             let mut commands = Vec::new();
             let mut page_token = String::new();
             while let Some(page_size) = next_page_size(limit, commands.len()) {
-                let page = ops
-                    .list_commands(pb::ListCommandsRequest {
+                let page = reply(
+                    ops.list_commands(pb::ListCommandsRequest {
                         device_id: device.clone().unwrap_or_default(),
                         state: state.map_or(pb::CommandState::Unspecified, Into::into) as i32,
                         page_size,
                         page_token,
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
+                    .await,
+                )?;
                 let empty = page.commands.is_empty();
                 commands.extend(page.commands);
                 if page.next_page_token.is_empty() || empty {
@@ -441,18 +432,10 @@ fn table(commands: &[pb::Command]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        cmd: CommandCommand,
-    }
-
     fn parse(args: &[&str]) -> Result<CommandCommand, clap::Error> {
-        Cli::try_parse_from(["command"].iter().chain(args)).map(|cli| cli.cmd)
+        crate::cli::parse_subcommand(args)
     }
 
     fn send(args: &[&str]) -> SendArgs {
@@ -543,33 +526,29 @@ mod tests {
     #[test]
     fn bad_arguments_are_refused_locally() {
         use clap::error::ErrorKind;
-        assert_eq!(
-            send_error(&["dev", "custom", "{not json"]),
-            ErrorKind::ValueValidation
-        );
-        assert_eq!(
-            send_error(&["dev", "set-interval", "fast"]),
-            ErrorKind::ValueValidation
-        );
-        assert_eq!(
-            send_error(&["dev", "set-batch-size", "-3"]),
-            ErrorKind::UnknownArgument
-        );
-        assert_eq!(
-            send_error(&["dev", "set-batch-size", "many"]),
-            ErrorKind::ValueValidation
-        );
-        assert_eq!(
-            send_error(&["dev", "enable-sensor"]),
-            ErrorKind::MissingRequiredArgument
-        );
-        // After the device id, an unknown kind is an unexpected argument.
-        assert_eq!(send_error(&["dev", "shutdown"]), ErrorKind::UnknownArgument);
-        assert_eq!(send_error(&["dev"]), ErrorKind::MissingSubcommand);
-        assert_eq!(
-            send_error(&["dev", "ping", "--wait", "soon"]),
-            ErrorKind::ValueValidation
-        );
+        let cases: [(&[&str], ErrorKind); 8] = [
+            (&["dev", "custom", "{not json"], ErrorKind::ValueValidation),
+            (&["dev", "set-interval", "fast"], ErrorKind::ValueValidation),
+            (&["dev", "set-batch-size", "-3"], ErrorKind::UnknownArgument),
+            (
+                &["dev", "set-batch-size", "many"],
+                ErrorKind::ValueValidation,
+            ),
+            (
+                &["dev", "enable-sensor"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            // After the device id, an unknown kind is an unexpected argument.
+            (&["dev", "shutdown"], ErrorKind::UnknownArgument),
+            (&["dev"], ErrorKind::MissingSubcommand),
+            (
+                &["dev", "ping", "--wait", "soon"],
+                ErrorKind::ValueValidation,
+            ),
+        ];
+        for (args, kind) in cases {
+            assert_eq!(send_error(args), kind, "{args:?}");
+        }
     }
 
     #[test]

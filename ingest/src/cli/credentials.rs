@@ -13,7 +13,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
-use super::output::{Answer, Column, Table, status_error, yes_no};
+use super::output::{Answer, Column, Table, reply, yes_no};
 use crate::domain::CertFingerprint;
 
 #[derive(Debug, Subcommand)]
@@ -164,14 +164,13 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let response = ops
-                .rotate_device_token(pb::RotateDeviceTokenRequest {
+            let response = reply(
+                ops.rotate_device_token(pb::RotateDeviceTokenRequest {
                     device_id,
                     overlap_millis: overlap.map(|d| d.as_millis() as u64),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await,
+            )?;
             let credentials = response
                 .credentials
                 .as_ref()
@@ -207,11 +206,10 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let credentials = ops
-                .list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let credentials = reply(
+                ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
+                    .await,
+            )?;
             Answer::stdout(json).one(&credentials, credentials_json, credentials_text)?;
         }
         CredentialsCommand::Revoke(args) => {
@@ -221,14 +219,13 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 None => Credential::Certificate(true),
             };
             let mut ops = args.server.ops().await?;
-            let credentials = ops
-                .revoke_device_credential(pb::RevokeDeviceCredentialRequest {
+            let credentials = reply(
+                ops.revoke_device_credential(pb::RevokeDeviceCredentialRequest {
                     device_id: args.device_id,
                     credential: Some(what),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await,
+            )?;
             Answer::stdout(args.json).one(&credentials, credentials_json, |c| {
                 revoke_text(args.token, c)
             })?;
@@ -237,51 +234,48 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             server,
             device_id,
             json,
-        } => {
-            let mut ops = server.ops().await?;
-            let credentials = ops
-                .disable_device(pb::DisableDeviceRequest { device_id })
-                .await;
-            print_access(credentials, json)?;
-        }
+        } => set_access(&server, device_id, false, json).await?,
         CredentialsCommand::Enable {
             server,
             device_id,
             json,
-        } => {
-            let mut ops = server.ops().await?;
-            let credentials = ops
-                .enable_device(pb::EnableDeviceRequest { device_id })
-                .await;
-            print_access(credentials, json)?;
-        }
+        } => set_access(&server, device_id, true, json).await?,
         CredentialsCommand::BindCert(args) => {
             let certificate_pem = match &args.cert {
                 Some(path) => read_certificate(path)?.0,
                 None => String::new(),
             };
             let mut ops = args.server.ops().await?;
-            let credentials = ops
-                .bind_device_certificate(pb::BindDeviceCertificateRequest {
+            let credentials = reply(
+                ops.bind_device_certificate(pb::BindDeviceCertificateRequest {
                     device_id: args.device_id,
                     certificate_pem,
                     require_mtls: args.require_mtls.change(),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await,
+            )?;
             Answer::stdout(args.json).one(&credentials, credentials_json, bind_text)?;
         }
     }
     Ok(())
 }
 
-/// Prints the answer of DisableDevice or EnableDevice.
-fn print_access(
-    answer: Result<tonic::Response<pb::DeviceCredentials>, tonic::Status>,
+/// Disables or enables the device, then prints what it may do now.
+async fn set_access(
+    server: &ServerArgs,
+    device_id: String,
+    enabled: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let credentials = answer.map_err(status_error)?.into_inner();
+    let mut ops = server.ops().await?;
+    let answer = if enabled {
+        ops.enable_device(pb::EnableDeviceRequest { device_id })
+            .await
+    } else {
+        ops.disable_device(pb::DisableDeviceRequest { device_id })
+            .await
+    };
+    let credentials = reply(answer)?;
     Answer::stdout(json).one(&credentials, credentials_json, access_text)?;
     Ok(())
 }
@@ -451,7 +445,6 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     const SEC: u64 = 1_000_000_000;
     // 2026-11-23T22:51:20Z
@@ -642,15 +635,8 @@ mod tests {
         );
     }
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        command: CredentialsCommand,
-    }
-
     fn parse(args: &[&str]) -> Result<CredentialsCommand, clap::Error> {
-        Cli::try_parse_from(std::iter::once("ingest").chain(args.iter().copied()))
-            .map(|cli| cli.command)
+        crate::cli::parse_subcommand(args)
     }
 
     #[test]

@@ -10,7 +10,7 @@ use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
 use super::credentials::{CredentialsCommand, read_certificate};
-use super::output::{Answer, Column, Table, status_error, time, yes_no};
+use super::output::{Answer, Column, Table, reply, time, yes_no};
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
@@ -62,7 +62,7 @@ pub struct RegisterArgs {
     #[arg(long, default_value = "")]
     name: String,
     /// A label, KEY=VALUE; repeat for more.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = super::parse_label)]
     labels: Vec<(String, String)>,
     /// Bind this certificate (PEM) to the device at once; see bind-cert.
     #[arg(long = "cert", value_name = "PEM_FILE")]
@@ -72,19 +72,13 @@ pub struct RegisterArgs {
     require_mtls: bool,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
-
 pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
     match cmd {
         DevicesCommand::Register(args) => {
             let certificate = args.cert.as_deref().map(read_certificate).transpose()?;
             let mut ops = args.server.ops().await?;
-            let response = ops
-                .register_device(pb::RegisterDeviceRequest {
+            let response = reply(
+                ops.register_device(pb::RegisterDeviceRequest {
                     certificate_pem: certificate
                         .as_ref()
                         .map(|(pem, _)| pem.clone())
@@ -94,9 +88,8 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                     display_name: args.name,
                     labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await,
+            )?;
             let device = response.device.context("server returned no device")?;
             let fingerprint = certificate.map(|(_, fingerprint)| fingerprint);
             eprintln!(
@@ -112,11 +105,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let device = ops
-                .get_device(pb::GetDeviceRequest { device_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let device = reply(ops.get_device(pb::GetDeviceRequest { device_id }).await)?;
             Answer::stdout(json).one(&device, device_json, |d| table(std::slice::from_ref(d)))?;
         }
         DevicesCommand::List { server, json } => {
@@ -124,14 +113,13 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             let mut all = Vec::new();
             let mut page_token = String::new();
             loop {
-                let page = ops
-                    .list_devices(pb::ListDevicesRequest {
+                let page = reply(
+                    ops.list_devices(pb::ListDevicesRequest {
                         page_size: 1000,
                         page_token,
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
+                    .await,
+                )?;
                 all.extend(page.devices);
                 if page.next_page_token.is_empty() {
                     break;
@@ -147,14 +135,13 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let response = ops
-                .reset_upload_cursor(pb::ResetUploadCursorRequest {
+            let response = reply(
+                ops.reset_upload_cursor(pb::ResetUploadCursorRequest {
                     device_id,
                     committed_sequence: to,
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await,
+            )?;
             let device = response.device.context("server returned no device")?;
             let previous = response.previous_committed_sequence;
             Answer::stdout(json).one(

@@ -53,6 +53,26 @@ enum Command {
     Backup(backup::BackupArgs),
 }
 
+/// A `--label KEY=VALUE` argument.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Parses `args` (without the program's name) as one subcommand of a
+/// group: what the unit tests of each group's file run.
+#[cfg(test)]
+fn parse_subcommand<C: clap::Subcommand>(args: &[&str]) -> Result<C, clap::Error> {
+    #[derive(Parser)]
+    struct Cli<C: clap::Subcommand> {
+        #[command(subcommand)]
+        cmd: C,
+    }
+    Cli::<C>::try_parse_from(std::iter::once("ingest").chain(args.iter().copied()))
+        .map(|cli| cli.cmd)
+}
+
 impl Cli {
     /// How to log: only `serve` has a choice, the operator commands log text.
     pub fn log_format(&self) -> crate::observability::LogFormat {

@@ -15,7 +15,7 @@ use telemetry_proto::v1::device_selector::Selector;
 use telemetry_proto::v1::threshold_condition::Direction;
 
 use super::client::ServerArgs;
-use super::output::{Answer, Column, Table, duration_text, status_error};
+use super::output::{Answer, Column, Table, duration_text, reply};
 
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
@@ -100,7 +100,7 @@ struct SelectorArgs {
     #[arg(long = "device", value_name = "ID", conflicts_with = "labels")]
     devices: Vec<String>,
     /// Only devices carrying this label, KEY=VALUE; repeat to require more.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = super::parse_label)]
     labels: Vec<(String, String)>,
 }
 
@@ -122,44 +122,33 @@ impl From<SeverityArg> for pb::Severity {
     }
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
-
 pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
     match cmd {
         RulesCommand::Add(args) => {
             let rule = rule_from_args(&args);
             let mut ops = args.server.ops().await?;
-            let stored = ops
-                .put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let stored = reply(
+                ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
+                    .await,
+            )?;
             Answer::stdout(args.json).one(&stored, rule_json, |r| {
                 format!("stored rule {}", rule_line(r))
             })?;
         }
         RulesCommand::List { server, json } => {
             let mut ops = server.ops().await?;
-            let mut rules = ops
-                .list_alert_rules(pb::ListAlertRulesRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .rules;
+            let mut rules = reply(ops.list_alert_rules(pb::ListAlertRulesRequest {}).await)?.rules;
             rules.sort_by(|a, b| a.rule_id.cmp(&b.rule_id));
             Answer::stdout(json).list(&rules, rule_json, table)?;
         }
         RulesCommand::Rm { server, rule_id } => {
             let mut ops = server.ops().await?;
-            ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
-                rule_id: rule_id.clone(),
-            })
-            .await
-            .map_err(status_error)?;
+            reply(
+                ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
+                    rule_id: rule_id.clone(),
+                })
+                .await,
+            )?;
             writeln!(std::io::stdout(), "deleted rule {rule_id}")?;
         }
     }
@@ -356,18 +345,10 @@ fn table(rules: &[pb::AlertRule]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        cmd: RulesCommand,
-    }
-
     fn parse(args: &[&str]) -> Result<RulesCommand, clap::Error> {
-        Cli::try_parse_from(["rules"].iter().chain(args)).map(|cli| cli.cmd)
+        crate::cli::parse_subcommand(args)
     }
 
     fn add(args: &[&str]) -> pb::AlertRule {

@@ -82,6 +82,14 @@ pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
+/// A unary call's answer, or its error as the CLI prints it
+/// ([`status_error`]).
+pub(crate) fn reply<T>(answer: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    answer
+        .map(tonic::Response::into_inner)
+        .map_err(status_error)
+}
+
 /// Seconds precision: a table is read by people, JSON has the nanoseconds.
 pub(crate) fn time(nanos: u64) -> String {
     if nanos == 0 {
