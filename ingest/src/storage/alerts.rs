@@ -309,13 +309,11 @@ impl Store {
         after: u64,
         limit: u32,
     ) -> Result<Vec<AlertEventRecord>, StorageError> {
-        let rows = self
-            .query(EVENTS_AFTER)
+        self.query(EVENTS_AFTER)
             .bind(bigint(after))
             .bind(i64::from(limit))
-            .fetch_all()
-            .await?;
-        rows.iter().map(event_from_row).collect()
+            .fetch_all_as(event_from_row)
+            .await
     }
 
     pub async fn list_alerts(
@@ -329,8 +327,10 @@ impl Store {
         for d in device_ids {
             query = query.bind(d);
         }
-        let rows = query.bind(i64::from(limit)).fetch_all().await?;
-        rows.iter().map(alert_from_row).collect()
+        query
+            .bind(i64::from(limit))
+            .fetch_all_as(alert_from_row)
+            .await
     }
 
     pub async fn get_alert(&self, alert_id: u64) -> Result<AlertRecord, StorageError> {

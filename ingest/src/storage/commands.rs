@@ -152,13 +152,11 @@ impl Store {
             "SELECT {COMMAND_COLUMNS} WHERE c.device_pk = $1 \
              AND (c.state = 'sent' OR (c.state = 'queued' AND c.expires_unix_nano > $2)) ORDER BY c.command_id"
         );
-        let rows = self
-            .query(&sql)
+        self.query(&sql)
             .bind(device_pk)
             .bind(now)
-            .fetch_all()
-            .await?;
-        rows.iter().map(command_from_row).collect()
+            .fetch_all_as(command_from_row)
+            .await
     }
 
     /// Records when a command went down its stream. False if it had
@@ -251,8 +249,10 @@ impl Store {
         if let Some(s) = state {
             query = query.bind(s.as_str());
         }
-        let rows = query.bind(i64::from(limit)).fetch_all().await?;
-        rows.iter().map(command_from_row).collect()
+        query
+            .bind(i64::from(limit))
+            .fetch_all_as(command_from_row)
+            .await
     }
 
     /// Commands queued or sent and not yet answered, all devices.

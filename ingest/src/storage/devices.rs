@@ -105,13 +105,11 @@ impl Store {
         let sql = format!(
             "SELECT {DEVICE_COLUMNS} FROM devices WHERE {order} > $1 ORDER BY {order} LIMIT $2"
         );
-        let rows = self
-            .query(&sql)
+        self.query(&sql)
             .bind(after.map_or("", DeviceId::as_str))
             .bind(i64::from(limit))
-            .fetch_all()
-            .await?;
-        rows.iter().map(device_from_row).collect()
+            .fetch_all_as(device_from_row)
+            .await
     }
 
     /// Every device, for the alert engine's view of the fleet.

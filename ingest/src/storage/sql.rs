@@ -39,6 +39,8 @@ use sqlx::{
     Database, Decode, Encode, PgConnection, Pool, Postgres, Sqlite, SqliteConnection, Type,
 };
 
+use super::StorageError;
+
 /// A value both drivers can bind.
 pub(super) trait Param<'q>:
     'q + Send + Encode<'q, Sqlite> + Type<Sqlite> + Encode<'q, Postgres> + Type<Postgres>
@@ -194,6 +196,14 @@ impl<'q> Statement<'_, 'q> {
             }
         };
         Ok(rows)
+    }
+
+    /// Every row, each decoded by `decode`.
+    pub(super) async fn fetch_all_as<T>(
+        self,
+        decode: fn(&Row) -> Result<T, StorageError>,
+    ) -> Result<Vec<T>, StorageError> {
+        self.fetch_all().await?.iter().map(decode).collect()
     }
 
     /// The first column of the one row.
