@@ -33,16 +33,7 @@ async fn threshold_fires_and_resolves_before_the_summary(backend: Backend) {
     };
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
-    put(
-        &mut ops,
-        rule(
-            "too-hot",
-            "temperature",
-            pb::Severity::Critical,
-            above(40.0, 35.0, 0),
-        ),
-    )
-    .await;
+    put(&mut ops, too_hot()).await;
     let mut watcher = Watcher::from(&server, 0).await;
     let mut client = server.ingest(&token).await;
     let t = now_nanos() - 60 * SEC;

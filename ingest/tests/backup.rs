@@ -135,11 +135,12 @@ async fn rotate_token(server: &TestServer, device: &str) -> String {
 }
 
 async fn wait_for_acks(acked: &Acked, total: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().values().sum::<u64>() < total as u64 {
-        assert!(std::time::Instant::now() < deadline, "uploads stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the uploads acknowledged",
+        Duration::from_secs(30),
+        async || acked.lock().unwrap().values().sum::<u64>() >= total as u64,
+    )
+    .await;
 }
 
 fn run_shell(command: &str) {

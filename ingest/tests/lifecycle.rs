@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use telemetry_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,9 +66,12 @@ async fn shutdown_commits_in_flight_batches_and_answers(backend: Backend) {
     }
     // Wait until the server has committed them, the stream still open.
     let mut probe = server.ingest(&token).await;
-    while cursor(&mut probe).await < 3 {
-        tokio::task::yield_now().await;
-    }
+    eventually(
+        "batches 1-3 committed",
+        Duration::from_secs(10),
+        async || cursor(&mut probe).await >= 3,
+    )
+    .await;
 
     server.stop().await;
     let status = call.await.unwrap().unwrap_err();

@@ -235,11 +235,10 @@ async fn revoking_a_certificate_ends_the_streams_it_opened(backend: Backend) {
     });
     tx.send(simple_batch(1, 3)).await.unwrap();
     let mut probe = client(&server, Some(&cert), None).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cursor_of(&mut probe).await.unwrap().committed_sequence < 1 {
-        assert!(Instant::now() < deadline, "the batch was not committed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the batch committed", Duration::from_secs(10), async || {
+        cursor_of(&mut probe).await.unwrap().committed_sequence >= 1
+    })
+    .await;
 
     let revoked_at = Instant::now();
     server
