@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-
-use ingest::tls::client::{ClientTls, server_list};
-
-use crate::wire::Compression;
+use telemetry_client::tls::{ClientTls, server_list};
+use tonic::codec::CompressionEncoding;
 
 /// A fleet of simulated IoT devices streaming readings to telemetry-ingest.
 ///
@@ -196,6 +194,38 @@ pub struct Config {
     pub reboot_delay: Duration,
     pub report_json: Option<PathBuf>,
     pub quiet: bool,
+}
+
+/// `--compression`: how every call's messages are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The gRPC encoding, used both for what the fleet sends and for what
+    /// it accepts back; `None` sends and asks for plain messages.
+    pub fn encoding(self) -> Option<CompressionEncoding> {
+        match self {
+            Self::None => None,
+            Self::Gzip => Some(CompressionEncoding::Gzip),
+            Self::Zstd => Some(CompressionEncoding::Zstd),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
+        })
+    }
 }
 
 // The server refuses ids it cannot store, so catch a bad prefix here with a

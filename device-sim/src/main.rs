@@ -14,33 +14,34 @@
 //! Run `device-sim --help` for the flags; every flag can also be set through
 //! a `DEVICE_SIM_*` environment variable. Logs go to stderr and follow
 //! `RUST_LOG` (default `warn`, so the progress line stays readable).
+//!
+//! The code, from the top down (each folder imports only those below it):
+//!
+//! - `demo/`: `--local-server`, the whole system in one command (cargo
+//!   feature `local-server`, on by default).
+//! - `fleet/`: the run: connections, registration, a task per device, the
+//!   signals that end it.
+//! - `device/`: one device: its sampler, its uploader, its Control stream
+//!   and what it does with each command.
+//! - `sensors/`: the signals a device measures and the faults it injects.
+//! - `report/`: the counters, the progress line and the final report.
+//! - `server/`: servers run in this process: the real one, and the tests'
+//!   mock.
+//! - `config.rs` (the flags) and `shutdown.rs` (the switch that ends the
+//!   run) are read by all of them.
 
-mod anomaly;
-mod auth;
-mod buffer;
-mod client;
 mod config;
-mod control;
-mod credentials;
-mod demo_alerts;
-mod demo_command;
+#[cfg(feature = "local-server")]
+mod demo;
 mod device;
 mod fleet;
-mod local_server;
-mod memory;
-#[cfg(test)]
-mod mock_server;
 mod report;
-mod sampling;
 mod sensors;
-mod settings;
+mod server;
 mod shutdown;
-mod stats;
-mod wire;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -69,42 +70,22 @@ fn run(args: config::Args) -> anyhow::Result<ExitCode> {
     let local = args
         .local_server
         .then(|| (args.data_dir.clone(), args.listen));
-    let mut config = config::Config::from_args(args)?;
+    let config = config::Config::from_args(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
     runtime.block_on(async move {
-        let Some((data_dir, listen)) = local else {
-            return fleet::run(config).await;
-        };
-        let server = local_server::LocalServer::start(&data_dir, listen).await?;
-        config.servers = vec![server.url.clone()];
-        config.ops_token = Some(server.ops_token.clone());
-        let alerts = match config.anomaly_rate {
-            Some(_) => Some(demo_alerts::start(&server.url, &server.ops_token).await?),
-            None => None,
-        };
-        let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
-        let halfway = config.duration.map_or(Duration::from_secs(15), |d| d / 2);
-        let command = demo_command::start(server.url.clone(), server.ops_token.clone(), devices, config.sample_rate, halfway);
-        let code = fleet::run(config).await;
-        command.abort();
-        if let Some((counts, task)) = alerts {
-            task.abort();
-            println!(
-                "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
-                counts.fired.load(std::sync::atomic::Ordering::Relaxed),
-                counts.resolved.load(std::sync::atomic::Ordering::Relaxed)
-            );
+        match local {
+            None => fleet::run(config).await,
+            #[cfg(feature = "local-server")]
+            Some((data_dir, listen)) => demo::run(config, &data_dir, listen).await,
+            #[cfg(not(feature = "local-server"))]
+            Some(_) => anyhow::bail!(
+                "--local-server needs the `local-server` cargo feature, which this device-sim \
+                 was built without (--no-default-features): rebuild it with default features, \
+                 or point --server at a running ingest server"
+            ),
         }
-        let database = server.database.clone();
-        server.stop().await?;
-        println!(
-            "  stored in         {} (SQLite; try: sqlite3 {} 'SELECT COUNT(*) FROM readings')",
-            database.display(),
-            database.display()
-        );
-        code
     })
 }

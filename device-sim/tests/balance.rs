@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use ingest::auth::OpsTokenSource;
 use ingest::domain::Token;
 use ingest::storage::Database;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1::RegisterDeviceRequest;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::runtime::Runtime;
@@ -80,7 +81,7 @@ impl Server {
 
     /// The sum of the samples of `metric` carrying every label of `labels`.
     async fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
-        let (status, text) = ingest::metrics::admin::get(self.admin, "/metrics")
+        let (status, text) = ingest::server::admin::get(self.admin, "/metrics")
             .await
             .expect("scrape");
         assert_eq!(status, 200);
@@ -122,14 +123,7 @@ async fn two_servers(dir: &Path) -> (Server, Server, PathBuf) {
         .connect()
         .await
         .expect("server a answers");
-    let bearer: tonic::metadata::AsciiMetadataValue =
-        format!("Bearer {OPS_TOKEN}").parse().expect("header");
-    let mut ops = OpsClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert("authorization", bearer.clone());
-        Ok(request)
-    });
+    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(OPS_TOKEN).expect("token"));
     let mut credentials = serde_json::Map::new();
     for n in 1..=DEVICES {
         let device_id = format!("sim-{n:05}");
@@ -150,7 +144,7 @@ async fn two_servers(dir: &Path) -> (Server, Server, PathBuf) {
         serde_json::to_vec(&credentials).expect("json"),
     )
     .expect("write credentials");
-    ingest::backup::sqlite(&dir_a.join("telemetry.db"), &dir_b.join("telemetry.db"))
+    ingest::storage::backup::sqlite(&dir_a.join("telemetry.db"), &dir_b.join("telemetry.db"))
         .await
         .expect("copy a's database for b");
     let b = Server::start(&dir_b);

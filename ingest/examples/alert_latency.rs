@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
-use tonic::metadata::MetadataValue;
 
 #[derive(Parser)]
 struct Args {
@@ -74,21 +74,13 @@ fn background_rule(i: usize) -> pb::AlertRule {
     }
 }
 
-fn bearer(token: &str) -> anyhow::Result<impl tonic::service::Interceptor + Clone> {
-    let value: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
-    Ok(move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", value.clone());
-        Ok(r)
-    })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ops_token =
         std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
     let channel = args.tls.connect(&args.server).await?;
-    let mut ops = OpsClient::with_interceptor(channel.clone(), bearer(&ops_token)?);
+    let mut ops = OpsClient::with_interceptor(channel.clone(), Bearer::new(&ops_token)?);
 
     let probe = format!("latency-probe-{}", std::process::id());
     let token = ops
@@ -130,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     // A watcher on its own connection, like an operator's; the rule is
     // new, so replaying from 0 yields nothing of it.
     let watch_channel = args.tls.connect(&args.server).await?;
-    let mut watcher = OpsClient::with_interceptor(watch_channel, bearer(&ops_token)?);
+    let mut watcher = OpsClient::with_interceptor(watch_channel, Bearer::new(&ops_token)?);
     let watch_request = |after_event_id| pb::WatchAlertsRequest {
         after_event_id,
         rule_ids: vec![rule_id.clone()],
@@ -139,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let mut events = Some(watcher.watch_alerts(watch_request(0)).await?.into_inner());
     let mut last_event_id = 0;
 
-    let mut device = IngestClient::with_interceptor(channel, bearer(&token)?);
+    let mut device = IngestClient::with_interceptor(channel, Bearer::new(&token)?);
     let mut latencies = Vec::with_capacity(args.samples);
     let mut lost = Vec::new();
     for i in 0..args.samples {

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
-use tonic::metadata::MetadataValue;
 
 #[derive(Parser)]
 struct Args {
@@ -51,14 +51,6 @@ struct Args {
     prefix: String,
 }
 
-fn bearer(token: &str) -> anyhow::Result<impl tonic::service::Interceptor + Clone> {
-    let value: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
-    Ok(move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", value.clone());
-        Ok(r)
-    })
-}
-
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -82,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.connections.max(1) {
         channels.push(args.tls.connect(&args.server).await?);
     }
-    let mut ops = OpsClient::with_interceptor(channels[0].clone(), bearer(&ops_token)?);
+    let mut ops = OpsClient::with_interceptor(channels[0].clone(), Bearer::new(&ops_token)?);
 
     let per_device = args.readings / args.devices as u64;
     let per_sensor_total = per_device / args.sensors as u64;
@@ -116,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
         let channel = channels[d % channels.len()].clone();
         let (sensors, per_sensor) = (args.sensors, args.per_sensor as u64);
         tasks.push(tokio::spawn(async move {
-            let mut client = IngestClient::with_interceptor(channel, bearer(&token)?)
+            let mut client = IngestClient::with_interceptor(channel, Bearer::new(&token)?)
                 .max_encoding_message_size(64 * 1024 * 1024);
             // Batches are generated as the stream pulls them: memory stays
             // at a few batches whatever the total.

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
-use tonic::metadata::MetadataValue;
 
 #[derive(Parser)]
 struct Args {
@@ -45,12 +45,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let token = std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
-    let header: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
+    let bearer = Bearer::new(&token)?;
     let channel = args.tls.connect(&args.server).await?;
-    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", header.clone());
-        Ok(r)
-    });
+    let mut ops = OpsClient::with_interceptor(channel, bearer);
     let mut round_trips = Vec::with_capacity(args.samples);
     let mut lost = Vec::new();
     for i in 0..args.samples {

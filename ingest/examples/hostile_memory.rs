@@ -22,11 +22,11 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::raw::RawCodec;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::metadata::MetadataValue;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Kind {
@@ -139,12 +139,9 @@ fn peak_rss_kib(pid: u32) -> Option<(u64, u64)> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let token = std::fs::read_to_string(&args.ops_token_file).context("reading the ops token")?;
-    let header: MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
+    let bearer = Bearer::new(&token)?;
     let channel = args.tls.connect(&args.server).await?;
-    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", header.clone());
-        Ok(r)
-    });
+    let mut ops = OpsClient::with_interceptor(channel, bearer);
     let device_id = format!("hostile-{}", std::process::id());
     let registered = ops
         .register_device(pb::RegisterDeviceRequest {
@@ -153,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let device_header: MetadataValue<_> = format!("Bearer {}", registered.token).parse()?;
+    let device_bearer = Bearer::new(&registered.token)?;
     if let Some(pid) = args.server_pid
         && let Some((hwm, rss)) = peak_rss_kib(pid)
     {
@@ -176,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.streams {
         let channel = args.tls.connect(&args.server).await?;
         let body = body.clone();
-        let header = device_header.clone();
+        let bearer = device_bearer.clone();
         calls.push(tokio::spawn(async move {
             let mut grpc = tonic::client::Grpc::new(channel)
                 .max_encoding_message_size(usize::MAX)
@@ -185,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| tonic::Status::unknown(e.to_string()))?;
             let mut request = tonic::Request::new(futures::stream::iter([body]));
-            request.metadata_mut().insert("authorization", header);
+            bearer.authorize(&mut request);
             grpc.client_streaming(
                 request,
                 PathAndQuery::from_static("/telemetry.v1.Ingest/UploadReadings"),

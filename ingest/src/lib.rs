@@ -36,11 +36,9 @@
 //!   backend, the group transaction, the SQL, backups; migrations in
 //!   `migrations/{sqlite,postgres}`.
 //! - [`domain`]: values that passed validation, with no I/O.
-//! - [`tls`]: the client side of TLS and balancing (device-sim, CLI).
 
 pub mod alerts;
 pub mod auth;
-pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod control;
@@ -53,7 +51,6 @@ pub mod reports;
 pub mod retention;
 pub mod server;
 pub mod storage;
-pub mod tls;
 pub mod transport;
 
 pub use server::config::{AlertsConfig, Config, Limits};

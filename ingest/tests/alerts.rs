@@ -454,7 +454,7 @@ async fn watchers_need_the_ops_token(backend: Backend) {
         return;
     };
     let device = server.register("dev-1").await;
-    for bearer in [Bearer::none(), Bearer::new(&device)] {
+    for bearer in [Bearer::none(), Bearer::new(&device).unwrap()] {
         let status = server
             .ops_with(bearer)
             .await

@@ -20,8 +20,8 @@ async fn ingest_calls_without_a_valid_device_token_are_refused(backend: Backend)
     server.register("dev-1").await;
     for bearer in [
         Bearer::none(),
-        Bearer::new("dev_wrong"),
-        Bearer::new(OPS_TOKEN),
+        Bearer::new("dev_wrong").unwrap(),
+        Bearer::new(OPS_TOKEN).unwrap(),
     ] {
         let mut client = server.ingest_with(bearer).await;
         let status = upload(&mut client, vec![simple_batch(1, 1)])
@@ -92,8 +92,8 @@ async fn ops_calls_need_the_ops_token(backend: Backend) {
     let device_token = server.register("dev-1").await;
     for bearer in [
         Bearer::none(),
-        Bearer::new("ops_wrong"),
-        Bearer::new(&device_token),
+        Bearer::new("ops_wrong").unwrap(),
+        Bearer::new(&device_token).unwrap(),
     ] {
         let mut ops = server.ops_with(bearer).await;
         let status = ops

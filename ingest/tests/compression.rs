@@ -46,7 +46,7 @@ async fn served_on_every_call_kind(backend: Backend, encoding: CompressionEncodi
         return;
     };
     let compressed_ops =
-        OpsClient::with_interceptor(server.channel().await, Bearer::new(OPS_TOKEN))
+        OpsClient::with_interceptor(server.channel().await, Bearer::new(OPS_TOKEN).unwrap())
             .send_compressed(encoding)
             .accept_compressed(encoding);
 
@@ -67,7 +67,7 @@ async fn served_on_every_call_kind(backend: Backend, encoding: CompressionEncodi
     // compressed, the acknowledgement goes up compressed.
     let channel = server.channel().await;
     let compressed_ingest = |token: &str| {
-        IngestClient::with_interceptor(channel.clone(), Bearer::new(token))
+        IngestClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
             .send_compressed(encoding)
             .accept_compressed(encoding)
     };
@@ -185,9 +185,7 @@ async fn upload_padded(
         .max_encoding_message_size(usize::MAX);
     grpc.ready().await.unwrap();
     let mut request = tonic::Request::new(tokio_stream::iter([batch]));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Bearer::new(token).unwrap().authorize(&mut request);
     grpc.client_streaming(
         request,
         http::uri::PathAndQuery::from_static("/telemetry.v1.Ingest/UploadReadings"),

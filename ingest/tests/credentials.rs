@@ -471,7 +471,7 @@ async fn several_named_ops_tokens_work(backend: Backend) {
         return;
     };
     for token in ["ops_alice_1", "ops_ci_1"] {
-        let mut ops = server.ops_with(Bearer::new(token)).await;
+        let mut ops = server.ops_with(Bearer::new(token).unwrap()).await;
         ops.register_device(pb::RegisterDeviceRequest {
             device_id: format!("dev-{token}"),
             ..Default::default()
@@ -480,7 +480,7 @@ async fn several_named_ops_tokens_work(backend: Backend) {
         .unwrap();
     }
     let refused = server
-        .ops_with(Bearer::new("ops_bob_1"))
+        .ops_with(Bearer::new("ops_bob_1").unwrap())
         .await
         .list_devices(pb::ListDevicesRequest::default())
         .await

@@ -84,9 +84,7 @@ async fn raw_unary<M: Message + Default + Send + 'static>(
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     grpc.ready().await.unwrap();
     let mut request = tonic::Request::new(Bytes::from(body));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Bearer::new(token).unwrap().authorize(&mut request);
     grpc.unary(
         request,
         PathAndQuery::from_static(path),
@@ -107,9 +105,7 @@ async fn raw_upload(
     let mut request = tonic::Request::new(tokio_stream::iter(
         messages.into_iter().map(Bytes::from).collect::<Vec<_>>(),
     ));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Bearer::new(token).unwrap().authorize(&mut request);
     grpc.client_streaming(
         request,
         PathAndQuery::from_static("/telemetry.v1.Ingest/UploadReadings"),

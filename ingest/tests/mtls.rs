@@ -65,7 +65,7 @@ async fn register_bound(
 /// given, a bearer token.
 async fn client(server: &TestServer, cert: Option<&TestCert>, token: Option<&str>) -> Ingest {
     let channel = server.tls_channel(cert).await.unwrap();
-    let bearer = token.map_or_else(Bearer::none, Bearer::new);
+    let bearer = token.map_or_else(Bearer::none, |token| Bearer::new(token).unwrap());
     IngestClient::with_interceptor(channel, bearer)
 }
 

@@ -330,7 +330,11 @@ async fn only_the_ops_token_may_reset(backend: Backend) {
     let token = server.register("sim-0007").await;
     let mut device = server.ingest(&token).await;
     upload(&mut device, vec![simple_batch(9, 1)]).await.unwrap();
-    for bearer in [Bearer::new(&token), Bearer::new("wrong"), Bearer::none()] {
+    for bearer in [
+        Bearer::new(&token).unwrap(),
+        Bearer::new("wrong").unwrap(),
+        Bearer::none(),
+    ] {
         let refused = server
             .ops_with(bearer)
             .await

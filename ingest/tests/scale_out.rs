@@ -440,7 +440,7 @@ async fn alert_ids_stay_contiguous_and_ordered_while_one_process_holds_its_event
                 .unwrap();
             let mut ops = telemetry_proto::v1::ops_client::OpsClient::with_interceptor(
                 channel,
-                Bearer::new(OPS_TOKEN),
+                Bearer::new(OPS_TOKEN).unwrap(),
             );
             let mut stream = ops
                 .watch_alerts(pb::WatchAlertsRequest {
@@ -481,7 +481,7 @@ async fn alert_ids_stay_contiguous_and_ordered_while_one_process_holds_its_event
                 .map(|c| {
                     telemetry_proto::v1::ingest_client::IngestClient::with_interceptor(
                         c.clone(),
-                        Bearer::new(token),
+                        Bearer::new(token).unwrap(),
                     )
                 })
                 .collect();
@@ -686,7 +686,7 @@ async fn losing_the_listen_connections_loses_no_event_command_or_wakeup() {
             .map(|c| {
                 telemetry_proto::v1::ingest_client::IngestClient::with_interceptor(
                     c.clone(),
-                    Bearer::new(token),
+                    Bearer::new(token).unwrap(),
                 )
             })
             .collect();

@@ -473,7 +473,10 @@ async fn bad_files_and_flags_are_refused_at_start_with_a_reason() {
 // ---- helpers ---------------------------------------------------------------
 
 fn ingest_client(channel: Channel, token: &str) -> Ingest {
-    telemetry_proto::v1::ingest_client::IngestClient::with_interceptor(channel, Bearer::new(token))
+    telemetry_proto::v1::ingest_client::IngestClient::with_interceptor(
+        channel,
+        Bearer::new(token).unwrap(),
+    )
 }
 
 /// A GetUploadCursor over a channel that may not have connected.

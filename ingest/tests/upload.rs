@@ -351,7 +351,7 @@ async fn many_devices_uploading_at_once_lose_nothing(backend: Backend) {
         tasks.push(tokio::spawn(async move {
             let mut client = telemetry_proto::v1::ingest_client::IngestClient::with_interceptor(
                 channel,
-                Bearer::new(&token),
+                Bearer::new(&token).unwrap(),
             );
             let mut accepted = 0;
             for round in 0..3u64 {

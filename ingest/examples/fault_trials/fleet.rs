@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 
 use super::plan::Plan;
@@ -62,7 +62,7 @@ pub async fn run_device(
         ..DeviceLog::default()
     };
     let mut rng = StdRng::seed_from_u64(plan.seed ^ (u64::from(device) << 32));
-    let Ok(header) = format!("Bearer {token}").parse::<MetadataValue<_>>() else {
+    let Ok(bearer) = Bearer::new(&token) else {
         return log;
     };
     let clients_len = urls.len();
@@ -76,14 +76,7 @@ pub async fn run_device(
         };
         // Lazy: reconnects by itself after the server comes back.
         let channel = endpoint.connect_lazy();
-        let header = header.clone();
-        clients.push(IngestClient::with_interceptor(
-            channel,
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", header.clone());
-                Ok(r)
-            },
-        ));
+        clients.push(IngestClient::with_interceptor(channel, bearer.clone()));
     }
     // Devices spread over the servers; with one server, always it. The
     // choice of the next server has its own generator, so the batches a

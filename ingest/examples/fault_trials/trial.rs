@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::check::{self, Report};
@@ -281,11 +281,7 @@ async fn drive(
     });
 
     let channel = Channel::from_shared(url.clone())?.connect().await?;
-    let header: MetadataValue<_> = format!("Bearer {ops_token}").parse()?;
-    let mut ops = OpsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", header.clone());
-        Ok(r)
-    });
+    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(&ops_token)?);
     for rule in plan::rule_protos() {
         ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
             .await

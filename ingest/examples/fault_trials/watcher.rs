@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 
 #[derive(Debug, Default, Clone)]
@@ -27,7 +27,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
     let mut seen = Seen::default();
-    let Ok(header) = format!("Bearer {ops_token}").parse::<MetadataValue<_>>() else {
+    let Ok(bearer) = Bearer::new(&ops_token) else {
         return seen;
     };
     let mut clients = Vec::with_capacity(urls.len());
@@ -38,14 +38,7 @@ pub async fn run(
         let channel = endpoint
             .connect_timeout(Duration::from_millis(500))
             .connect_lazy();
-        let header = header.clone();
-        clients.push(OpsClient::with_interceptor(
-            channel,
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", header.clone());
-                Ok(r)
-            },
-        ));
+        clients.push(OpsClient::with_interceptor(channel, bearer.clone()));
     }
     let mut server = 0;
     let mut first = true;

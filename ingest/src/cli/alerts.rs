@@ -14,10 +14,12 @@ use clap::{Args, Subcommand};
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 
+use telemetry_client::backoff::Backoff;
+use telemetry_client::status::{is_retryable, retry_delay};
+
 use super::client::{Ops, ServerArgs};
 use super::output::{Answer, Column, Table, or_dash, status_error, time};
 use super::rules::{SeverityArg, severity_json, severity_name};
-use crate::backoff::{Backoff, is_retryable, retry_delay};
 
 #[derive(Debug, Subcommand)]
 pub enum AlertsCommand {

@@ -4,11 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use telemetry_client::balance::Transport;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1::ops_client::OpsClient;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-
-use crate::tls::balance::Transport;
 
 /// How operator subcommands reach the server.
 #[derive(Debug, Args)]
@@ -29,22 +27,6 @@ pub struct ServerArgs {
     tls: super::tls_args::ClientTlsArgs,
 }
 
-/// Adds `authorization: Bearer <ops token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
 pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Transport, Bearer>>;
 
 impl ServerArgs {
@@ -58,10 +40,9 @@ impl ServerArgs {
                 )
             })?,
         };
-        let header = format!("Bearer {}", token.trim())
-            .parse()
-            .context("the ops token has characters not allowed in a header")?;
+        let bearer =
+            Bearer::new(&token).context("the ops token has characters not allowed in a header")?;
         let channel = self.tls.connect_any(&self.server).await?;
-        Ok(OpsClient::with_interceptor(channel, Bearer(header)))
+        Ok(OpsClient::with_interceptor(channel, bearer))
     }
 }

@@ -11,8 +11,9 @@ use clap::Args;
 
 use tonic::transport::Endpoint;
 
-use crate::tls::balance::{Transport, balanced, single};
-use crate::tls::client::{ClientTls, server_list};
+use telemetry_client::balance::{Transport, balanced, single};
+use telemetry_client::tls::{ClientTls, server_list};
+
 use crate::transport::{ClientAuth, TlsSettings};
 
 #[derive(Debug, Args)]

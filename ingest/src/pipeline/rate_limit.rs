@@ -41,14 +41,48 @@ impl Rate {
 struct Schedule {
     rate: Rate,
     /// Per device: when its schedule next has room.
-    next: Mutex<HashMap<i64, Instant>>,
+    next: Mutex<Bookings>,
+}
+
+/// Devices whose schedule runs ahead of now. A device whose time has come
+/// (`at <= now`) is the same as one never seen, so it can be dropped at any
+/// moment: the map holds only devices active within the last burst, however
+/// many devices a server has seen since it started.
+#[derive(Debug)]
+struct Bookings {
+    at: HashMap<i64, Instant>,
+    /// Sweep the map of past entries when it grows to this size.
+    sweep_at: usize,
+}
+
+/// The smallest map worth sweeping.
+const MIN_SWEEP: usize = 1024;
+
+impl Bookings {
+    fn new() -> Self {
+        Self {
+            at: HashMap::new(),
+            sweep_at: MIN_SWEEP,
+        }
+    }
+
+    /// The device's next room, created at `now` if it has none.
+    fn slot(&mut self, device_pk: i64, now: Instant) -> &mut Instant {
+        if self.at.len() >= self.sweep_at {
+            self.at.retain(|_, at| *at > now);
+            self.at.shrink_to_fit();
+            // Twice what survived: sweeps cost O(1) per booking amortised.
+            self.sweep_at = (self.at.len() * 2).max(MIN_SWEEP);
+        }
+        self.at.entry(device_pk).or_insert(now)
+    }
 }
 
 impl Schedule {
     fn new(rate: Rate) -> Self {
         Self {
             rate,
-            next: Mutex::new(HashMap::new()),
+            next: Mutex::new(Bookings::new()),
         }
     }
 
@@ -56,7 +90,7 @@ impl Schedule {
     /// them (zero within the burst).
     fn book(&self, device_pk: i64, units: u64, now: Instant) -> Duration {
         let mut next = self.next.lock().expect("lock poisoned");
-        let at = next.entry(device_pk).or_insert(now);
+        let at = next.slot(device_pk, now);
         let start = (*at).max(now);
         *at = start + self.rate.cost(units);
         (*at).saturating_duration_since(now + self.rate.burst)
@@ -66,7 +100,7 @@ impl Schedule {
     /// it would not, and books nothing.
     fn try_book(&self, device_pk: i64, now: Instant) -> Result<(), Duration> {
         let mut next = self.next.lock().expect("lock poisoned");
-        let at = next.entry(device_pk).or_insert(now);
+        let at = next.slot(device_pk, now);
         let after = (*at).max(now) + self.rate.cost(1);
         let wait = after.saturating_duration_since(now + self.rate.burst);
         if wait.is_zero() {
@@ -75,6 +109,11 @@ impl Schedule {
         } else {
             Err(wait)
         }
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.next.lock().expect("lock poisoned").at.len()
     }
 }
 
@@ -153,6 +192,27 @@ mod tests {
         // A refusal books nothing.
         assert_eq!(s.try_book(1, now), Err(Duration::from_secs(10)));
         assert_eq!(s.try_book(1, now + Duration::from_secs(10)), Ok(()));
+    }
+
+    #[test]
+    fn devices_whose_time_has_come_are_forgotten() {
+        let s = Schedule::new(Rate::new(10, Duration::from_secs(1)).unwrap());
+        let now = Instant::now();
+        for device in 0..100_000 {
+            s.book(device, 1, now);
+        }
+        // A million devices seen over time, each idle a second later.
+        let later = now + Duration::from_secs(2);
+        for device in 100_000..1_000_000 {
+            s.book(device, 1, later + Duration::from_micros(device as u64));
+        }
+        // Without forgetting, a million; with it, those of the last 100 ms
+        // (100,000) and at most as many again before a sweep.
+        assert!(s.tracked() <= 200_000, "{} tracked", s.tracked());
+        // Forgetting changes nothing: a device still over its rate waits.
+        let busy = later + Duration::from_secs(100);
+        assert_eq!(s.book(1, 20, busy), Duration::from_secs(1));
+        assert_eq!(s.book(1, 10, busy), Duration::from_secs(2));
     }
 
     #[test]

@@ -350,11 +350,11 @@ impl Cluster {
     }
 
     pub async fn ops(&self, i: usize) -> Ops {
-        OpsClient::with_interceptor(self.channel(i).await, Bearer::new(OPS_TOKEN))
+        OpsClient::with_interceptor(self.channel(i).await, Bearer::new(OPS_TOKEN).unwrap())
     }
 
     pub async fn ingest(&self, i: usize, token: &str) -> Ingest {
-        IngestClient::with_interceptor(self.channel(i).await, Bearer::new(token))
+        IngestClient::with_interceptor(self.channel(i).await, Bearer::new(token).unwrap())
     }
 
     /// A device's Control stream on process `i`.

@@ -24,13 +24,12 @@ use ingest::auth::OpsTokenSource;
 use ingest::domain::Token;
 use ingest::storage::Database;
 use ingest::{Config, Limits};
+pub use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -62,31 +61,6 @@ macro_rules! backend_tests {
 pub enum Backend {
     Sqlite,
     Postgres,
-}
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    pub fn new(token: &str) -> Self {
-        Self(Some(format!("Bearer {token}").parse().unwrap()))
-    }
-    pub fn none() -> Self {
-        Self(None)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
 }
 
 pub type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
@@ -330,7 +304,7 @@ impl TestServer {
     }
 
     pub async fn ops(&self) -> Ops {
-        OpsClient::with_interceptor(self.channel().await, Bearer::new(OPS_TOKEN))
+        OpsClient::with_interceptor(self.channel().await, Bearer::new(OPS_TOKEN).unwrap())
     }
 
     pub async fn ops_with(&self, bearer: Bearer) -> Ops {
@@ -338,7 +312,7 @@ impl TestServer {
     }
 
     pub async fn ingest(&self, token: &str) -> Ingest {
-        IngestClient::with_interceptor(self.channel().await, Bearer::new(token))
+        IngestClient::with_interceptor(self.channel().await, Bearer::new(token).unwrap())
     }
 
     pub async fn ingest_with(&self, bearer: Bearer) -> Ingest {

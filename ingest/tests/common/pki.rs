@@ -311,7 +311,7 @@ impl TestServer {
     /// An Ingest client on a new TLS connection presenting `identity`.
     pub async fn tls_ingest(&self, token: &str, identity: Option<&TestCert>) -> Ingest {
         let channel = self.tls_channel(identity).await.unwrap();
-        IngestClient::with_interceptor(channel, Bearer::new(token))
+        IngestClient::with_interceptor(channel, Bearer::new(token).unwrap())
     }
 
     /// An Ops client on a new TLS connection, presenting the operator
@@ -319,6 +319,6 @@ impl TestServer {
     pub async fn tls_ops(&self) -> Ops {
         let identity = self.tls.as_ref().and_then(|side| side.identity.clone());
         let channel = self.tls_channel(identity.as_ref()).await.unwrap();
-        OpsClient::with_interceptor(channel, Bearer::new(OPS_TOKEN))
+        OpsClient::with_interceptor(channel, Bearer::new(OPS_TOKEN).unwrap())
     }
 }

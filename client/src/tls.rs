@@ -1,16 +1,16 @@
-//! The client side, shared by device-sim, the `ingest` CLI and the
-//! examples: an `https://` address is reached with TLS, trusting the CA
-//! file given (no system roots: a device fleet's server certificate comes
-//! from its own CA), and presenting a client certificate for mutual TLS.
+//! Endpoints of the servers a client calls: an `https://` address is
+//! reached with TLS, trusting the CA file given (no system roots: a device
+//! fleet's server certificate comes from its own CA), and presenting a
+//! client certificate for mutual TLS.
 //!
 //! `--server` may name several server processes (`a,b,c`): each gets an
-//! endpoint here, and [`super::balance`] spreads calls over them.
+//! endpoint here, and [`crate::balance`] spreads calls over them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The files a client's TLS needs; all optional, checked against the

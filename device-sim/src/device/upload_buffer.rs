@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use telemetry_proto::v1::ReadingBatch;
 
-use crate::sampling::readings_in;
+use super::sampling::readings_in;
 
 #[derive(Debug, Clone)]
 pub struct Pending {

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-
-use crate::auth::BearerAuth;
 
 /// Alert counts for the final report.
 #[derive(Default)]
@@ -75,7 +74,7 @@ pub async fn start(
         .connect()
         .await
         .context("connecting to the local server")?;
-    let mut ops = OpsClient::with_interceptor(channel, BearerAuth::new(ops_token)?);
+    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(ops_token)?);
     for rule in rules() {
         ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
             .await

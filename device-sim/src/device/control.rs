@@ -1,21 +1,16 @@
 //! A device's control channel: it holds an `Ingest.Control` stream open,
 //! introduces itself with a `DeviceHello`, reports its status periodically,
-//! and carries out the commands the server sends down, acknowledging each.
-//!
-//! The server redelivers commands that were not acknowledged when a stream
-//! broke, so the same command id may arrive more than once. The device
-//! remembers the acknowledgements of its recent commands and answers a
-//! repeat with the same acknowledgement, without carrying it out again.
+//! and hands the commands the server sends down to [`super::commands`],
+//! acknowledging each.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use telemetry_proto::v1::command::Kind;
+use telemetry_client::backoff::Backoff;
+use telemetry_client::status::retry_delay;
 use telemetry_proto::v1::{
-    Command, CommandAck, CommandAckState, CustomCommand, DeviceHello, DeviceMessage, DeviceStatus,
-    ServerMessage, SetBatchSize, SetSamplingInterval, SetSensorEnabled, device_message,
+    CommandAck, DeviceHello, DeviceMessage, DeviceStatus, ServerMessage, device_message,
     server_message,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -24,28 +19,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use ingest::backoff::{Backoff, retry_delay};
-
-use crate::client::{DeviceClient, describe};
+use super::client::{DeviceClient, describe};
+use super::commands::{CAPABILITIES, Commands};
+use super::sampling::device_seed;
+use super::settings::DeviceShared;
 use crate::config::Config;
-use crate::sampling::device_seed;
-use crate::sensors::sensor_name;
-use crate::settings::DeviceShared;
+use crate::report::Stats;
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
 
 pub const FIRMWARE_VERSION: &str = "sim-1.0";
-pub const CAPABILITIES: [&str; 6] = [
-    "set_sampling_interval",
-    "set_batch_size",
-    "set_sensor_enabled",
-    "reboot",
-    "ping",
-    "custom",
-];
-
-/// Acknowledgements remembered for answering redelivered commands.
-const RECENT_COMMANDS: usize = 1024;
 /// Messages queued for the request body of a Control stream, boxed: tokio
 /// allocates a channel's slots 32 at a time whatever its bound, and 32
 /// inline messages cost every device over 2 KiB for a queue that is nearly
@@ -67,14 +49,6 @@ const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// reconnect in the same instant.
 const REBALANCE_JITTER: Duration = Duration::from_millis(200);
 
-/// Accepted sampling intervals, in milliseconds (10 ms to 1 h).
-const INTERVAL_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
-const MAX_BATCH_SIZE: u32 = 100_000;
-/// Readings one batch may hold (batch size times sensors): the server's
-/// default limit, beyond which it refuses the upload and the device would
-/// stop.
-const MAX_BATCH_READINGS: u64 = 10_000;
-
 /// Why a Control stream ended.
 #[derive(Debug)]
 enum StreamEnd {
@@ -94,36 +68,6 @@ enum StreamEnd {
     Fatal(String),
 }
 
-/// What carrying out a command led to.
-struct Outcome {
-    ack: CommandAck,
-    reboot: bool,
-}
-
-/// Acknowledgements of the most recent commands, by id, oldest evicted
-/// first.
-#[derive(Debug, Default)]
-struct RecentAcks {
-    acks: HashMap<u64, CommandAck>,
-    order: VecDeque<u64>,
-}
-
-impl RecentAcks {
-    fn get(&self, id: u64) -> Option<&CommandAck> {
-        self.acks.get(&id)
-    }
-
-    fn insert(&mut self, ack: CommandAck) {
-        if self.order.len() >= RECENT_COMMANDS
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.acks.remove(&oldest);
-        }
-        self.order.push_back(ack.command_id);
-        self.acks.insert(ack.command_id, ack);
-    }
-}
-
 pub struct Controller {
     device_id: String,
     client: DeviceClient,
@@ -132,12 +76,10 @@ pub struct Controller {
     shutdown: Shutdown,
     status_interval: Duration,
     reboot_delay: Duration,
-    /// Every sensor of the device, enabled or not.
-    sensors: Vec<String>,
     /// Survives reboots, as if kept in flash: a reboot command whose
     /// acknowledgement was lost must not reboot the device again when it is
     /// redelivered.
-    recent: RecentAcks,
+    commands: Commands,
     booted: Instant,
     backoff: Backoff,
     /// How long the server asked the device to wait with its last refusal
@@ -159,6 +101,12 @@ impl Controller {
         // Some devices sit near the gateway, others at the edge of range.
         let signal_dbm = -85 + (device_seed(&device_id) % 31) as i32;
         Self {
+            commands: Commands::new(
+                device_id.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&stats),
+                config.sensors,
+            ),
             device_id,
             client,
             shared,
@@ -166,8 +114,6 @@ impl Controller {
             shutdown,
             status_interval: config.status_interval,
             reboot_delay: config.reboot_delay,
-            sensors: (0..config.sensors).map(sensor_name).collect(),
-            recent: RecentAcks::default(),
             booted: Instant::now(),
             backoff: Backoff::default(),
             server_delay: None,
@@ -284,7 +230,7 @@ impl Controller {
                     Ok(Some(ServerMessage {
                         msg: Some(server_message::Msg::Command(command)),
                     })) => {
-                        let outcome = self.handle(command);
+                        let outcome = self.commands.handle(command);
                         if let Err(end) = self.send(&tx, ack_message(outcome.ack)).await {
                             return end;
                         }
@@ -381,109 +327,6 @@ impl Controller {
         true
     }
 
-    /// Carries out `command` unless it was handled already, and says how to
-    /// acknowledge it.
-    fn handle(&mut self, command: Command) -> Outcome {
-        self.stats.commands_received.inc();
-        let id = command.command_id;
-        if let Some(ack) = self.recent.get(id) {
-            self.stats.commands_repeated.inc();
-            debug!(device = %self.device_id, id, "command already handled; acknowledging again");
-            return Outcome {
-                ack: ack.clone(),
-                reboot: false,
-            };
-        }
-        let (state, detail, reboot) = match self.apply(command.kind) {
-            Ok((detail, reboot)) => {
-                self.stats.commands_done.inc();
-                info!(device = %self.device_id, id, "command done: {detail}");
-                (CommandAckState::Done, detail, reboot)
-            }
-            Err(reason) => {
-                self.stats.commands_failed.inc();
-                info!(device = %self.device_id, id, "command failed: {reason}");
-                (CommandAckState::Failed, reason, false)
-            }
-        };
-        let ack = CommandAck {
-            command_id: id,
-            state: state.into(),
-            detail,
-        };
-        self.recent.insert(ack.clone());
-        Outcome { ack, reboot }
-    }
-
-    /// Carries out one command: the detail for a DONE acknowledgement and
-    /// whether to reboot, or the reason for FAILED.
-    fn apply(&mut self, kind: Option<Kind>) -> Result<(String, bool), String> {
-        let detail = match kind {
-            None => {
-                return Err("unknown command kind (the server is newer than this firmware)".into());
-            }
-            Some(Kind::SetSamplingInterval(SetSamplingInterval { interval_ms })) => {
-                if !INTERVAL_MS.contains(&interval_ms) {
-                    return Err(format!(
-                        "interval {interval_ms} ms is out of range (10 ms to 1 h)"
-                    ));
-                }
-                let interval = Duration::from_millis(u64::from(interval_ms));
-                self.shared
-                    .settings
-                    .send_modify(|settings| settings.interval = interval);
-                format!("interval {interval_ms} ms")
-            }
-            Some(Kind::SetBatchSize(SetBatchSize { batch_size })) => {
-                if batch_size == 0 {
-                    return Err("batch size must be at least 1".into());
-                }
-                if batch_size > MAX_BATCH_SIZE {
-                    return Err(format!(
-                        "batch size {batch_size} is above the limit of {MAX_BATCH_SIZE}"
-                    ));
-                }
-                let readings = u64::from(batch_size) * self.sensors.len() as u64;
-                if readings > MAX_BATCH_READINGS {
-                    return Err(format!(
-                        "batch size {batch_size} with {} sensors makes {readings} readings per \
-                         batch, above the limit of {MAX_BATCH_READINGS}",
-                        self.sensors.len()
-                    ));
-                }
-                self.shared
-                    .settings
-                    .send_modify(|settings| settings.batch_size = batch_size as usize);
-                format!("batch size {batch_size}")
-            }
-            Some(Kind::SetSensorEnabled(SetSensorEnabled { sensor, enabled })) => {
-                if !self.sensors.contains(&sensor) {
-                    return Err(format!(
-                        "unknown sensor {sensor:?} (this device has {})",
-                        self.sensors.join(", ")
-                    ));
-                }
-                let detail = format!("{sensor} {}", if enabled { "enabled" } else { "disabled" });
-                self.shared.settings.send_if_modified(|settings| {
-                    if enabled {
-                        settings.disabled.remove(&sensor)
-                    } else {
-                        settings.disabled.insert(sensor)
-                    }
-                });
-                detail
-            }
-            Some(Kind::Reboot(_)) => return Ok(("rebooting".into(), true)),
-            Some(Kind::Ping(_)) => "pong".into(),
-            Some(Kind::Custom(CustomCommand { json })) => {
-                serde_json::from_str::<serde_json::Value>(&json)
-                    .map_err(|e| format!("not valid JSON: {e}"))?;
-                format!("custom command received ({} bytes of JSON)", json.len())
-            }
-        };
-        Ok((detail, false))
-    }
-
     fn hello(&self) -> DeviceMessage {
         DeviceMessage {
             msg: Some(device_message::Msg::Hello(DeviceHello {
@@ -515,16 +358,18 @@ fn ack_message(ack: CommandAck) -> DeviceMessage {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use telemetry_proto::v1::ingest_client::IngestClient;
-    use telemetry_proto::v1::{Ping, Reboot};
+    use telemetry_proto::v1::command::Kind;
+    use telemetry_proto::v1::{
+        CommandAckState, CustomCommand, Ping, Reboot, SetBatchSize, SetSamplingInterval,
+        SetSensorEnabled,
+    };
     use tokio::task::JoinHandle;
-    use tonic::transport::Endpoint;
 
     use super::*;
-    use crate::auth::BearerAuth;
     use crate::config::Args;
-    use crate::mock_server::{GOOD_TOKEN, MockControl, MockIngest, serve};
-    use crate::settings::DeviceSettings;
+    use crate::device::client::test_client;
+    use crate::device::settings::{DeviceSettings, Power};
+    use crate::server::mock::{GOOD_TOKEN, MockControl, MockIngest, serve};
     use crate::shutdown::ShutdownTrigger;
 
     struct Harness {
@@ -555,13 +400,7 @@ mod tests {
             "50ms",
         ];
         let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
-        let channel = Endpoint::from_shared(server)
-            .expect("endpoint")
-            .connect_lazy();
-        let client = IngestClient::with_interceptor(
-            ingest::tls::balance::single(channel),
-            BearerAuth::new(token).expect("token"),
-        );
+        let client = test_client(server, token);
         let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
         let stats = Arc::new(Stats::new());
         let (trigger, shutdown) = crate::shutdown::channel();
@@ -773,10 +612,7 @@ mod tests {
             .expect("goes down")
             .expect("power state");
         h.control.next_hello().await;
-        assert_eq!(
-            *h.shared.power.borrow(),
-            crate::settings::Power { boot: 1, up: true }
-        );
+        assert_eq!(*h.shared.power.borrow(), Power { boot: 1, up: true });
         assert_eq!(h.control.streams(), 2);
         assert_eq!(h.stats.reboots.get(), 1);
 
@@ -820,16 +656,5 @@ mod tests {
         assert_eq!(result, Ok(()));
         assert_eq!(h.stats.control_unsupported.get(), 1);
         assert_eq!(h.stats.control_reconnects.get(), 0);
-    }
-
-    #[test]
-    fn recent_acks_are_bounded() {
-        let mut recent = RecentAcks::default();
-        for id in 0..RECENT_COMMANDS as u64 + 10 {
-            recent.insert(done(id, "pong"));
-        }
-        assert!(recent.get(9).is_none());
-        assert!(recent.get(10).is_some());
-        assert_eq!(recent.acks.len(), RECENT_COMMANDS);
     }
 }

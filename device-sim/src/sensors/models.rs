@@ -6,7 +6,7 @@ use std::f64::consts::TAU;
 
 use rand::Rng;
 
-use crate::anomaly::{AnomalyInjector, Injected};
+use super::anomaly::{AnomalyInjector, Injected};
 
 const SECONDS_PER_DAY: f64 = 86_400.0;
 const NANOS_PER_SECOND: f64 = 1e9;

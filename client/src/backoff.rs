@@ -1,5 +1,6 @@
 //! When a client tries a failed call again: the one backoff of device-sim
-//! and of the CLI's alert watcher.
+//! and of the CLI's alert watcher. Whether to try again at all is
+//! [`crate::status`]'s answer.
 //!
 //! Waits grow exponentially up to a cap and are jittered, so a fleet that
 //! lost its server at the same instant does not come back as one herd; a
@@ -11,8 +12,9 @@
 use std::time::Duration;
 
 use rand::Rng;
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
+use tonic::Status;
+
+use crate::status::retry_delay;
 
 pub const DEFAULT_BASE: Duration = Duration::from_millis(100);
 pub const DEFAULT_CAP: Duration = Duration::from_secs(10);
@@ -121,41 +123,16 @@ impl Backoff {
     }
 }
 
-/// The delay the server asked for in `google.rpc.RetryInfo`, if any.
-pub fn retry_delay(status: &Status) -> Option<Duration> {
-    status.get_details_retry_info()?.retry_delay
-}
-
-/// Codes that say "not now" rather than "never": the server or the network
-/// is down, overloaded or restarting. Transport failures (refused
-/// connection, reset stream) surface as UNAVAILABLE or UNKNOWN.
-pub fn is_transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Internal
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-    )
-}
-
-/// Whether trying `status`'s call again can succeed: a transient code, or
-/// any status that says when to retry (RESOURCE_EXHAUSTED from a rate
-/// limit carries a RetryInfo; one from a size limit does not).
-pub fn is_retryable(status: &Status) -> bool {
-    is_transient(status.code()) || retry_delay(status).is_some()
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use tonic_types::ErrorDetails;
+    use tonic::Code;
+    use tonic_types::{ErrorDetails, StatusExt};
 
     use super::*;
+    use crate::status::is_retryable;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -226,22 +203,6 @@ mod tests {
         // Without a hint, the backoff's own delay (first ceiling 100 ms).
         let mut backoff = Backoff::default();
         assert!(backoff.next_delay_after(&Status::unavailable("down"), &mut rng) <= ms(100));
-    }
-
-    #[test]
-    fn only_temporary_codes_are_transient() {
-        for code in [Code::Unavailable, Code::Unknown, Code::Aborted] {
-            assert!(is_transient(code), "{code:?}");
-        }
-        for code in [
-            Code::Unauthenticated,
-            Code::InvalidArgument,
-            Code::ResourceExhausted,
-            Code::AlreadyExists,
-        ] {
-            assert!(!is_transient(code), "{code:?}");
-            assert!(!is_retryable(&Status::new(code, "no")), "{code:?}");
-        }
     }
 
     fn jitter() -> impl Strategy<Value = Jitter> {

@@ -1,52 +1,60 @@
-//! What the fleet puts on the network: the compression of its calls, and a
-//! count of the bytes it writes, so the report can say what a reading costs
-//! on the wire (HTTP/2 framing, headers and compression included) rather
-//! than what its message weighs.
+//! The fleet's connections to its servers, and a count of the bytes they
+//! write, so the report can say what a reading costs on the wire (HTTP/2
+//! framing, headers and compression included) rather than what its message
+//! weighs.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use hyper_util::rt::TokioIo;
+use telemetry_client::balance::{Transport, balanced, single};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tonic::codec::CompressionEncoding;
-use tonic::transport::Uri;
+use tonic::transport::{Endpoint, Uri};
 
-use crate::stats::Counter;
+use crate::config::Config;
+use crate::report::Counter;
 
-/// `--compression`: how every call's messages are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    #[default]
-    None,
-    Gzip,
-    Zstd,
-}
-
-impl Compression {
-    /// The gRPC encoding, used both for what the fleet sends and for what
-    /// it accepts back; `None` sends and asks for plain messages.
-    pub fn encoding(self) -> Option<CompressionEncoding> {
-        match self {
-            Self::None => None,
-            Self::Gzip => Some(CompressionEncoding::Gzip),
-            Self::Zstd => Some(CompressionEncoding::Zstd),
-        }
-    }
-}
-
-impl std::fmt::Display for Compression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::None => "none",
-            Self::Gzip => "gzip",
-            Self::Zstd => "zstd",
+/// One lazily connected transport per --connections: start-up succeeds
+/// even while the server is still coming up, and each device retries on its
+/// own. Every byte the channels write is added to `wire_bytes`.
+///
+/// Several servers: each transport has a connection to every one of them
+/// and balances over them ([`balanced`]): every call (every upload and
+/// Control stream) goes to one picked at random, from the first call on,
+/// so the fleet's streams spread over the servers, and a device whose
+/// server went away lands on another when it retries.
+pub fn open_channels(config: &Config, wire_bytes: &Arc<Counter>) -> anyhow::Result<Vec<Transport>> {
+    let endpoints: Vec<Endpoint> = config
+        .tls
+        .endpoints(&config.servers)
+        .context("--server")?
+        .into_iter()
+        .map(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                // Streams stay open for a long time; pings notice a dead peer
+                // that would otherwise leave a device waiting for its summary.
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
         })
-    }
+        .collect();
+    // TLS, for an https:// server, runs over the counting connector: the
+    // bytes counted are the encrypted records on the wire.
+    let connect = |endpoint: &Endpoint| {
+        endpoint.connect_with_connector_lazy(CountingConnector::new(Arc::clone(wire_bytes)))
+    };
+    Ok((0..config.connections.max(1))
+        .map(|_| match &endpoints[..] {
+            [endpoint] => single(connect(endpoint)),
+            several => balanced(several.iter().map(connect).collect()),
+        })
+        .collect())
 }
 
 /// Opens plain TCP connections, like tonic's own connector, whose writes

@@ -11,10 +11,10 @@ use telemetry_proto::v1::{ReadingBatch, SensorSeries};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::settings::{DeviceSettings, DeviceShared, batch_period, power_cycled, powered_up};
+use crate::report::Stats;
 use crate::sensors::Sensor;
-use crate::settings::{DeviceSettings, DeviceShared, batch_period, power_cycled, powered_up};
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
 
 /// A stable 64-bit hash (FNV-1a) of a device id. std's hasher may change
 /// between Rust releases, which would change every device's climate.

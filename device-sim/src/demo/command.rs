@@ -6,12 +6,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-
-use crate::auth::BearerAuth;
 
 /// Sends the command to `device_ids` after `delay`.
 pub fn start(
@@ -39,7 +38,7 @@ async fn send(
         .connect()
         .await
         .context("connecting")?;
-    let ops = OpsClient::with_interceptor(channel, BearerAuth::new(ops_token)?);
+    let ops = OpsClient::with_interceptor(channel, Bearer::new(ops_token)?);
     let interval_ms = ((1000.0 / sample_rate) / 2.0).round().max(10.0) as u32;
     let started = Instant::now();
     let sends = device_ids.iter().map(|device_id| {

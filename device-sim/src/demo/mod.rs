@@ -1,0 +1,60 @@
+//! `--local-server`: the whole system in one command. The real ingest
+//! server starts in this process, the fleet runs against it, and the demo
+//! shows what the system does: alerts fire and resolve (with
+//! `--anomalies`), and halfway through a command changes every device.
+
+mod alerts;
+mod command;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::fleet;
+use crate::server::local::LocalServer;
+
+/// Runs the fleet against a server started on `listen` with its data in
+/// `data_dir`, then stops the server and says where the data is.
+pub async fn run(
+    mut config: Config,
+    data_dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<ExitCode> {
+    let server = LocalServer::start(data_dir, listen).await?;
+    config.servers = vec![server.url.clone()];
+    config.ops_token = Some(server.ops_token.clone());
+    let alerts = match config.anomaly_rate {
+        Some(_) => Some(alerts::start(&server.url, &server.ops_token).await?),
+        None => None,
+    };
+    let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
+    let halfway = config.duration.map_or(Duration::from_secs(15), |d| d / 2);
+    let command = command::start(
+        server.url.clone(),
+        server.ops_token.clone(),
+        devices,
+        config.sample_rate,
+        halfway,
+    );
+    let code = fleet::run(config).await;
+    command.abort();
+    if let Some((counts, task)) = alerts {
+        task.abort();
+        println!(
+            "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
+            counts.fired.load(Ordering::Relaxed),
+            counts.resolved.load(Ordering::Relaxed)
+        );
+    }
+    let database = server.database.clone();
+    server.stop().await?;
+    println!(
+        "  stored in         {} (SQLite; try: sqlite3 {} 'SELECT COUNT(*) FROM readings')",
+        database.display(),
+        database.display()
+    );
+    code
+}

@@ -1,0 +1,220 @@
+//! Devices the server does not know yet: registered through the ops token,
+//! their tokens saved before anything else can go wrong.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use futures::StreamExt;
+use telemetry_client::backoff::Backoff;
+use telemetry_client::balance::Transport;
+use telemetry_client::bearer::Bearer;
+use telemetry_client::status::is_transient;
+use telemetry_proto::v1::RegisterDeviceRequest;
+use telemetry_proto::v1::ops_client::OpsClient;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tracing::debug;
+
+use super::credentials;
+use crate::config::Config;
+use crate::device::client::describe;
+use crate::device::sampling::device_seed;
+use crate::report::DeviceFailure;
+use crate::shutdown::Shutdown;
+
+type OpsApi = OpsClient<InterceptedService<Transport, Bearer>>;
+
+/// Registrations in flight at once: enough to register a large fleet
+/// quickly without queueing thousands of calls on one connection.
+const REGISTER_CONCURRENCY: usize = 32;
+/// Attempts per registration while the server is unreachable; with the
+/// default backoff this waits out roughly half a minute of server start-up.
+const REGISTER_ATTEMPTS: u32 = 12;
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sites a simulated device is spread over, for label-based alert rules.
+const SITES: [&str; 4] = ["plant-1", "plant-2", "warehouse-north", "lab"];
+
+/// Loads stored tokens and registers every device that has none, saving the
+/// new tokens before anything else can go wrong. Returns the credentials and
+/// the devices that could not be registered.
+pub async fn ensure_credentials(
+    config: &Config,
+    channel: &Transport,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(credentials::Credentials, Vec<DeviceFailure>)> {
+    let mut credentials = credentials::load(&config.credentials_file)?;
+    let missing: Vec<String> = (1..=config.devices)
+        .map(|n| config.device_id(n))
+        .filter(|id| !credentials.contains_key(id))
+        .collect();
+    if missing.is_empty() {
+        return Ok((credentials, Vec::new()));
+    }
+
+    // Only needed now: a fleet that is fully registered runs without it.
+    let ops_token = read_ops_token(config)?;
+    let mut client = OpsClient::with_interceptor(
+        channel.clone(),
+        Bearer::new(&ops_token).context("the ops token")?,
+    );
+    if let Some(encoding) = config.compression.encoding() {
+        client = client.send_compressed(encoding).accept_compressed(encoding);
+    }
+    if !config.quiet {
+        eprintln!("registering {} device(s)...", missing.len());
+    }
+    let results: Vec<(String, Registration)> = futures::stream::iter(missing)
+        .map(|device_id| register_device(client.clone(), device_id, shutdown.clone()))
+        .buffer_unordered(REGISTER_CONCURRENCY)
+        .collect()
+        .await;
+
+    let mut failures = Vec::new();
+    let mut registered = 0usize;
+    let mut ops_rejected = None;
+    for (device_id, registration) in results {
+        match registration {
+            Registration::Token(token) => {
+                credentials.insert(device_id, token);
+                registered += 1;
+            }
+            Registration::Failed(reason) => failures.push(DeviceFailure { device_id, reason }),
+            Registration::Interrupted => failures.push(DeviceFailure {
+                device_id,
+                reason: "registration interrupted by shutdown".into(),
+            }),
+            Registration::OpsTokenRejected(reason) => {
+                ops_rejected.get_or_insert(reason);
+            }
+        }
+    }
+    if registered > 0 {
+        // Tokens cannot be fetched again, so they are saved before any other
+        // error can end the run.
+        credentials::save(&config.credentials_file, &credentials).with_context(|| {
+            format!(
+                "saving {registered} new device token(s); those devices are registered but \
+                 their tokens are lost"
+            )
+        })?;
+    }
+    if let Some(reason) = ops_rejected {
+        bail!(
+            "the server rejected the ops token ({reason}); check --ops-token or --ops-token-file"
+        );
+    }
+    Ok((credentials, failures))
+}
+
+fn read_ops_token(config: &Config) -> anyhow::Result<String> {
+    let token = match &config.ops_token {
+        Some(token) => token.trim().to_owned(),
+        None => std::fs::read_to_string(&config.ops_token_file)
+            .with_context(|| {
+                format!(
+                    "reading the ops token from {} (needed to register devices; or pass \
+                     --ops-token / DEVICE_SIM_OPS_TOKEN)",
+                    config.ops_token_file.display()
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    ensure!(!token.is_empty(), "the ops token is empty");
+    Ok(token)
+}
+
+enum Registration {
+    Token(String),
+    Failed(String),
+    /// Every other registration will fail the same way; the run stops.
+    OpsTokenRejected(String),
+    Interrupted,
+}
+
+fn site_of(device_id: &str) -> &'static str {
+    SITES[(device_seed(device_id) % SITES.len() as u64) as usize]
+}
+
+async fn register_device(
+    mut client: OpsApi,
+    device_id: String,
+    mut shutdown: Shutdown,
+) -> (String, Registration) {
+    let request = RegisterDeviceRequest {
+        device_id: device_id.clone(),
+        display_name: String::new(),
+        labels: [("fleet", "sim"), ("site", site_of(&device_id))]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let mut backoff = Backoff::default();
+    let mut attempt = 0;
+    let registration = loop {
+        if shutdown.is_requested() {
+            break Registration::Interrupted;
+        }
+        attempt += 1;
+        let reason =
+            match tokio::time::timeout(CALL_TIMEOUT, client.register_device(request.clone())).await
+            {
+                Ok(Ok(response)) => {
+                    let token = response.into_inner().token;
+                    break if token.trim().is_empty() {
+                        Registration::Failed("the server returned an empty token".into())
+                    } else {
+                        Registration::Token(token)
+                    };
+                }
+                Ok(Err(status)) => match status.code() {
+                    Code::AlreadyExists => {
+                        break Registration::Failed(
+                            "already registered on the server, but its token is not in the \
+                         credentials file (a token is shown only once): delete the credentials \
+                         file and the server's data, or use another --device-prefix"
+                                .into(),
+                        );
+                    }
+                    Code::Unauthenticated | Code::PermissionDenied => {
+                        break Registration::OpsTokenRejected(describe(&status));
+                    }
+                    code if is_transient(code) => describe(&status),
+                    _ => {
+                        break Registration::Failed(format!(
+                            "RegisterDevice failed ({})",
+                            describe(&status)
+                        ));
+                    }
+                },
+                Err(_elapsed) => format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+            };
+        if attempt >= REGISTER_ATTEMPTS {
+            break Registration::Failed(format!(
+                "RegisterDevice failed {attempt} times, last with {reason}"
+            ));
+        }
+        debug!(device = %device_id, attempt, "RegisterDevice failed ({reason}); retrying");
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.requested() => break Registration::Interrupted,
+        }
+    };
+    (device_id, registration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_are_stable_per_device() {
+        assert_eq!(site_of("sim-00001"), site_of("sim-00001"));
+        let distinct: std::collections::HashSet<_> = (1..=100)
+            .map(|n| site_of(&crate::config::device_id("sim-", n)))
+            .collect();
+        assert!(distinct.len() > 1);
+    }
+}
