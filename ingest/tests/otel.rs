@@ -2,9 +2,9 @@
 //! gets the spans of an upload, the stream's span continues the device's
 //! trace, and the group commit's span links to the batch's span.
 //!
-//! `cargo test -p ingest --features otel --test otel`
-
-#![cfg(feature = "otel")]
+//! `cargo test -p ingest --features otel --test otel` (the target requires
+//! the feature). A binary of its own: it sets OTEL_* variables and installs
+//! the process's global tracing subscriber.
 
 mod common;
 

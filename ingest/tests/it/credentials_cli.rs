@@ -3,9 +3,7 @@
 //! server on both backends, each change checked by what a device can then
 //! do with its token.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 

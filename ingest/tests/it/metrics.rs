@@ -1,12 +1,10 @@
 //! The admin listener: /healthz, /readyz and /metrics, with the figures the
 //! calls made add up to.
 
-mod common;
-
 use std::time::Duration;
 
-use common::control::{hello, open_control};
-use common::*;
+use crate::common::control::{hello, open_control};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

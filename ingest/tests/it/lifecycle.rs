@@ -1,11 +1,9 @@
 //! Restarts and graceful shutdown: nothing acknowledged is lost, nothing in
 //! flight is cut off.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;

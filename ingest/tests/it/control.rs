@@ -1,12 +1,10 @@
 //! Device control end to end on both backends: the Control stream, the
 //! durable command queue, redelivery, supersede and presence.
 
-mod common;
-
 use std::time::Duration;
 
-use common::control::{open_control, ping, send_command};
-use common::*;
+use crate::common::control::{open_control, ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 

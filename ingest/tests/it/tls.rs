@@ -2,13 +2,11 @@
 //! TLS clients work and others are refused, mutual TLS, reloads on request
 //! and on file change while open streams go on, and bad files kept out.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pki::{TestCert, TestPki};
-use common::*;
+use crate::common::pki::{TestCert, TestPki};
+use crate::common::*;
 use futures::StreamExt;
 use ingest::domain::CertFingerprint;
 use ingest::transport::{ClientAuth, ConnectionInfo, TlsAcceptor, TlsSettings};

@@ -2,13 +2,11 @@
 //! the real server: every case gets a precise status naming what to change,
 //! and nothing of a refused request reaches the database.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::control::{hello, open_control, ping, send_command};
+use crate::common::*;
 use bytes::Bytes;
-use common::control::{hello, open_control, ping, send_command};
-use common::*;
 use ingest::Limits;
 use prost::Message;
 use telemetry_proto::raw::RawCodec;

@@ -2,12 +2,10 @@
 //! that end open streams within a second, after what they already sent is
 //! committed and answered; several named ops tokens.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::control::{ping, send_command};
-use common::*;
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -6,16 +6,14 @@
 //! section 6 of docs/design scale-out.md; the SQLite check refuses a second
 //! server on one database.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::alert_helpers::{above, put, rule, temperatures};
-use common::cluster::{Cluster, ClusterSpec, spawn_logged};
-use common::control::{ping, send_command};
-use common::*;
+use crate::common::alert_helpers::{above, put, rule, temperatures};
+use crate::common::cluster::{Cluster, ClusterSpec, spawn_logged};
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use ingest::storage::Database;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

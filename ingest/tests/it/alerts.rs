@@ -1,12 +1,10 @@
 //! Alert rules, the alert lifecycle and WatchAlerts, end to end on both
 //! backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
+use crate::common::alert_helpers::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 

@@ -6,12 +6,10 @@
 //! registration went shows which server took the call; the watcher's test
 //! runs two servers on one PostgreSQL database, as scale-out does.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::{put, temperatures, too_hot};
-use common::*;
+use crate::common::alert_helpers::{put, temperatures, too_hot};
+use crate::common::*;
 
 async fn devices_on(server: &TestServer) -> i64 {
     server.storage.scalar("SELECT COUNT(*) FROM devices").await

@@ -2,12 +2,10 @@
 //! certificate stands for its device, cannot write as another, can be
 //! required, and its revocation ends the streams that used it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::pki::{TestCert, TestPki};
-use common::*;
+use crate::common::pki::{TestCert, TestPki};
+use crate::common::*;
 use ingest::transport::ClientAuth;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;

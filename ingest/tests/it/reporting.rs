@@ -2,11 +2,9 @@
 //! retention, and PostgreSQL's day partitions. Each test runs on SQLite and
 //! on a fresh PostgreSQL database, against the real server over HTTP/2.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Backend, TestServer, TestStorage, batch, hour_start, now_nanos, series, simple_batch, upload,
 };
 use ingest::retention::{self, RetentionConfig};

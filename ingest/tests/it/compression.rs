@@ -2,12 +2,10 @@
 //! decompressed size bounded by --max-message-bytes, and server reflection
 //! in both versions (v1 and v1alpha).
 
-mod common;
-
 use std::time::Duration;
 
-use common::control::{ack, hello, ping, send_command};
-use common::*;
+use crate::common::control::{ack, hello, ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;

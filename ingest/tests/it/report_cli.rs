@@ -2,11 +2,9 @@
 //! in every format, with every filter, on SQLite and PostgreSQL; the same
 //! data gives the same rows on both; mistakes exit non-zero with a message.
 
-mod common;
-
-use common::alert_helpers::{put, too_hot};
-use common::control::{ping, send_command};
-use common::*;
+use crate::common::alert_helpers::{put, too_hot};
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use ingest::cli::output::Format;
 use ingest::reports::{ReportDb, ReportName, ReportQuery};
 use ingest::storage::Database;

@@ -2,12 +2,10 @@
 //! device whose committed sequence went so high (2^63-1, a firmware bug)
 //! that every later batch is a duplicate. End to end on both backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
+use crate::common::alert_helpers::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -2,13 +2,11 @@
 //! batch acknowledged before the backup started. SQLite through the
 //! command's own copy; PostgreSQL through the pg_dump command it prints.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 
 backend_tests!(a_backup_taken_mid_ingest_restores_every_acknowledged_batch);
