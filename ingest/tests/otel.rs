@@ -2,15 +2,16 @@
 //! gets the spans of an upload, the stream's span continues the device's
 //! trace, and the group commit's span links to the batch's span.
 //!
-//! `cargo test -p ingest --features otel --test otel`
-
-#![cfg(feature = "otel")]
+//! `cargo test -p ingest --features otel --test otel` (the target requires
+//! the feature). A binary of its own: it sets OTEL_* variables and installs
+//! the process's global tracing subscriber.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::control::hello;
 use common::{Backend, TestServer, simple_batch};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -193,17 +194,7 @@ async fn group_commit_links_to_the_batch_and_streams_follow_traceparent() {
     // the session lasts: its span arrives once the device hangs up.
     let control_trace = "0af7651916cd43dd8448eb211c80319c";
     let (hello_tx, hello_rx) = tokio::sync::mpsc::channel(1);
-    hello_tx
-        .send(telemetry_proto::v1::DeviceMessage {
-            msg: Some(telemetry_proto::v1::device_message::Msg::Hello(
-                telemetry_proto::v1::DeviceHello {
-                    firmware_version: "otel-1".into(),
-                    ..Default::default()
-                },
-            )),
-        })
-        .await
-        .unwrap();
+    hello_tx.send(hello("otel-1")).await.unwrap();
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(hello_rx));
     request.metadata_mut().insert(
         "traceparent",

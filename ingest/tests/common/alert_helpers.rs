@@ -7,8 +7,6 @@ use telemetry_proto::v1 as pb;
 
 use super::*;
 
-pub const SEC: u64 = 1_000_000_000;
-
 pub async fn alert_server(backend: Backend) -> Option<TestServer> {
     TestServer::start_configured(backend, |config| {
         // A quick heartbeat tells a test that a stream has gone quiet.
@@ -39,6 +37,16 @@ pub fn above(fire: f64, clear: f64, for_millis: u64) -> pb::alert_rule::Conditio
         clear_value: clear,
         for_millis,
     })
+}
+
+/// `too-hot`: critical above 40 degrees at once, cleared below 35.
+pub fn too_hot() -> pb::AlertRule {
+    rule(
+        "too-hot",
+        "temperature",
+        pb::Severity::Critical,
+        above(40.0, 35.0, 0),
+    )
 }
 
 pub async fn put(ops: &mut Ops, rule: pb::AlertRule) {

@@ -26,6 +26,9 @@ use tonic_health::pb::health_client::HealthClient;
 use super::{Backend, Bearer, Ingest, OPS_TOKEN, Ops, TestStorage};
 use ingest::storage::Database;
 
+use super::ControlDevice;
+use super::admin::{self, Metrics};
+
 /// A start (migrations, leases, listeners) may take this long on a busy
 /// two-core machine before the test gives up on the process.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -354,6 +357,13 @@ impl Cluster {
         IngestClient::with_interceptor(self.channel(i).await, Bearer::new(token).unwrap())
     }
 
+    /// A device's Control stream on process `i`.
+    pub async fn control(&self, i: usize, token: &str) -> ControlDevice {
+        ControlDevice::open(self.ingest(i, token).await, "cluster-test")
+            .await
+            .unwrap_or_else(|s| panic!("opening a Control stream on process {i}: {s}"))
+    }
+
     /// Registers a device through the first running process; its token.
     pub async fn register(&self, device_id: &str) -> String {
         let i = self.running()[0];
@@ -391,18 +401,16 @@ impl Cluster {
 
     /// GET on process `i`'s admin listener: (status, body).
     pub async fn admin(&self, i: usize, path: &str) -> (u16, String) {
-        ingest::server::admin::get(self.nodes[i].admin_addr, path)
+        admin::get(self.nodes[i].admin_addr, path)
             .await
             .unwrap_or_else(|e| panic!("admin {path} of process {i}: {e}"))
     }
 
     /// A gauge or counter of process `i`; `None` when not exported.
     pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
-        let (status, body) = self.admin(i, "/metrics").await;
-        assert_eq!(status, 200, "/metrics of process {i}: {body}");
-        body.lines()
-            .any(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
-            .then(|| ingest::server::admin::sum(&body, name, &[]))
+        Metrics::scrape(self.nodes[i].admin_addr)
+            .await
+            .get(name, &[])
     }
 
     /// The running processes reporting `ingest_cluster_leader 1`.

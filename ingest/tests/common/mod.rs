@@ -3,9 +3,19 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod alert_helpers;
 pub mod cluster;
+pub mod control;
 pub mod pki;
+mod readings;
+mod wait;
+
+pub use control::ControlDevice;
+pub use readings::*;
+// Not every test target polls.
+#[allow(unused_imports)]
+pub use wait::{eventually, eventually_ok};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -275,13 +285,6 @@ impl TestServer {
         server
     }
 
-    /// GET on the admin listener: (status, body).
-    pub async fn admin(&self, path: &str) -> (u16, String) {
-        ingest::server::admin::get(self.admin_addr, path)
-            .await
-            .unwrap()
-    }
-
     pub fn url(&self) -> String {
         match self.tls {
             Some(_) => format!("https://{}", self.addr),
@@ -450,56 +453,6 @@ fn with_database(url: &str, name: &str) -> String {
         .find('/')
         .map_or(base.len(), |i| scheme_end + i);
     format!("{}/{}{}", &base[..host_end], name, query)
-}
-
-// ---- building requests ----------------------------------------------------
-
-pub fn now_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-pub fn series(sensor: &str, unit: &str, points: &[(u64, f64)]) -> pb::SensorSeries {
-    pb::SensorSeries {
-        sensor: sensor.into(),
-        unit: unit.into(),
-        time_unix_nano: points.iter().map(|p| p.0).collect(),
-        value: points.iter().map(|p| p.1).collect(),
-    }
-}
-
-pub fn batch(sequence: u64, series: Vec<pb::SensorSeries>) -> pb::ReadingBatch {
-    pb::ReadingBatch { sequence, series }
-}
-
-/// A batch of `n` good temperature readings.
-pub fn simple_batch(sequence: u64, n: usize) -> pb::ReadingBatch {
-    let t = now_nanos();
-    let points: Vec<_> = (0..n)
-        .map(|i| (t - i as u64 * 1000, 20.0 + i as f64))
-        .collect();
-    batch(sequence, vec![series("temperature", "Cel", &points)])
-}
-
-pub async fn upload(
-    client: &mut Ingest,
-    batches: Vec<pb::ReadingBatch>,
-) -> Result<pb::UploadSummary, tonic::Status> {
-    client
-        .upload_readings(tokio_stream::iter(batches))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-pub async fn cursor(client: &mut Ingest) -> u64 {
-    client
-        .get_upload_cursor(pb::GetUploadCursorRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .committed_sequence
 }
 
 /// What a run of the `ingest` binary printed.

@@ -3,11 +3,8 @@
 //! server on both backends, each change checked by what a device can then
 //! do with its token.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
-use telemetry_proto::v1 as pb;
 use tonic::Code;
 
 backend_tests!(
@@ -52,16 +49,6 @@ async fn devices_err(server: &TestServer, args: &[&str]) -> String {
 async fn credentials_json(server: &TestServer, device: &str) -> serde_json::Value {
     let run = devices_ok(server, &["credentials", device, "--json"]).await;
     serde_json::from_str(&run.stdout).unwrap()
-}
-
-/// An Ingest call with `token`: what the device would get.
-async fn cursor_with(server: &TestServer, token: &str) -> Result<u64, tonic::Status> {
-    server
-        .ingest(token)
-        .await
-        .get_upload_cursor(pb::GetUploadCursorRequest {})
-        .await
-        .map(|r| r.into_inner().committed_sequence)
 }
 
 async fn assert_refused(server: &TestServer, token: &str, why: &str) {

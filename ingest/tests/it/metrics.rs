@@ -1,10 +1,10 @@
 //! The admin listener: /healthz, /readyz and /metrics, with the figures the
 //! calls made add up to.
 
-mod common;
+use std::time::Duration;
 
-use common::*;
-use ingest::server::admin::sum;
+use crate::common::control::{hello, open_control};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,8 +23,7 @@ async fn probes_answer(backend: Backend) {
     assert_eq!(server.admin("/healthz").await, (200, "ok\n".into()));
     assert_eq!(server.admin("/readyz").await, (200, "ready\n".into()));
     assert_eq!(server.admin("/nope").await.0, 404);
-    let (status, text) = server.admin("/metrics").await;
-    assert_eq!(status, 200);
+    let metrics = server.metrics().await;
     for name in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
@@ -33,12 +32,12 @@ async fn probes_answer(backend: Backend) {
         "ingest_writer_queue_capacity",
     ] {
         assert!(
-            text.lines().any(|l| l.starts_with(name)),
-            "{name} missing from\n{text}"
+            metrics.get(name, &[]).is_some(),
+            "{name} missing from\n{metrics}"
         );
     }
-    assert!(sum(&text, "process_resident_memory_bytes", &[]) > 1e6);
-    assert!(sum(&text, "ingest_writer_queue_capacity", &[]) >= 1.0);
+    assert!(metrics.sum("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(metrics.sum("ingest_writer_queue_capacity", &[]) >= 1.0);
 }
 
 async fn readings_add_up_by_outcome(backend: Backend) {
@@ -66,62 +65,63 @@ async fn readings_add_up_by_outcome(backend: Backend) {
     assert_eq!(again.duplicate_batches, 1);
     let sent = 5 + 2;
 
-    let (_, text) = server.admin("/metrics").await;
-    let total = sum(&text, "ingest_readings_total", &[]);
-    assert_eq!(total, sent as f64, "{text}");
+    let metrics = server.metrics().await;
+    let total = metrics.sum("ingest_readings_total", &[]);
+    assert_eq!(total, sent as f64, "{metrics}");
     assert_eq!(
-        sum(&text, "ingest_readings_total", &[("outcome", "committed")]),
+        metrics.sum("ingest_readings_total", &[("outcome", "committed")]),
         3.0
     );
     assert_eq!(
-        sum(&text, "ingest_readings_total", &[("outcome", "duplicate")]),
+        metrics.sum("ingest_readings_total", &[("outcome", "duplicate")]),
         2.0
     );
     assert_eq!(
-        sum(
-            &text,
+        metrics.sum(
             "ingest_readings_total",
             &[("outcome", "rejected"), ("reason", "non_finite_value")]
         ),
         1.0
     );
     assert_eq!(
-        sum(
-            &text,
+        metrics.sum(
             "ingest_readings_total",
             &[("outcome", "rejected"), ("reason", "timestamp_in_future")]
         ),
         1.0
     );
     assert_eq!(
-        sum(&text, "ingest_batches_total", &[("outcome", "committed")]),
+        metrics.sum("ingest_batches_total", &[("outcome", "committed")]),
         1.0
     );
     assert_eq!(
-        sum(&text, "ingest_batches_total", &[("outcome", "duplicate")]),
+        metrics.sum("ingest_batches_total", &[("outcome", "duplicate")]),
         1.0
     );
-    assert!(sum(&text, "ingest_group_commit_seconds_count", &[]) >= 1.0);
-    assert_eq!(sum(&text, "ingest_batch_ack_seconds_count", &[]), 2.0);
-    assert_eq!(sum(&text, "ingest_writer_queue_batches", &[]), 0.0);
+    assert!(metrics.sum("ingest_group_commit_seconds_count", &[]) >= 1.0);
+    assert_eq!(metrics.sum("ingest_batch_ack_seconds_count", &[]), 2.0);
+    assert_eq!(metrics.sum("ingest_writer_queue_batches", &[]), 0.0);
     let upload_labels = [
         ("grpc_service", "telemetry.v1.Ingest"),
         ("grpc_method", "UploadReadings"),
         ("grpc_type", "client_stream"),
     ];
-    assert_eq!(sum(&text, "grpc_server_started_total", &upload_labels), 2.0);
     assert_eq!(
-        sum(&text, "grpc_server_msg_received_total", &upload_labels),
+        metrics.sum("grpc_server_started_total", &upload_labels),
         2.0
     );
     assert_eq!(
-        sum(&text, "grpc_server_msg_sent_total", &upload_labels),
+        metrics.sum("grpc_server_msg_received_total", &upload_labels),
+        2.0
+    );
+    assert_eq!(
+        metrics.sum("grpc_server_msg_sent_total", &upload_labels),
         2.0
     );
     let ok = [&upload_labels[..], &[("grpc_code", "OK")]].concat();
-    assert_eq!(sum(&text, "grpc_server_handled_total", &ok), 2.0);
+    assert_eq!(metrics.sum("grpc_server_handled_total", &ok), 2.0);
     assert_eq!(
-        sum(&text, "grpc_server_handling_seconds_count", &upload_labels),
+        metrics.sum("grpc_server_handling_seconds_count", &upload_labels),
         2.0
     );
 }
@@ -152,80 +152,57 @@ async fn calls_count_under_their_real_code_when_they_end(backend: Backend) {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
     // A Control stream the client drops: CANCELED once the server sees it.
-    let (ctx, crx) = mpsc::channel(4);
-    ctx.send(pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-            firmware_version: "t".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let stream = server
-        .ingest(&token)
-        .await
-        .control(ReceiverStream::new(crx))
-        .await
-        .unwrap();
-    drop(stream);
+    let (ctx, stream) = open_control(server.ingest(&token).await, vec![hello("t")]).await;
+    drop(stream.unwrap());
     drop(ctx);
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, text) = server.admin("/metrics").await;
-        let upload_failed = sum(
-            &text,
+    let metrics = eventually_ok("every call counted", Duration::from_secs(10), async || {
+        let metrics = server.metrics().await;
+        let upload_failed = metrics.sum(
             "grpc_server_handled_total",
             &[
                 ("grpc_method", "UploadReadings"),
                 ("grpc_code", "InvalidArgument"),
             ],
         );
-        let unauthenticated = sum(
-            &text,
+        let unauthenticated = metrics.sum(
             "grpc_server_handled_total",
             &[
                 ("grpc_method", "GetUploadCursor"),
                 ("grpc_code", "Unauthenticated"),
             ],
         );
-        let control_ended = sum(
-            &text,
-            "grpc_server_handled_total",
-            &[("grpc_method", "Control")],
-        );
-        let auth_failures = sum(&text, "auth_failures_total", &[("reason", "missing")]);
+        let control_ended = metrics.sum("grpc_server_handled_total", &[("grpc_method", "Control")]);
+        let auth_failures = metrics.sum("auth_failures_total", &[("reason", "missing")]);
         if upload_failed == 1.0
             && unauthenticated == 1.0
             && control_ended == 1.0
             && auth_failures == 1.0
         {
-            assert_eq!(
-                sum(
-                    &text,
-                    "grpc_server_msg_received_total",
-                    &[("grpc_method", "UploadReadings")]
-                ),
-                2.0
-            );
-            assert_eq!(
-                sum(&text, "ingest_readings_total", &[("outcome", "committed")]),
-                3.0
-            );
-            assert_eq!(
-                sum(
-                    &text,
-                    "ingest_readings_total",
-                    &[("outcome", "rejected"), ("reason", "invalid_batch")]
-                ),
-                3.0
-            );
-            return;
+            Ok(metrics)
+        } else {
+            Err(format!(
+                "upload {upload_failed}, unauthenticated {unauthenticated}, control {control_ended}, auth {auth_failures}:\n{metrics}"
+            ))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upload {upload_failed}, unauthenticated {unauthenticated}, control {control_ended}, auth {auth_failures}:\n{text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        metrics.sum(
+            "grpc_server_msg_received_total",
+            &[("grpc_method", "UploadReadings")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metrics.sum("ingest_readings_total", &[("outcome", "committed")]),
+        3.0
+    );
+    assert_eq!(
+        metrics.sum(
+            "ingest_readings_total",
+            &[("outcome", "rejected"), ("reason", "invalid_batch")]
+        ),
+        3.0
+    );
 }

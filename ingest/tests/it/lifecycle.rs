@@ -1,9 +1,9 @@
 //! Restarts and graceful shutdown: nothing acknowledged is lost, nothing in
 //! flight is cut off.
 
-mod common;
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -64,9 +64,12 @@ async fn shutdown_commits_in_flight_batches_and_answers(backend: Backend) {
     }
     // Wait until the server has committed them, the stream still open.
     let mut probe = server.ingest(&token).await;
-    while cursor(&mut probe).await < 3 {
-        tokio::task::yield_now().await;
-    }
+    eventually(
+        "batches 1-3 committed",
+        Duration::from_secs(10),
+        async || cursor(&mut probe).await >= 3,
+    )
+    .await;
 
     server.stop().await;
     let status = call.await.unwrap().unwrap_err();

@@ -1,14 +1,11 @@
 //! Device control end to end on both backends: the Control stream, the
 //! durable command queue, redelivery, supersede and presence.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::control::{open_control, ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 backend_tests!(
@@ -31,72 +28,6 @@ backend_tests!(
     the_database_records_each_stream_with_a_new_generation,
 );
 
-struct Device {
-    tx: mpsc::Sender<pb::DeviceMessage>,
-    rx: tonic::Streaming<pb::ServerMessage>,
-}
-
-fn hello() -> pb::DeviceMessage {
-    pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-            firmware_version: "test-1.2".into(),
-            capabilities: vec!["ping".into()],
-            config: None,
-        })),
-    }
-}
-
-impl Device {
-    async fn connect(server: &TestServer, token: &str) -> Self {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(hello()).await.unwrap();
-        let rx = server
-            .ingest(token)
-            .await
-            .control(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    async fn next(&mut self) -> Result<pb::Command, tonic::Status> {
-        let message = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("no command arrived")?
-            .expect("the stream ended");
-        match message.msg {
-            Some(pb::server_message::Msg::Command(c)) => Ok(c),
-            None => panic!("empty server message"),
-        }
-    }
-
-    async fn command(&mut self) -> pb::Command {
-        self.next().await.unwrap()
-    }
-
-    async fn ack(&self, command_id: u64, state: pb::CommandAckState, detail: &str) {
-        let ack = pb::CommandAck {
-            command_id,
-            state: state as i32,
-            detail: detail.into(),
-        };
-        self.tx
-            .send(pb::DeviceMessage {
-                msg: Some(pb::device_message::Msg::Ack(ack)),
-            })
-            .await
-            .unwrap();
-    }
-}
-
-fn ping() -> pb::Command {
-    pb::Command {
-        kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-        ..Default::default()
-    }
-}
-
 fn interval(ms: u32) -> pb::Command {
     pb::Command {
         kind: Some(pb::command::Kind::SetSamplingInterval(
@@ -106,31 +37,15 @@ fn interval(ms: u32) -> pb::Command {
     }
 }
 
-async fn send(
-    ops: &mut Ops,
-    device: &str,
-    command: pb::Command,
-    ttl_millis: u64,
-    wait_millis: u64,
-) -> Result<pb::Command, tonic::Status> {
-    ops.send_command(pb::SendCommandRequest {
-        device_id: device.into(),
-        command: Some(command),
-        ttl_millis,
-        wait_millis,
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
 async fn a_command_to_an_online_device_is_acknowledged(backend: Backend) {
     let Some(server) = TestServer::start(backend).await else {
         return;
     };
     let token = server.register("dev-1").await;
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let mut ops = server.ops().await;
-    let sending = tokio::spawn(async move { send(&mut ops, "dev-1", ping(), 0, 5000).await });
+    let sending =
+        tokio::spawn(async move { send_command(&mut ops, "dev-1", ping(), 0, 5000).await });
     let command = device.command().await;
     assert!(matches!(command.kind, Some(pb::command::Kind::Ping(_))));
     assert_eq!(command.state(), pb::CommandState::Sent);
@@ -153,35 +68,36 @@ async fn an_offline_device_gets_its_queued_commands_in_order_on_connect(backend:
     let mut ops = server.ops().await;
     let mut ids = Vec::new();
     for ms in [100, 200, 300] {
-        let queued = send(&mut ops, "dev-1", interval(ms), 0, 0).await.unwrap();
+        let queued = send_command(&mut ops, "dev-1", interval(ms), 0, 0)
+            .await
+            .unwrap();
         assert_eq!(queued.state(), pb::CommandState::Queued);
         ids.push(queued.command_id);
     }
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let mut received = Vec::new();
     for _ in 0..3 {
         received.push(device.command().await.command_id);
     }
     assert_eq!(received, ids);
     // The sent mark is written just after the command goes down the stream.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let sent = ops
+    let sent = eventually_ok("the sent mark", Duration::from_secs(10), async || {
+        let command = ops
             .get_command(pb::GetCommandRequest { command_id: ids[0] })
             .await
             .unwrap()
             .into_inner();
-        if sent.state() != pb::CommandState::Queued {
-            assert_eq!(
-                sent.state(),
-                pb::CommandState::Sent,
-                "delivered is not acknowledged"
-            );
-            break;
+        match command.state() {
+            pb::CommandState::Queued => Err("still queued".into()),
+            _ => Ok(command),
         }
-        assert!(tokio::time::Instant::now() < deadline, "never marked sent");
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
+    assert_eq!(
+        sent.state(),
+        pb::CommandState::Sent,
+        "delivered is not acknowledged"
+    );
 }
 
 async fn a_command_expires_when_its_ttl_passes_before_delivery(backend: Backend) {
@@ -190,14 +106,14 @@ async fn a_command_expires_when_its_ttl_passes_before_delivery(backend: Backend)
     };
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
-    let expired = send(&mut ops, "dev-1", interval(100), 300, 5000)
+    let expired = send_command(&mut ops, "dev-1", interval(100), 300, 5000)
         .await
         .unwrap();
     assert_eq!(expired.state(), pb::CommandState::Expired);
     assert!(expired.finished_time_unix_nano > 0);
     // On connect, only the fresh command arrives.
-    let fresh = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
-    let mut device = Device::connect(&server, &token).await;
+    let fresh = send_command(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let mut device = ControlDevice::connect(&server, &token).await;
     assert_eq!(device.command().await.command_id, fresh.command_id);
 }
 
@@ -207,11 +123,11 @@ async fn an_unacknowledged_command_is_redelivered_after_a_dropped_stream(backend
     };
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
-    let mut device = Device::connect(&server, &token).await;
-    let queued = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let mut device = ControlDevice::connect(&server, &token).await;
+    let queued = send_command(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
     assert_eq!(device.command().await.command_id, queued.command_id);
     drop(device); // the connection drops before the device acknowledges
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let again = device.command().await;
     assert_eq!(
         again.command_id, queued.command_id,
@@ -220,7 +136,7 @@ async fn an_unacknowledged_command_is_redelivered_after_a_dropped_stream(backend
     device
         .ack(again.command_id, pb::CommandAckState::Done, "pong")
         .await;
-    let done = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let done = send_command(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
     // The next command arrives; the acknowledged one is not delivered again.
     assert_eq!(device.command().await.command_id, done.command_id);
     let first = ops
@@ -238,8 +154,8 @@ async fn a_second_stream_supersedes_the_first(backend: Backend) {
         return;
     };
     let token = server.register("dev-1").await;
-    let mut first = Device::connect(&server, &token).await;
-    let mut second = Device::connect(&server, &token).await;
+    let mut first = ControlDevice::connect(&server, &token).await;
+    let mut second = ControlDevice::connect(&server, &token).await;
     let status = first.next().await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
     assert!(
@@ -247,7 +163,7 @@ async fn a_second_stream_supersedes_the_first(backend: Backend) {
         "{}",
         status.message()
     );
-    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+    let queued = send_command(&mut server.ops().await, "dev-1", ping(), 0, 0)
         .await
         .unwrap();
     assert_eq!(second.command().await.command_id, queued.command_id);
@@ -261,18 +177,20 @@ async fn wait_returns_on_failed_and_on_timeout(backend: Backend) {
     let mut ops = server.ops().await;
     // Offline: the wait runs out and the command is still queued.
     let started = std::time::Instant::now();
-    let waited = send(&mut ops, "dev-1", ping(), 0, 300).await.unwrap();
+    let waited = send_command(&mut ops, "dev-1", ping(), 0, 300)
+        .await
+        .unwrap();
     assert_eq!(waited.state(), pb::CommandState::Queued);
     assert!(started.elapsed() >= Duration::from_millis(300));
 
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     assert_eq!(device.command().await.command_id, waited.command_id);
     device
         .ack(waited.command_id, pb::CommandAckState::Done, "pong")
         .await;
     let mut ops2 = server.ops().await;
     let sending =
-        tokio::spawn(async move { send(&mut ops2, "dev-1", interval(100), 0, 5000).await });
+        tokio::spawn(async move { send_command(&mut ops2, "dev-1", interval(100), 0, 5000).await });
     let command = device.command().await;
     device
         .ack(
@@ -295,20 +213,24 @@ async fn the_queue_limit_is_enforced(backend: Backend) {
     };
     server.register("dev-1").await;
     let mut ops = server.ops().await;
-    send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
-    send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
-    let status = send(&mut ops, "dev-1", ping(), 0, 0).await.unwrap_err();
+    send_command(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    send_command(&mut ops, "dev-1", ping(), 0, 0).await.unwrap();
+    let status = send_command(&mut ops, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(
         status.message().contains("queue is full"),
         "{}",
         status.message()
     );
-    let bad = send(&mut ops, "dev-1", interval(1), 0, 0)
+    let bad = send_command(&mut ops, "dev-1", interval(1), 0, 0)
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
-    let missing = send(&mut ops, "nobody", ping(), 0, 0).await.unwrap_err();
+    let missing = send_command(&mut ops, "nobody", ping(), 0, 0)
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 }
 
@@ -319,9 +241,9 @@ async fn a_device_cannot_receive_or_acknowledge_another_devices_commands(backend
     let a = server.register("dev-a").await;
     let b = server.register("dev-b").await;
     let mut ops = server.ops().await;
-    let mut device_a = Device::connect(&server, &a).await;
-    let mut device_b = Device::connect(&server, &b).await;
-    let for_b = send(&mut ops, "dev-b", ping(), 0, 0).await.unwrap();
+    let mut device_a = ControlDevice::connect(&server, &a).await;
+    let mut device_b = ControlDevice::connect(&server, &b).await;
+    let for_b = send_command(&mut ops, "dev-b", ping(), 0, 0).await.unwrap();
     assert_eq!(device_b.command().await.command_id, for_b.command_id);
     // A claims B's command.
     device_a
@@ -329,7 +251,8 @@ async fn a_device_cannot_receive_or_acknowledge_another_devices_commands(backend
         .await;
     // A's own command goes through A's stream, after its bogus ack was handled.
     let mut ops2 = server.ops().await;
-    let sending = tokio::spawn(async move { send(&mut ops2, "dev-a", ping(), 0, 5000).await });
+    let sending =
+        tokio::spawn(async move { send_command(&mut ops2, "dev-a", ping(), 0, 5000).await });
     let for_a = device_a.command().await;
     device_a
         .ack(for_a.command_id, pb::CommandAckState::Done, "pong")
@@ -373,7 +296,7 @@ async fn presence_follows_the_control_stream(backend: Backend) {
     let before = get(&mut ops).await;
     assert!(!before.online);
     assert_eq!(before.last_seen_time_unix_nano, 0);
-    let device = Device::connect(&server, &token).await;
+    let device = ControlDevice::connect(&server, &token).await;
     let online = get(&mut ops).await;
     assert!(online.online);
     assert_eq!(online.firmware_version, "test-1.2");
@@ -404,7 +327,7 @@ async fn last_seen_is_the_last_message_heard(backend: Backend) {
         return;
     };
     let token = server.register("dev-1").await;
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let mut ops = server.ops().await;
     let connected = ops
         .get_device(pb::GetDeviceRequest {
@@ -415,7 +338,8 @@ async fn last_seen_is_the_last_message_heard(backend: Backend) {
         .into_inner()
         .last_seen_time_unix_nano;
     let mut sender = ops.clone();
-    let sending = tokio::spawn(async move { send(&mut sender, "dev-1", ping(), 0, 5000).await });
+    let sending =
+        tokio::spawn(async move { send_command(&mut sender, "dev-1", ping(), 0, 5000).await });
     let command = device.command().await;
     let before_ack = now_nanos();
     device
@@ -440,15 +364,11 @@ async fn last_seen_is_the_last_message_heard(backend: Backend) {
         .devices;
     assert!(listed[0].last_seen_time_unix_nano >= before_ack);
     // The database catches up within its write interval (5 s).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let sql = "SELECT COALESCE(last_seen_unix_nano, 0) FROM devices WHERE device_id = 'dev-1'";
-    while (server.storage.scalar(sql).await as u64) < before_ack {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "last_seen never written"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("last_seen written", Duration::from_secs(20), async || {
+        server.storage.scalar(sql).await as u64 >= before_ack
+    })
+    .await;
     drop(device);
 }
 
@@ -459,7 +379,7 @@ async fn devices_are_offline_once_the_server_stops(backend: Backend) {
         return;
     };
     let token = server.register("dev-1").await;
-    let device = Device::connect(&server, &token).await;
+    let device = ControlDevice::connect(&server, &token).await;
     let online = "SELECT online FROM device_status WHERE device_id = 'dev-1'";
     assert_eq!(server.storage.scalar(online).await, 1);
     server.stop().await;
@@ -472,11 +392,11 @@ async fn queued_commands_survive_a_restart(backend: Backend) {
         return;
     };
     let token = server.register("dev-1").await;
-    let queued = send(&mut server.ops().await, "dev-1", interval(250), 0, 0)
+    let queued = send_command(&mut server.ops().await, "dev-1", interval(250), 0, 0)
         .await
         .unwrap();
     let server = server.restart().await;
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let command = device.command().await;
     assert_eq!(command.command_id, queued.command_id);
     assert!(matches!(
@@ -492,17 +412,11 @@ async fn the_first_message_must_be_hello(backend: Backend) {
         return;
     };
     let token = server.register("dev-1").await;
-    let (tx, rx) = mpsc::channel(4);
     let status_msg = pb::DeviceMessage {
         msg: Some(pb::device_message::Msg::Status(pb::DeviceStatus::default())),
     };
-    tx.send(status_msg).await.unwrap();
-    let status = server
-        .ingest(&token)
-        .await
-        .control(ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
+    let (_tx, opened) = open_control(server.ingest(&token).await, vec![status_msg]).await;
+    let status = opened.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("DeviceHello"));
 }
@@ -527,13 +441,13 @@ async fn a_superseded_streams_late_disconnect_leaves_the_device_online(backend: 
         return;
     };
     let token = server.register("dev-1").await;
-    let mut first = Device::connect(&server, &token).await;
-    let mut second = Device::connect(&server, &token).await;
+    let mut first = ControlDevice::connect(&server, &token).await;
+    let mut second = ControlDevice::connect(&server, &token).await;
     assert_eq!(first.next().await.unwrap_err().code(), Code::Aborted);
     drop(first);
     // The server has handled the first stream's end once its session row
     // is not the newest any more and a command still reaches the second.
-    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+    let queued = send_command(&mut server.ops().await, "dev-1", ping(), 0, 0)
         .await
         .unwrap();
     assert_eq!(second.command().await.command_id, queued.command_id);
@@ -561,7 +475,7 @@ async fn concurrent_senders_never_pass_the_queue_limit(backend: Backend) {
     for _ in 0..20 {
         let mut ops = server.ops().await;
         sends.push(tokio::spawn(async move {
-            send(&mut ops, "dev-1", ping(), 0, 0).await
+            send_command(&mut ops, "dev-1", ping(), 0, 0).await
         }));
     }
     let (mut queued, mut refused) = (0, 0);
@@ -592,7 +506,7 @@ async fn a_control_stream_ends_for_rebalancing_after_its_lifetime(backend: Backe
     };
     let token = server.register("dev-1").await;
     let started = std::time::Instant::now();
-    let mut device = Device::connect(&server, &token).await;
+    let mut device = ControlDevice::connect(&server, &token).await;
     let status = device.next().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
@@ -603,8 +517,8 @@ async fn a_control_stream_ends_for_rebalancing_after_its_lifetime(backend: Backe
     // ±10% of the lifetime.
     assert!(started.elapsed() >= Duration::from_millis(270));
     // The device reconnects and goes on.
-    let mut again = Device::connect(&server, &token).await;
-    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+    let mut again = ControlDevice::connect(&server, &token).await;
+    let queued = send_command(&mut server.ops().await, "dev-1", ping(), 0, 0)
         .await
         .unwrap();
     assert_eq!(again.command().await.command_id, queued.command_id);
@@ -617,10 +531,10 @@ async fn the_database_records_each_stream_with_a_new_generation(backend: Backend
     let token = server.register("dev-1").await;
     let generation = "SELECT generation FROM device_sessions s JOIN devices d ON d.pk = s.device_pk \
                       WHERE d.device_id = 'dev-1' AND s.replica_id IS NOT NULL";
-    let first = Device::connect(&server, &token).await;
+    let first = ControlDevice::connect(&server, &token).await;
     // Recorded before the stream serves: a command proves it serves.
-    let mut second = Device::connect(&server, &token).await;
-    let queued = send(&mut server.ops().await, "dev-1", ping(), 0, 0)
+    let mut second = ControlDevice::connect(&server, &token).await;
+    let queued = send_command(&mut server.ops().await, "dev-1", ping(), 0, 0)
         .await
         .unwrap();
     assert_eq!(second.command().await.command_id, queued.command_id);

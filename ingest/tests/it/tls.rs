@@ -2,13 +2,11 @@
 //! TLS clients work and others are refused, mutual TLS, reloads on request
 //! and on file change while open streams go on, and bad files kept out.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pki::{TestCert, TestPki};
-use common::*;
+use crate::common::pki::{TestCert, TestPki};
+use crate::common::*;
 use futures::StreamExt;
 use ingest::domain::CertFingerprint;
 use ingest::transport::{ClientAuth, ConnectionInfo, TlsAcceptor, TlsSettings};
@@ -521,14 +519,12 @@ async fn served(pki: &TestPki, server: &TestServer) -> CertFingerprint {
 /// New connections, one after another, until one is served `cert`.
 async fn wait_until_served(pki: &TestPki, server: &TestServer, cert: &TestCert) {
     let expected = cert.fingerprint();
-    let started = std::time::Instant::now();
-    while served(pki, server).await != expected {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the server did not pick up the new certificate within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the server picking up the new certificate",
+        PATIENCE,
+        async || served(pki, server).await == expected,
+    )
+    .await;
 }
 
 async fn assert_still_served(pki: &TestPki, server: &TestServer, token: &str, cert: &TestCert) {
@@ -539,14 +535,12 @@ async fn assert_still_served(pki: &TestPki, server: &TestServer, token: &str, ce
 }
 
 async fn wait_for_cursor(client: &mut Ingest, sequence: u64) {
-    let started = std::time::Instant::now();
-    while cursor(client).await < sequence {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "batch {sequence} not committed"
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually(
+        &format!("batch {sequence} committed"),
+        PATIENCE,
+        async || cursor(client).await >= sequence,
+    )
+    .await;
 }
 
 /// A bare tonic server (health only) on the TLS incoming stream, with a

@@ -2,12 +2,11 @@
 //! the real server: every case gets a precise status naming what to change,
 //! and nothing of a refused request reaches the database.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::control::{hello, open_control, ping, send_command};
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use ingest::Limits;
 use prost::Message;
 use telemetry_proto::raw::RawCodec;
@@ -126,16 +125,6 @@ fn register(id: &str, display_name: &str, labels: &[(&str, &str)]) -> pb::Regist
     }
 }
 
-fn hello(firmware: &str) -> pb::DeviceMessage {
-    pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-            firmware_version: firmware.into(),
-            capabilities: vec!["ping".into()],
-            config: None,
-        })),
-    }
-}
-
 /// Opens a Control stream whose first messages are `first`; the sender
 /// keeps the stream open.
 async fn control(
@@ -146,17 +135,7 @@ async fn control(
     mpsc::Sender<pb::DeviceMessage>,
     Result<tonic::Streaming<pb::ServerMessage>, tonic::Status>,
 ) {
-    let (tx, rx) = mpsc::channel(16);
-    for m in first {
-        tx.send(m).await.unwrap();
-    }
-    let opened = server
-        .ingest(token)
-        .await
-        .control(ReceiverStream::new(rx))
-        .await
-        .map(tonic::Response::into_inner);
-    (tx, opened)
+    open_control(server.ingest(token).await, first).await
 }
 
 async fn next_status(stream: &mut tonic::Streaming<pb::ServerMessage>) -> tonic::Status {
@@ -265,39 +244,16 @@ async fn an_ack_with_a_nul_detail_ends_the_stream_and_records_nothing(backend: B
     };
     let token = server.register("d1").await;
     let mut ops = server.ops().await;
-    let (tx, opened) = control(&server, &token, vec![hello("fw-1")]).await;
-    let mut stream = opened.unwrap();
-    let sent = ops
-        .send_command(pb::SendCommandRequest {
-            device_id: "d1".into(),
-            command: Some(pb::Command {
-                kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+    let mut device = ControlDevice::open(server.ingest(&token).await, "fw-1")
         .await
-        .unwrap()
-        .into_inner();
-    let delivered = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
         .unwrap();
-    let Some(pb::server_message::Msg::Command(command)) = delivered.msg else {
-        panic!("expected a command");
-    };
+    let sent = send_command(&mut ops, "d1", ping(), 0, 0).await.unwrap();
+    let command = device.command().await;
     assert_eq!(command.command_id, sent.command_id);
-    tx.send(pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Ack(pb::CommandAck {
-            command_id: sent.command_id,
-            state: pb::CommandAckState::Done as i32,
-            detail: "done\0".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let status = next_status(&mut stream).await;
+    device
+        .ack(sent.command_id, pb::CommandAckState::Done, "done\0")
+        .await;
+    let status = next_status(&mut device.rx).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().contains(&format!(
@@ -607,20 +563,9 @@ async fn a_quiet_healthy_control_stream_is_not_cut(backend: Backend) {
     // Many keepalive rounds, and longer than any stream timeout, with no
     // message either way: the client answers PINGs, so nothing is cut.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let sent = server
-        .ops()
+    let sent = send_command(&mut server.ops().await, "d1", ping(), 0, 0)
         .await
-        .send_command(pb::SendCommandRequest {
-            device_id: "d1".into(),
-            command: Some(pb::Command {
-                kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let delivered = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .unwrap()
@@ -762,10 +707,6 @@ async fn a_hostile_corpus_gets_precise_statuses_and_changes_nothing(backend: Bac
     const ACK: &str = "/telemetry.v1.Ops/AckAlert";
     const COMMANDS: &str = "/telemetry.v1.Ops/ListCommands";
     const CURSOR: &str = "/telemetry.v1.Ingest/GetUploadCursor";
-    let ping = || pb::Command {
-        kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-        ..Default::default()
-    };
     let random: Vec<u8> = (0..512u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();

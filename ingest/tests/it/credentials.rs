@@ -2,11 +2,10 @@
 //! that end open streams within a second, after what they already sent is
 //! committed and answered; several named ops tokens.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,8 +34,8 @@ async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends
     let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
     let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 10)).await.unwrap();
-    eventually("the first batch's commit", || async {
-        cursor_call(&server, &token).await.unwrap() == 1
+    eventually("the first batch's commit", PATIENCE, || async {
+        cursor_with(&server, &token).await.unwrap() == 1
     })
     .await;
     server
@@ -49,7 +48,7 @@ async fn an_in_flight_batch_is_committed_and_answered_before_the_revocation_ends
         )
         .await;
     tx.send(simple_batch(2, 10)).await.unwrap();
-    eventually("the second batch inside its commit", || async {
+    eventually("the second batch inside its commit", PATIENCE, || async {
         server
             .storage
             .scalar(
@@ -144,31 +143,9 @@ async fn revoke_token(ops: &mut Ops, device: &str, id: i64) {
     .unwrap();
 }
 
-async fn cursor_call(server: &TestServer, token: &str) -> Result<u64, tonic::Status> {
-    server
-        .ingest(token)
-        .await
-        .get_upload_cursor(pb::GetUploadCursorRequest {})
-        .await
-        .map(|r| r.into_inner().committed_sequence)
-}
-
-/// Polls `check` until it holds, for conditions that change with time
-/// (an expiry) or in the background (a last-use write).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a condition that changes with time (an expiry) or in the
+/// background (a last-use write) may take.
+const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn a_rotation_overlaps_then_the_old_token_expires(backend: Backend) {
     let Some(server) = TestServer::start(backend).await else {
@@ -198,22 +175,22 @@ async fn a_rotation_overlaps_then_the_old_token_expires(backend: Backend) {
     assert_eq!(listed.tokens[1].expires_time_unix_nano, 0);
 
     // During the overlap both work.
-    cursor_call(&server, &old).await.unwrap();
-    cursor_call(&server, &new).await.unwrap();
+    cursor_with(&server, &old).await.unwrap();
+    cursor_with(&server, &new).await.unwrap();
 
     // Then only the new one.
-    eventually("the old token's expiry", || async {
-        cursor_call(&server, &old).await.is_err()
+    eventually("the old token's expiry", PATIENCE, || async {
+        cursor_with(&server, &old).await.is_err()
     })
     .await;
-    let refused = cursor_call(&server, &old).await.unwrap_err();
+    let refused = cursor_with(&server, &old).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
     assert!(
         refused.message().contains("expired"),
         "{}",
         refused.message()
     );
-    assert_eq!(cursor_call(&server, &new).await.unwrap(), 1);
+    assert_eq!(cursor_with(&server, &new).await.unwrap(), 1);
 
     let ended = tokio::time::timeout(Duration::from_secs(5), on_old_token)
         .await
@@ -256,10 +233,10 @@ async fn a_device_holds_at_most_three_active_tokens(backend: Backend) {
     let listed = last.credentials.unwrap();
     assert_eq!(listed.tokens.iter().filter(|t| t.active).count(), 1);
     assert_eq!(
-        cursor_call(&server, &first).await.unwrap_err().code(),
+        cursor_with(&server, &first).await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    assert_eq!(cursor_call(&server, &last.token).await.unwrap(), 0);
+    assert_eq!(cursor_with(&server, &last.token).await.unwrap(), 0);
 
     let missing = rotate(&mut ops, "no-such-device", None).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -274,8 +251,8 @@ async fn a_revocation_ends_an_open_upload_after_answering_its_batches(backend: B
     let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
     let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 10)).await.unwrap();
-    eventually("the first batch's commit", || async {
-        cursor_call(&server, &token).await.unwrap() == 1
+    eventually("the first batch's commit", PATIENCE, || async {
+        cursor_with(&server, &token).await.unwrap() == 1
     })
     .await;
     // The second batch races the revocation: whichever wins, what the
@@ -311,23 +288,13 @@ async fn a_revocation_ends_an_open_upload_after_answering_its_batches(backend: B
     drop(tx);
 
     // New calls with it fail at once.
-    let refused = cursor_call(&server, &token).await.unwrap_err();
+    let refused = cursor_with(&server, &token).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
     assert!(
         refused.message().contains("revoked"),
         "{}",
         refused.message()
     );
-}
-
-fn hello() -> pb::DeviceMessage {
-    pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-            firmware_version: "test-1".into(),
-            capabilities: vec!["ping".into()],
-            config: None,
-        })),
-    }
 }
 
 async fn a_revocation_ends_an_open_control_stream(backend: Backend) {
@@ -337,45 +304,18 @@ async fn a_revocation_ends_an_open_control_stream(backend: Backend) {
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
     let token_id = credentials(&mut ops, "dev-1").await.tokens[0].credential_id;
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(hello()).await.unwrap();
-    let mut stream = server
-        .ingest(&token)
-        .await
-        .control(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut device = ControlDevice::connect(&server, &token).await;
     // A command delivered and acknowledged: the session is live and its
     // acknowledgement recorded before the revocation.
-    let sent = ops
-        .send_command(pb::SendCommandRequest {
-            device_id: "dev-1".into(),
-            command: Some(pb::Command {
-                kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-                ..Default::default()
-            }),
-            ttl_millis: 60_000,
-            wait_millis: 0,
-        })
+    let sent = send_command(&mut ops, "dev-1", ping(), 60_000, 0)
         .await
-        .unwrap()
-        .into_inner();
-    let delivered = stream.message().await.unwrap().unwrap();
-    let Some(pb::server_message::Msg::Command(command)) = delivered.msg else {
-        panic!("expected a command");
-    };
+        .unwrap();
+    let command = device.command().await;
     assert_eq!(command.command_id, sent.command_id);
-    tx.send(pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Ack(pb::CommandAck {
-            command_id: command.command_id,
-            state: pb::CommandAckState::Done as i32,
-            detail: String::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    eventually("the acknowledgement", || async {
+    device
+        .ack(command.command_id, pb::CommandAckState::Done, "")
+        .await;
+    eventually("the acknowledgement", PATIENCE, || async {
         let c = server
             .ops()
             .await
@@ -391,7 +331,7 @@ async fn a_revocation_ends_an_open_control_stream(backend: Backend) {
 
     let revoked_at = Instant::now();
     revoke_token(&mut ops, "dev-1", token_id).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), stream.message())
+    let ended = tokio::time::timeout(Duration::from_secs(10), device.rx.message())
         .await
         .expect("the Control stream outlived its revoked token")
         .unwrap_err();
@@ -406,7 +346,7 @@ async fn a_revocation_ends_an_open_control_stream(backend: Backend) {
         "{}",
         ended.message()
     );
-    drop(tx);
+    drop(device);
 }
 
 async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
@@ -418,8 +358,8 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
     let mut ops = server.ops().await;
     let (tx, upload) = open_upload(&server, &token).await;
     tx.send(simple_batch(1, 3)).await.unwrap();
-    eventually("the first batch's commit", || async {
-        cursor_call(&server, &token).await.unwrap() == 1
+    eventually("the first batch's commit", PATIENCE, || async {
+        cursor_with(&server, &token).await.unwrap() == 1
     })
     .await;
 
@@ -447,7 +387,7 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
     );
     drop(tx);
 
-    let refused = cursor_call(&server, &token).await.unwrap_err();
+    let refused = cursor_with(&server, &token).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
     assert!(
         refused.message().contains("dev-1 is disabled"),
@@ -455,7 +395,7 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
         refused.message()
     );
     // Other devices are untouched.
-    assert_eq!(cursor_call(&server, &other).await.unwrap(), 0);
+    assert_eq!(cursor_with(&server, &other).await.unwrap(), 0);
 
     let listed = ops
         .enable_device(pb::EnableDeviceRequest {
@@ -465,7 +405,7 @@ async fn a_disabled_device_is_refused_until_enabled(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.disabled_time_unix_nano, 0);
-    assert_eq!(cursor_call(&server, &token).await.unwrap(), 1);
+    assert_eq!(cursor_with(&server, &token).await.unwrap(), 1);
     let missing = ops
         .disable_device(pb::DisableDeviceRequest {
             device_id: "nobody".into(),
@@ -489,8 +429,8 @@ async fn credentials_are_listed_without_secrets_with_last_use(backend: Backend) 
     let text = format!("{before:?}");
     assert!(!text.contains(&token[4..]), "a secret in the listing");
 
-    cursor_call(&server, &token).await.unwrap();
-    eventually("the token's last use", || {
+    cursor_with(&server, &token).await.unwrap();
+    eventually("the token's last use", PATIENCE, || {
         let mut ops = ops.clone();
         async move { credentials(&mut ops, "dev-1").await.tokens[0].last_used_time_unix_nano != 0 }
     })
@@ -498,7 +438,7 @@ async fn credentials_are_listed_without_secrets_with_last_use(backend: Backend) 
     // At most once a minute: many calls write it once.
     let first = credentials(&mut ops, "dev-1").await.tokens[0].last_used_time_unix_nano;
     for _ in 0..5 {
-        cursor_call(&server, &token).await.unwrap();
+        cursor_with(&server, &token).await.unwrap();
     }
     let uses = server
         .storage

@@ -1,9 +1,7 @@
 //! The same uploads give the same answers and the same stored data on
 //! SQLite and PostgreSQL.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 
 /// A scripted session: two devices, resends, rejections, a gap.

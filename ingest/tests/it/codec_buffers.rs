@@ -2,9 +2,7 @@
 //! for the message at hand: a stream that carried small batches must still
 //! take one close to `--max-message-bytes`, and small ones after it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ingest::Limits;
 use ingest::domain::ReadingLimits;
 use prost::Message;

@@ -6,22 +6,20 @@
 //! section 6 of docs/design scale-out.md; the SQLite check refuses a second
 //! server on one database.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::alert_helpers::{SEC, above, put, rule, temperatures};
-use common::cluster::{Cluster, ClusterSpec, spawn_logged};
-use common::*;
+use crate::common::alert_helpers::{above, put, rule, temperatures};
+use crate::common::cluster::{Cluster, ClusterSpec, spawn_logged};
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use ingest::storage::Database;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use telemetry_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 const LEASE: Duration = Duration::from_secs(6);
@@ -57,93 +55,19 @@ fn budget(check: &str, started: Instant) {
 
 // ---- devices, commands, watchers -------------------------------------------
 
-/// A device's Control stream on one process.
-struct Control {
-    tx: mpsc::Sender<pb::DeviceMessage>,
-    rx: tonic::Streaming<pb::ServerMessage>,
-}
-
-impl Control {
-    async fn open(cluster: &Cluster, process: usize, token: &str) -> Self {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::DeviceMessage {
-            msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-                firmware_version: "cluster-test".into(),
-                capabilities: vec!["ping".into()],
-                config: None,
-            })),
-        })
-        .await
-        .unwrap();
-        let rx = cluster
-            .ingest(process, token)
-            .await
-            .control(ReceiverStream::new(rx))
-            .await
-            .unwrap_or_else(|s| panic!("opening a Control stream on process {process}: {s}"))
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    /// The next command; `Err` when the stream ended with a status (or
-    /// cleanly: then the status is OK). Panics after `within`.
-    async fn next(&mut self, within: Duration) -> Result<pb::Command, tonic::Status> {
-        let message = tokio::time::timeout(within, self.rx.message())
-            .await
-            .unwrap_or_else(|_| panic!("no command and no end within {within:?}"))?;
-        match message {
-            Some(pb::ServerMessage {
-                msg: Some(pb::server_message::Msg::Command(c)),
-            }) => Ok(c),
-            Some(other) => panic!("unexpected server message {other:?}"),
-            None => Err(tonic::Status::ok("the stream ended")),
-        }
-    }
-
-    async fn ack(&self, command_id: u64, detail: &str) {
-        let ack = pb::CommandAck {
-            command_id,
-            state: pb::CommandAckState::Done as i32,
-            detail: detail.into(),
-        };
-        self.tx
-            .send(pb::DeviceMessage {
-                msg: Some(pb::device_message::Msg::Ack(ack)),
-            })
-            .await
-            .unwrap();
-    }
-}
-
 /// A Control stream that acknowledges every command, reporting each id
 /// (before acknowledging it) on the returned receiver.
-fn acking(mut device: Control) -> mpsc::UnboundedReceiver<u64> {
+fn acking(mut device: ControlDevice) -> mpsc::UnboundedReceiver<u64> {
     let (seen, ids) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok(command) = device.next(Duration::from_secs(120)).await {
+        while let Ok(command) = device.next_within(Duration::from_secs(120)).await {
             let _ = seen.send(command.command_id);
-            device.ack(command.command_id, "pong").await;
+            device
+                .ack(command.command_id, pb::CommandAckState::Done, "pong")
+                .await;
         }
     });
     ids
-}
-
-fn ping() -> pb::Command {
-    pb::Command {
-        kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-        ..Default::default()
-    }
-}
-
-async fn send(ops: &mut Ops, device: &str, wait_millis: u64) -> Result<pb::Command, tonic::Status> {
-    ops.send_command(pb::SendCommandRequest {
-        device_id: device.into(),
-        command: Some(ping()),
-        ttl_millis: 0,
-        wait_millis,
-    })
-    .await
-    .map(tonic::Response::into_inner)
 }
 
 async fn get_command(ops: &mut Ops, command_id: u64) -> pb::Command {
@@ -384,13 +308,13 @@ async fn a_command_sent_on_one_process_is_acked_by_a_stream_on_another() {
     };
     let started = Instant::now();
     let token = cluster.register("dev-1").await;
-    let mut received = acking(Control::open(&cluster, 0, &token).await);
+    let mut received = acking(cluster.control(0, &token).await);
     let mut ops = cluster.ops(1).await;
     const COMMANDS: usize = 50;
     let mut round_trips = Vec::with_capacity(COMMANDS);
     for n in 0..COMMANDS {
         let sent_at = Instant::now();
-        let done = send(&mut ops, "dev-1", 10_000)
+        let done = send_command(&mut ops, "dev-1", ping(), 0, 10_000)
             .await
             .unwrap_or_else(|s| panic!("command {n}: {s}"));
         round_trips.push(sent_at.elapsed());
@@ -426,9 +350,9 @@ async fn a_stream_on_another_process_supersedes_and_a_late_disconnect_keeps_it_o
     let token = cluster.register("dev-1").await;
     let ids = ["dev-1".to_owned()];
     let mut ops_c = cluster.ops(2).await;
-    let mut first = Control::open(&cluster, 0, &token).await;
+    let mut first = cluster.control(0, &token).await;
     wait_online(&mut ops_c, &ids, true, Duration::from_secs(10)).await;
-    let mut second = Control::open(&cluster, 1, &token).await;
+    let mut second = cluster.control(1, &token).await;
     let ended = tokio::time::timeout(Duration::from_secs(10), first.rx.message())
         .await
         .expect("the stream on process 0 neither ended nor received anything within 10 s of a newer stream of its device on process 1")
@@ -462,8 +386,10 @@ async fn a_stream_on_another_process_supersedes_and_a_late_disconnect_keeps_it_o
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And the newer stream is the one commands reach.
-    let queued = send(&mut ops_c, "dev-1", 0).await.unwrap();
-    let got = second.next(Duration::from_secs(10)).await.unwrap();
+    let queued = send_command(&mut ops_c, "dev-1", ping(), 0, 0)
+        .await
+        .unwrap();
+    let got = second.next().await.unwrap();
     assert_eq!(got.command_id, queued.command_id);
     println!("online at all {polls} polls (x3 processes) after the late disconnect");
     budget("supersede across processes", started);
@@ -696,7 +622,7 @@ async fn losing_the_listen_connections_loses_no_event_command_or_wakeup() {
     }
     let mut received = Vec::new();
     for (d, (_, token)) in controlled.iter().enumerate() {
-        received.push(acking(Control::open(&cluster, d % 3, token).await));
+        received.push(acking(cluster.control(d % 3, token).await));
     }
 
     let (stop_tx, mut stop) = watch::channel(false);
@@ -734,7 +660,7 @@ async fn losing_the_listen_connections_loses_no_event_command_or_wakeup() {
             let mut acked = Vec::new();
             for n in 0..COMMANDS {
                 let sent_at = Instant::now();
-                let done = send(&mut ops, &id, 15_000)
+                let done = send_command(&mut ops, &id, ping(), 0, 15_000)
                     .await
                     .unwrap_or_else(|s| panic!("{id} command {n}: {s}"));
                 assert_eq!(
@@ -815,14 +741,12 @@ async fn losing_the_listen_connections_loses_no_event_command_or_wakeup() {
         contiguous(&format!("the watcher on process {i}"), &seen, &ids);
     }
     // Each process opened its listener again.
-    let back_by = Instant::now() + Duration::from_secs(10);
-    while cluster.count_backends("ingest-%-listener").await < 3 {
-        assert!(
-            Instant::now() < back_by,
-            "the listener connections did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the listener connections back",
+        Duration::from_secs(10),
+        async || cluster.count_backends("ingest-%-listener").await >= 3,
+    )
+    .await;
     let (p50, p99) = percentiles(&round_trips);
     println!(
         "{terminated} listener connections terminated in {rounds} rounds; {} commands acked (p50 {p50:.1} ms, p99 {p99:.1} ms), {expected_events} events seen by 3 watchers",
@@ -851,7 +775,7 @@ async fn the_queue_limit_holds_across_processes() {
             let barrier = barrier.clone();
             sends.push(tokio::spawn(async move {
                 barrier.wait().await;
-                send(&mut ops, "dev-1", 0).await
+                send_command(&mut ops, "dev-1", ping(), 0, 0).await
             }));
         }
     }
@@ -941,46 +865,36 @@ async fn killing_the_leader_moves_devices_commands_and_leadership() {
             .count()
     };
     // quiet-a never reads: the leader fires it before the kill.
-    let by = Instant::now() + Duration::from_secs(10);
-    while fired(&events, "quiet-a") == 0 {
-        assert!(
-            Instant::now() < by,
-            "the leader (process {victim}) did not fire quiet-a's inactivity"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        &format!("the leader (process {victim}) firing quiet-a's inactivity"),
+        Duration::from_secs(10),
+        async || fired(&events, "quiet-a") > 0,
+    )
+    .await;
 
     // Every device holds a stream, a third of them on the victim; those
     // get a command they never acknowledge.
-    let mut streams: Vec<Option<Control>> = Vec::new();
+    let mut streams: Vec<Option<ControlDevice>> = Vec::new();
     for (d, (_, token)) in devices.iter().enumerate() {
-        streams.push(Some(Control::open(&cluster, d % 3, token).await));
+        streams.push(Some(cluster.control(d % 3, token).await));
     }
     let ids: Vec<String> = devices.iter().map(|d| d.0.clone()).collect();
     wait_online(&mut ops, &ids, true, Duration::from_secs(10)).await;
     let on_victim: Vec<usize> = (0..DEVICES).filter(|d| d % 3 == victim).collect();
     let mut unacked = HashMap::new();
     for &d in &on_victim {
-        let queued = send(&mut ops, &ids[d], 0).await.unwrap();
-        let got = streams[d]
-            .as_mut()
-            .unwrap()
-            .next(Duration::from_secs(10))
-            .await
-            .unwrap();
+        let queued = send_command(&mut ops, &ids[d], ping(), 0, 0).await.unwrap();
+        let got = streams[d].as_mut().unwrap().next().await.unwrap();
         assert_eq!(got.command_id, queued.command_id);
         unacked.insert(d, queued.command_id);
     }
     for (&d, &command_id) in &unacked {
-        let by = Instant::now() + Duration::from_secs(10);
-        while get_command(&mut ops, command_id).await.state() != pb::CommandState::Sent {
-            assert!(
-                Instant::now() < by,
-                "{}'s command never marked sent",
-                ids[d]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            &format!("{}'s command marked sent", ids[d]),
+            Duration::from_secs(10),
+            async || get_command(&mut ops, command_id).await.state() == pb::CommandState::Sent,
+        )
+        .await;
     }
 
     stop_b.send_replace(true);
@@ -1035,9 +949,9 @@ async fn killing_the_leader_moves_devices_commands_and_leadership() {
     // They reconnect to the survivors and get their command again.
     for (n, &d) in on_victim.iter().enumerate() {
         let process = survivors[n % 2];
-        let mut stream = Control::open(&cluster, process, &devices[d].1).await;
+        let mut stream = cluster.control(process, &devices[d].1).await;
         let again = stream
-            .next(Duration::from_secs(10))
+            .next()
             .await
             .unwrap_or_else(|s| panic!("{} on process {process}: no redelivery: {s}", ids[d]));
         assert_eq!(
@@ -1045,44 +959,46 @@ async fn killing_the_leader_moves_devices_commands_and_leadership() {
             "{}: the unacknowledged command, same id",
             ids[d]
         );
-        stream.ack(again.command_id, "pong").await;
+        stream
+            .ack(again.command_id, pb::CommandAckState::Done, "pong")
+            .await;
         streams[d] = Some(stream);
     }
     for (&d, &command_id) in &unacked {
-        let by = Instant::now() + Duration::from_secs(10);
-        while get_command(&mut ops, command_id).await.state() != pb::CommandState::Acked {
-            assert!(
-                Instant::now() < by,
-                "{}'s redelivered command never acked",
-                ids[d]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            &format!("{}'s redelivered command acked", ids[d]),
+            Duration::from_secs(10),
+            async || get_command(&mut ops, command_id).await.state() == pb::CommandState::Acked,
+        )
+        .await;
     }
     wait_online(&mut ops, &ids, true, Duration::from_secs(10)).await;
 
     // quiet-b went silent at the kill: the new leader fires it, once.
     let by = killed + LEASE + RENEW + MARGIN + Duration::from_secs(2);
-    while fired(&events, "quiet-b") == b_fired_before {
-        assert!(
-            Instant::now() < by,
-            "quiet-b's inactivity did not fire within {:?} of the leader's kill",
+    eventually(
+        &format!(
+            "quiet-b's inactivity fired within {:?} of the leader's kill",
             by - killed
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ),
+        by.saturating_duration_since(Instant::now()),
+        async || fired(&events, "quiet-b") != b_fired_before,
+    )
+    .await;
     let b_fired_after = killed.elapsed();
     temperatures(&mut b_client, b_seq + 1, now_nanos(), &[20.0]).await;
-    let by = Instant::now() + Duration::from_secs(5);
-    while !events
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|e| e.device_id == "quiet-b" && e.kind() == pb::AlertEventKind::Resolved)
-    {
-        assert!(Instant::now() < by, "quiet-b's reading did not resolve it");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "quiet-b's reading resolving it",
+        Duration::from_secs(5),
+        async || {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.device_id == "quiet-b" && e.kind() == pb::AlertEventKind::Resolved)
+        },
+    )
+    .await;
     collector.abort();
     let twice = cluster
         .storage
@@ -1148,7 +1064,7 @@ async fn restarting_one_process_leaves_the_others_devices_online() {
     let devices = cluster.register_many("dev", DEVICES).await;
     let mut streams = Vec::new();
     for (d, (_, token)) in devices.iter().enumerate() {
-        streams.push(Control::open(&cluster, d % 3, token).await);
+        streams.push(cluster.control(d % 3, token).await);
     }
     let ids: Vec<String> = devices.iter().map(|d| d.0.clone()).collect();
     let mut ops = cluster.ops(0).await;
@@ -1225,7 +1141,7 @@ async fn control_streams_end_for_rebalancing_after_their_lifetime() {
     let devices = cluster.register_many("dev", 3).await;
     let mut streams = Vec::new();
     for (i, (_, token)) in devices.iter().enumerate() {
-        streams.push((i, Instant::now(), Control::open(&cluster, i, token).await));
+        streams.push((i, Instant::now(), cluster.control(i, token).await));
     }
     for (i, opened, mut stream) in streams {
         let ended = tokio::time::timeout(lifetime * 3, stream.rx.message())

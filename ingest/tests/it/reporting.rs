@@ -2,11 +2,11 @@
 //! retention, and PostgreSQL's day partitions. Each test runs on SQLite and
 //! on a fresh PostgreSQL database, against the real server over HTTP/2.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Backend, TestServer, TestStorage, batch, now_nanos, series, simple_batch, upload};
+use crate::common::{
+    Backend, TestServer, TestStorage, batch, hour_start, now_nanos, series, simple_batch, upload,
+};
 use ingest::retention::{self, RetentionConfig};
 use ingest::storage::Store;
 use ingest::storage::partitions::{DAY_NANOS, day_of, partition_name};
@@ -47,12 +47,6 @@ async fn rollup_rows(storage: &TestStorage, sql: &str) -> Vec<RollupRow> {
             sqlx::query_as(sql).fetch_all(&mut conn).await.unwrap()
         }
     }
-}
-
-/// Start of the UTC hour `hours_ago` hours before the current one.
-fn hour_start(hours_ago: u64) -> u64 {
-    let now = now_nanos();
-    now - now % HOUR - hours_ago * HOUR
 }
 
 /// Readings of one sensor: `n` points from `start`, `step` apart, with

@@ -1,12 +1,10 @@
 //! Alert rules, the alert lifecycle and WatchAlerts, end to end on both
 //! backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
+use crate::common::alert_helpers::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 
@@ -33,16 +31,7 @@ async fn threshold_fires_and_resolves_before_the_summary(backend: Backend) {
     };
     let token = server.register("dev-1").await;
     let mut ops = server.ops().await;
-    put(
-        &mut ops,
-        rule(
-            "too-hot",
-            "temperature",
-            pb::Severity::Critical,
-            above(40.0, 35.0, 0),
-        ),
-    )
-    .await;
+    put(&mut ops, too_hot()).await;
     let mut watcher = Watcher::from(&server, 0).await;
     let mut client = server.ingest(&token).await;
     let t = now_nanos() - 60 * SEC;

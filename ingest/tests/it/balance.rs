@@ -6,13 +6,10 @@
 //! registration went shows which server took the call; the watcher's test
 //! runs two servers on one PostgreSQL database, as scale-out does.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
-use telemetry_proto::v1 as pb;
+use crate::common::alert_helpers::{put, temperatures, too_hot};
+use crate::common::*;
 
 async fn devices_on(server: &TestServer) -> i64 {
     server.storage.scalar("SELECT COUNT(*) FROM devices").await
@@ -94,16 +91,7 @@ async fn two_on_one_database() -> Option<(TestServer, TestServer, [String; 2])> 
     // The devices and the rule exist before the second process starts, so
     // both have them whatever the server side shares at run time.
     let mut ops = a.ops().await;
-    put(
-        &mut ops,
-        rule(
-            "too-hot",
-            "temperature",
-            pb::Severity::Critical,
-            above(40.0, 35.0, 0),
-        ),
-    )
-    .await;
+    put(&mut ops, too_hot()).await;
     let tokens = [a.register("d1").await, a.register("d2").await];
     let b = TestServer::start_on(beside, Default::default(), Some(configure)).await;
     Some((a, b, tokens))
@@ -164,11 +152,10 @@ impl Drop for WatchCli {
 
 /// Open WatchAlerts streams on `server`, from its /metrics.
 async fn watch_streams(server: &TestServer) -> usize {
-    let (_, text) = server.admin("/metrics").await;
-    text.lines()
-        .find(|line| line.starts_with("ingest_streams{") && line.contains("kind=\"watch\""))
-        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .map_or(0, |n| n as usize)
+    server
+        .metrics()
+        .await
+        .sum("ingest_streams", &[("kind", "watch")]) as usize
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,17 +165,15 @@ async fn alerts_watch_goes_on_when_its_server_goes_away() {
     };
     let mut watch = WatchCli::start(&[&a, &b]);
     // Whichever server the watcher reached, it is the one to stop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (mut watched, mut other) = loop {
+    let a_watched = eventually_ok("a watch stream", Duration::from_secs(20), async || {
         match (watch_streams(&a).await, watch_streams(&b).await) {
-            (1, 0) => break (a, b),
-            (0, 1) => break (b, a),
-            _ => {
-                assert!(std::time::Instant::now() < deadline, "no watch stream");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            (1, 0) => Ok(true),
+            (0, 1) => Ok(false),
+            seen => Err(format!("watch streams on (a, b): {seen:?}")),
         }
-    };
+    })
+    .await;
+    let (mut watched, mut other) = if a_watched { (a, b) } else { (b, a) };
     let now = now_nanos();
     temperatures(&mut watched.ingest(&d1).await, 1, now, &[45.0]).await;
     let (first, device) = watch.event().await;

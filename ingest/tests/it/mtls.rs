@@ -2,12 +2,10 @@
 //! certificate stands for its device, cannot write as another, can be
 //! required, and its revocation ends the streams that used it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::pki::{TestCert, TestPki};
-use common::*;
+use crate::common::pki::{TestCert, TestPki};
+use crate::common::*;
 use ingest::transport::ClientAuth;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
@@ -235,11 +233,10 @@ async fn revoking_a_certificate_ends_the_streams_it_opened(backend: Backend) {
     });
     tx.send(simple_batch(1, 3)).await.unwrap();
     let mut probe = client(&server, Some(&cert), None).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cursor_of(&mut probe).await.unwrap().committed_sequence < 1 {
-        assert!(Instant::now() < deadline, "the batch was not committed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the batch committed", Duration::from_secs(10), async || {
+        cursor_of(&mut probe).await.unwrap().committed_sequence >= 1
+    })
+    .await;
 
     let revoked_at = Instant::now();
     server

@@ -1,10 +1,8 @@
 //! The device registry: RegisterDevice, GetDevice, ListDevices.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 

@@ -1,9 +1,7 @@
 //! What generic gRPC tools see: health and server reflection, open without
 //! a token, exposing both services with the right call kinds.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use prost::Message;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::ServerReflectionRequest;

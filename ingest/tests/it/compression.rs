@@ -2,11 +2,10 @@
 //! decompressed size bounded by --max-message-bytes, and server reflection
 //! in both versions (v1 and v1alpha).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::control::{ack, hello, ping, send_command};
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ingest_client::IngestClient;
 use telemetry_proto::v1::ops_client::OpsClient;
@@ -72,32 +71,15 @@ async fn served_on_every_call_kind(backend: Backend, encoding: CompressionEncodi
     };
     let mut ingest = compressed_ingest(&token);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-            firmware_version: format!("fw-{name}"),
-            capabilities: vec!["ping".into()],
-            config: None,
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(hello(&format!("fw-{name}"))).await.unwrap();
     let control = ingest.control(ReceiverStream::new(rx)).await.unwrap();
     assert_eq!(encoding_of(control.metadata()).as_deref(), Some(name));
     let mut commands = control.into_inner();
     let mut ops = compressed_ops.clone();
     let sending = tokio::spawn(async move {
-        ops.send_command(pb::SendCommandRequest {
-            device_id: "squeezed".into(),
-            command: Some(pb::Command {
-                kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-                ..Default::default()
-            }),
-            ttl_millis: 0,
-            wait_millis: 10_000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
+        send_command(&mut ops, "squeezed", ping(), 0, 10_000)
+            .await
+            .unwrap()
     });
     let command = tokio::time::timeout(Duration::from_secs(10), commands.message())
         .await
@@ -107,15 +89,9 @@ async fn served_on_every_call_kind(backend: Backend, encoding: CompressionEncodi
     let Some(pb::server_message::Msg::Command(command)) = command.msg else {
         panic!("expected a command, got {command:?}");
     };
-    tx.send(pb::DeviceMessage {
-        msg: Some(pb::device_message::Msg::Ack(pb::CommandAck {
-            command_id: command.command_id,
-            state: pb::CommandAckState::Done as i32,
-            detail: "pong".into(),
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(ack(command.command_id, pb::CommandAckState::Done, "pong"))
+        .await
+        .unwrap();
     let acked = sending.await.unwrap();
     assert_eq!(acked.state(), pb::CommandState::Acked);
     assert_eq!(acked.result, "pong");

@@ -2,17 +2,13 @@
 //! in every format, with every filter, on SQLite and PostgreSQL; the same
 //! data gives the same rows on both; mistakes exit non-zero with a message.
 
-mod common;
-
-use std::time::Duration;
-
-use common::*;
+use crate::common::alert_helpers::{put, too_hot};
+use crate::common::control::{ping, send_command};
+use crate::common::*;
 use ingest::cli::output::Format;
 use ingest::reports::{ReportDb, ReportName, ReportQuery};
 use ingest::storage::Database;
 use telemetry_proto::v1 as pb;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 backend_tests!(
     readings_hourly_in_every_format,
@@ -20,16 +16,6 @@ backend_tests!(
     refused_queries_exit_non_zero_with_a_message,
     a_schema_without_the_views_asks_for_migrate,
 );
-
-const SEC: u64 = 1_000_000_000;
-const MIN: u64 = 60 * SEC;
-const HOUR: u64 = 3600 * SEC;
-
-/// Start of the UTC hour `hours_ago` hours before the current one.
-fn hour_start(hours_ago: u64) -> u64 {
-    let now = now_nanos();
-    now - now % HOUR - hours_ago * HOUR
-}
 
 /// As the views' `*_utc` columns and the table show times.
 fn utc(nanos: u64) -> String {
@@ -527,84 +513,13 @@ async fn a_schema_without_the_views_asks_for_migrate(backend: Backend) {
 
 // ---- both backends give the same rows -----------------------------------------
 
-/// A device holding its Control stream.
-struct Device {
-    tx: mpsc::Sender<pb::DeviceMessage>,
-    rx: tonic::Streaming<pb::ServerMessage>,
-}
-
-impl Device {
-    async fn connect(server: &TestServer, token: &str) -> Self {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::DeviceMessage {
-            msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello {
-                firmware_version: "test-1.2".into(),
-                capabilities: vec!["ping".into()],
-                config: None,
-            })),
-        })
-        .await
-        .unwrap();
-        let rx = server
-            .ingest(token)
-            .await
-            .control(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    async fn command(&mut self) -> pb::Command {
-        let message = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("no command arrived")
-            .unwrap()
-            .expect("the stream ended");
-        match message.msg {
-            Some(pb::server_message::Msg::Command(c)) => c,
-            None => panic!("empty server message"),
-        }
-    }
-
-    async fn ack(&self, command_id: u64, detail: &str) {
-        self.tx
-            .send(pb::DeviceMessage {
-                msg: Some(pb::device_message::Msg::Ack(pb::CommandAck {
-                    command_id,
-                    state: pb::CommandAckState::Done as i32,
-                    detail: detail.into(),
-                })),
-            })
-            .await
-            .unwrap();
-    }
-}
-
 /// Three devices, four sensors over two hours, an alert that fires and
 /// resolves and one that stays open and is acknowledged, a command
 /// acknowledged and one left queued. Returns the device that stays
 /// connected (so `online` does not change while the reports run).
-async fn scripted_session(server: &TestServer, a: u64, b: u64) -> Device {
+async fn scripted_session(server: &TestServer, a: u64, b: u64) -> ControlDevice {
     let mut ops = server.ops().await;
-    ops.put_alert_rule(pb::PutAlertRuleRequest {
-        rule: Some(pb::AlertRule {
-            rule_id: "too-hot".into(),
-            devices: None,
-            sensor: "temperature".into(),
-            severity: pb::Severity::Critical as i32,
-            condition: Some(pb::alert_rule::Condition::Threshold(
-                pb::ThresholdCondition {
-                    direction: pb::threshold_condition::Direction::Above as i32,
-                    fire_value: 40.0,
-                    clear_value: 35.0,
-                    for_millis: 0,
-                },
-            )),
-        }),
-    })
-    .await
-    .unwrap();
+    put(&mut ops, too_hot()).await;
     let token_a = server.register("dev-a").await;
     let mut dev_a = server.ingest(&token_a).await;
     let mut dev_b = server.ingest(&server.register("dev-b").await).await;
@@ -674,41 +589,27 @@ async fn scripted_session(server: &TestServer, a: u64, b: u64) -> Device {
     .await
     .unwrap();
 
-    let mut device = Device::connect(server, &token_a).await;
+    let mut device = ControlDevice::connect(server, &token_a).await;
     let mut sender = server.ops().await;
     let sending = tokio::spawn(async move {
-        sender
-            .send_command(pb::SendCommandRequest {
-                device_id: "dev-a".into(),
-                command: Some(pb::Command {
-                    kind: Some(pb::command::Kind::Ping(pb::Ping {})),
-                    ..Default::default()
-                }),
-                ttl_millis: 0,
-                wait_millis: 5000,
-            })
+        send_command(&mut sender, "dev-a", ping(), 0, 5000)
             .await
             .unwrap()
-            .into_inner()
     });
     let ping = device.command().await;
-    device.ack(ping.command_id, "pong").await;
+    device
+        .ack(ping.command_id, pb::CommandAckState::Done, "pong")
+        .await;
     assert_eq!(sending.await.unwrap().state(), pb::CommandState::Acked);
-    let queued = ops
-        .send_command(pb::SendCommandRequest {
-            device_id: "dev-b".into(),
-            command: Some(pb::Command {
-                kind: Some(pb::command::Kind::SetSamplingInterval(
-                    pb::SetSamplingInterval { interval_ms: 500 },
-                )),
-                ..Default::default()
-            }),
-            ttl_millis: 0,
-            wait_millis: 0,
-        })
+    let interval = pb::Command {
+        kind: Some(pb::command::Kind::SetSamplingInterval(
+            pb::SetSamplingInterval { interval_ms: 500 },
+        )),
+        ..Default::default()
+    };
+    let queued = send_command(&mut ops, "dev-b", interval, 0, 0)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(queued.state(), pb::CommandState::Queued);
     device
 }

@@ -2,12 +2,10 @@
 //! device whose committed sequence went so high (2^63-1, a firmware bug)
 //! that every later batch is a duplicate. End to end on both backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
+use crate::common::alert_helpers::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,14 +163,12 @@ async fn batches_of_an_open_stream_meet_the_new_mark(backend: Backend) {
     for s in 1..=5 {
         tx.send(simple_batch(s, 1)).await.unwrap();
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while cursor(&mut device).await < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "batches 1-5 never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "batches 1-5 committed",
+        Duration::from_secs(20),
+        async || cursor(&mut device).await >= 5,
+    )
+    .await;
 
     let reply = reset(&mut ops, "sim-0003", 100).await;
     assert_eq!(reply.previous_committed_sequence, 5);
@@ -242,16 +238,7 @@ async fn resent_batches_are_judged_by_the_alert_rules(backend: Backend) {
     };
     let token = server.register("sim-0005").await;
     let mut ops = server.ops().await;
-    put(
-        &mut ops,
-        rule(
-            "too-hot",
-            "temperature",
-            pb::Severity::Critical,
-            above(40.0, 35.0, 0),
-        ),
-    )
-    .await;
+    put(&mut ops, too_hot()).await;
     let mut device = server.ingest(&token).await;
     let t = now_nanos() - 60 * SEC;
     temperatures(&mut device, MAX, t, &[50.0]).await;

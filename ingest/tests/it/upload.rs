@@ -1,9 +1,7 @@
 //! UploadReadings end to end: summaries, idempotent resends, the cursor,
 //! per-reading rejections and stream-level errors, on both backends.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ingest::Limits;
 use ingest::domain::ReadingLimits;
 use telemetry_proto::v1 as pb;

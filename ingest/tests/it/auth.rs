@@ -1,8 +1,6 @@
 //! Authentication: devices act only as themselves; Ops needs the ops token.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 

@@ -2,13 +2,11 @@
 //! batch acknowledged before the backup started. SQLite through the
 //! command's own copy; PostgreSQL through the pg_dump command it prints.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 
 backend_tests!(a_backup_taken_mid_ingest_restores_every_acknowledged_batch);
@@ -135,11 +133,12 @@ async fn rotate_token(server: &TestServer, device: &str) -> String {
 }
 
 async fn wait_for_acks(acked: &Acked, total: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().values().sum::<u64>() < total as u64 {
-        assert!(std::time::Instant::now() < deadline, "uploads stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the uploads acknowledged",
+        Duration::from_secs(30),
+        async || acked.lock().unwrap().values().sum::<u64>() >= total as u64,
+    )
+    .await;
 }
 
 fn run_shell(command: &str) {

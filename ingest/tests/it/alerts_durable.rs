@@ -2,12 +2,10 @@
 //! leaves neither, what a rule remembers survives a restart, silences are
 //! retried until recorded, and event ids have no gap. Both backends.
 
-mod common;
-
 use std::time::Duration;
 
-use common::alert_helpers::*;
-use common::*;
+use crate::common::alert_helpers::*;
+use crate::common::*;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
 
