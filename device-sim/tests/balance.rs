@@ -85,15 +85,7 @@ impl Server {
             .await
             .expect("scrape");
         assert_eq!(status, 200);
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{metric}{{")))
-            .filter(|line| {
-                labels
-                    .iter()
-                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        ingest::server::admin::sum(&text, metric, labels)
     }
 
     async fn committed(&self) -> f64 {

@@ -332,6 +332,18 @@ impl TestServer {
             .into_inner()
             .token
     }
+
+    /// Ops GetDevice of a device that must exist.
+    pub async fn device(&self, device_id: &str) -> pb::Device {
+        self.ops()
+            .await
+            .get_device(pb::GetDeviceRequest {
+                device_id: device_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
 }
 
 impl Drop for TestServer {

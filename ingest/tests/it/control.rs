@@ -422,16 +422,7 @@ async fn the_first_message_must_be_hello(backend: Backend) {
 }
 
 async fn online(server: &TestServer, device: &str) -> bool {
-    server
-        .ops()
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: device.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .online
+    server.device(device).await.online
 }
 
 /// The old stream ends after the new one opened: its goodbye must not

@@ -225,15 +225,7 @@ async fn a_hello_with_bad_firmware_is_refused_and_nothing_recorded(backend: Back
         before,
         "presence or firmware was recorded"
     );
-    let device = server
-        .ops()
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: "d1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let device = server.device("d1").await;
     assert!(!device.online);
     assert_eq!(device.firmware_version, "");
 }

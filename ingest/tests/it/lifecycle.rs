@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::common::*;
-use telemetry_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -26,15 +25,7 @@ async fn data_and_cursors_survive_a_restart(backend: Backend) {
     let server = server.restart().await;
     let mut client = server.ingest(&token).await;
     assert_eq!(cursor(&mut client).await, 4, "the cursor is durable");
-    let device = server
-        .ops()
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: "dev-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let device = server.device("dev-1").await;
     assert_eq!(device.committed_sequence, 4);
     // The device did not see the last summary and resends from 3.
     let s = upload(&mut client, (3..=6).map(|s| simple_batch(s, 25)).collect())

@@ -151,15 +151,7 @@ async fn cursor_lets_a_device_resume(backend: Backend) {
         "another device's cursor is its own"
     );
 
-    let device = server
-        .ops()
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: "dev-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let device = server.device("dev-a").await;
     assert_eq!(device.committed_sequence, 4);
     assert!(device.last_upload_time_unix_nano > 0);
 }
