@@ -1,5 +1,5 @@
-//! Where report rows go. The CLI's output module writes them as a table,
-//! CSV or JSON lines (`crate::cli::output::Format`).
+//! Where report rows go: the `ingest` CLI's output module writes them as
+//! a table, CSV or JSON lines.
 
 use std::io;
 
