@@ -30,6 +30,13 @@ fn rules() -> Vec<pb::AlertRule> {
             for_millis: 0,
         })
     };
+    let rate_of_change = |max_change_per_minute| {
+        Condition::RateOfChange(pb::RateOfChangeCondition {
+            max_change_per_minute,
+        })
+    };
+    let silent_for_millis =
+        |silence_millis| Condition::Inactivity(pb::InactivityCondition { silence_millis });
     // Every rule watches one sensor on all devices.
     let rule = |rule_id: &str, sensor: &str, severity: pb::Severity, condition| pb::AlertRule {
         rule_id: rule_id.into(),
@@ -51,18 +58,14 @@ fn rules() -> Vec<pb::AlertRule> {
             "demo-pressure-jump",
             "pressure",
             pb::Severity::Warning,
-            Condition::RateOfChange(pb::RateOfChangeCondition {
-                max_change_per_minute: 600.0,
-            }),
+            rate_of_change(600.0),
         ),
         // A dropout silences one sensor while the others go on.
         rule(
             "demo-humidity-silent",
             "humidity",
             pb::Severity::Warning,
-            Condition::Inactivity(pb::InactivityCondition {
-                silence_millis: 2000,
-            }),
+            silent_for_millis(2000),
         ),
     ]
 }

@@ -373,10 +373,8 @@ impl Credentials {
         id: &DeviceId,
         disabled: bool,
     ) -> Result<DeviceCredentials, CredentialError> {
-        let device = self
-            .store
-            .set_disabled(id, disabled.then(now_unix_nanos))
-            .await?;
+        let since = disabled.then(now_unix_nanos);
+        let device = self.store.set_disabled(id, since).await?;
         self.publish(if disabled {
             CredentialEvent::Disabled {
                 device_pk: device.pk,

@@ -446,9 +446,7 @@ mod tests {
     }
 
     fn send_error(args: &[&str]) -> clap::error::ErrorKind {
-        parse(&[&["send"], args].concat())
-            .expect_err("invalid arguments")
-            .kind()
+        crate::cli::refusal::<CommandCommand>("send", args)
     }
 
     #[test]

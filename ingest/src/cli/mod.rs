@@ -73,6 +73,18 @@ fn parse_subcommand<C: clap::Subcommand>(args: &[&str]) -> Result<C, clap::Error
         .map(|cli| cli.cmd)
 }
 
+/// What clap says to `args` after the subcommand `name` of a group, when
+/// it refuses them.
+#[cfg(test)]
+fn refusal<C: clap::Subcommand + std::fmt::Debug>(
+    name: &str,
+    args: &[&str],
+) -> clap::error::ErrorKind {
+    parse_subcommand::<C>(&[&[name], args].concat())
+        .expect_err("invalid arguments")
+        .kind()
+}
+
 impl Cli {
     /// How to log: only `serve` has a choice, the operator commands log text.
     pub fn log_format(&self) -> crate::observability::LogFormat {

@@ -359,9 +359,7 @@ mod tests {
     }
 
     fn add_error(args: &[&str]) -> clap::error::ErrorKind {
-        parse(&[&["add"], args].concat())
-            .expect_err("invalid arguments")
-            .kind()
+        crate::cli::refusal::<RulesCommand>("add", args)
     }
 
     #[test]

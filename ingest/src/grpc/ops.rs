@@ -197,11 +197,7 @@ impl pb::ops_server::Ops for OpsService {
             Some(Credential::Certificate(true)) => {
                 self.credentials.bind_certificate(&id, None, None).await?
             }
-            Some(Credential::Certificate(false)) | None => {
-                return Err(Status::invalid_argument(
-                    "say what to revoke: token_credential_id (from ListDeviceCredentials) or certificate = true",
-                ));
-            }
+            Some(Credential::Certificate(false)) | None => return Err(nothing_to_revoke()),
         };
         Ok(Response::new(convert::credentials(credentials)))
     }
@@ -518,4 +514,10 @@ impl pb::ops_server::Ops for OpsService {
             next_page_token,
         }))
     }
+}
+
+fn nothing_to_revoke() -> Status {
+    Status::invalid_argument(
+        "say what to revoke: token_credential_id (from ListDeviceCredentials) or certificate = true",
+    )
 }

@@ -94,11 +94,19 @@ impl From<InvalidDevice> for Status {
     }
 }
 
-impl From<InvalidRule> for Status {
-    fn from(e: InvalidRule) -> Self {
-        Status::invalid_argument(format!("invalid alert rule: {e}"))
-    }
+/// Input that breaks a rule of its type: INVALID_ARGUMENT naming the type,
+/// then the rule.
+macro_rules! invalid_argument {
+    ($($error:ty => $what:literal),* $(,)?) => {$(
+        impl From<$error> for Status {
+            fn from(e: $error) -> Self {
+                Status::invalid_argument(format!(concat!("invalid ", $what, ": {}"), e))
+            }
+        }
+    )*};
 }
+
+invalid_argument!(InvalidRule => "alert rule", InvalidCommand => "command");
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
@@ -111,12 +119,6 @@ impl From<EngineError> for Status {
             EngineError::Storage(e) => storage(e),
             EngineError::Stopped => Status::unavailable("the server is shutting down; retry"),
         }
-    }
-}
-
-impl From<InvalidCommand> for Status {
-    fn from(e: InvalidCommand) -> Self {
-        Status::invalid_argument(format!("invalid command: {e}"))
     }
 }
 

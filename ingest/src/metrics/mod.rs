@@ -22,6 +22,24 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Label sets of one label, each a type of its own so that a family
+/// cannot be given the wrong one.
+macro_rules! one_label {
+    ($($set:ident { $label:ident }),* $(,)?) => {$(
+        #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+        pub struct $set {
+            pub $label: &'static str,
+        }
+    )*};
+}
+
+one_label!(
+    OutcomeLabel { outcome },
+    KindLabel { kind },
+    ReasonLabel { reason },
+    SeverityLabel { severity },
+);
+
 /// Seconds from 100 µs to about 100 s.
 fn seconds_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 21))
@@ -46,26 +64,6 @@ pub struct GrpcHandledLabels {
 pub struct ReadingLabels {
     pub outcome: &'static str,
     pub reason: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SeverityLabel {
-    pub severity: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -149,133 +147,68 @@ impl Metrics {
             writer_progress: WriterProgress::default(),
         };
         let r = registry;
-        r.register(
-            "grpc_server_started",
-            "RPCs started on the server",
-            m.grpc_started.clone(),
-        );
-        r.register(
-            "grpc_server_handled",
-            "RPCs completed on the server, by status code; counted when the call ends",
-            m.grpc_handled.clone(),
-        );
-        r.register(
-            "grpc_server_msg_received",
-            "Stream messages received on the server",
-            m.grpc_msg_received.clone(),
-        );
-        r.register(
-            "grpc_server_msg_sent",
-            "Stream messages sent by the server",
-            m.grpc_msg_sent.clone(),
-        );
-        r.register(
-            "grpc_server_handling_seconds",
-            "Time from an RPC's start to its end (trailers or reset)",
-            m.grpc_handling_seconds.clone(),
-        );
-        r.register(
-            "ingest_readings",
-            "Readings received, by outcome: committed, duplicate (batch already committed) or rejected (with reason)",
-            m.readings.clone(),
-        );
-        r.register(
-            "ingest_batches",
-            "Batches received, by outcome",
-            m.batches.clone(),
-        );
-        r.register(
-            "ingest_group_commit_seconds",
-            "Duration of a group commit (one transaction for many streams' batches)",
-            m.group_commit_seconds.clone(),
-        );
-        r.register(
-            "ingest_group_commit_readings",
-            "Readings in one group commit",
-            m.group_commit_readings.clone(),
-        );
-        r.register(
-            "ingest_batch_ack_seconds",
-            "Time from a batch's arrival to its commit being known",
-            m.batch_ack_seconds.clone(),
-        );
-        r.register(
-            "ingest_writer_queue_batches",
-            "Batches queued for the group-commit writer",
-            m.writer_queue_batches.clone(),
-        );
-        r.register(
-            "ingest_writer_queue_capacity",
-            "Batches the writer queue holds before uploads wait (--writer-queue-batches)",
-            m.writer_queue_capacity.clone(),
-        );
-        r.register(
-            "ingest_upload_throttled_seconds",
-            "Time upload streams were held back by the per-device rate limit",
-            m.upload_throttled_seconds.clone(),
-        );
-        r.register("ingest_streams", "Open streams, by kind", m.streams.clone());
-        r.register(
-            "devices_online",
-            "Devices holding a Control stream on this server",
-            m.devices_online.clone(),
-        );
-        r.register(
-            "ingest_cluster_leader",
-            "1 on the server process that judges inactivity rules and expires commands, else 0",
-            m.cluster_leader.clone(),
-        );
-        r.register(
-            "ingest_cluster_listener_resyncs",
-            "Times the notification listener reconnected and re-read what it may have missed",
-            m.cluster_listener_resyncs.clone(),
-        );
-        r.register(
-            "alerts_open",
-            "Open alerts, by severity",
-            m.alerts_open.clone(),
-        );
-        r.register(
-            "alert_events",
-            "Alert events recorded, by kind",
-            m.alert_events.clone(),
-        );
-        r.register(
-            "alert_watchers_lagged",
-            "Times an alert watcher fell behind the live feed and caught up from the database",
-            m.alert_watchers_lagged.clone(),
-        );
-        r.register("commands", "Commands, by outcome", m.commands.clone());
-        r.register(
-            "commands_pending",
-            "Commands queued or sent and not yet acknowledged",
-            m.commands_pending.clone(),
-        );
-        r.register(
-            "auth_failures",
-            "Calls refused by authentication, by reason",
-            m.auth_failures.clone(),
-        );
-        r.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed",
-            m.tls_handshake_failures.clone(),
-        );
-        r.register(
-            "db_pool_acquire_seconds",
-            "Time to get a pooled database connection, sampled every few seconds and at each readiness probe",
-            m.db_pool_acquire_seconds.clone(),
-        );
-        r.register(
-            "retention_deleted",
-            "Raw readings and rollup rows removed by retention",
-            m.retention_deleted.clone(),
-        );
-        r.register(
-            "partitions_created",
-            "PostgreSQL day partitions of readings created",
-            m.partitions_created.clone(),
-        );
+        // One line a metric: its field, exported name and help.
+        macro_rules! register {
+            ($($field:ident => $name:literal, $help:literal;)*) => {
+                $(r.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            grpc_started => "grpc_server_started",
+                "RPCs started on the server";
+            grpc_handled => "grpc_server_handled",
+                "RPCs completed on the server, by status code; counted when the call ends";
+            grpc_msg_received => "grpc_server_msg_received",
+                "Stream messages received on the server";
+            grpc_msg_sent => "grpc_server_msg_sent",
+                "Stream messages sent by the server";
+            grpc_handling_seconds => "grpc_server_handling_seconds",
+                "Time from an RPC's start to its end (trailers or reset)";
+            readings => "ingest_readings",
+                "Readings received, by outcome: committed, duplicate (batch already committed) or rejected (with reason)";
+            batches => "ingest_batches",
+                "Batches received, by outcome";
+            group_commit_seconds => "ingest_group_commit_seconds",
+                "Duration of a group commit (one transaction for many streams' batches)";
+            group_commit_readings => "ingest_group_commit_readings",
+                "Readings in one group commit";
+            batch_ack_seconds => "ingest_batch_ack_seconds",
+                "Time from a batch's arrival to its commit being known";
+            writer_queue_batches => "ingest_writer_queue_batches",
+                "Batches queued for the group-commit writer";
+            writer_queue_capacity => "ingest_writer_queue_capacity",
+                "Batches the writer queue holds before uploads wait (--writer-queue-batches)";
+            upload_throttled_seconds => "ingest_upload_throttled_seconds",
+                "Time upload streams were held back by the per-device rate limit";
+            streams => "ingest_streams",
+                "Open streams, by kind";
+            devices_online => "devices_online",
+                "Devices holding a Control stream on this server";
+            cluster_leader => "ingest_cluster_leader",
+                "1 on the server process that judges inactivity rules and expires commands, else 0";
+            cluster_listener_resyncs => "ingest_cluster_listener_resyncs",
+                "Times the notification listener reconnected and re-read what it may have missed";
+            alerts_open => "alerts_open",
+                "Open alerts, by severity";
+            alert_events => "alert_events",
+                "Alert events recorded, by kind";
+            alert_watchers_lagged => "alert_watchers_lagged",
+                "Times an alert watcher fell behind the live feed and caught up from the database";
+            commands => "commands",
+                "Commands, by outcome";
+            commands_pending => "commands_pending",
+                "Commands queued or sent and not yet acknowledged";
+            auth_failures => "auth_failures",
+                "Calls refused by authentication, by reason";
+            tls_handshake_failures => "tls_handshake_failures",
+                "TLS handshakes that failed";
+            db_pool_acquire_seconds => "db_pool_acquire_seconds",
+                "Time to get a pooled database connection, sampled every few seconds and at each readiness probe";
+            retention_deleted => "retention_deleted",
+                "Raw readings and rollup rows removed by retention";
+            partitions_created => "partitions_created",
+                "PostgreSQL day partitions of readings created";
+        }
         r.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(m)
     }

@@ -539,19 +539,18 @@ impl PgStore {
             .await?;
         // Re-checked under the locks: a device that reopened elsewhere
         // meanwhile names another replica now.
-        let gone: Vec<i64> = sqlx::query_scalar(
-            "UPDATE device_sessions SET replica_id = NULL \
-             WHERE device_pk = ANY($1) AND replica_id = ANY($2) RETURNING device_pk",
+        // One round trip: the sessions end and their devices go offline.
+        sqlx::query_scalar(
+            "WITH gone AS (UPDATE device_sessions SET replica_id = NULL \
+                 WHERE device_pk = ANY($1) AND replica_id = ANY($2) RETURNING device_pk), \
+             offline AS (UPDATE devices SET online = FALSE \
+                 WHERE pk IN (SELECT device_pk FROM gone)) \
+             SELECT device_pk FROM gone",
         )
         .bind(&held)
         .bind(replicas)
         .fetch_all(&mut **tx)
-        .await?;
-        sqlx::query("UPDATE devices SET online = FALSE WHERE pk = ANY($1)")
-            .bind(&gone)
-            .execute(&mut **tx)
-            .await?;
-        Ok(gone)
+        .await
     }
 
     /// Which of `devices` have commands queued: one query for all the
