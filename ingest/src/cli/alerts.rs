@@ -18,7 +18,7 @@ use telemetry_client::backoff::Backoff;
 use telemetry_client::status::{is_retryable, retry_delay};
 
 use super::client::{Ops, ServerArgs};
-use super::output::{Answer, Column, Table, or_dash, reply, status_error, time};
+use super::output::{Answer, Column, Table, number, or_dash, reply, status_error, time};
 use super::rules::{SeverityArg, severity_json, severity_name};
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +94,7 @@ pub struct WatchArgs {
     /// Reconnect when nothing, not even a heartbeat, arrived for this long
     /// (3x the server's heartbeat interval); 0 disables the check.
     #[arg(long, value_name = "DURATION", default_value = "15s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     stall_timeout: Duration,
 }
 
@@ -172,15 +172,14 @@ fn alert_json(a: &pb::Alert) -> serde_json::Value {
 
 fn table(alerts: &[pb::Alert]) -> Table {
     let mut table = Table::new([
-        Column::right("ALERT").min_width(8),
-        Column::left("STATE").min_width(8),
-        Column::left("SEVERITY").min_width(8).gap(1),
-        Column::left("RULE").min_width(20),
-        Column::left("DEVICE").min_width(20).gap(1),
-        Column::left("SENSOR").min_width(16).gap(1),
-        Column::right("VALUE").min_width(10).gap(1),
-        Column::left("FIRED (UTC)").min_width(19),
-        Column::left("RESOLVED (UTC)"),
+        Column::right("ALERT"),
+        Column::left("STATE").keep(),
+        Column::left("SEVERITY").keep(),
+        Column::left("RULE"),
+        Column::left("DEVICE"),
+        Column::left("SENSOR"),
+        Column::right("VALUE"),
+        Column::time("FIRED (UTC)"),
     ]);
     for a in alerts {
         table.row([
@@ -190,9 +189,8 @@ fn table(alerts: &[pb::Alert]) -> Table {
             a.rule_id.clone(),
             a.device_id.clone(),
             or_dash(&a.sensor).to_owned(),
-            a.fired_value.map_or_else(|| "-".into(), |v| v.to_string()),
+            a.fired_value.map_or_else(|| "-".into(), number),
             time(a.fired_time_unix_nano),
-            time(a.resolved_time_unix_nano),
         ]);
     }
     table
@@ -339,7 +337,10 @@ enum Connect {
 /// not a missing token file or a malformed address.
 async fn connect(server: &ServerArgs) -> Result<Ops, Connect> {
     server.ops().await.map_err(|error| {
-        if error.chain().any(|e| e.is::<tonic::transport::Error>()) {
+        if error
+            .chain()
+            .any(|e| e.is::<tonic::transport::Error>() || e.is::<super::client::NoServer>())
+        {
             Connect::Transient(error)
         } else {
             Connect::Fatal(error)
@@ -786,7 +787,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].trim_start().starts_with("ALERT  STATE"));
         assert!(lines[1].contains(" open "));
-        assert!(lines[1].contains("45.2  2026-11-23 22:51:20  -"));
-        assert!(lines[2].ends_with("2026-11-23 22:51:40"));
+        assert!(lines[1].ends_with("45.2  2026-11-23T22:51:20Z"), "{text}");
+        assert!(lines[2].contains(" resolved "), "{text}");
     }
 }

@@ -1,4 +1,5 @@
-//! Connecting operator subcommands to a server.
+//! Connecting operator subcommands to a server: its address, the ops
+//! token and where it came from, and errors that say what to do.
 
 use std::path::PathBuf;
 
@@ -7,6 +8,9 @@ use clap::Args;
 use telemetry_client::balance::Transport;
 use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1::ops_client::OpsClient;
+use tower::ServiceExt;
+
+use crate::auth::{OpsTokenSource, client_ops_token};
 
 /// How operator subcommands reach the server.
 #[derive(Debug, Args)]
@@ -16,13 +20,16 @@ pub struct ServerArgs {
     /// those that answer).
     #[arg(long, env = "INGEST_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
-    /// File holding the ops token (used when INGEST_OPS_TOKEN is not set).
-    #[arg(
-        long,
-        env = "INGEST_OPS_TOKEN_FILE",
-        default_value = "./data/ops.token"
-    )]
-    ops_token_file: PathBuf,
+    /// The ops token: a file of `NAME TOKEN` lines (the first is used), a
+    /// bare token, or a directory of token files, as `serve` reads it. This
+    /// flag wins over INGEST_OPS_TOKEN (the token itself), which wins over
+    /// INGEST_OPS_TOKEN_FILE; with none, <data-dir>/ops.token. [env:
+    /// INGEST_OPS_TOKEN, INGEST_OPS_TOKEN_FILE]
+    #[arg(long)]
+    ops_token_file: Option<PathBuf>,
+    /// The server's data directory, where it wrote ops.token.
+    #[arg(long, env = "INGEST_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
     #[command(flatten)]
     tls: super::tls_args::ClientTlsArgs,
 }
@@ -31,18 +38,75 @@ pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Transpo
 
 impl ServerArgs {
     pub async fn ops(&self) -> anyhow::Result<Ops> {
-        let token = match std::env::var("INGEST_OPS_TOKEN") {
-            Ok(token) => token,
-            Err(_) => std::fs::read_to_string(&self.ops_token_file).with_context(|| {
-                format!(
-                    "reading the ops token from {} (set INGEST_OPS_TOKEN or --ops-token-file)",
-                    self.ops_token_file.display()
-                )
-            })?,
-        };
+        let source = OpsTokenSource::choose(self.ops_token_file.clone(), &self.data_dir);
+        let (token, origin) = client_ops_token(&source)?;
         let bearer =
-            Bearer::new(&token).context("the ops token has characters not allowed in a header")?;
-        let channel = self.tls.connect_any(&self.server).await?;
-        Ok(OpsClient::with_interceptor(channel, bearer))
+            Bearer::new(token.expose()).with_context(|| format!("the ops token from {origin}"))?;
+        let channel = self
+            .tls
+            .connect_any(&self.server)
+            .await
+            .map_err(|error| no_server(error, &self.server))?;
+        Ok(OpsClient::with_interceptor(
+            says_where_the_token_came_from(channel, origin),
+            bearer,
+        ))
     }
+}
+
+/// No server answered at the address: said once, with the likely cause
+/// and the flags that set it (the transport's own text repeats itself).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no ingest server at {server} ({cause}): is `ingest serve` running there? \
+     (set the address with --server or INGEST_SERVER)"
+)]
+pub struct NoServer {
+    server: String,
+    cause: String,
+}
+
+/// A connection that could not be made: with a refused or unreachable
+/// address, [`NoServer`]; anything else (TLS, a bad address) as it was.
+fn no_server(error: anyhow::Error, server: &str) -> anyhow::Error {
+    let unreachable = error.chain().find_map(|e| {
+        e.downcast_ref::<std::io::Error>().filter(|io| {
+            use std::io::ErrorKind::*;
+            matches!(
+                io.kind(),
+                ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut
+            )
+        })
+    });
+    match unreachable {
+        Some(io) => NoServer {
+            server: server.to_owned(),
+            cause: io.kind().to_string(),
+        }
+        .into(),
+        None => error,
+    }
+}
+
+/// Adds to an UNAUTHENTICATED answer where the refused token came from, so
+/// the operator knows which file or variable to fix. The server answers
+/// a refused call with its status in the headers (no body), which is
+/// where this looks.
+fn says_where_the_token_came_from(transport: Transport, origin: String) -> Transport {
+    Transport::new(transport.map_response(move |mut response| {
+        if let Some(status) = tonic::Status::from_header_map(response.headers())
+            && status.code() == tonic::Code::Unauthenticated
+        {
+            let explained = tonic::Status::unauthenticated(format!(
+                "{} (this command's token came from {origin})",
+                status.message()
+            ));
+            let headers = response.headers_mut();
+            headers.remove("grpc-message");
+            // Only fails for headers tonic cannot write; the original
+            // status then stays.
+            let _ = explained.add_header(headers);
+        }
+        response
+    }))
 }

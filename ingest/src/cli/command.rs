@@ -75,11 +75,11 @@ pub struct SendArgs {
     kind: KindArgs,
     /// Wait up to this long (e.g. 5s) for the device's answer: ACKED, FAILED
     /// or EXPIRED. Default: return once the command is stored.
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = super::duration)]
     wait: Option<Duration>,
     /// Expire the command if it is not delivered within this long (e.g.
     /// 10m). Default: the server's.
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = super::duration)]
     ttl: Option<Duration>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -144,10 +144,7 @@ impl KindArgs {
 
 /// A duration on the command line as whole milliseconds.
 fn parse_interval_ms(s: &str) -> Result<u32, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 500ms, 2s)"))?;
-    if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!("{s} is not a whole number of milliseconds"));
-    }
+    let d = super::whole_millis(s)?;
     u32::try_from(d.as_millis()).map_err(|_| format!("{s} is too long"))
 }
 
@@ -405,13 +402,13 @@ fn command_json(c: &pb::Command) -> serde_json::Value {
 /// One row per command; the times after its creation are relative to it.
 fn table(commands: &[pb::Command]) -> Table {
     let mut table = Table::new([
-        Column::right("ID").min_width(8),
+        Column::right("ID"),
         Column::left("DEVICE"),
         Column::left("KIND"),
-        Column::left("STATE").min_width(7),
+        Column::left("STATE").keep(),
         Column::left("RESULT"),
-        Column::left("CREATED (UTC)").min_width(19),
-        Column::right("SENT").min_width(9),
+        Column::time("CREATED (UTC)"),
+        Column::right("SENT"),
         Column::left("FINISHED"),
     ]);
     for c in commands {
@@ -797,24 +794,24 @@ mod tests {
         let text = super::table(&[acked(), queued]).clip(40).to_string();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("      ID  DEVICE     KIND"), "{text}");
+        assert!(lines[0].starts_with("ID  DEVICE     KIND"), "{text}");
         assert!(lines[0].ends_with("  FINISHED"), "{text}");
+        for line in &lines {
+            assert!(line.chars().count() <= 80, "{line:?}");
+        }
+        // Text columns give way to fit 80 columns; states, times and
+        // numbers stay whole.
         assert!(
             lines[1].contains(
-                "set-interval 500ms                        acked    interval 500 ms  \
-                 2026-11-23 22:51:20      +3 ms  +12 ms"
+                "42  sim-00001  set-int…  acked   interva…  2026-11-23T22:51:20Z  +3 ms  +12 ms"
             ),
             "{text}"
         );
-        // Clipped to 40 characters, so the columns stay aligned.
-        assert!(
-            lines[2].contains(r#"custom {"pad":"xxxxxxxxxxxxxxxxxxxxxxxx…  queued "#),
-            "{text}"
-        );
+        assert!(lines[2].contains(r#"custom …  queued "#), "{text}");
         assert!(lines[2].ends_with("-  -"), "{text}");
         // Columns in characters, not bytes: `…` is three bytes.
         let column = |line: &str, s| line[..line.find(s).expect(s)].chars().count();
-        assert_eq!(column(lines[1], "set-interval"), column(lines[0], "KIND"));
+        assert_eq!(column(lines[1], "set-int"), column(lines[0], "KIND"));
         assert_eq!(column(lines[2], "custom"), column(lines[0], "KIND"));
         assert_eq!(column(lines[1], "acked"), column(lines[0], "STATE"));
         assert_eq!(column(lines[2], "queued"), column(lines[0], "STATE"));

@@ -133,10 +133,7 @@ impl RequireMtlsArgs {
 /// The server takes whole milliseconds; anything finer would be silently
 /// cut, so say so instead.
 fn parse_overlap(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 24h, 30m, 0s)"))?;
-    if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!("{s} is not a whole number of milliseconds"));
-    }
+    let d = super::whole_millis(s)?;
     u64::try_from(d.as_millis()).map_err(|_| format!("{s} is too long"))?;
     Ok(d)
 }
@@ -412,7 +409,10 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
             utc(c.certificate_bound_time_unix_nano, "-")
         )
     };
-    let mut fields = Table::new([Column::left(""), Column::left("")]).headless();
+    let mut fields = Table::new([Column::left(""), Column::left("")])
+        .headless()
+        // Values of one line each, whole: a cut hash would be wrong.
+        .fit(usize::MAX);
     fields
         .row(["device", c.device_id.as_str()])
         .row(["disabled", disabled.as_str()])
@@ -421,22 +421,29 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
     if c.tokens.is_empty() {
         return format!("{fields}\n\nno tokens");
     }
+    // Four times do not fit 80 columns: a revoked token shows when in its
+    // state's column instead of its expiry (which no longer matters).
     let mut tokens = Table::new([
-        Column::right("TOKEN").min_width(5),
-        Column::left("CREATED (UTC)").min_width(20),
-        Column::left("LAST USED (UTC)").min_width(20),
-        Column::left("EXPIRES (UTC)").min_width(20),
-        Column::left("REVOKED (UTC)").min_width(20),
-        Column::left("ACTIVE"),
+        Column::right("TOKEN"),
+        Column::time("CREATED (UTC)"),
+        Column::time("LAST USED (UTC)"),
+        Column::left("STATE"),
+        Column::time("SINCE / UNTIL (UTC)"),
     ]);
     for t in &c.tokens {
+        let (state, when) = if t.revoked_time_unix_nano != 0 {
+            ("revoked", utc(t.revoked_time_unix_nano, "-"))
+        } else if !t.active {
+            ("expired", utc(t.expires_time_unix_nano, "-"))
+        } else {
+            ("active", utc(t.expires_time_unix_nano, "no expiry"))
+        };
         tokens.row([
             t.credential_id.to_string(),
             utc(t.created_time_unix_nano, "-"),
             utc(t.last_used_time_unix_nano, "never"),
-            utc(t.expires_time_unix_nano, "never"),
-            utc(t.revoked_time_unix_nano, "-"),
-            yes_no(t.active).to_owned(),
+            state.to_owned(),
+            when,
         ]);
     }
     format!("{fields}\n\n{tokens}")
@@ -509,23 +516,26 @@ mod tests {
         );
         assert_eq!(
             lines[5],
-            "TOKEN  CREATED (UTC)         LAST USED (UTC)       EXPIRES (UTC)         REVOKED (UTC)         ACTIVE"
+            "TOKEN  CREATED (UTC)         LAST USED (UTC)       STATE    SINCE / UNTIL (UTC)"
         );
         assert_eq!(
             lines[6],
-            "    1  2026-11-23T21:51:20Z  2026-11-23T22:50:20Z  2026-11-24T22:51:20Z  -                     yes"
+            "    1  2026-11-23T21:51:20Z  2026-11-23T22:50:20Z  active   2026-11-24T22:51:20Z"
         );
+        for line in &lines[5..] {
+            assert!(line.chars().count() <= 80, "{line:?}");
+        }
         assert_eq!(
             lines[7],
-            "    2  2026-11-23T22:21:20Z  never                 never                 2026-11-23T22:50:50Z  no"
+            "    2  2026-11-23T22:21:20Z  never                 revoked  2026-11-23T22:50:50Z"
         );
         assert_eq!(
             lines[8],
-            "    3  2026-11-23T22:51:20Z  never                 never                 -                     yes"
+            "    3  2026-11-23T22:51:20Z  never                 active   no expiry"
         );
         assert_eq!(lines.len(), 9, "{text}");
         // Every column starts where its header does.
-        for header in ["CREATED", "LAST USED", "EXPIRES", "REVOKED", "ACTIVE"] {
+        for header in ["CREATED", "LAST USED", "STATE", "SINCE"] {
             let at = lines[5].find(header).expect("header");
             assert!(lines[6..].iter().all(|l| l[at - 2..at] == *"  "), "{text}");
         }
@@ -694,7 +704,11 @@ mod tests {
                 .unwrap_err()
                 .contains("whole number of milliseconds")
         );
-        assert!(parse_overlap("soon").unwrap_err().contains("e.g. 24h"));
+        assert!(
+            parse_overlap("soon")
+                .unwrap_err()
+                .contains("e.g. 500ms, 30s")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
 use super::credentials::{CredentialsCommand, read_certificate};
-use super::output::{Answer, Column, Table, reply, time, yes_no};
+use super::output::{Answer, Column, Table, number, or_dash, reply, time, yes_no};
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
@@ -105,8 +105,22 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let device = reply(ops.get_device(pb::GetDeviceRequest { device_id }).await)?;
-            Answer::stdout(json).one(&device, device_json, |d| table(std::slice::from_ref(d)))?;
+            let device = reply(
+                ops.get_device(pb::GetDeviceRequest {
+                    device_id: device_id.clone(),
+                })
+                .await,
+            )?;
+            let credentials = reply(
+                ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
+                    .await,
+            )?;
+            let whole = (device, credentials);
+            Answer::stdout(json).one(
+                &whole,
+                |(d, c)| whole_json(d, c),
+                |(d, c)| whole_text(d, c),
+            )?;
         }
         DevicesCommand::List { server, json } => {
             let mut ops = server.ops().await?;
@@ -193,17 +207,104 @@ fn device_json(d: &pb::Device) -> serde_json::Value {
         "online": d.online,
         "last_seen_time_unix_nano": d.last_seen_time_unix_nano,
         "firmware_version": d.firmware_version,
+        "disabled_time_unix_nano": d.disabled_time_unix_nano,
     })
+}
+
+/// `devices get --json`: the device, its sensors and how it authenticates.
+fn whole_json(d: &pb::Device, c: &pb::DeviceCredentials) -> serde_json::Value {
+    let mut json = device_json(d);
+    json["require_mtls"] = c.require_mtls.into();
+    json["certificate_sha256"] = c.certificate_sha256.clone().into();
+    json["sensors"] = d
+        .sensors
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "sensor": s.sensor,
+                "unit": s.unit,
+                "last_time_unix_nano": s.last_time_unix_nano,
+                "last_value": (s.last_time_unix_nano != 0).then_some(s.last_value),
+            })
+        })
+        .collect();
+    json
+}
+
+/// `devices get`: everything about one device, a field a line, then its
+/// sensors with their latest readings.
+fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
+    let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    let disabled = match d.disabled_time_unix_nano {
+        0 => "no".to_owned(),
+        t => format!("yes, since {}", time(t)),
+    };
+    let mut fields = Table::new([Column::left("FIELD"), Column::left("VALUE")])
+        .headless()
+        // Values of one line each, whole: a cut hash would be wrong.
+        .fit(usize::MAX);
+    fields
+        .row(["device", &d.device_id])
+        .row(["name", or_dash(&d.display_name)])
+        .row(["labels", or_dash(&labels.join(","))])
+        .row(["created", &time(d.created_time_unix_nano)])
+        .row(["state", state(d)])
+        .row(["disabled", &disabled])
+        .row(["require_mtls", yes_no(c.require_mtls)])
+        .row(["certificate", or_dash(&c.certificate_sha256)])
+        .row(["firmware", or_dash(&d.firmware_version)])
+        .row(["sequence", &d.committed_sequence.to_string()])
+        .row(["last upload", &time(d.last_upload_time_unix_nano)])
+        .row(["last seen", &time(d.last_seen_time_unix_nano)]);
+    let mut text = fields.to_string();
+    if d.sensors.is_empty() {
+        text.push_str("\n\nno sensors yet");
+        return text;
+    }
+    let mut sensors = Table::new([
+        Column::left("SENSOR"),
+        Column::left("UNIT"),
+        Column::right("LATEST"),
+        Column::time("AT (UTC)"),
+    ]);
+    for s in &d.sensors {
+        let latest = if s.last_time_unix_nano == 0 {
+            "-".to_owned()
+        } else {
+            number(s.last_value)
+        };
+        sensors.row([
+            s.sensor.clone(),
+            or_dash(&s.unit).to_owned(),
+            latest,
+            time(s.last_time_unix_nano),
+        ]);
+    }
+    text.push_str("\n\n");
+    text.push_str(&sensors.to_string());
+    text
+}
+
+/// `online`, `offline`, or `disabled` (which a device stays, online or not,
+/// until an operator enables it).
+fn state(d: &pb::Device) -> &'static str {
+    if d.disabled_time_unix_nano != 0 {
+        "disabled"
+    } else if d.online {
+        "online"
+    } else {
+        "offline"
+    }
 }
 
 fn table(devices: &[pb::Device]) -> Table {
     let mut table = Table::new([
-        Column::left("DEVICE").min_width(24),
-        Column::left("NAME").min_width(24).gap(1),
-        Column::left("ONLINE").min_width(6).gap(1),
-        Column::right("SEQUENCE").min_width(10).gap(1),
-        Column::left("LAST UPLOAD (UTC)").min_width(19),
-        Column::left("LAST SEEN (UTC)").min_width(19),
+        Column::left("DEVICE"),
+        Column::left("NAME"),
+        Column::left("STATE").keep(),
+        Column::right("SEQUENCE"),
+        Column::time("LAST UPLOAD (UTC)"),
         Column::left("LABELS"),
     ]);
     for d in devices {
@@ -212,10 +313,9 @@ fn table(devices: &[pb::Device]) -> Table {
         table.row([
             d.device_id.clone(),
             d.display_name.clone(),
-            yes_no(d.online).to_owned(),
+            state(d).to_owned(),
             d.committed_sequence.to_string(),
             time(d.last_upload_time_unix_nano),
-            time(d.last_seen_time_unix_nano),
             labels.join(","),
         ]);
     }
@@ -241,11 +341,26 @@ mod tests {
             online: true,
             last_seen_time_unix_nano: 1_795_474_281_000_000_000,
             firmware_version: "1.4.2".into(),
+            disabled_time_unix_nano: 0,
+            sensors: vec![
+                pb::DeviceSensor {
+                    sensor: "temperature".into(),
+                    unit: "Cel".into(),
+                    last_time_unix_nano: 1_795_474_280_123_456_789,
+                    last_value: 21.456_789,
+                },
+                pb::DeviceSensor {
+                    sensor: "humidity".into(),
+                    unit: String::new(),
+                    last_time_unix_nano: 0,
+                    last_value: 0.0,
+                },
+            ],
         }
     }
 
     #[test]
-    fn table_has_online_and_last_seen() {
+    fn table_has_state_and_fits_80_columns_with_long_ids() {
         let never = pb::Device {
             device_id: "sim-00002".into(),
             display_name: "sim-00002".into(),
@@ -257,29 +372,85 @@ mod tests {
             firmware_version: String::new(),
             ..device()
         };
-        let text = table(&[device(), never]).to_string();
+        let disabled = pb::Device {
+            device_id: "x".repeat(32),
+            display_name: "a name far longer than any column should be".into(),
+            disabled_time_unix_nano: 1_795_474_290_000_000_000,
+            ..device()
+        };
+        let text = table(&[device(), never, disabled]).fit(80).to_string();
         let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        for line in &lines {
+            assert!(
+                line.chars().count() <= 80,
+                "{line:?} is wider than 80:\n{text}"
+            );
+        }
         assert!(
             lines[0].starts_with("DEVICE ")
                 && lines[0].contains(" NAME ")
-                && lines[0].contains(" ONLINE ")
-                && lines[0].contains(" SEQUENCE  LAST UPLOAD (UTC)    LAST SEEN (UTC)      LABELS"),
+                && lines[0].contains(" STATE ")
+                && lines[0].contains(" SEQUENCE  LAST UPLOAD (UTC)     LABELS"),
             "{text}"
         );
         assert!(
-            lines[1].ends_with(
-                "yes            17  2026-11-23 22:51:20  2026-11-23 22:51:21  floor=2,site=plant-3"
-            ),
+            lines[1].contains("online          17  2026-11-23T22:51:20Z  floor=2,"),
+            "{text}"
+        );
+        assert!(lines[2].contains("offline          0  -  "), "{text}");
+        assert!(
+            lines[3].contains("disabled        17  2026-11-23T22:51:20Z"),
+            "{text}"
+        );
+        assert!(lines[3].starts_with("xxxxxx"), "{text}");
+        assert!(lines[3].contains('…'), "{text}");
+        // In characters: `…` is three bytes.
+        let column = |line: &str, word| line.find(word).map(|b| line[..b].chars().count());
+        let state = column(lines[0], "STATE");
+        assert_eq!(column(lines[1], "online"), state, "{text}");
+        assert_eq!(column(lines[3], "disabled"), state, "{text}");
+    }
+
+    #[test]
+    fn get_shows_everything_about_one_device() {
+        let credentials = pb::DeviceCredentials {
+            device_id: "sim-00001".into(),
+            require_mtls: true,
+            certificate_sha256: "ab".repeat(32),
+            ..Default::default()
+        };
+        let text = whole_text(&device(), &credentials);
+        let expected = [
+            "device        sim-00001",
+            "name          Boiler room",
+            "labels        floor=2,site=plant-3",
+            "created       2026-11-23T22:46:40Z",
+            "state         online",
+            "disabled      no",
+            "require_mtls  yes",
+        ];
+        for (line, want) in text.lines().zip(expected) {
+            assert_eq!(line, want, "{text}");
+        }
+        assert!(text.contains("firmware      1.4.2"), "{text}");
+        assert!(
+            text.contains("last upload   2026-11-23T22:51:20Z"),
             "{text}"
         );
         assert!(
-            lines[2].ends_with("no              0  -                    -                    "),
+            text.contains("SENSOR       UNIT   LATEST  AT (UTC)"),
             "{text}"
         );
-        let online = lines[0].find("ONLINE").expect("header");
-        assert_eq!(lines[1].find("yes"), Some(online));
-        assert_eq!(lines[2].find("no "), Some(online));
+        assert!(
+            text.contains("temperature  Cel   21.4568  2026-11-23T22:51:20Z"),
+            "{text}"
+        );
+        assert!(text.contains("humidity     -           -  -"), "{text}");
+        let json = whole_json(&device(), &credentials);
+        assert_eq!(json["require_mtls"], true);
+        assert_eq!(json["sensors"][0]["last_value"], 21.456_789);
+        assert_eq!(json["sensors"][1]["last_value"], serde_json::Value::Null);
     }
 
     #[test]

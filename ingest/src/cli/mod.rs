@@ -16,6 +16,31 @@ pub mod tls_args;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_are_parsed_one_way_with_examples() {
+        assert_eq!(
+            super::duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            super::duration(" 500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for bad in ["5", "forever", "5 minutes later"] {
+            let error = super::duration(bad).unwrap_err();
+            assert!(
+                error.starts_with(&format!("`{bad}` is not a duration")),
+                "{error}"
+            );
+            assert!(error.contains("e.g. 500ms, 30s, 5m, 1h30m"), "{error}");
+        }
+        assert!(super::whole_millis("1500us").is_err());
+        assert!(super::whole_millis("1500ms").is_ok());
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ingest",
@@ -58,6 +83,27 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Every duration flag's parser: humantime's syntax (`500ms`, `30s`,
+/// `1h30m`, `2d`), and one message with examples when it is not that.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!(
+            "`{s}` is not a duration ({e}): write a number with its unit, \
+             e.g. 500ms, 30s, 5m, 1h30m (units: ms, s, m, h, d)"
+        )
+    })
+}
+
+/// A duration the server takes in whole milliseconds: anything finer would
+/// be silently cut, so it is refused instead.
+fn whole_millis(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s} is not a whole number of milliseconds"));
+    }
+    Ok(d)
 }
 
 /// Parses `args` (without the program's name) as one subcommand of a

@@ -64,7 +64,7 @@ pub struct AddArgs {
     clear: Option<f64>,
     /// With --above/--below: how long the condition must hold before firing
     /// (e.g. 30s; default: fire at once).
-    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration,
+    #[arg(long = "for", value_name = "DURATION", value_parser = super::duration,
           conflicts_with_all = ["rate_per_minute", "silence"])]
     for_: Option<Duration>,
     #[command(flatten)]
@@ -89,7 +89,7 @@ struct ConditionArgs {
     rate_per_minute: Option<f64>,
     /// Fire when a device sent no reading (of --sensor, or of any sensor)
     /// for this long, e.g. 60s.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = super::duration)]
     silence: Option<Duration>,
 }
 
@@ -325,11 +325,11 @@ fn rule_json(rule: &pb::AlertRule) -> serde_json::Value {
 
 fn table(rules: &[pb::AlertRule]) -> Table {
     let mut table = Table::new([
-        Column::left("RULE").min_width(24),
-        Column::left("SEVERITY").min_width(8).gap(1),
-        Column::left("SENSOR").min_width(20),
-        Column::left("DEVICES").min_width(24).gap(1),
-        Column::left("CONDITION").gap(1),
+        Column::left("RULE"),
+        Column::left("SEVERITY").keep(),
+        Column::left("SENSOR"),
+        Column::left("DEVICES"),
+        Column::left("CONDITION"),
     ]);
     for rule in rules {
         table.row([
@@ -620,6 +620,9 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("RULE "));
         assert!(lines[1].starts_with("temp-high "));
-        assert!(lines[1].ends_with(" all                      above 40 (clear 35)"));
+        assert!(
+            lines[1].ends_with("  all      above 40 (clear 35)"),
+            "{text}"
+        );
     }
 }

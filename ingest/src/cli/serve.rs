@@ -10,7 +10,6 @@ use clap::Args;
 use crate::auth::OpsTokenSource;
 use crate::cluster::ClusterConfig;
 use crate::domain::ReadingLimits;
-use crate::domain::Token;
 use crate::domain::reading::SensorName;
 use crate::observability::LogFormat;
 use crate::pipeline::commit::WriterConfig;
@@ -34,9 +33,13 @@ pub struct ServeArgs {
     /// fields) for log shippers. RUST_LOG filters either.
     #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(super) log_format: LogFormat,
-    /// File holding the ops token. Without it (and without INGEST_OPS_TOKEN)
-    /// a token is generated into <data-dir>/ops.token at first start.
-    #[arg(long, env = "INGEST_OPS_TOKEN_FILE")]
+    /// Ops tokens: a file of `NAME TOKEN` lines (or one bare token), or a
+    /// directory of one token per file. This flag wins over INGEST_OPS_TOKEN
+    /// (one token, from the environment only), which wins over
+    /// INGEST_OPS_TOKEN_FILE; with none, a token is generated into
+    /// <data-dir>/ops.token at first start. [env: INGEST_OPS_TOKEN,
+    /// INGEST_OPS_TOKEN_FILE]
+    #[arg(long)]
     ops_token_file: Option<PathBuf>,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "INGEST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -75,46 +78,46 @@ pub struct ServeArgs {
     max_stream_opens_per_minute_per_device: u64,
     /// How long a new upload stream may wait before its first batch.
     #[arg(long, env = "INGEST_UPLOAD_FIRST_MESSAGE_TIMEOUT", default_value = "30s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     upload_first_message_timeout: Duration,
     /// How long an upload stream may stay silent between two batches.
     #[arg(long, env = "INGEST_UPLOAD_IDLE_TIMEOUT", default_value = "2m",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     upload_idle_timeout: Duration,
     /// How long a new Control stream may wait before its DeviceHello.
     #[arg(long, env = "INGEST_CONTROL_HELLO_TIMEOUT", default_value = "30s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     control_hello_timeout: Duration,
     /// How long a new connection may take to send the HTTP/2 preface.
     #[arg(long, env = "INGEST_HANDSHAKE_TIMEOUT", default_value = "10s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     handshake_timeout: Duration,
     /// HTTP/2 PING on a connection quiet this long; keeps healthy quiet
     /// Control streams open and finds dead peers.
     #[arg(long, env = "INGEST_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     http2_keepalive_interval: Duration,
     /// A connection that does not answer a PING within this is closed.
     #[arg(long, env = "INGEST_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     http2_keepalive_timeout: Duration,
     /// Longest sensor name, in bytes (at most 255).
     #[arg(long, env = "INGEST_MAX_SENSOR_NAME_LEN", default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..=SensorName::HARD_MAX_LEN as i64))]
     max_sensor_name_len: u16,
     /// How far ahead of the server's clock a reading's timestamp may be.
-    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = super::duration)]
     max_future_skew: Duration,
     /// How long raw readings are kept: older ones are removed in the
     /// background and refused on arrival.
-    #[arg(long, env = "INGEST_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_RETENTION", default_value = "30d", value_parser = super::duration)]
     retention: Duration,
     /// How long hourly rollups (readings_hourly, readings_daily) are kept.
-    #[arg(long, env = "INGEST_ROLLUP_RETENTION", default_value = "730d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_ROLLUP_RETENTION", default_value = "730d", value_parser = super::duration)]
     rollup_retention: Duration,
     /// How often old data is removed (and, on PostgreSQL, partitions for the
     /// coming days are created).
-    #[arg(long, env = "INGEST_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_RETENTION_INTERVAL", default_value = "1m", value_parser = super::duration)]
     retention_interval: Duration,
     /// Rows one retention delete step removes at most; each step is one
     /// short transaction, so ingest waits for one step at most.
@@ -150,7 +153,7 @@ pub struct ServeArgs {
     /// 10ms cost a fifth of the saturating rate. 0 (the default) leaves
     /// groups bounded by --max-group-readings only.
     #[arg(long, env = "INGEST_GROUP_COMMIT_BUDGET", default_value = "0s",
-          value_parser = humantime::parse_duration)]
+          value_parser = super::duration)]
     group_commit_budget: std::time::Duration,
     /// Writer tasks (and connections) committing in parallel on PostgreSQL;
     /// SQLite always has one.
@@ -167,7 +170,7 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_HTTP2_CONNECTION_WINDOW", default_value_t = 16 * 1024 * 1024)]
     http2_connection_window: u32,
     /// Interval of heartbeats on quiet alert watch streams.
-    #[arg(long, env = "INGEST_ALERT_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_ALERT_HEARTBEAT", default_value = "5s", value_parser = super::duration)]
     alert_heartbeat: Duration,
     /// Live alert events kept for watchers; a watcher further behind
     /// catches up from the database.
@@ -179,35 +182,35 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_MAX_PENDING_COMMANDS", default_value_t = 100)]
     max_pending_commands: u64,
     /// Time to live of a command that names none.
-    #[arg(long, env = "INGEST_COMMAND_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_COMMAND_TTL", default_value = "1h", value_parser = super::duration)]
     command_ttl: Duration,
     /// After SIGINT/SIGTERM, how long open calls may take to finish.
-    #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::duration)]
     shutdown_grace: Duration,
     #[command(flatten)]
     tls: super::tls_args::ServeTlsArgs,
     /// PostgreSQL: a server process unheard of for this long is taken for
     /// dead by the others sharing the database, and its devices are shown
     /// offline.
-    #[arg(long, env = "INGEST_REPLICA_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_REPLICA_LEASE", default_value = "10s", value_parser = super::duration)]
     replica_lease: Duration,
     /// PostgreSQL: how often a server process renews its lease and looks
     /// for dead ones. Well under --replica-lease.
-    #[arg(long, env = "INGEST_REPLICA_RENEW", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_REPLICA_RENEW", default_value = "2s", value_parser = super::duration)]
     replica_renew: Duration,
     /// Control streams end after this (±10%, status UNAVAILABLE "rebalance")
     /// and devices reconnect, perhaps to another server process, so streams
     /// spread after scaling out. 0 turns it off.
-    #[arg(long, env = "INGEST_CONTROL_MAX_LIFETIME", default_value = "45m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_CONTROL_MAX_LIFETIME", default_value = "45m", value_parser = super::duration)]
     control_max_lifetime: Duration,
     /// Connections are told to go away (HTTP/2 GOAWAY; open calls finish)
     /// after this (±10% per process), so clients reconnect and spread over
     /// server processes added since. 0 turns it off.
-    #[arg(long, env = "INGEST_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INGEST_MAX_CONNECTION_AGE", default_value = "30m", value_parser = super::duration)]
     max_connection_age: Duration,
     /// Test hook: every transaction recording alert events stays open this
     /// long after taking its event ids, as a slow commit would.
-    #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, hide = true, default_value = "0s", value_parser = super::duration)]
     test_hold_event_tx: Duration,
 }
 
@@ -234,13 +237,7 @@ impl ServeArgs {
     fn into_config(self) -> anyhow::Result<Config> {
         // The token itself is accepted only from the environment: a command
         // line is visible to every user of the machine.
-        let ops_token = match (std::env::var("INGEST_OPS_TOKEN").ok(), self.ops_token_file) {
-            (Some(token), _) => OpsTokenSource::Value(Token::new(token.trim().to_owned())),
-            (None, Some(path)) => OpsTokenSource::File(path),
-            (None, None) => OpsTokenSource::Generated {
-                data_dir: self.storage.data_dir.clone(),
-            },
-        };
+        let ops_token = OpsTokenSource::choose(self.ops_token_file, &self.storage.data_dir);
         let mut config = Config::new(
             self.storage.data_dir.clone(),
             self.storage.database()?,

@@ -5,6 +5,7 @@ use telemetry_proto::v1 as pb;
 use crate::domain::reading::{RawBatch, RawSeries};
 use crate::domain::{RejectReason, UploadTally};
 use crate::storage::DeviceRecord;
+use crate::storage::SensorRecord;
 use crate::storage::credentials::DeviceCredentials;
 
 pub fn device(d: DeviceRecord) -> pb::Device {
@@ -22,6 +23,18 @@ pub fn device(d: DeviceRecord) -> pb::Device {
         online: d.online,
         last_seen_time_unix_nano: d.last_seen.unwrap_or(0).max(0) as u64,
         firmware_version: d.firmware_version.unwrap_or_default(),
+        disabled_time_unix_nano: d.disabled.unwrap_or(0).max(0) as u64,
+        sensors: Vec::new(),
+    }
+}
+
+pub fn sensor(s: SensorRecord) -> pb::DeviceSensor {
+    let (time, value) = s.last.unwrap_or((0, 0.0));
+    pb::DeviceSensor {
+        sensor: s.sensor,
+        unit: s.unit,
+        last_time_unix_nano: time.max(0) as u64,
+        last_value: value,
     }
 }
 

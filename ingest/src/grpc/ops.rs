@@ -250,9 +250,14 @@ impl pb::ops_server::Ops for OpsService {
             .get_device(&id)
             .await
             .map_err(|e| status::storage_about(e, &format!("device {id}")))?;
-        Ok(Response::new(convert::device(
-            self.control.with_live_presence(record),
-        )))
+        let sensors = self
+            .store
+            .device_sensors(record.pk)
+            .await
+            .map_err(status::storage)?;
+        let mut device = convert::device(self.control.with_live_presence(record));
+        device.sensors = sensors.into_iter().map(convert::sensor).collect();
+        Ok(Response::new(device))
     }
 
     async fn list_devices(

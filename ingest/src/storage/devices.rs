@@ -21,6 +21,16 @@ pub struct DeviceRecord {
     pub online: bool,
     pub last_seen: Option<UnixNanos>,
     pub firmware_version: Option<String>,
+    /// Since when an operator has disabled it.
+    pub disabled: Option<UnixNanos>,
+}
+
+/// A sensor of a device and its newest reading, if one is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorRecord {
+    pub sensor: String,
+    pub unit: String,
+    pub last: Option<(UnixNanos, f64)>,
 }
 
 /// A device to register.
@@ -39,7 +49,7 @@ pub struct NewDevice {
 
 /// The columns [`device_from_row`] reads, in order.
 const DEVICE_COLUMNS: &str = "pk, device_id, display_name, CAST(labels AS TEXT), created_unix_nano, committed_sequence, \
-     last_upload_unix_nano, online, last_seen_unix_nano, firmware_version";
+     last_upload_unix_nano, online, last_seen_unix_nano, firmware_version, disabled_unix_nano";
 
 /// `device_tokens`' first row, written with the device.
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO device_tokens (device_pk, token_sha256, created_unix_nano) \
@@ -93,6 +103,38 @@ impl Store {
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1");
         let row = self.query(&sql).bind(id.as_str()).fetch_one().await?;
         device_from_row(&row)
+    }
+
+    /// A device's sensors by name, with their newest readings. The newest
+    /// reading is the hourly rollup's latest (kept in the same commit as
+    /// the readings), one primary-key lookup a sensor, however many days of
+    /// raw readings there are.
+    pub async fn device_sensors(&self, device_pk: i64) -> Result<Vec<SensorRecord>, StorageError> {
+        let latest = |column| {
+            format!(
+                "(SELECT {column} FROM readings_hourly_rollup r WHERE r.sensor_pk = s.pk \
+                 ORDER BY r.hour_unix_nano DESC LIMIT 1)"
+            )
+        };
+        let sql = format!(
+            "SELECT s.sensor, s.unit, {}, {} FROM sensors s WHERE s.device_pk = $1 \
+             ORDER BY s.sensor{}, s.unit",
+            latest("last_time_unix_nano"),
+            latest("last_value"),
+            self.bytewise()
+        );
+        let rows = self.query(&sql).bind(device_pk).fetch_all().await?;
+        rows.iter()
+            .map(|row| {
+                let time: Option<UnixNanos> = row.get(2)?;
+                let value: Option<f64> = row.get(3)?;
+                Ok(SensorRecord {
+                    sensor: row.get(0)?,
+                    unit: row.get(1)?,
+                    last: time.zip(value),
+                })
+            })
+            .collect()
     }
 
     /// Devices ordered by id, starting after `after`.
@@ -277,5 +319,6 @@ fn device_from_row(row: &Row) -> Result<DeviceRecord, StorageError> {
         online: row.get(7)?,
         last_seen: row.get(8)?,
         firmware_version: row.get(9)?,
+        disabled: row.get(10)?,
     })
 }

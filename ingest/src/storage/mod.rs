@@ -34,7 +34,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-pub use devices::{DeviceRecord, NewDevice};
+pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::StorageError;
 pub use postgres::{PgGroupTx, PgStore};
 pub use sqlite::{SqliteGroupTx, SqliteStore};

@@ -79,6 +79,14 @@ fn json_line(out: &mut impl Write, value: &serde_json::Value) -> io::Result<()> 
 
 /// A gRPC error as the CLI prints it: `Code: message`.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    // What tonic answers when the other end speaks HTTP/1 (the admin
+    // port, a web server) rather than gRPC.
+    if status.code() == tonic::Code::Unknown && status.message() == "transport error" {
+        return anyhow::anyhow!(
+            "the server did not answer as a gRPC server: is --server the admin HTTP port \
+             (--admin-listen) rather than the gRPC port (--listen, 50051 by default)?"
+        );
+    }
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -90,14 +98,25 @@ pub(crate) fn reply<T>(answer: Result<tonic::Response<T>, tonic::Status>) -> any
         .map_err(status_error)
 }
 
-/// Seconds precision: a table is read by people, JSON has the nanoseconds.
+/// The width tables fit: `COLUMNS` if set, else the terminal's (standard
+/// output's), else 80, so that output piped to a pager or a file reads
+/// the same as on a common terminal. Full values are in `--json` and CSV.
+pub(crate) fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .filter(|&c| c > 0)
+        .or_else(|| terminal_size::terminal_size().map(|(w, _)| usize::from(w.0)))
+        .unwrap_or(80)
+}
+
+/// A time for people, in every table alike: RFC 3339 in UTC to the second
+/// (JSON has the nanoseconds), `-` for none.
 pub(crate) fn time(nanos: u64) -> String {
     if nanos == 0 {
         return "-".into();
     }
-    chrono::DateTime::from_timestamp_nanos(nanos as i64)
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string()
+    utc(nanos as i64)
 }
 
 /// RFC 3339 in UTC to the second, as the reporting views' `*_utc` columns:
@@ -112,6 +131,31 @@ pub(crate) fn utc(nanos: i64) -> String {
 /// `500ms`, `2s`, `1m 30s`.
 pub(crate) fn duration_text(millis: u64) -> String {
     humantime::format_duration(Duration::from_millis(millis)).to_string()
+}
+
+/// A reading's value for people: at most 6 significant digits, no
+/// trailing zeros (`21.5`, `0.000123`, `1.23457e9`). `--json` and CSV keep
+/// every digit.
+pub(crate) fn number(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return v.to_string();
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if !(-4..9).contains(&magnitude) {
+        let text = format!("{v:.5e}");
+        let (mantissa, exponent) = text.split_once('e').expect("exponent format");
+        return format!("{}e{exponent}", without_trailing_zeros(mantissa));
+    }
+    let decimals = (5 - magnitude).max(0) as usize;
+    without_trailing_zeros(&format!("{v:.decimals$}")).to_owned()
+}
+
+fn without_trailing_zeros(decimal: &str) -> &str {
+    if decimal.contains('.') {
+        decimal.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        decimal
+    }
 }
 
 pub(crate) fn yes_no(b: bool) -> &'static str {
@@ -188,10 +232,18 @@ mod tests {
         // 2026-11-23 22:51:20.123 UTC
         let t = 1_795_474_280_123_456_789;
         assert_eq!(time(0), "-");
-        assert_eq!(time(t), "2026-11-23 22:51:20");
+        assert_eq!(time(t), "2026-11-23T22:51:20Z");
         assert_eq!(utc(t as i64), "2026-11-23T22:51:20Z");
         assert_eq!(duration_text(90_000), "1m 30s");
         assert_eq!((yes_no(true), yes_no(false)), ("yes", "no"));
+        assert_eq!(number(21.5), "21.5");
+        assert_eq!(number(-3.0), "-3");
+        assert_eq!(number(1.0 / 3.0), "0.333333");
+        assert_eq!(number(1234.56789), "1234.57");
+        assert_eq!(number(0.000123), "0.000123");
+        assert_eq!(number(0.0), "0");
+        assert_eq!(number(1_234_567_890.0), "1.23457e9");
+        assert_eq!(number(0.00001), "1e-5");
         assert_eq!((or_dash(""), or_dash("a")), ("-", "a"));
     }
 }

@@ -226,6 +226,8 @@ impl<W: Write> TableRows<W> {
         let columns = self.columns.iter().enumerate().map(|(i, c)| {
             let column = if c.right == Some(true) {
                 Column::right(&c.header)
+            } else if c.header.ends_with("_utc") {
+                Column::time(&c.header)
             } else {
                 Column::left(&c.header)
             };
@@ -452,7 +454,7 @@ mod tests {
         assert_eq!(
             render(Format::Table, COLUMNS, &rows()),
             "id  device_id  fired_utc             acked_utc             avg_value  seconds  message\n \
-             7  dev-a      2025-01-31T12:00:00Z  2025-01-31T13:00:00Z          2      0.3  say \"hi\", then\\nleave\n\
+             7  dev-a      2025-01-31T12:00:00Z  2025-01-31T13:00:00Z          2      0.3  say \"h…\n\
              12  dev-b      2025-01-31T12:00:00Z  -                             0        -\n"
         );
     }

@@ -16,6 +16,13 @@ const CUT: char = '…';
 /// worst), whatever the table's own clip.
 const LONGEST_CELL: usize = 30_000;
 
+/// `2026-11-23T22:51:20Z`.
+const TIME_WIDTH: usize = 20;
+
+/// The least a clipped column keeps of its cells, or its header's width if
+/// wider.
+const NARROWEST: usize = 6;
+
 /// One column of a [`Table`]: its header, its alignment, its least width
 /// and the spaces before it.
 #[derive(Debug, Clone)]
@@ -28,6 +35,9 @@ pub struct Column {
     /// Spaces between this column and the one before it (none before the
     /// first).
     gap: usize,
+    /// Never clipped to fit the terminal: numbers and times, which a cut
+    /// would make wrong rather than short.
+    keep: bool,
 }
 
 impl Column {
@@ -38,19 +48,35 @@ impl Column {
             right: false,
             min_width: 0,
             gap: 2,
+            keep: false,
         }
     }
 
-    /// Numbers: right-aligned, header too.
+    /// Numbers: right-aligned, header too, never clipped.
     pub fn right(header: impl Into<String>) -> Self {
         Self {
             right: true,
+            keep: true,
             ..Self::left(header)
+        }
+    }
+
+    /// Times ([`super::time`]): as wide as one, never clipped.
+    pub fn time(header: impl Into<String>) -> Self {
+        Self {
+            keep: true,
+            ..Self::left(header).min_width(TIME_WIDTH)
         }
     }
 
     pub fn min_width(self, min_width: usize) -> Self {
         Self { min_width, ..self }
+    }
+
+    /// Never clipped to fit: a short word from a fixed set (a state, a
+    /// severity), which a cut would make unreadable.
+    pub fn keep(self) -> Self {
+        Self { keep: true, ..self }
     }
 
     /// Spaces before the column; 2 unless set.
@@ -72,6 +98,9 @@ pub struct Table {
     clip: usize,
     /// Whether lines lose their trailing spaces.
     trim: bool,
+    /// The widest a line may be: cells of the widest columns are clipped
+    /// until the table fits.
+    fit: usize,
 }
 
 impl Table {
@@ -82,6 +111,7 @@ impl Table {
             rows: Vec::new(),
             clip: LONGEST_CELL,
             trim: false,
+            fit: super::terminal_width(),
         }
     }
 
@@ -101,6 +131,12 @@ impl Table {
             clip: width.min(LONGEST_CELL),
             ..self
         }
+    }
+
+    /// Lines of at most `width` characters (the terminal's width unless
+    /// set).
+    pub fn fit(self, width: usize) -> Self {
+        Self { fit: width, ..self }
     }
 
     /// No header row.
@@ -140,6 +176,57 @@ impl Table {
     }
 
     fn lines(&self) -> Vec<String> {
+        self.fitted().lines_as_they_are()
+    }
+
+    /// This table with cells clipped so that its lines fit [`Table::fit`]:
+    /// the widest column that may be clipped gives up a character at a
+    /// time, down to its header's width (or [`NARROWEST`]), until the
+    /// table fits or nothing can give. Least widths give way too.
+    fn fitted(&self) -> Table {
+        let mut widths = self.widths();
+        let gaps: usize = self.columns.iter().skip(1).map(|c| c.gap).sum();
+        let floor: Vec<usize> = self
+            .columns
+            .iter()
+            .map(|c| c.header.chars().count().max(NARROWEST))
+            .collect();
+        let mut fitted = self.clone();
+        if widths.iter().sum::<usize>() + gaps <= self.fit {
+            return fitted;
+        }
+        // Least widths are for lining up lists, not worth a cut value.
+        for (i, column) in self.columns.iter().enumerate() {
+            let content = self
+                .column_cells(i)
+                .map(|c| clip(c, self.clip).chars().count())
+                .max()
+                .unwrap_or(0);
+            widths[i] = content.max(if column.keep { column.min_width } else { 0 });
+        }
+        while widths.iter().sum::<usize>() + gaps > self.fit {
+            let Some(widest) = (0..widths.len())
+                .filter(|&i| !self.columns[i].keep && widths[i] > floor[i])
+                .max_by_key(|&i| (widths[i], i))
+            else {
+                break;
+            };
+            widths[widest] -= 1;
+        }
+        for (column, &width) in fitted.columns.iter_mut().zip(&widths) {
+            column.min_width = column.min_width.min(width);
+        }
+        for row in &mut fitted.rows {
+            for (cell, &width) in row.iter_mut().zip(&widths) {
+                if cell.chars().count() > width {
+                    *cell = clip(cell, width);
+                }
+            }
+        }
+        fitted
+    }
+
+    fn lines_as_they_are(&self) -> Vec<String> {
         let Some(last) = self.columns.last() else {
             return Vec::new();
         };
@@ -333,6 +420,35 @@ mod tests {
         let mut table = Table::new([Column::left("A"), Column::left("B")]);
         table.row(["two\nlines", "tab\there"]);
         assert_eq!(table.to_string(), "A           B\ntwo\\nlines  tab\\there");
+    }
+
+    #[test]
+    fn the_widest_columns_give_way_until_the_table_fits() {
+        let long = "sim-0000000000000000000000000001";
+        let mut table = Table::new([
+            Column::left("DEVICE").min_width(24),
+            Column::left("NAME").min_width(24),
+            Column::right("SEQUENCE").min_width(10),
+            Column::left("NOTE"),
+        ])
+        .fit(60);
+        table
+            .row([
+                long,
+                "a pump in the basement by the stairs",
+                "12",
+                "a long note",
+            ])
+            .row(["d2", "short", "1234567", ""]);
+        let text = table.to_string();
+        for line in text.lines() {
+            assert!(line.chars().count() <= 60, "{line:?} in\n{text}");
+        }
+        assert!(text.contains('…'), "{text}");
+        // Narrow columns are left whole.
+        assert!(text.contains("1234567"), "{text}");
+        // A table that fits is not touched.
+        assert_eq!(people().fit(80).to_string(), people().to_string());
     }
 
     #[test]
