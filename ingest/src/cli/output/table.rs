@@ -78,11 +78,6 @@ impl Column {
     pub fn keep(self) -> Self {
         Self { keep: true, ..self }
     }
-
-    /// Spaces before the column; 2 unless set.
-    pub fn gap(self, gap: usize) -> Self {
-        Self { gap, ..self }
-    }
 }
 
 /// Rows under a header, each on one line. Every column is as wide as its
@@ -350,7 +345,7 @@ mod tests {
         let mut table = Table::new([
             Column::right("ID"),
             Column::left("NAME"),
-            Column::right("SCORE").min_width(7).gap(1),
+            Column::right("SCORE").min_width(7),
             Column::left("NOTE"),
         ]);
         table
@@ -363,9 +358,9 @@ mod tests {
     fn columns_align_under_their_headers() {
         assert_eq!(
             people().to_string(),
-            "  ID  NAME           SCORE  NOTE\n   \
-                7  ada             12.5  first\n\
-             1234  grace hopper       3  "
+            "  ID  NAME            SCORE  NOTE\n   \
+                7  ada              12.5  first\n\
+             1234  grace hopper        3  "
         );
     }
 
@@ -374,7 +369,7 @@ mod tests {
         let text = people().trim_end().to_string();
         assert_eq!(
             text.lines().last(),
-            Some("1234  grace hopper       3"),
+            Some("1234  grace hopper        3"),
             "{text}"
         );
         let mut written = Vec::new();
