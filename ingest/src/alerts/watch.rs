@@ -77,19 +77,38 @@ impl Default for WatchConfig {
     }
 }
 
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    /// Events after this id.
+    pub after: u64,
+    /// Send a heartbeat naming the cursor first, for a client that did not
+    /// choose it (one that starts "from now").
+    pub announce: bool,
+}
+
 /// Starts a watch; the stream ends when the receiver is dropped.
 pub fn start(
     store: Store,
     engine: AlertEngine,
     filter: WatchFilter,
-    after: u64,
+    from: Start,
     config: WatchConfig,
     shutdown: watch::Receiver<bool>,
 ) -> mpsc::Receiver<WatchItem> {
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
     tokio::spawn(async move {
         let _open = engine.metrics().stream("watch");
-        let mut cursor = after;
+        let mut cursor = from.after;
+        if from.announce {
+            let beat = WatchItem::Heartbeat {
+                last_event_id: cursor,
+                time: now_unix_nanos(),
+            };
+            if tx.send(beat).await.is_err() {
+                return;
+            }
+        }
         let end = run(
             &store,
             &engine,

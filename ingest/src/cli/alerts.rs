@@ -58,8 +58,8 @@ pub enum AlertsCommand {
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Where it starts: after the event id saved in --cursor-file if that file exists;
-otherwise from the first stored event (every stored event is replayed, then
-live ones follow). --from-start states the latter explicitly.
+otherwise from now (only events from now on), or, with --from-start, from the
+first stored event (every stored event is replayed, then live ones follow).
 
 With --cursor-file the id of each event is saved (atomically, after the event
 was printed and stdout flushed), so a restarted watcher prints every event at
@@ -84,8 +84,8 @@ pub struct WatchArgs {
     /// Resume after the event id saved in this file, and keep it up to date.
     #[arg(long, value_name = "PATH")]
     cursor_file: Option<PathBuf>,
-    /// Without a saved cursor, replay from the first stored event (the
-    /// default).
+    /// Without a saved cursor, replay every stored event first (by default
+    /// the watch starts from now).
     #[arg(long)]
     from_start: bool,
     /// Also print the heartbeats the server sends on a quiet stream.
@@ -202,33 +202,35 @@ fn table(alerts: &[pb::Alert]) -> Table {
 
 async fn watch(args: &WatchArgs) -> anyhow::Result<()> {
     let saved = match &args.cursor_file {
-        Some(path) => read_cursor(path)?,
+        Some(path) => {
+            check_cursor_directory(path)?;
+            read_cursor(path)?
+        }
         None => None,
     };
     let mut printer = Printer {
         cursor: saved.unwrap_or(0),
+        started: saved.is_some() || args.from_start,
         cursor_file: args.cursor_file.clone(),
         json: args.json,
         heartbeats: args.heartbeats,
     };
-    tracing::info!(
-        "watching alerts after event {}{}",
-        printer.cursor,
-        if saved.is_some() {
-            " (saved cursor)"
-        } else {
-            ""
-        }
-    );
+    match saved {
+        Some(cursor) => tracing::info!("watching alerts after event {cursor} (saved cursor)"),
+        None if args.from_start => tracing::info!("watching alerts from the first stored event"),
+        None => tracing::info!("watching alerts from now (--from-start replays stored ones)"),
+    }
     let stall = (!args.stall_timeout.is_zero()).then_some(args.stall_timeout);
     let mut backoff = Backoff::default();
     let mut out = std::io::stdout();
+    let mut reconnecting = false;
     loop {
         let Interrupted {
             delivered,
             reason,
             retry_after,
-        } = watch_once(args, stall, &mut printer, &mut out).await?;
+        } = watch_once(args, reconnecting, stall, &mut printer, &mut out).await?;
+        reconnecting = true;
         if delivered {
             backoff.reset();
         }
@@ -267,6 +269,7 @@ impl Interrupted {
 /// ends. `Ok` asks for a retry, `Err` is fatal.
 async fn watch_once(
     args: &WatchArgs,
+    reconnect: bool,
     stall: Option<Duration>,
     printer: &mut Printer,
     out: &mut impl Write,
@@ -282,6 +285,7 @@ async fn watch_once(
         Some(Ok(ops)) => ops,
     };
     let request = pb::WatchAlertsRequest {
+        from_now: !printer.started,
         after_event_id: printer.cursor,
         min_severity: args
             .min_severity
@@ -295,6 +299,9 @@ async fn watch_once(
         Some(Err(status)) => return classify(status, false),
         Some(Ok(response)) => response.into_inner(),
     };
+    if reconnect {
+        tracing::info!("reconnected; resuming after event {}", printer.cursor);
+    }
     let mut delivered = false;
     loop {
         let event = match within(stall, stream.message()).await {
@@ -373,6 +380,9 @@ struct Printer {
     /// The id of the last event printed (or heartbeat seen): where a
     /// reconnect resumes.
     cursor: u64,
+    /// Whether the cursor is where to resume: false for a watch from now
+    /// until the server named the start.
+    started: bool,
     cursor_file: Option<PathBuf>,
     json: bool,
     heartbeats: bool,
@@ -396,6 +406,7 @@ impl Printer {
         // The id must not reach the cursor file before the event reached
         // stdout's reader, or a crash in between would lose the event.
         out.flush()?;
+        self.started = true;
         // Never backwards: a heartbeat of a filtered stream may carry an
         // older id than the last event printed.
         if event.event_id > self.cursor {
@@ -405,6 +416,19 @@ impl Printer {
             }
         }
         Ok(())
+    }
+}
+
+/// Refuses a cursor file in a directory that does not exist at start,
+/// rather than after the first event, when the watch would end.
+fn check_cursor_directory(path: &Path) -> anyhow::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => anyhow::bail!(
+            "the directory of --cursor-file {} does not exist: create it (mkdir -p {}) or name another file",
+            path.display(),
+            dir.display()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -622,6 +646,7 @@ mod tests {
     fn printer(cursor_file: Option<PathBuf>, heartbeats: bool) -> Printer {
         Printer {
             cursor: 0,
+            started: true,
             cursor_file,
             json: false,
             heartbeats,

@@ -53,6 +53,18 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        Database::Postgres { url } if args.json => {
+            let json = serde_json::json!({
+                "backend": "postgres",
+                "done": false,
+                "backup_command": backup::pg_dump_command(&url, &args.dest),
+                "restore_command": format!(
+                    "pg_restore --no-owner --dbname <empty database URL> {}",
+                    args.dest.display()
+                ),
+            });
+            println!("{json}");
+        }
         Database::Postgres { url } => {
             println!("PostgreSQL: take a consistent online backup with pg_dump:");
             println!("  {}", backup::pg_dump_command(&url, &args.dest));

@@ -112,11 +112,19 @@ enum KindArgs {
         #[arg(value_name = "JSON", value_parser = parse_json, allow_hyphen_values = true)]
         payload: String,
     },
+    /// Any other word: refused with the list of kinds (clap's own error
+    /// would only say the word is unexpected).
+    #[command(external_subcommand)]
+    Unknown(Vec<String>),
 }
 
+/// The kinds as typed, for the error about an unknown one.
+const KINDS: &str = "set-interval DURATION, set-batch-size N, enable-sensor SENSOR, \
+     disable-sensor SENSOR, reboot, ping, custom JSON";
+
 impl KindArgs {
-    fn to_proto(&self) -> Kind {
-        match self {
+    fn to_proto(&self) -> anyhow::Result<Kind> {
+        Ok(match self {
             Self::SetInterval { interval_ms } => {
                 Kind::SetSamplingInterval(pb::SetSamplingInterval {
                     interval_ms: *interval_ms,
@@ -138,7 +146,11 @@ impl KindArgs {
             Self::Custom { payload } => Kind::Custom(pb::CustomCommand {
                 json: payload.clone(),
             }),
-        }
+            Self::Unknown(words) => anyhow::bail!(
+                "unknown command kind `{}`: the kinds are {KINDS} (see `ingest command send --help`)",
+                words.first().map_or("", String::as_str)
+            ),
+        })
     }
 }
 
@@ -186,7 +198,7 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             let request = pb::SendCommandRequest {
                 device_id: args.device_id.clone(),
                 command: Some(pb::Command {
-                    kind: Some(args.kind.to_proto()),
+                    kind: Some(args.kind.to_proto()?),
                     ..Default::default()
                 }),
                 ttl_millis: args.ttl.map_or(0, millis),
@@ -196,6 +208,24 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             let command = reply(ops.send_command(request).await)?;
             Answer::stdout(args.json).one(&command, command_json, command_line)?;
             let code = exit_code(command.state, wait_millis > 0);
+            if code == 2 && command.state == pb::CommandState::Queued as i32 {
+                let device = reply(
+                    ops.get_device(pb::GetDeviceRequest {
+                        device_id: args.device_id.clone(),
+                    })
+                    .await,
+                )?;
+                if !device.online {
+                    eprintln!(
+                        "device {} is offline: command {} stays queued until it connects \
+                         (or expires at {}); follow it with `ingest command get {}`",
+                        args.device_id,
+                        command.command_id,
+                        time(command.expires_time_unix_nano),
+                        command.command_id
+                    );
+                }
+            }
             if code != 0 {
                 // main knows only success and failure; the status tells a
                 // script why.
@@ -447,6 +477,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_kind_lists_the_kinds() {
+        let error = send(&["dev", "blink", "--fast"])
+            .kind
+            .to_proto()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "unknown command kind `blink`: the kinds are {KINDS} (see `ingest command send --help`)"
+            )
+        );
+    }
+
+    #[test]
     fn options_after_the_kind() {
         let args = send(&["sim-00001", "set-interval", "500ms", "--wait", "5s"]);
         assert_eq!(args.device_id, "sim-00001");
@@ -480,7 +525,12 @@ mod tests {
 
     #[test]
     fn kinds_become_protos() {
-        let kind = |args: &[&str]| send(&[&["dev"], args].concat()).kind.to_proto();
+        let kind = |args: &[&str]| {
+            send(&[&["dev"], args].concat())
+                .kind
+                .to_proto()
+                .expect("a known kind")
+        };
         assert_eq!(
             kind(&["set-interval", "1.5s"]),
             Kind::SetSamplingInterval(pb::SetSamplingInterval { interval_ms: 1500 })
@@ -521,7 +571,7 @@ mod tests {
     #[test]
     fn bad_arguments_are_refused_locally() {
         use clap::error::ErrorKind;
-        let cases: [(&[&str], ErrorKind); 8] = [
+        let cases: [(&[&str], ErrorKind); 7] = [
             (&["dev", "custom", "{not json"], ErrorKind::ValueValidation),
             (&["dev", "set-interval", "fast"], ErrorKind::ValueValidation),
             (&["dev", "set-batch-size", "-3"], ErrorKind::UnknownArgument),
@@ -533,8 +583,6 @@ mod tests {
                 &["dev", "enable-sensor"],
                 ErrorKind::MissingRequiredArgument,
             ),
-            // After the device id, an unknown kind is an unexpected argument.
-            (&["dev", "shutdown"], ErrorKind::UnknownArgument),
             (&["dev"], ErrorKind::MissingSubcommand),
             (
                 &["dev", "ping", "--wait", "soon"],

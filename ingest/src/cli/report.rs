@@ -34,13 +34,17 @@ pub struct ReportArgs {
     /// Rows whose time is before this (exclusive); like --since.
     #[arg(long, value_name = "TIME")]
     until: Option<TimeArg>,
-    /// At most this many rows.
+    /// Only the latest N rows by the report's time (shown in the usual
+    /// order).
     #[arg(long, value_name = "N")]
     limit: Option<u64>,
     /// table for people, csv for spreadsheets, json for scripts (one object
     /// per line).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// The same as --format json, as every other command has it.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -58,7 +62,8 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     // A wrong query is refused before the database is touched.
     query.check()?;
     let mut db = ReportDb::open(&args.storage.database()?).await?;
-    let mut out = args.format.writer(BufWriter::new(std::io::stdout()));
+    let format = if args.json { Format::Json } else { args.format };
+    let mut out = format.writer(BufWriter::new(std::io::stdout()));
     let result = db.run(&query, &mut *out).await;
     let _ = db.close().await;
     match result {

@@ -344,11 +344,22 @@ impl pb::ops_server::Ops for OpsService {
             devices: devices.into_iter().collect(),
             rules: req.rule_ids.into_iter().collect(),
         };
+        let after = if req.from_now {
+            self.store
+                .latest_alert_event_id()
+                .await
+                .map_err(status::storage)?
+        } else {
+            req.after_event_id
+        };
         let items = crate::alerts::watch::start(
             self.store.clone(),
             self.alerts.clone(),
             filter,
-            req.after_event_id,
+            crate::alerts::watch::Start {
+                after,
+                announce: req.from_now,
+            },
             self.watch.clone(),
             self.shutdown.clone(),
         );

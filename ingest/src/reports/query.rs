@@ -133,10 +133,21 @@ impl ReportQuery {
                 _ => column.to_owned(),
             })
             .collect();
-        let _ = write!(sql.text, " ORDER BY {}", order.join(", "));
-        if let Some(limit) = self.limit {
-            let p = sql.bind(dialect, Bind::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
-            let _ = write!(sql.text, " LIMIT {p}");
+        let order = order.join(", ");
+        match self.limit {
+            None => {
+                let _ = write!(sql.text, " ORDER BY {order}");
+            }
+            // The latest N rows by the report's time (rows without one
+            // last), shown in the report's usual order.
+            Some(limit) => {
+                let p = sql.bind(dialect, Bind::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
+                sql.text = format!(
+                    "SELECT * FROM ({} ORDER BY {time} IS NULL, {time} DESC, {order} LIMIT {p}) \
+                     AS latest ORDER BY {order}",
+                    sql.text
+                );
+            }
         }
         sql
     }
@@ -229,9 +240,11 @@ mod tests {
         let sqlite = query.sql(Dialect::Sqlite);
         assert_eq!(
             sqlite.text,
-            "SELECT * FROM readings_hourly WHERE device_id IN (?, ?) AND sensor IN (?) \
+            "SELECT * FROM (SELECT * FROM readings_hourly WHERE device_id IN (?, ?) AND sensor IN (?) \
              AND hour_unix_nano >= ? AND hour_unix_nano < ? \
-             ORDER BY device_id, sensor, unit, hour_unix_nano LIMIT ?"
+             ORDER BY hour_unix_nano IS NULL, hour_unix_nano DESC, \
+             device_id, sensor, unit, hour_unix_nano LIMIT ?) \
+             AS latest ORDER BY device_id, sensor, unit, hour_unix_nano"
         );
         assert_eq!(
             sqlite.binds,
@@ -247,10 +260,12 @@ mod tests {
         let postgres = query.sql(Dialect::Postgres);
         assert_eq!(
             postgres.text,
-            "SELECT * FROM readings_hourly WHERE device_id IN ($1, $2) AND sensor IN ($3) \
+            "SELECT * FROM (SELECT * FROM readings_hourly WHERE device_id IN ($1, $2) AND sensor IN ($3) \
              AND hour_unix_nano >= $4 AND hour_unix_nano < $5 \
-             ORDER BY device_id COLLATE \"C\", sensor COLLATE \"C\", unit COLLATE \"C\", \
-             hour_unix_nano LIMIT $6"
+             ORDER BY hour_unix_nano IS NULL, hour_unix_nano DESC, \
+             device_id COLLATE \"C\", sensor COLLATE \"C\", unit COLLATE \"C\", hour_unix_nano LIMIT $6) \
+             AS latest ORDER BY device_id COLLATE \"C\", sensor COLLATE \"C\", unit COLLATE \"C\", \
+             hour_unix_nano"
         );
         assert_eq!(postgres.binds, sqlite.binds);
         assert_eq!(

@@ -316,6 +316,16 @@ impl Store {
             .await
     }
 
+    /// The newest stored event's id, 0 if none: where a watch that starts
+    /// "from now" begins.
+    pub async fn latest_alert_event_id(&self) -> Result<u64, StorageError> {
+        let row = self
+            .query("SELECT COALESCE(MAX(event_id), 0) FROM alert_events")
+            .fetch_one()
+            .await?;
+        Ok(id(row.get(0)?))
+    }
+
     pub async fn list_alerts(
         &self,
         include_resolved: bool,

@@ -47,6 +47,14 @@ pub async fn sqlite(source: &Path, dest: &Path) -> anyhow::Result<BackupReport> 
         "{} exists; a backup never overwrites a file",
         dest.display()
     );
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "the directory {} does not exist: create it (mkdir -p {}) or back up elsewhere",
+            dir.display(),
+            dir.display()
+        );
+    }
     let partial = partial_path(dest);
     // A leftover from a crashed backup is ours to remove.
     let _ = std::fs::remove_file(&partial);
