@@ -239,6 +239,12 @@ mod tests {
         assert_eq!(report["devices_failed"], 2);
         assert_eq!(report["failures"][0]["device_id"], "sim-00002");
         assert_eq!(report["failures"][1]["device_id"], "sim-00003");
+        let lost = report["failures"][1]["reason"].as_str().expect("reason");
+        assert!(
+            lost.contains("`ingest devices rotate-token sim-00003`")
+                && lost.contains(creds_path.to_str().expect("utf-8 path")),
+            "{lost}"
+        );
         assert!(report["readings_accepted"].as_u64().expect("number") > 0);
         assert_eq!(report["readings_accepted"], report["readings_sent"]);
         assert!(report["wire_bytes_sent"].as_u64().expect("number") > 0);
