@@ -3,6 +3,7 @@
 
 mod channels;
 mod credentials;
+mod reach;
 mod registration;
 mod signals;
 #[cfg(all(test, feature = "local-server"))]
@@ -35,6 +36,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     let wire_bytes = Arc::new(Counter::default());
     let channels = channels::open_channels(&config, &wire_bytes)?;
+    // Said first and plainly, even with --quiet: otherwise all the run
+    // shows is retries and then a report of zeros.
+    for message in reach::unreachable(&config.servers).await {
+        eprintln!("device-sim: {message}");
+    }
     let (credentials, mut failures) =
         registration::ensure_credentials(&config, &channels[0], &shutdown).await?;
 
