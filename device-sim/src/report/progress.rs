@@ -22,6 +22,8 @@ struct Figures {
     /// Readings sent per second over the last interval.
     rate: f64,
     accepted: u64,
+    /// Devices an operator has disabled right now.
+    disabled: u64,
     rejected: u64,
     duplicate_batches: u64,
     retries: u64,
@@ -45,6 +47,7 @@ fn line(elapsed: Duration, f: &Figures) -> String {
     // Most important first: a field that does not fit is left out, a later
     // shorter one may still fit.
     let optional = [
+        ("disabled", f.disabled),
         ("rejected", f.rejected),
         ("retries", f.retries),
         ("dup batches", f.duplicate_batches),
@@ -135,6 +138,7 @@ impl Progress {
                 sent,
                 rate,
                 accepted: stats.readings_accepted.get(),
+                disabled: stats.devices_disabled.get(),
                 rejected: stats.readings_rejected.get(),
                 duplicate_batches: stats.duplicate_batches.get(),
                 retries: stats.retries.get(),
@@ -223,6 +227,7 @@ mod tests {
             sent: 10_000_000,
             rate: 1_234_567.0,
             accepted: 9_999_000,
+            disabled: 0,
             rejected: 123_456,
             duplicate_batches: 45_678,
             retries: 987_654,
