@@ -32,6 +32,9 @@ const REGISTER_CONCURRENCY: usize = 32;
 /// default backoff this waits out roughly half a minute of server start-up.
 const REGISTER_ATTEMPTS: u32 = 12;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The label every simulated device is registered with; the demo alert
+/// rules select on it.
+pub const FLEET_LABEL: (&str, &str) = ("fleet", "sim");
 /// Sites a simulated device is spread over, for label-based alert rules.
 const SITES: [&str; 4] = ["plant-1", "plant-2", "warehouse-north", "lab"];
 
@@ -114,7 +117,7 @@ pub async fn ensure_credentials(
     Ok((credentials, failures))
 }
 
-fn read_ops_token(config: &Config) -> anyhow::Result<String> {
+pub fn read_ops_token(config: &Config) -> anyhow::Result<String> {
     let token = match &config.ops_token {
         Some(token) => token.trim().to_owned(),
         None => std::fs::read_to_string(&config.ops_token_file)
@@ -165,7 +168,7 @@ async fn register_device(
     let request = RegisterDeviceRequest {
         device_id: device_id.clone(),
         display_name: String::new(),
-        labels: [("fleet", "sim"), ("site", site_of(&device_id))]
+        labels: [FLEET_LABEL, ("site", site_of(&device_id))]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),

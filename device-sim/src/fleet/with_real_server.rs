@@ -408,6 +408,46 @@ async fn a_disabled_device_waits_and_resumes_when_enabled() {
     );
 }
 
+/// `--anomalies` against a server of its own (not `--local-server`): the
+/// ops token installs the demo rules there, for the simulated devices only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_install_their_rules_on_any_server_the_ops_token_allows() {
+    use telemetry_proto::v1::ListAlertRulesRequest;
+    use telemetry_proto::v1::device_selector::Selector;
+
+    let (dir, server) = start_server().await;
+    let report = run_fleet_with(
+        &server.url,
+        &server.ops_token,
+        dir.path(),
+        &dir.path().join("r.json"),
+        "1s",
+        &["--anomalies"],
+    )
+    .await;
+    let rules = ops_client(&server)
+        .list_alert_rules(ListAlertRulesRequest::default())
+        .await
+        .expect("rules")
+        .into_inner()
+        .rules;
+    server.stop().await.expect("server stops cleanly");
+    assert_eq!(report["devices_failed"], 0, "{report:#}");
+    let mut ids: Vec<&str> = rules.iter().map(|r| r.rule_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        ["demo-humidity-silent", "demo-pressure-jump", "demo-too-hot"]
+    );
+    for rule in &rules {
+        let Some(Selector::Labels(labels)) = rule.devices.as_ref().and_then(|d| d.selector.clone())
+        else {
+            panic!("{} selects more than the simulated devices", rule.rule_id);
+        };
+        assert_eq!(labels.labels.get("fleet").map(String::as_str), Some("sim"));
+    }
+}
+
 /// The fleet over mutual TLS to the real server: an https:// --server,
 /// the CA and a client certificate, through the counting connector.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
