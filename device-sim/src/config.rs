@@ -126,7 +126,12 @@ pub struct Args {
     #[arg(long, env = "DEVICE_SIM_CREDENTIALS_FILE")]
     pub credentials_file: Option<PathBuf>,
 
-    /// Inject anomalies (spikes, drifts, stuck values, dropouts) into readings.
+    /// Inject anomalies (spikes, drifts, stuck values, dropouts) into
+    /// readings, and install alert rules they trip (demo-too-hot,
+    /// demo-pressure-jump, demo-humidity-silent; on devices labelled
+    /// fleet=sim only) on the server, local or not, when an ops token is at
+    /// hand (--ops-token, --ops-token-file); their alerts are printed as
+    /// they fire and resolve.
     #[arg(long, env = "DEVICE_SIM_ANOMALIES")]
     pub anomalies: bool,
 

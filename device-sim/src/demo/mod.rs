@@ -1,15 +1,14 @@
 //! `--local-server`: the whole system in one command. The real ingest
 //! server starts in this process, the fleet runs against it, and the demo
 //! shows what the system does: alerts fire and resolve (with
-//! `--anomalies`), and halfway through a command changes every device.
+//! `--anomalies`, as against any server: `fleet/alerts.rs`), and halfway
+//! through a command changes every device.
 
-mod alerts;
 mod command;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -26,10 +25,6 @@ pub async fn run(
     let server = LocalServer::start(data_dir, listen).await?;
     config.servers = vec![server.url.clone()];
     config.ops_token = Some(server.ops_token.clone());
-    let alerts = match config.anomaly_rate {
-        Some(_) => Some(alerts::start(&server.url, &server.ops_token).await?),
-        None => None,
-    };
     let devices = (1..=config.devices).map(|n| config.device_id(n)).collect();
     let halfway = config.duration.map_or(Duration::from_secs(15), |d| d / 2);
     let command = command::start(
@@ -41,14 +36,6 @@ pub async fn run(
     );
     let code = fleet::run(config).await;
     command.abort();
-    if let Some((counts, task)) = alerts {
-        task.abort();
-        println!(
-            "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
-            counts.fired.load(Ordering::Relaxed),
-            counts.resolved.load(Ordering::Relaxed)
-        );
-    }
     let database = server.database.clone();
     server.stop().await?;
     println!(

@@ -19,6 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use super::access::{Access, disabled_backoff};
+use super::call_failure::{is_disabled, token_refused};
 use super::client::{DeviceClient, describe};
 use super::commands::{CAPABILITIES, Commands};
 use super::sampling::device_seed;
@@ -64,6 +66,9 @@ enum StreamEnd {
     Rebalance,
     /// The server has no Control call.
     Unimplemented(String),
+    /// An operator disabled the device: retry, with a longer backoff, until
+    /// enabled again.
+    Disabled,
     /// Retrying cannot help; the device stops.
     Fatal(String),
 }
@@ -82,6 +87,11 @@ pub struct Controller {
     commands: Commands,
     booted: Instant,
     backoff: Backoff,
+    /// The backoff while an operator has the device disabled.
+    disabled_backoff: Backoff,
+    /// Whether an operator has disabled the device (shared with its
+    /// uploader).
+    access: Arc<Access>,
     /// How long the server asked the device to wait with its last refusal
     /// (RetryInfo, when it opens streams too fast).
     server_delay: Option<Duration>,
@@ -96,6 +106,7 @@ impl Controller {
         shared: Arc<DeviceShared>,
         config: &Config,
         stats: Arc<Stats>,
+        access: Arc<Access>,
         shutdown: Shutdown,
     ) -> Self {
         // Some devices sit near the gateway, others at the edge of range.
@@ -116,6 +127,8 @@ impl Controller {
             reboot_delay: config.reboot_delay,
             booted: Instant::now(),
             backoff: Backoff::default(),
+            disabled_backoff: disabled_backoff(),
+            access,
             server_delay: None,
             signal_dbm,
         }
@@ -161,9 +174,18 @@ impl Controller {
                     self.stats.control_rebalances.inc();
                     self.backoff.reset();
                     let delay = REBALANCE_JITTER.mul_f64(rand::rng().random_range(0.0..=1.0));
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = self.shutdown.requested() => return Ok(()),
+                    if !self.wait(delay).await {
+                        return Ok(());
+                    }
+                }
+                StreamEnd::Disabled => {
+                    // Said once by `Access`, whichever task saw it first.
+                    self.access.refused();
+                    let delay = self
+                        .disabled_backoff
+                        .next_delay_with(self.server_delay.take(), &mut rand::rng());
+                    if !self.wait(delay).await {
+                        return Ok(());
                     }
                 }
                 StreamEnd::Retry(reason) => {
@@ -175,12 +197,19 @@ impl Controller {
                     let delay = self
                         .backoff
                         .next_delay_with(self.server_delay.take(), &mut rand::rng());
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = self.shutdown.requested() => return Ok(()),
+                    if !self.wait(delay).await {
+                        return Ok(());
                     }
                 }
             }
+        }
+    }
+
+    /// Waits `delay` before the next stream; `false` if shutdown came first.
+    async fn wait(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = self.shutdown.requested() => false,
         }
     }
 
@@ -220,6 +249,8 @@ impl Controller {
         };
         debug!(device = %self.device_id, "control stream open");
         *connecting = None;
+        self.access.admitted();
+        self.disabled_backoff.reset();
 
         // The first status goes out right after the hello.
         let mut status_ticker = tokio::time::interval(self.status_interval);
@@ -283,11 +314,8 @@ impl Controller {
         self.server_delay = retry_delay(status);
         match status.code() {
             Code::Unavailable if status.message().starts_with("rebalance") => StreamEnd::Rebalance,
-            Code::Unauthenticated => StreamEnd::Fatal(format!(
-                "the server rejected this device's token on its control stream ({detail}); the \
-                 credentials file does not match the server's devices: delete it (or the \
-                 server's data) or use another --device-prefix"
-            )),
+            Code::Unauthenticated if is_disabled(status) => StreamEnd::Disabled,
+            Code::Unauthenticated => StreamEnd::Fatal(token_refused(&self.device_id, &detail)),
             Code::Unimplemented => StreamEnd::Unimplemented(detail),
             // UNAVAILABLE and transport errors, ABORTED when another stream
             // of this device superseded this one, and anything unexpected:
@@ -411,6 +439,10 @@ mod tests {
                 Arc::clone(&shared),
                 &config,
                 Arc::clone(&stats),
+                Arc::new(crate::device::access::Access::new(
+                    "sim-00001".into(),
+                    Arc::clone(&stats),
+                )),
                 shutdown,
             )
             .run(None),

@@ -2,6 +2,7 @@
 //! that gets them durably into the server despite failures, and the control
 //! channel through which the server changes its settings or reboots it.
 
+mod access;
 mod call_failure;
 pub mod client;
 mod commands;
@@ -18,6 +19,7 @@ use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
+use access::Access;
 use client::DeviceClient;
 use control::Controller;
 use sampling::{Sampler, run_sampler};
@@ -64,6 +66,7 @@ pub async fn run_device(
         }
     };
     let shared = Arc::new(DeviceShared::new(DeviceSettings::initial(&config)));
+    let access = Arc::new(Access::new(device_id.clone(), Arc::clone(&stats)));
     let (produced_tx, produced_rx) = mpsc::channel(SAMPLER_QUEUE);
     let sampler = Sampler::new(
         &device_id,
@@ -95,6 +98,7 @@ pub async fn run_device(
             Arc::clone(&shared),
             &config,
             Arc::clone(&stats),
+            Arc::clone(&access),
             shutdown.clone(),
         )
         .run(connecting.clone()),
@@ -109,6 +113,7 @@ pub async fn run_device(
         produced_rx,
         shared.power.subscribe(),
         connecting,
+        access,
     );
     let result = {
         let upload = uploader.run();

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use super::access::{Access, disabled_backoff};
 use super::call_failure::{CallFailure, classify};
 use super::client::DeviceClient;
 use super::sampling::Produced;
@@ -72,6 +73,12 @@ pub struct Uploader {
     /// cursor is known, because numbering must continue from it.
     next_sequence: u64,
     backoff: Backoff,
+    /// The backoff while an operator has the device disabled: capped
+    /// higher, since only a person can end it.
+    disabled_backoff: Backoff,
+    /// Whether an operator has disabled the device (shared with its
+    /// controller).
+    access: Arc<Access>,
     /// How long the server asked the device to wait with its last refusal
     /// (RetryInfo); the next backoff waits at least this long.
     server_delay: Option<Duration>,
@@ -98,6 +105,7 @@ impl Uploader {
         produced: mpsc::Receiver<Produced>,
         power: watch::Receiver<Power>,
         connecting: Option<Arc<OwnedSemaphorePermit>>,
+        access: Arc<Access>,
     ) -> Self {
         Self {
             buffer: UploadBuffer::new(config.max_buffered_batches),
@@ -110,6 +118,8 @@ impl Uploader {
             sampling: true,
             next_sequence: 0,
             backoff: Backoff::default(),
+            disabled_backoff: disabled_backoff(),
+            access,
             server_delay: None,
             connected: false,
             warned_rejections: false,
@@ -165,8 +175,13 @@ impl Uploader {
                 Ok(StreamEnd::ShuttingDown) => return Halt::Shutdown,
                 Ok(StreamEnd::Rebooting) => return Halt::Reboot,
                 Err(CallFailure::Fatal(reason)) => return Halt::Fatal(reason),
-                Err(CallFailure::Retryable(reason)) => {
-                    self.note_transient("UploadReadings", &reason);
+                Err(failure @ (CallFailure::Retryable(_) | CallFailure::Disabled)) => {
+                    match failure {
+                        CallFailure::Retryable(reason) => {
+                            self.note_transient("UploadReadings", &reason);
+                        }
+                        _ => self.access.refused(),
+                    }
                     self.set_connected(false);
                     self.buffer.forget_handoffs();
                     // The stream may have committed some batches before it
@@ -226,6 +241,15 @@ impl Uploader {
         }
     }
 
+    /// A call got through: the device is (again) allowed in.
+    fn admitted(&mut self) {
+        if self.access.is_disabled() {
+            self.access.admitted();
+            self.disabled_backoff.reset();
+            self.backoff.reset();
+        }
+    }
+
     fn note_transient(&self, call: &str, reason: &str) {
         // One warning per run explains a stalled progress line; after that
         // the retry counter tells the story without flooding the terminal.
@@ -258,9 +282,12 @@ impl Uploader {
         let mut wait = backoff_first;
         loop {
             if wait {
-                let delay = self
-                    .backoff
-                    .next_delay_with(self.server_delay.take(), &mut rand::rng());
+                let backoff = if self.access.is_disabled() {
+                    &mut self.disabled_backoff
+                } else {
+                    &mut self.backoff
+                };
+                let delay = backoff.next_delay_with(self.server_delay.take(), &mut rand::rng());
                 self.stats.retries.inc();
                 self.while_sampling(tokio::time::sleep(delay)).await?;
             }
@@ -279,13 +306,18 @@ impl Uploader {
             match self.while_sampling(call).await? {
                 Ok(Ok(response)) => {
                     self.set_connected(true);
+                    self.admitted();
                     return Ok(response.into_inner().committed_sequence);
                 }
-                Ok(Err(status)) => match classify(&status) {
+                Ok(Err(status)) => match classify(&status, &self.device_id) {
                     CallFailure::Retryable(reason) => {
                         self.server_delay = retry_delay(&status);
                         self.set_connected(false);
                         self.note_transient("GetUploadCursor", &reason);
+                    }
+                    CallFailure::Disabled => {
+                        self.set_connected(false);
+                        self.access.refused();
                     }
                     CallFailure::Fatal(reason) => return Err(Halt::Fatal(reason)),
                 },
@@ -439,10 +471,14 @@ impl Uploader {
             Err(status) => {
                 self.buffer.forget_handoffs();
                 self.server_delay = retry_delay(&status);
-                return match classify(&status) {
+                return match classify(&status, &self.device_id) {
                     CallFailure::Retryable(reason) if shutting_down => {
                         debug!(device = %self.device_id,
                                "last upload failed during shutdown ({reason})");
+                        Ok(StreamEnd::ShuttingDown)
+                    }
+                    CallFailure::Disabled if shutting_down => {
+                        self.access.refused();
                         Ok(StreamEnd::ShuttingDown)
                     }
                     failure => Err(failure),
@@ -451,6 +487,7 @@ impl Uploader {
         };
 
         self.set_connected(true);
+        self.admitted();
         let stats = &self.stats;
         stats.batches_committed.add(summary.batches_committed);
         stats.readings_accepted.add(summary.readings_accepted);

@@ -1,8 +1,10 @@
 //! The whole run: the connections, registration, one task per device
 //! until the run ends, and the report.
 
+mod alerts;
 mod channels;
 mod credentials;
+mod reach;
 mod registration;
 mod signals;
 #[cfg(all(test, feature = "local-server"))]
@@ -12,6 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -35,8 +38,18 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     let wire_bytes = Arc::new(Counter::default());
     let channels = channels::open_channels(&config, &wire_bytes)?;
+    // Said first and plainly, even with --quiet: otherwise all the run
+    // shows is retries and then a report of zeros.
+    for message in reach::unreachable(&config.servers).await {
+        eprintln!("device-sim: {message}");
+    }
     let (credentials, mut failures) =
         registration::ensure_credentials(&config, &channels[0], &shutdown).await?;
+
+    let alerts = match config.anomaly_rate {
+        Some(_) => install_alert_rules(&config, &channels[0]).await,
+        None => None,
+    };
 
     let stats = Arc::new(Stats::with_latency_warmup(config.latency_warmup));
     let devices = spawn_devices(
@@ -79,6 +92,14 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     write!(stdout, "{report}")
         .and_then(|()| stdout.flush())
         .context("writing the report to stdout")?;
+    if let Some((counts, task)) = alerts {
+        task.abort();
+        println!(
+            "  alerts            {} fired, {} resolved (rules: ingest rules list; events: ingest alerts watch)",
+            counts.fired.load(Ordering::Relaxed),
+            counts.resolved.load(Ordering::Relaxed)
+        );
+    }
     if let Some(path) = &config.report_json {
         report.write_json(path)?;
     }
@@ -87,6 +108,27 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `--anomalies`: the alert rules they trip, on any server the ops token is
+/// good for. Without a token, or refused, the run goes on: the readings
+/// still carry anomalies, only no alert fires for them.
+async fn install_alert_rules(
+    config: &Config,
+    channel: &Transport,
+) -> Option<(Arc<alerts::AlertCounts>, tokio::task::JoinHandle<()>)> {
+    let installed = match registration::read_ops_token(config) {
+        Ok(token) => alerts::start(channel, &token).await,
+        Err(e) => Err(e),
+    };
+    installed
+        .inspect_err(|e| {
+            eprintln!(
+                "device-sim: --anomalies: alert rules not installed ({e:#}); the readings still \
+                 carry anomalies, but no alert fires for them"
+            );
+        })
+        .ok()
 }
 
 /// Devices still running, with their ids by task so a panic can be
@@ -239,6 +281,12 @@ mod tests {
         assert_eq!(report["devices_failed"], 2);
         assert_eq!(report["failures"][0]["device_id"], "sim-00002");
         assert_eq!(report["failures"][1]["device_id"], "sim-00003");
+        let lost = report["failures"][1]["reason"].as_str().expect("reason");
+        assert!(
+            lost.contains("`ingest devices rotate-token sim-00003`")
+                && lost.contains(creds_path.to_str().expect("utf-8 path")),
+            "{lost}"
+        );
         assert!(report["readings_accepted"].as_u64().expect("number") > 0);
         assert_eq!(report["readings_accepted"], report["readings_sent"]);
         assert!(report["wire_bytes_sent"].as_u64().expect("number") > 0);

@@ -1,6 +1,7 @@
 //! Devices the server does not know yet: registered through the ops token,
 //! their tokens saved before anything else can go wrong.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -31,6 +32,9 @@ const REGISTER_CONCURRENCY: usize = 32;
 /// default backoff this waits out roughly half a minute of server start-up.
 const REGISTER_ATTEMPTS: u32 = 12;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The label every simulated device is registered with; the demo alert
+/// rules select on it.
+pub const FLEET_LABEL: (&str, &str) = ("fleet", "sim");
 /// Sites a simulated device is spread over, for label-based alert rules.
 const SITES: [&str; 4] = ["plant-1", "plant-2", "warehouse-north", "lab"];
 
@@ -64,7 +68,14 @@ pub async fn ensure_credentials(
         eprintln!("registering {} device(s)...", missing.len());
     }
     let results: Vec<(String, Registration)> = futures::stream::iter(missing)
-        .map(|device_id| register_device(client.clone(), device_id, shutdown.clone()))
+        .map(|device_id| {
+            register_device(
+                client.clone(),
+                device_id,
+                &config.credentials_file,
+                shutdown.clone(),
+            )
+        })
         .buffer_unordered(REGISTER_CONCURRENCY)
         .collect()
         .await;
@@ -106,7 +117,7 @@ pub async fn ensure_credentials(
     Ok((credentials, failures))
 }
 
-fn read_ops_token(config: &Config) -> anyhow::Result<String> {
+pub fn read_ops_token(config: &Config) -> anyhow::Result<String> {
     let token = match &config.ops_token {
         Some(token) => token.trim().to_owned(),
         None => std::fs::read_to_string(&config.ops_token_file)
@@ -132,6 +143,18 @@ enum Registration {
     Interrupted,
 }
 
+/// The device exists on the server but this run has no token for it (the
+/// server shows a token only once). A new token is the fix; deleting the
+/// server's data would lose every other device's readings.
+fn lost_token_advice(device_id: &str, credentials_file: &Path) -> String {
+    format!(
+        "already registered on the server, but its token is not in the credentials file \
+         {file}; issue a new one with `ingest devices rotate-token {device_id}` and add it to \
+         {file} as \"{device_id}\": \"<token>\" (or use another --device-prefix)",
+        file = credentials_file.display()
+    )
+}
+
 fn site_of(device_id: &str) -> &'static str {
     SITES[(device_seed(device_id) % SITES.len() as u64) as usize]
 }
@@ -139,12 +162,13 @@ fn site_of(device_id: &str) -> &'static str {
 async fn register_device(
     mut client: OpsApi,
     device_id: String,
+    credentials_file: &Path,
     mut shutdown: Shutdown,
 ) -> (String, Registration) {
     let request = RegisterDeviceRequest {
         device_id: device_id.clone(),
         display_name: String::new(),
-        labels: [("fleet", "sim"), ("site", site_of(&device_id))]
+        labels: [FLEET_LABEL, ("site", site_of(&device_id))]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
@@ -170,12 +194,10 @@ async fn register_device(
                 }
                 Ok(Err(status)) => match status.code() {
                     Code::AlreadyExists => {
-                        break Registration::Failed(
-                            "already registered on the server, but its token is not in the \
-                         credentials file (a token is shown only once): delete the credentials \
-                         file and the server's data, or use another --device-prefix"
-                                .into(),
-                        );
+                        break Registration::Failed(lost_token_advice(
+                            &device_id,
+                            credentials_file,
+                        ));
                     }
                     Code::Unauthenticated | Code::PermissionDenied => {
                         break Registration::OpsTokenRejected(describe(&status));
@@ -208,6 +230,19 @@ async fn register_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_token_is_answered_with_rotate_token_not_deletion() {
+        let advice = lost_token_advice("sim-00003", Path::new("/data/sim-credentials.json"));
+        assert_eq!(
+            advice,
+            "already registered on the server, but its token is not in the credentials file \
+             /data/sim-credentials.json; issue a new one with `ingest devices rotate-token \
+             sim-00003` and add it to /data/sim-credentials.json as \"sim-00003\": \"<token>\" \
+             (or use another --device-prefix)"
+        );
+        assert!(!advice.contains("delete"), "{advice}");
+    }
 
     #[test]
     fn sites_are_stable_per_device() {

@@ -8,7 +8,11 @@ use clap::Parser;
 use ingest::auth::{OpsTokenSource, resolve_ops_token};
 use ingest::storage::Database;
 use telemetry_client::bearer::Bearer;
+use telemetry_proto::v1::ops_client::OpsClient;
+use telemetry_proto::v1::{Device, GetDeviceRequest};
 use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::config::{Args, Config};
 use crate::server::local::LocalServer;
@@ -71,6 +75,68 @@ async fn run_fleet_with(
     let code = super::run(config).await.expect("fleet runs");
     assert_eq!(code, std::process::ExitCode::SUCCESS);
     serde_json::from_slice(&std::fs::read(report).expect("report")).expect("JSON")
+}
+
+type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
+
+fn ops_client(server: &LocalServer) -> Ops {
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("endpoint")
+        .connect_lazy();
+    OpsClient::with_interceptor(channel, Bearer::new(&server.ops_token).expect("token"))
+}
+
+/// Polls the server's view of `device_id` until `condition` holds; fails
+/// after 20 s.
+async fn wait_for_device(
+    ops: &mut Ops,
+    device_id: &str,
+    what: &str,
+    condition: impl Fn(&Device) -> bool,
+) -> Device {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let device = ops
+            .get_device(GetDeviceRequest {
+                device_id: device_id.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        match device {
+            Ok(device) if condition(&device) => return device,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "{device_id}: not {what} within 20 s: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Calls refused because the device is disabled, by the server's count.
+async fn refused_as_disabled(server: &LocalServer) -> f64 {
+    let (status, text) = ingest::server::admin::get(server.admin, "/metrics")
+        .await
+        .expect("scrape");
+    assert_eq!(status, 200);
+    ingest::server::admin::sum(
+        &text,
+        "auth_failures_total",
+        &[("reason", "device_disabled")],
+    )
+}
+
+/// Waits until the server has refused `at_least` calls as disabled; fails
+/// after 20 s.
+async fn wait_for_refusals(server: &LocalServer, at_least: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while refused_as_disabled(server).await < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disabled device stopped retrying"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn stored_readings(database: &Path) -> u64 {
@@ -238,9 +304,8 @@ async fn a_fleet_started_before_its_server_gets_everything_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_obey_commands_sent_through_the_real_server() {
     use telemetry_proto::v1::command::Kind;
-    use telemetry_proto::v1::ops_client::OpsClient;
     use telemetry_proto::v1::{
-        Command, CommandState, GetDeviceRequest, Ping, SendCommandRequest, SetSamplingInterval,
+        Command, CommandState, Ping, SendCommandRequest, SetSamplingInterval,
     };
 
     let (dir, server) = start_server().await;
@@ -248,24 +313,9 @@ async fn devices_obey_commands_sent_through_the_real_server() {
     let (report, ()) = tokio::join!(
         run_fleet_for(&server, dir.path(), &report_path, "3s"),
         async {
-            let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-                .expect("endpoint")
-                .connect_lazy();
-            let auth = Bearer::new(&server.ops_token).expect("token");
-            let mut ops = OpsClient::with_interceptor(channel, auth);
+            let mut ops = ops_client(&server);
             // Wait until the device holds its Control stream.
-            for _ in 0..100 {
-                let online = ops
-                    .get_device(GetDeviceRequest {
-                        device_id: "sim-00001".into(),
-                    })
-                    .await
-                    .is_ok_and(|d| d.into_inner().online);
-                if online {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            wait_for_device(&mut ops, "sim-00001", "online", |d| d.online).await;
             let mut send = async |kind: Kind| {
                 ops.send_command(SendCommandRequest {
                     device_id: "sim-00001".into(),
@@ -296,6 +346,106 @@ async fn devices_obey_commands_sent_through_the_real_server() {
     assert_eq!(report["commands_done"], 2);
     assert_eq!(report["control_unsupported_devices"], 0);
     assert_eq!(report["readings_accepted"], report["readings_sent"]);
+}
+
+/// An operator disables a device in the middle of a run and enables it
+/// again: the device stops (its Control stream too), keeps retrying while
+/// refused, says so once, and resumes uploading and its Control stream
+/// when enabled, with nothing lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_device_waits_and_resumes_when_enabled() {
+    use telemetry_proto::v1::{DisableDeviceRequest, EnableDeviceRequest};
+
+    let (dir, server) = start_server().await;
+    let report_path = dir.path().join("r.json");
+    let (report, ()) = tokio::join!(
+        run_fleet_for(&server, dir.path(), &report_path, "12s"),
+        async {
+            let mut ops = ops_client(&server);
+            let id = "sim-00001";
+            wait_for_device(&mut ops, id, "uploading", |d| {
+                d.online && d.committed_sequence > 0
+            })
+            .await;
+            let refused_before = refused_as_disabled(&server).await;
+            ops.disable_device(DisableDeviceRequest {
+                device_id: id.into(),
+            })
+            .await
+            .expect("disable");
+            // The server ends its streams; the device is refused, and
+            // tries again (more than once) rather than giving up.
+            wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+            wait_for_refusals(&server, refused_before + 1.0).await;
+            let stopped = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+            wait_for_refusals(&server, refused_before + 3.0).await;
+            let still = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+            assert_eq!(
+                still.committed_sequence, stopped.committed_sequence,
+                "nothing stored while disabled"
+            );
+
+            ops.enable_device(EnableDeviceRequest {
+                device_id: id.into(),
+            })
+            .await
+            .expect("enable");
+            wait_for_device(&mut ops, id, "back online and uploading", |d| {
+                d.online && d.committed_sequence > stopped.committed_sequence
+            })
+            .await;
+        }
+    );
+    let database = server.database.clone();
+    server.stop().await.expect("server stops cleanly");
+    assert_eq!(report["devices_failed"], 0, "{report:#}");
+    assert_eq!(report["disabled_by_operator"], 1, "said once: {report:#}");
+    assert_eq!(report["dropped_batches"], 0, "{report:#}");
+    assert_eq!(
+        stored_readings(&database).await,
+        report["readings_sent"].as_u64().expect("number"),
+        "every reading sent stored once: {report:#}"
+    );
+}
+
+/// `--anomalies` against a server of its own (not `--local-server`): the
+/// ops token installs the demo rules there, for the simulated devices only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_install_their_rules_on_any_server_the_ops_token_allows() {
+    use telemetry_proto::v1::ListAlertRulesRequest;
+    use telemetry_proto::v1::device_selector::Selector;
+
+    let (dir, server) = start_server().await;
+    let report = run_fleet_with(
+        &server.url,
+        &server.ops_token,
+        dir.path(),
+        &dir.path().join("r.json"),
+        "1s",
+        &["--anomalies"],
+    )
+    .await;
+    let rules = ops_client(&server)
+        .list_alert_rules(ListAlertRulesRequest::default())
+        .await
+        .expect("rules")
+        .into_inner()
+        .rules;
+    server.stop().await.expect("server stops cleanly");
+    assert_eq!(report["devices_failed"], 0, "{report:#}");
+    let mut ids: Vec<&str> = rules.iter().map(|r| r.rule_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        ["demo-humidity-silent", "demo-pressure-jump", "demo-too-hot"]
+    );
+    for rule in &rules {
+        let Some(Selector::Labels(labels)) = rule.devices.as_ref().and_then(|d| d.selector.clone())
+        else {
+            panic!("{} selects more than the simulated devices", rule.rule_id);
+        };
+        assert_eq!(labels.labels.get("fleet").map(String::as_str), Some("sim"));
+    }
 }
 
 /// The fleet over mutual TLS to the real server: an https:// --server,

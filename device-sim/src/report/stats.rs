@@ -88,6 +88,11 @@ pub struct Stats {
     pub reboots: Counter,
     /// Devices whose server does not implement Ingest.Control.
     pub control_unsupported: Counter,
+    /// Devices an operator has disabled right now (`ingest devices
+    /// disable`): they retry until enabled again.
+    pub devices_disabled: Gauge,
+    /// Times a device found itself disabled (each disable, not each retry).
+    pub disabled_by_operator: Counter,
     transient_warned: AtomicBool,
     failure_warned: AtomicBool,
     unsupported_warned: AtomicBool,
@@ -130,6 +135,8 @@ impl Stats {
             control_rebalances: Counter::default(),
             reboots: Counter::default(),
             control_unsupported: Counter::default(),
+            devices_disabled: Gauge::default(),
+            disabled_by_operator: Counter::default(),
             transient_warned: AtomicBool::new(false),
             failure_warned: AtomicBool::new(false),
             unsupported_warned: AtomicBool::new(false),

@@ -84,6 +84,9 @@ pub struct Report {
     /// Devices that ran without a control channel because the server does
     /// not implement Ingest.Control.
     pub control_unsupported_devices: u64,
+    /// Times a device was disabled by an operator during the run (it
+    /// waited, retrying, until enabled again).
+    pub disabled_by_operator: u64,
     pub accepted_per_sec: f64,
     /// Bytes the fleet wrote to the network over the whole run
     /// (registration included): HTTP/2 frames as sent, after compression.
@@ -136,6 +139,7 @@ impl Report {
             control_rebalances: stats.control_rebalances.get(),
             reboots: stats.reboots.get(),
             control_unsupported_devices: stats.control_unsupported.get(),
+            disabled_by_operator: stats.disabled_by_operator.get(),
             accepted_per_sec: if duration_secs > 0.0 {
                 readings_accepted as f64 / duration_secs
             } else {
@@ -227,6 +231,16 @@ impl fmt::Display for Report {
                 &format_args!(
                     "not supported by the server ({} device(s) ran without a Control stream)",
                     self.control_unsupported_devices
+                ),
+            )?;
+        }
+        if self.disabled_by_operator > 0 {
+            row(
+                f,
+                "disabled",
+                &format_args!(
+                    "{} time(s) by an operator (the devices waited until enabled again)",
+                    self.disabled_by_operator
                 ),
             )?;
         }

@@ -1,18 +1,23 @@
-//! With `--local-server --anomalies`: alert rules that the injected
-//! anomalies trip, and a watcher that prints each alert as it fires and
-//! resolves, so the one-command demo shows the whole loop.
+//! With `--anomalies`: alert rules that the injected anomalies trip, and a
+//! watcher that prints each alert as it fires and resolves, so the demo
+//! shows the whole loop. Installed on whatever server the fleet runs
+//! against (the local one, or any other the ops token is good for); the
+//! rules judge only the simulated devices (label `fleet=sim`), never a real
+//! device on the same server.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use telemetry_client::balance::Transport;
 use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::alert_rule::Condition;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+
+use super::registration::FLEET_LABEL;
 
 /// Alert counts for the final report.
 #[derive(Default)]
@@ -37,10 +42,18 @@ fn rules() -> Vec<pb::AlertRule> {
     };
     let silent_for_millis =
         |silence_millis| Condition::Inactivity(pb::InactivityCondition { silence_millis });
-    // Every rule watches one sensor on all devices.
+    // Every rule watches one sensor on every simulated device.
+    let simulated = pb::DeviceSelector {
+        selector: Some(pb::device_selector::Selector::Labels(pb::LabelMatch {
+            labels: [FLEET_LABEL]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        })),
+    };
     let rule = |rule_id: &str, sensor: &str, severity: pb::Severity, condition| pb::AlertRule {
         rule_id: rule_id.into(),
-        devices: None,
+        devices: Some(simulated.clone()),
         sensor: sensor.into(),
         severity: severity as i32,
         condition: Some(condition),
@@ -70,20 +83,22 @@ fn rules() -> Vec<pb::AlertRule> {
     ]
 }
 
-/// Installs the demo rules and starts printing alert events to stderr.
+/// Installs the demo rules through `channel` (the fleet's, so TLS and
+/// several servers work as for the devices) and starts printing alert
+/// events to stderr.
 pub async fn start(
-    url: &str,
+    channel: &Transport,
     ops_token: &str,
 ) -> anyhow::Result<(Arc<AlertCounts>, JoinHandle<()>)> {
-    let channel = Channel::from_shared(url.to_owned())?
-        .connect()
-        .await
-        .context("connecting to the local server")?;
-    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(ops_token)?);
-    for rule in rules() {
+    let mut ops = OpsClient::with_interceptor(channel.clone(), Bearer::new(ops_token)?);
+    let rules = rules();
+    let rule_ids = rules.iter().map(|r| r.rule_id.clone()).collect();
+    for rule in rules {
+        let rule_id = rule.rule_id.clone();
         ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
             .await
-            .context("installing the demo alert rules")?;
+            .map_err(|status| anyhow::anyhow!(crate::device::client::describe(&status)))
+            .with_context(|| format!("installing alert rule {rule_id}"))?;
     }
     // Earlier runs' alerts are replayed first; only news is printed.
     let since = now_nanos();
@@ -93,6 +108,7 @@ pub async fn start(
         tokio::spawn(async move {
             let request = pb::WatchAlertsRequest {
                 after_event_id: 0,
+                rule_ids,
                 ..Default::default()
             };
             let Ok(response) = ops.watch_alerts(request).await else {
