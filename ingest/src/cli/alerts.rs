@@ -45,6 +45,7 @@ pub enum AlertsCommand {
     Ack {
         #[command(flatten)]
         server: ServerArgs,
+        /// The alert's id (see `ingest alerts list`).
         alert_id: u64,
         /// Print JSON instead of text.
         #[arg(long)]

@@ -23,6 +23,7 @@ pub enum CommandCommand {
     Get {
         #[command(flatten)]
         server: ServerArgs,
+        /// The command's id, as `command send` printed it.
         command_id: u64,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -97,17 +98,27 @@ enum KindArgs {
         interval_ms: u32,
     },
     /// Set the number of samples per sensor in one batch.
-    SetBatchSize { batch_size: u32 },
+    SetBatchSize {
+        /// Samples per sensor in one batch.
+        batch_size: u32,
+    },
     /// Turn a sensor on.
-    EnableSensor { sensor: String },
+    EnableSensor {
+        /// The sensor's name, as the device reports it.
+        sensor: String,
+    },
     /// Turn a sensor off.
-    DisableSensor { sensor: String },
+    DisableSensor {
+        /// The sensor's name, as the device reports it.
+        sensor: String,
+    },
     /// Restart the device.
     Reboot,
     /// Ask the device to answer, to check that it listens.
     Ping,
     /// A JSON document the device interprets.
     Custom {
+        /// The document, e.g. '{"led": "blink"}' (quoted for the shell).
         // Not `json`: that is the --json option's id.
         #[arg(value_name = "JSON", value_parser = parse_json, allow_hyphen_values = true)]
         payload: String,

@@ -23,6 +23,7 @@ pub enum CredentialsCommand {
     RotateToken {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// How long the device's other active tokens keep working, e.g. 24h,
         /// so the device can move to the new one; 0s ends them at once.
@@ -38,6 +39,7 @@ pub enum CredentialsCommand {
     Credentials {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -50,6 +52,7 @@ pub enum CredentialsCommand {
     Disable {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// Print the device's credentials as JSON instead of text.
         #[arg(long)]
@@ -59,6 +62,7 @@ pub enum CredentialsCommand {
     Enable {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// Print the device's credentials as JSON instead of text.
         #[arg(long)]
@@ -74,6 +78,7 @@ pub enum CredentialsCommand {
 pub struct RevokeArgs {
     #[command(flatten)]
     server: ServerArgs,
+    /// The device's id, as registered.
     device_id: String,
     /// The token's credential id, from `ingest devices credentials`.
     #[arg(long, value_name = "ID")]
@@ -91,6 +96,7 @@ pub struct RevokeArgs {
 pub struct BindCertArgs {
     #[command(flatten)]
     server: ServerArgs,
+    /// The device's id, as registered.
     device_id: String,
     /// The device's certificate, PEM (the server keeps only its SHA-256
     /// fingerprint). Over mutual TLS it must name the device: its CN, a DNS
@@ -260,6 +266,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
 /// Disables or enables the device, then prints what it may do now.
 async fn set_access(
     server: &ServerArgs,
+    /// The device's id, as registered.
     device_id: String,
     enabled: bool,
     json: bool,

@@ -20,6 +20,7 @@ pub enum DevicesCommand {
     Get {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -39,6 +40,7 @@ pub enum DevicesCommand {
     ResetCursor {
         #[command(flatten)]
         server: ServerArgs,
+        /// The device's id, as registered.
         device_id: String,
         /// The new committed sequence: batches up to N are skipped as
         /// duplicates, later ones stored; 0 for none (the device resumes
@@ -57,6 +59,7 @@ pub enum DevicesCommand {
 pub struct RegisterArgs {
     #[command(flatten)]
     server: ServerArgs,
+    /// The device's id, as registered.
     device_id: String,
     /// Name shown to people (default: the id).
     #[arg(long, default_value = "")]

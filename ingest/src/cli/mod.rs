@@ -39,6 +39,28 @@ mod tests {
         assert!(super::whole_millis("1500us").is_err());
         assert!(super::whole_millis("1500ms").is_ok());
     }
+
+    /// `--help` tells what each positional argument is, in every command.
+    #[test]
+    fn every_positional_argument_is_described() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_positionals() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "ingest", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "positional arguments without help: {missing:#?}"
+        );
+    }
 }
 
 #[derive(Debug, Parser)]

@@ -33,6 +33,7 @@ pub enum RulesCommand {
     Rm {
         #[command(flatten)]
         server: ServerArgs,
+        /// The rule's id (see `ingest rules list`).
         rule_id: String,
     },
 }

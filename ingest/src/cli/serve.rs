@@ -322,3 +322,66 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {listen}"))?;
     crate::server::run(config, listener, crate::server::shutdown::signal()).await
 }
+
+#[cfg(test)]
+mod readme {
+    use clap::CommandFactory;
+
+    const BEGIN: &str = "<!-- serve-flags: generated";
+    const END: &str = "<!-- serve-flags: end -->";
+
+    /// The table of `serve`'s flags as the README shows it: every visible
+    /// flag, its default and the first sentence of its help, with its
+    /// environment variable.
+    fn flags_table() -> String {
+        let cli = crate::cli::Cli::command();
+        let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+        let mut table = String::from("| flag | default | what |\n|---|---|---|\n");
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if arg.is_hide_set() || long == "help" {
+                continue;
+            }
+            let default: Vec<_> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            let default = match default.join(", ") {
+                d if d.is_empty() => String::new(),
+                d => format!("`{d}`"),
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let env = arg
+                .get_env()
+                .map(|e| format!(" (`{}`)", e.to_string_lossy()))
+                .unwrap_or_default();
+            table.push_str(&format!(
+                "| `--{long}` | {default} | {}{env} |\n",
+                help.replace('|', "\\|")
+            ));
+        }
+        table
+    }
+
+    #[test]
+    fn readme_lists_every_serve_flag() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        let begin = readme.find(BEGIN).expect("the README's serve-flags marker");
+        let table_start = begin + readme[begin..].find('\n').expect("marker line") + 1;
+        let table_end = table_start + readme[table_start..].find(END).expect("end marker");
+        let want = flags_table();
+        if std::env::var_os("UPDATE_README").is_some() {
+            let updated = format!("{}{want}{}", &readme[..table_start], &readme[table_end..]);
+            std::fs::write(path, updated).expect("writing README.md");
+            return;
+        }
+        assert!(
+            readme[table_start..table_end] == want,
+            "README.md's table of serve flags is out of date: run \
+             `UPDATE_README=1 cargo test -p ingest --lib readme_lists_every_serve_flag`"
+        );
+    }
+}

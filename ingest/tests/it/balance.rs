@@ -108,7 +108,14 @@ impl WatchCli {
         use std::io::BufRead;
         let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .args(["alerts", "watch", "--json", "--from-start", "--stall-timeout", "2s"])
+            .args([
+                "alerts",
+                "watch",
+                "--json",
+                "--from-start",
+                "--stall-timeout",
+                "2s",
+            ])
             .args(["--server", &urls.join(",")])
             .env("INGEST_OPS_TOKEN", OPS_TOKEN)
             .env_remove("INGEST_SERVER")
