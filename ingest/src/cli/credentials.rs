@@ -266,7 +266,6 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
 /// Disables or enables the device, then prints what it may do now.
 async fn set_access(
     server: &ServerArgs,
-    /// The device's id, as registered.
     device_id: String,
     enabled: bool,
     json: bool,
