@@ -484,6 +484,9 @@ pub async fn ingest_cli(args: Vec<String>) -> CliRun {
             .env_remove("INGEST_SERVER")
             .env_remove("INGEST_DATABASE_URL")
             .env_remove("INGEST_DATA_DIR")
+            // Tables at full width, to check their values; the operator_cli
+            // tests check that they fit 80 columns.
+            .env("COLUMNS", "250")
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();

@@ -73,7 +73,7 @@ async fn a_server_that_is_down_is_skipped() {
     a.stop().await;
     let run = register(&[&a, &b], "dev-9").await;
     assert!(!run.success);
-    assert!(run.stderr.contains("no server of"), "{}", run.stderr);
+    assert!(run.stderr.contains("no ingest server at"), "{}", run.stderr);
     assert!(run.stderr.contains(&a.url()) && run.stderr.contains(&b.url()));
 }
 

@@ -171,45 +171,105 @@ impl Table {
     }
 
     fn lines(&self) -> Vec<String> {
-        self.fitted().lines_as_they_are()
+        let fitted = self.fitted();
+        let gaps: usize = self.columns.iter().skip(1).map(|c| c.gap).sum();
+        if self.header && fitted.widths().iter().sum::<usize>() + gaps > self.fit {
+            return self.records();
+        }
+        fitted.lines_as_they_are()
+    }
+
+    /// A table too wide for any clipping, as `psql`'s expanded display: a
+    /// line per column of each row (header, then value), rows apart by a
+    /// blank line.
+    fn records(&self) -> Vec<String> {
+        let label = self
+            .columns
+            .iter()
+            .map(|c| c.header.chars().count())
+            .max()
+            .unwrap_or(0);
+        let value_width = self.fit.saturating_sub(label + 2).max(NARROWEST);
+        let mut lines = Vec::new();
+        for (n, row) in self.rows.iter().enumerate() {
+            if n > 0 {
+                lines.push(String::new());
+            }
+            for (column, cell) in self.columns.iter().zip(row) {
+                let value = clip(cell, value_width.min(self.clip));
+                let line = format!("{:<label$}  {value}", column.header);
+                lines.push(line.trim_end().to_owned());
+            }
+        }
+        if self.rows.is_empty() {
+            lines.push("(no rows)".to_owned());
+        }
+        lines
     }
 
     /// This table with cells clipped so that its lines fit [`Table::fit`]:
-    /// the widest column that may be clipped gives up a character at a
-    /// time, down to its header's width (or [`NARROWEST`]), until the
-    /// table fits or nothing can give. Least widths give way too.
+    /// the widest text column gives up a character at a time, down to its
+    /// header's width, then to [`NARROWEST`]; then, if that is not enough,
+    /// numbers and times give up what their header is wider than their
+    /// values (the header is clipped, never a value). Least widths give way
+    /// too.
     fn fitted(&self) -> Table {
-        let mut widths = self.widths();
         let gaps: usize = self.columns.iter().skip(1).map(|c| c.gap).sum();
-        let floor: Vec<usize> = self
-            .columns
-            .iter()
-            .map(|c| c.header.chars().count().max(NARROWEST))
-            .collect();
-        let mut fitted = self.clone();
-        if widths.iter().sum::<usize>() + gaps <= self.fit {
+        let fitted = self.clone();
+        if self.widths().iter().sum::<usize>() + gaps <= self.fit {
             return fitted;
         }
-        // Least widths are for lining up lists, not worth a cut value.
-        for (i, column) in self.columns.iter().enumerate() {
-            let content = self
-                .column_cells(i)
+        let width_of = |i: usize, with_header: bool| {
+            let cells = self.rows.iter().map(|row| row[i].as_str());
+            let header = (with_header && self.header).then_some(self.columns[i].header.as_str());
+            header
+                .into_iter()
+                .chain(cells)
                 .map(|c| clip(c, self.clip).chars().count())
                 .max()
-                .unwrap_or(0);
-            widths[i] = content.max(if column.keep { column.min_width } else { 0 });
-        }
-        while widths.iter().sum::<usize>() + gaps > self.fit {
-            let Some(widest) = (0..widths.len())
-                .filter(|&i| !self.columns[i].keep && widths[i] > floor[i])
-                .max_by_key(|&i| (widths[i], i))
-            else {
-                break;
+                .unwrap_or(0)
+        };
+        let mut widths = Vec::new();
+        let mut floors = Vec::new();
+        for (i, column) in self.columns.iter().enumerate() {
+            // Least widths line lists up; not worth a cut value.
+            let least = if column.keep && !self.rows.is_empty() {
+                column.min_width
+            } else {
+                0
             };
-            widths[widest] -= 1;
+            let width = width_of(i, true).max(least);
+            widths.push(width);
+            floors.push(if column.keep {
+                [width; 3]
+            } else {
+                let narrowest = width.min(NARROWEST);
+                let header = column.header.chars().count().max(narrowest);
+                [header, narrowest, narrowest]
+            });
+            if column.keep {
+                floors[i][2] = width_of(i, false).max(least).max(1);
+            }
         }
+        // Text down to its header's width, then down to NARROWEST, then
+        // headers of numbers and times down to their values'.
+        for phase in 0..3 {
+            while widths.iter().sum::<usize>() + gaps > self.fit {
+                let Some(widest) = (0..widths.len())
+                    .filter(|&i| widths[i] > floors[i][phase])
+                    .max_by_key(|&i| (widths[i], i))
+                else {
+                    break;
+                };
+                widths[widest] -= 1;
+            }
+        }
+        let mut fitted = fitted;
         for (column, &width) in fitted.columns.iter_mut().zip(&widths) {
             column.min_width = column.min_width.min(width);
+            if column.header.chars().count() > width {
+                column.header = clip(&column.header, width);
+            }
         }
         for row in &mut fitted.rows {
             for (cell, &width) in row.iter_mut().zip(&widths) {
@@ -444,6 +504,24 @@ mod tests {
         assert!(text.contains("1234567"), "{text}");
         // A table that fits is not touched.
         assert_eq!(people().fit(80).to_string(), people().to_string());
+    }
+
+    #[test]
+    fn a_table_too_wide_for_clipping_is_shown_a_record_at_a_time() {
+        let columns = (0..14).map(|i| Column::left(format!("column_{i}")));
+        let mut table = Table::new(columns).fit(80);
+        table.row((0..14).map(|i| format!("value {i}")));
+        table.row((0..14).map(|i| format!("{} {i}", "x".repeat(100))));
+        let text = table.to_string();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 14 * 2 + 1, "{text}");
+        assert_eq!(lines[0], "column_0   value 0");
+        assert_eq!(lines[13], "column_13  value 13");
+        assert_eq!(lines[14], "");
+        assert!(lines[15].starts_with("column_0   xxx") && lines[15].ends_with('…'));
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{text}");
+        let empty = Table::new((0..14).map(|i| Column::left(format!("column_{i}")))).fit(80);
+        assert_eq!(empty.to_string(), "(no rows)");
     }
 
     #[test]
