@@ -253,10 +253,11 @@ impl Table {
         }
         // Text down to its header's width, then down to NARROWEST, then
         // headers of numbers and times down to their values'.
-        for phase in 0..3 {
+        let phases: [Vec<usize>; 3] = [0, 1, 2].map(|p| floors.iter().map(|f| f[p]).collect());
+        for floor in &phases {
             while widths.iter().sum::<usize>() + gaps > self.fit {
                 let Some(widest) = (0..widths.len())
-                    .filter(|&i| widths[i] > floors[i][phase])
+                    .filter(|&i| widths[i] > floor[i])
                     .max_by_key(|&i| (widths[i], i))
                 else {
                     break;
