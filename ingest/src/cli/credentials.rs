@@ -482,6 +482,7 @@ mod tests {
             certificate_bound_time_unix_nano: T - 10 * SEC,
             require_mtls: true,
             disabled_time_unix_nano: 0,
+            warnings: Vec::new(),
         }
     }
 

@@ -210,6 +210,7 @@ fn rule_from_args(args: &AddArgs) -> pb::AlertRule {
         sensor: args.sensor.clone().unwrap_or_default(),
         severity: pb::Severity::from(args.severity).into(),
         condition,
+        warnings: Vec::new(),
     }
 }
 
@@ -589,6 +590,7 @@ mod tests {
             condition: Some(Condition::Inactivity(pb::InactivityCondition {
                 silence_millis: 60_000,
             })),
+            warnings: Vec::new(),
         };
         assert_eq!(
             rule_line(&rule),
@@ -614,6 +616,7 @@ mod tests {
             sensor: "temperature".into(),
             severity: pb::Severity::Critical as i32,
             condition: Some(threshold(Direction::Above, 40.0, 35.0, 0)),
+            warnings: Vec::new(),
         };
         let text = table(&[rule]).to_string();
         let lines: Vec<_> = text.lines().collect();
