@@ -36,5 +36,6 @@ mod report_cli;
 mod reporting;
 mod reset_cursor;
 mod scale_out;
+mod serve_startup;
 mod tls;
 mod upload;
