@@ -58,6 +58,14 @@ fn serve_refused(args: &[&str]) -> Refusal {
     }
 }
 
+/// `serve` on the database at `url`, which must refuse it (exit code 1).
+fn serve_on_database(url: &str) -> Refusal {
+    let args = ["--listen", "127.0.0.1:0", "--admin-listen", ""];
+    let run = serve_refused(&[&args[..], &["--database-url", url]].concat());
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    run
+}
+
 /// A port nothing listens on (bound, then released).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -71,15 +79,7 @@ fn free_port() -> u16 {
 fn an_unreachable_postgresql_is_named_once_and_at_once() {
     let port = free_port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/telemetry");
-    let run = serve_refused(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "",
-        "--database-url",
-        &url,
-    ]);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let run = serve_on_database(&url);
     assert_eq!(
         run.stderr,
         format!(
@@ -110,15 +110,7 @@ fn a_missing_database_is_named_with_the_createdb_command() {
     }
     let name = format!("ingest_missing_{}", std::process::id());
     let url = format!("postgres://{}@{host}:{port}/{name}", options.get_username());
-    let run = serve_refused(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "",
-        "--database-url",
-        &url,
-    ]);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let run = serve_on_database(&url);
     assert_eq!(
         run.stderr,
         format!(
