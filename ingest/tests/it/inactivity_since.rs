@@ -111,6 +111,20 @@ async fn a_device_registered_after_the_rule_is_silent_from_its_registration(back
     temperatures(&mut server.ingest(&token).await, 1, before_reading, &[20.0]).await;
     let resolved = watcher.event().await;
     assert_eq!(resolved.kind(), pb::AlertEventKind::Resolved);
+    // The reading that ended the silence is the resolved value, in the
+    // event and in `alert_history` (docs/schema.md).
+    assert_eq!(resolved.value, Some(20.0));
+    let stored = server
+        .storage
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM alert_history WHERE alert_id = {} AND resolved_value = 20",
+            resolved.alert_id
+        ))
+        .await;
+    assert_eq!(
+        stored, 1,
+        "alert_history.resolved_value of an inactivity alert"
+    );
     let fired = next_fired(&mut watcher, "late-1").await;
     assert!(fired.time_unix_nano >= before_reading + nanos(SILENCE));
     assert!(
