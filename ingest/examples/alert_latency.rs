@@ -71,6 +71,7 @@ fn background_rule(i: usize) -> pb::AlertRule {
                 for_millis: 0,
             },
         )),
+        warnings: Vec::new(),
     }
 }
 
@@ -109,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 for_millis: 0,
             },
         )),
+        warnings: Vec::new(),
     };
     ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
         .await?;

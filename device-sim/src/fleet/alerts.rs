@@ -57,6 +57,7 @@ fn rules() -> Vec<pb::AlertRule> {
         sensor: sensor.into(),
         severity: severity as i32,
         condition: Some(condition),
+        warnings: Vec::new(),
     };
     vec![
         // Spikes and drifts carry temperature far past its daily range.

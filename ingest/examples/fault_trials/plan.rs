@@ -54,6 +54,7 @@ pub fn rule_protos() -> Vec<pb::AlertRule> {
                     for_millis: t.hold_millis,
                 },
             )),
+            warnings: Vec::new(),
         })
         .collect()
 }

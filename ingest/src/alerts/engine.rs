@@ -8,7 +8,7 @@
 //! (rule changes, acks), which record their events in their own
 //! transactions through the same storage function.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock as SyncRwLock};
 use std::time::Instant;
 
@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 
 use super::feed;
 use crate::cluster::leader::Leadership;
-use crate::domain::alert::{Rule, RuleId};
-use crate::domain::time::now_unix_nanos;
+use crate::domain::alert::{DeviceSelector, Rule, RuleId};
+use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::domain::{DeviceId, Labels};
 use crate::metrics::Metrics;
 use crate::storage::alerts::{
@@ -30,10 +30,10 @@ use crate::storage::{StorageError, Store};
 /// Why an engine request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("no such rule")]
-    NoRule,
-    #[error("no such alert")]
-    NoAlert,
+    #[error("no alert rule `{0}`")]
+    NoRule(RuleId),
+    #[error("no alert {0}")]
+    NoAlert(u64),
     #[error("the alert is already resolved")]
     Resolved,
     #[error(transparent)]
@@ -55,9 +55,34 @@ pub struct RuleBook {
 #[derive(Debug)]
 pub struct RuleEntry {
     pub rule: Rule,
-    /// When the rule started watching: the silence of a device that never
-    /// sent anything counts from here.
+    /// When the rule started watching in this process: a silence counts
+    /// from here at the earliest.
     pub since: Instant,
+    /// What `since` was: the rule's creation, or this server's start for a
+    /// rule it found stored.
+    pub since_what: SilenceStart,
+}
+
+/// What a silence is measured from: the latest of these, named in the
+/// alert's message so an operator can tell a device that went quiet from
+/// one that never spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SilenceStart {
+    ServerStarted,
+    RuleCreated,
+    DeviceRegistered,
+    LastReading,
+}
+
+impl std::fmt::Display for SilenceStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ServerStarted => "since the server started",
+            Self::RuleCreated => "since the rule was created",
+            Self::DeviceRegistered => "since the device registered",
+            Self::LastReading => "since its last reading",
+        })
+    }
 }
 
 /// What a rule needs to know of a device.
@@ -65,6 +90,22 @@ pub struct RuleEntry {
 pub struct DeviceInfo {
     pub id: DeviceId,
     pub labels: Labels,
+    /// When the device was registered, on this process's clock; `None` if
+    /// before the clock's origin (long before this server started).
+    pub registered: Option<Instant>,
+}
+
+impl DeviceInfo {
+    fn new(id: DeviceId, labels: Labels, created: UnixNanos) -> Self {
+        // The stored time is the wall clock; silences are judged on the
+        // monotonic one, so translate by the age of the registration.
+        let age = now_unix_nanos().saturating_sub(created).max(0) as u64;
+        Self {
+            id,
+            labels,
+            registered: Instant::now().checked_sub(std::time::Duration::from_nanos(age)),
+        }
+    }
 }
 
 /// The way to the engine, cloned wherever needed.
@@ -101,7 +142,14 @@ impl AlertEngine {
             .list_rules()
             .await?
             .into_iter()
-            .map(|rule| (rule.id.clone(), RuleEntry { rule, since: now }))
+            .map(|rule| {
+                let entry = RuleEntry {
+                    rule,
+                    since: now,
+                    since_what: SilenceStart::ServerStarted,
+                };
+                (entry.rule.id.clone(), entry)
+            })
             .collect();
         let devices = load_devices(&store).await?;
         let (events, _) = broadcast::channel(live_buffer.max(1));
@@ -164,8 +212,18 @@ impl AlertEngine {
         let rules = stored
             .into_iter()
             .map(|rule| {
-                let since = book.rules.get(&rule.id).map_or(now, |e| e.since);
-                (rule.id.clone(), RuleEntry { rule, since })
+                let (since, since_what) = book
+                    .rules
+                    .get(&rule.id)
+                    .map_or((now, SilenceStart::RuleCreated), |e| {
+                        (e.since, e.since_what)
+                    });
+                let entry = RuleEntry {
+                    rule,
+                    since,
+                    since_what,
+                };
+                (entry.rule.id.clone(), entry)
             })
             .collect();
         book.rules = rules;
@@ -223,12 +281,18 @@ impl AlertEngine {
             .collect()
     }
 
-    pub async fn device_registered(&self, pk: i64, id: DeviceId, labels: Labels) {
+    pub async fn device_registered(
+        &self,
+        pk: i64,
+        id: DeviceId,
+        labels: Labels,
+        created: UnixNanos,
+    ) {
         self.inner
             .devices
             .write()
             .expect("not poisoned")
-            .insert(pk, DeviceInfo { id, labels });
+            .insert(pk, DeviceInfo::new(id, labels, created));
     }
 
     /// RESOLVED events for the open alerts of `rule` whose device `closes`.
@@ -248,8 +312,11 @@ impl AlertEngine {
     }
 
     /// Creates or replaces a rule. Alerts of devices the new version no
-    /// longer selects are resolved in the same transaction.
-    pub async fn put_rule(&self, rule: Rule) -> Result<(), EngineError> {
+    /// longer selects are resolved in the same transaction. Returns
+    /// warnings about what was accepted but looks mistaken (see
+    /// [`Self::rule_warnings`]).
+    pub async fn put_rule(&self, rule: Rule) -> Result<Vec<String>, EngineError> {
+        let warnings = self.rule_warnings(&rule).await?;
         let mut book = self.inner.rules.write().await;
         let closing = self
             .closing_events(&rule, "the rule no longer selects this device", |d| {
@@ -261,17 +328,66 @@ impl AlertEngine {
             .store
             .put_rule(&rule, &closing, now_unix_nanos())
             .await?;
-        let since = book
-            .rules
-            .get(&rule.id)
-            .map_or_else(Instant::now, |e| e.since);
+        // A changed rule keeps watching from when it first did.
+        let (since, since_what) = book.rules.get(&rule.id).map_or_else(
+            || (Instant::now(), SilenceStart::RuleCreated),
+            |e| (e.since, e.since_what),
+        );
         book.epoch += 1;
-        book.rules
-            .insert(rule.id.clone(), RuleEntry { rule, since });
+        book.rules.insert(
+            rule.id.clone(),
+            RuleEntry {
+                rule,
+                since,
+                since_what,
+            },
+        );
         drop(book);
         self.after(&outcomes);
         self.rules_changed().await;
-        Ok(())
+        Ok(warnings)
+    }
+
+    /// A rule listing device ids that are not registered is kept (the
+    /// devices may come later), but a typo would otherwise watch nothing in
+    /// silence: say which ids are unknown, in the answer and the log.
+    async fn rule_warnings(&self, rule: &Rule) -> Result<Vec<String>, StorageError> {
+        let DeviceSelector::Ids(ids) = &rule.devices else {
+            return Ok(Vec::new());
+        };
+        let known: HashSet<String> = self
+            .inner
+            .devices
+            .read()
+            .expect("not poisoned")
+            .values()
+            .map(|d| d.id.as_str().to_owned())
+            .collect();
+        let mut unknown = Vec::new();
+        // Devices registered by another server process are not in memory
+        // yet: the database decides.
+        for id in ids.iter().filter(|id| !known.contains(*id)) {
+            let registered = match DeviceId::parse(id) {
+                Ok(id) => match self.inner.store.get_device(&id).await {
+                    Ok(_) => true,
+                    Err(StorageError::NotFound) => false,
+                    Err(e) => return Err(e),
+                },
+                Err(_) => false,
+            };
+            if !registered {
+                unknown.push(id.as_str());
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let unknown = unknown.join(", ");
+        tracing::warn!(rule = %rule.id, devices = %unknown, "alert rule lists devices that are not registered");
+        Ok(vec![format!(
+            "rule `{}` lists devices that are not registered: {unknown}; it is stored and applies to them once they register (see `ingest devices list`)",
+            rule.id
+        )])
     }
 
     /// Deletes a rule and resolves its open alerts, in one transaction.
@@ -279,7 +395,7 @@ impl AlertEngine {
         let mut book = self.inner.rules.write().await;
         let stored = self.inner.store.list_rules().await?;
         let Some(rule) = stored.into_iter().find(|r| r.id == id) else {
-            return Err(EngineError::NoRule);
+            return Err(EngineError::NoRule(id));
         };
         let closing = self
             .closing_events(&rule, "the rule was deleted", |_| true)
@@ -289,7 +405,7 @@ impl AlertEngine {
             .store
             .delete_rule(&id, &closing, now_unix_nanos())
             .await?
-            .ok_or(EngineError::NoRule)?;
+            .ok_or_else(|| EngineError::NoRule(id.clone()))?;
         book.epoch += 1;
         book.rules.remove(&id);
         drop(book);
@@ -301,7 +417,7 @@ impl AlertEngine {
     pub async fn ack(&self, alert_id: u64) -> Result<AlertRecord, EngineError> {
         let store = &self.inner.store;
         let alert = store.get_alert(alert_id).await.map_err(|e| match e {
-            StorageError::NotFound => EngineError::NoAlert,
+            StorageError::NotFound => EngineError::NoAlert(alert_id),
             other => other.into(),
         })?;
         if !alert.is_open() {
@@ -380,14 +496,6 @@ async fn load_devices(store: &Store) -> Result<HashMap<i64, DeviceInfo>, Storage
         .all_devices()
         .await?
         .into_iter()
-        .map(|d| {
-            (
-                d.pk,
-                DeviceInfo {
-                    id: d.id,
-                    labels: d.labels,
-                },
-            )
-        })
+        .map(|d| (d.pk, DeviceInfo::new(d.id, d.labels, d.created)))
         .collect())
 }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::AlertEngine;
-use super::engine::{DeviceInfo, RuleBook};
+use super::engine::{DeviceInfo, RuleBook, RuleEntry, SilenceStart};
 use crate::domain::alert::{Condition, Memory, Rule, RuleId, Verdict};
 use crate::domain::reading::SeriesRows;
 use crate::storage::GroupTx;
@@ -311,12 +311,12 @@ impl Judge {
                 if state.rules.get(&rule.id).is_some_and(|r| r.open.is_some()) {
                     continue;
                 }
-                let last = state.seen.get(&rule.id).copied().unwrap_or(entry.since);
+                let (last, what) = silence_start(entry, &info, state.seen.get(&rule.id));
                 let quiet = now.saturating_duration_since(last);
                 if quiet < *silence {
                     continue;
                 }
-                events.push(silence_event(rule, pk, &info, quiet));
+                events.push(silence_event(rule, pk, &info, quiet, what));
             }
         }
         if self.engine.store().is_shared() && !events.is_empty() {
@@ -480,7 +480,35 @@ fn settle_open(
     }
 }
 
-fn silence_event(rule: &Rule, pk: i64, info: &DeviceInfo, quiet: Duration) -> NewAlertEvent {
+/// Where a device's silence under a rule starts: the latest of the rule's
+/// start (its creation, or this server's), the device's registration and
+/// its last matching reading. A device registered after the rule is not
+/// silent before it existed.
+fn silence_start(
+    entry: &RuleEntry,
+    info: &DeviceInfo,
+    seen: Option<&Instant>,
+) -> (Instant, SilenceStart) {
+    [
+        Some((entry.since, entry.since_what)),
+        info.registered
+            .map(|at| (at, SilenceStart::DeviceRegistered)),
+        seen.map(|at| (*at, SilenceStart::LastReading)),
+    ]
+    .into_iter()
+    .flatten()
+    // On a tie the later in this list wins: the more specific reason.
+    .max_by_key(|(at, _)| *at)
+    .expect("the rule's start is always there")
+}
+
+fn silence_event(
+    rule: &Rule,
+    pk: i64,
+    info: &DeviceInfo,
+    quiet: Duration,
+    since: SilenceStart,
+) -> NewAlertEvent {
     let what = rule
         .sensor
         .as_ref()
@@ -492,6 +520,6 @@ fn silence_event(rule: &Rule, pk: i64, info: &DeviceInfo, quiet: Duration) -> Ne
         rule,
         pk,
         info.id.clone(),
-        format!("no reading of {what} for {quiet}"),
+        format!("no reading of {what} for {quiet} {since}"),
     )
 }

@@ -36,6 +36,12 @@ pub enum AuthFailure {
     Missing(&'static str),
     #[error("the authorization metadata must be `Bearer <token>`")]
     MalformedAuthorization,
+    /// `Bearer ` and nothing after it: most often an empty token file or
+    /// variable on the caller's side, so say where tokens come from.
+    #[error(
+        "the bearer token is empty: an operator's token comes from --ops-token-file or INGEST_OPS_TOKEN, a device's from its credentials file"
+    )]
+    EmptyToken,
     #[error(
         "device token not recognised; use the token RegisterDevice or RotateDeviceToken returned"
     )]
@@ -76,6 +82,7 @@ impl AuthFailure {
         match self {
             Self::Missing(_) => "missing",
             Self::MalformedAuthorization => "malformed",
+            Self::EmptyToken => "empty_token",
             Self::UnknownDeviceToken => "unknown_device_token",
             Self::TokenRevoked => "token_revoked",
             Self::TokenExpired(_) => "token_expired",
@@ -321,6 +328,24 @@ impl Credentials {
         .await;
         tracing::warn!(device = %id, credential = token_id, "device token revoked");
         self.store.device_credentials(id).await
+    }
+
+    /// Revokes the certificate binding. `NoCertificate` when none is
+    /// bound: a success that changed nothing would mislead.
+    pub async fn revoke_certificate(
+        &self,
+        id: &DeviceId,
+    ) -> Result<DeviceCredentials, CredentialError> {
+        if self
+            .store
+            .device_credentials(id)
+            .await?
+            .certificate
+            .is_none()
+        {
+            return Err(CredentialError::NoCertificate(id.to_string()));
+        }
+        self.bind_certificate(id, None, None).await
     }
 
     /// Binds (`Some`) or revokes (`None`) a device's certificate.

@@ -79,21 +79,23 @@ impl Authenticator {
 
 /// Reads `authorization: Bearer <token>` and hashes the token at once, so
 /// the secret itself goes no further. `None` when there is no such header;
-/// an error when it is there but not a bearer token.
+/// an error when it is there but not a bearer token, or an empty one.
 fn bearer<B>(request: &http::Request<B>) -> Option<Result<TokenHash, AuthFailure>> {
     let value = request.headers().get(http::header::AUTHORIZATION)?;
+    // `Bearer` alone counts as an empty token too: a trailing space may not
+    // survive the way here.
     let token = value.to_str().ok().and_then(|value| {
         value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
+            .strip_prefix("Bearer")
+            .or_else(|| value.strip_prefix("bearer"))
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
     });
-    Some(
-        token
-            .map(TokenHash::of)
-            .ok_or(AuthFailure::MalformedAuthorization),
-    )
+    Some(match token {
+        None => Err(AuthFailure::MalformedAuthorization),
+        Some("") => Err(AuthFailure::EmptyToken),
+        Some(token) => Ok(TokenHash::of(token)),
+    })
 }
 
 /// Whether an Ops method changes something, so that its call is logged

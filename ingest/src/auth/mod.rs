@@ -6,11 +6,13 @@
 //! Tokens are 256 random bits, so a plain SHA-256 is enough to store them:
 //! a slow password hash only matters for guessable secrets.
 
+mod cert_names;
 mod credentials;
 mod layer;
 mod ops_token;
 mod revocation;
 
+pub use cert_names::naming_warning;
 pub use credentials::{AuthFailure, AuthenticatedDevice, Credentials};
 pub use layer::{AuthLayer, Authenticator, Operator};
 pub use ops_token::{OpsTokenSource, OpsTokens, client_ops_token, resolve_ops_token};

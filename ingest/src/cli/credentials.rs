@@ -258,6 +258,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 .await,
             )?;
             Answer::stdout(args.json).one(&credentials, credentials_json, bind_text)?;
+            super::output::warn(&credentials.warnings);
         }
     }
     Ok(())
@@ -495,6 +496,7 @@ mod tests {
             certificate_bound_time_unix_nano: T - 10 * SEC,
             require_mtls: true,
             disabled_time_unix_nano: 0,
+            warnings: Vec::new(),
         }
     }
 

@@ -135,6 +135,7 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
             Answer::stdout(args.json).one(&stored, rule_json, |r| {
                 format!("stored rule {}", rule_line(r))
             })?;
+            super::output::warn(&stored.warnings);
         }
         RulesCommand::List { server, json } => {
             let mut ops = server.ops().await?;
@@ -211,6 +212,7 @@ fn rule_from_args(args: &AddArgs) -> pb::AlertRule {
         sensor: args.sensor.clone().unwrap_or_default(),
         severity: pb::Severity::from(args.severity).into(),
         condition,
+        warnings: Vec::new(),
     }
 }
 
@@ -590,6 +592,7 @@ mod tests {
             condition: Some(Condition::Inactivity(pb::InactivityCondition {
                 silence_millis: 60_000,
             })),
+            warnings: Vec::new(),
         };
         assert_eq!(
             rule_line(&rule),
@@ -615,6 +618,7 @@ mod tests {
             sensor: "temperature".into(),
             severity: pb::Severity::Critical as i32,
             condition: Some(threshold(Direction::Above, 40.0, 35.0, 0)),
+            warnings: Vec::new(),
         };
         let text = table(&[rule]).to_string();
         let lines: Vec<_> = text.lines().collect();

@@ -21,7 +21,8 @@ use crate::storage::Database;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:50051",
+          value_parser = listen_addr)]
     listen: SocketAddr,
     /// Plain-HTTP admin address serving /metrics, /healthz and /readyz;
     /// empty turns it off.
@@ -312,6 +313,21 @@ impl ServeArgs {
         config.test_hold_event_tx = self.test_hold_event_tx;
         Ok(config)
     }
+}
+
+/// `--listen`: an IP address and a port. The usual mistakes (a URL, a
+/// missing port) get an example of what is wanted.
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        let why = if s.contains("://") {
+            "without a scheme such as http://"
+        } else if !s.contains(':') || s.ends_with(':') {
+            "the port is missing"
+        } else {
+            "HOST is an IP address (names such as localhost are not looked up)"
+        };
+        format!("--listen wants HOST:PORT, e.g. 127.0.0.1:50051 (0.0.0.0:50051 for every interface); {why}")
+    })
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

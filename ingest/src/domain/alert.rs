@@ -55,7 +55,7 @@ pub enum InvalidRule {
     NoCondition,
     #[error("a {0} rule needs a sensor")]
     NoSensor(&'static str),
-    #[error("sensor name {0:?} is invalid")]
+    #[error("sensor name {0:?} is invalid: {rule}", rule = SensorName::RULE)]
     Sensor(String),
     #[error("threshold direction must be above or below")]
     Direction,

@@ -14,7 +14,7 @@ pub enum InvalidCommand {
     Interval(u32),
     #[error("batch size must be between 1 and 100000; got {0}")]
     BatchSize(u32),
-    #[error("sensor name {0:?} is invalid")]
+    #[error("sensor name {0:?} is invalid: {rule}", rule = super::SensorName::RULE)]
     Sensor(String),
     #[error("custom command: {0}")]
     Custom(String),

@@ -121,6 +121,10 @@ impl Default for ReadingLimits {
 pub struct SensorName(Arc<str>);
 
 impl SensorName {
+    /// What a valid name is, for messages refusing one (the limit is the
+    /// hard one; a server may be configured lower).
+    pub const RULE: &str = "use 1 to 255 lowercase ASCII letters, digits, '_', '.', '-' or '/', starting with a lowercase letter";
+
     /// Longest name any configuration accepts; `--max-sensor-name-len` may
     /// only lower it.
     pub const HARD_MAX_LEN: usize = 255;

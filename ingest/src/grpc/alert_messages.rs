@@ -145,6 +145,7 @@ pub fn rule_to_pb(rule: &Rule) -> pb::AlertRule {
             .unwrap_or_default(),
         severity: severity_to_pb(rule.severity) as i32,
         condition: Some(condition),
+        warnings: Vec::new(),
     }
 }
 

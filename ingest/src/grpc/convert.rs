@@ -62,6 +62,7 @@ pub fn credentials(c: DeviceCredentials) -> pb::DeviceCredentials {
         certificate_bound_time_unix_nano: time(c.certificate.map(|b| b.bound)),
         require_mtls: c.require_mtls,
         disabled_time_unix_nano: time(c.disabled),
+        warnings: Vec::new(),
     }
 }
 

@@ -147,9 +147,14 @@ impl pb::ops_server::Ops for OpsService {
             .store
             .register_device(&device)
             .await
-            .map_err(|e| status::storage_about(e, &format!("device {}", device.id)))?;
+            .map_err(|e| status::registration(e, &device.id))?;
         self.alerts
-            .device_registered(record.pk, record.id.clone(), record.labels.clone())
+            .device_registered(
+                record.pk,
+                record.id.clone(),
+                record.labels.clone(),
+                record.created,
+            )
             .await;
         tracing::info!("device registered");
         Ok(Response::new(pb::RegisterDeviceResponse {
@@ -194,9 +199,7 @@ impl pb::ops_server::Ops for OpsService {
             Some(Credential::TokenCredentialId(token)) => {
                 self.credentials.revoke_token(&id, token).await?
             }
-            Some(Credential::Certificate(true)) => {
-                self.credentials.bind_certificate(&id, None, None).await?
-            }
+            Some(Credential::Certificate(true)) => self.credentials.revoke_certificate(&id).await?,
             Some(Credential::Certificate(false)) | None => return Err(nothing_to_revoke()),
         };
         Ok(Response::new(convert::credentials(credentials)))
@@ -208,11 +211,15 @@ impl pb::ops_server::Ops for OpsService {
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
         let req = request.into_inner();
         let id = DeviceId::parse(&req.device_id)?;
+        let mut warnings = Vec::new();
         let credentials = match (certificate(&req.certificate_pem)?, req.require_mtls) {
             (Some(certificate), require_mtls) => {
-                self.credentials
+                let bound = self
+                    .credentials
                     .bind_certificate(&id, Some(certificate), require_mtls)
-                    .await?
+                    .await?;
+                warnings.extend(crate::auth::naming_warning(&id, &req.certificate_pem));
+                bound
             }
             (None, Some(require_mtls)) => {
                 self.credentials.set_require_mtls(&id, require_mtls).await?
@@ -223,7 +230,10 @@ impl pb::ops_server::Ops for OpsService {
                 ));
             }
         };
-        Ok(Response::new(convert::credentials(credentials)))
+        Ok(Response::new(pb::DeviceCredentials {
+            warnings,
+            ..convert::credentials(credentials)
+        }))
     }
 
     async fn disable_device(
@@ -395,9 +405,12 @@ impl pb::ops_server::Ops for OpsService {
             .rule
             .ok_or_else(|| Status::invalid_argument("rule is required"))?;
         let rule = rule_from_pb(rule)?;
-        self.alerts.put_rule(rule.clone()).await?;
+        let warnings = self.alerts.put_rule(rule.clone()).await?;
         tracing::info!(rule = %rule.id, "alert rule stored");
-        Ok(Response::new(rule_to_pb(&rule)))
+        Ok(Response::new(pb::AlertRule {
+            warnings,
+            ..rule_to_pb(&rule)
+        }))
     }
 
     async fn list_alert_rules(

@@ -12,10 +12,10 @@ use crate::control::center::SessionEnd;
 use crate::control::session::OpenError;
 use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
-use crate::domain::{BatchError, InvalidDevice};
+use crate::domain::{BatchError, DeviceId, InvalidDevice};
 use crate::pipeline::upload::{UploadError, UploadFailure};
-use crate::storage::StorageError;
 use crate::storage::credentials::CredentialError;
+use crate::storage::{Clash, StorageError};
 
 impl From<UploadFailure> for Status {
     fn from(failure: UploadFailure) -> Self {
@@ -65,9 +65,13 @@ fn with_context(status: Status, context: &str) -> Status {
 pub fn storage(e: StorageError) -> Status {
     match e {
         StorageError::NotFound => Status::not_found("not found"),
-        StorageError::AlreadyExists => Status::already_exists("already exists"),
+        StorageError::AlreadyExists(clash) => already_exists(clash, None),
         StorageError::WriterStopped => Status::unavailable("the server is shutting down; retry"),
-        StorageError::Database(_) | StorageError::Migrate(_) | StorageError::Corrupt(_) => {
+        StorageError::Database(_)
+        | StorageError::Migrate(_)
+        | StorageError::Corrupt(_)
+        | StorageError::Unreachable { .. }
+        | StorageError::NoDatabase { .. } => {
             tracing::error!(error = %e, "storage failure");
             Status::unavailable("storage is unavailable; retry later")
         }
@@ -78,9 +82,43 @@ pub fn storage(e: StorageError) -> Status {
 pub fn storage_about(e: StorageError, what: &str) -> Status {
     match e {
         StorageError::NotFound => Status::not_found(format!("{what} does not exist")),
-        StorageError::AlreadyExists => Status::already_exists(format!("{what} already exists")),
+        StorageError::AlreadyExists(Clash::Other(name)) => {
+            tracing::debug!(constraint = %name, "unique violation");
+            Status::already_exists(format!("{what} already exists"))
+        }
         other => storage(other),
     }
+}
+
+/// RegisterDevice refused by a value another device holds: which one, and
+/// what to do about it.
+pub fn registration(e: StorageError, id: &DeviceId) -> Status {
+    match e {
+        StorageError::AlreadyExists(clash) => already_exists(clash, Some(id)),
+        other => storage(other),
+    }
+}
+
+/// ALREADY_EXISTS naming the clashing value; `device` is the id written,
+/// when it was a registration.
+fn already_exists(clash: Clash, device: Option<&DeviceId>) -> Status {
+    let message = match (clash, device) {
+        (Clash::DeviceId, Some(id)) => format!(
+            "device {id} already exists: see it with `ingest devices get {id}`; \
+             to issue it a new token, `ingest devices rotate-token {id}`"
+        ),
+        (Clash::DeviceId, None) => "that device id is already registered".to_owned(),
+        (Clash::Certificate { holder }, _) => CredentialError::CertificateInUse(holder).to_string(),
+        (Clash::Token, _) => {
+            "the token generated clashed with an existing one; retry (each try generates a new one)"
+                .to_owned()
+        }
+        (Clash::Other(name), _) => {
+            tracing::debug!(constraint = %name, "unique violation");
+            "already exists".to_owned()
+        }
+    };
+    Status::already_exists(message)
 }
 
 impl From<InvalidDevice> for Status {
@@ -111,8 +149,8 @@ invalid_argument!(InvalidRule => "alert rule", InvalidCommand => "command");
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::NoRule => Status::not_found("no alert rule has that id"),
-            EngineError::NoAlert => Status::not_found("no alert has that id"),
+            EngineError::NoRule(_) => Status::not_found(format!("{e}: see `ingest rules list`")),
+            EngineError::NoAlert(_) => Status::not_found(format!("{e}: see `ingest alerts list`")),
             EngineError::Resolved => Status::failed_precondition(
                 "the alert is already resolved; only open alerts can be acknowledged",
             ),
@@ -138,6 +176,7 @@ impl From<AuthFailure> for Status {
             AuthFailure::Unavailable => Status::unavailable(e.to_string()),
             AuthFailure::Missing(_)
             | AuthFailure::MalformedAuthorization
+            | AuthFailure::EmptyToken
             | AuthFailure::UnknownDeviceToken
             | AuthFailure::TokenRevoked
             | AuthFailure::TokenExpired(_)
@@ -158,8 +197,10 @@ impl From<CredentialError> for Status {
             CredentialError::NoSuchDevice(_) | CredentialError::NoSuchToken { .. } => {
                 Status::not_found(e.to_string())
             }
-            CredentialError::TooManyTokens { .. } => Status::failed_precondition(e.to_string()),
-            CredentialError::CertificateInUse => Status::already_exists(e.to_string()),
+            CredentialError::TooManyTokens { .. }
+            | CredentialError::AlreadyRevoked { .. }
+            | CredentialError::NoCertificate(_) => Status::failed_precondition(e.to_string()),
+            CredentialError::CertificateInUse(_) => Status::already_exists(e.to_string()),
             CredentialError::Storage(e) => storage(e),
         }
     }

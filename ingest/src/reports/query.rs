@@ -153,11 +153,7 @@ impl ReportQuery {
     }
 }
 
-/// A time as people read it in messages.
-pub(super) fn rfc3339(nanos: UnixNanos) -> String {
-    chrono::DateTime::from_timestamp_nanos(nanos)
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-}
+pub(super) use crate::domain::time::rfc3339;
 
 /// How parameters are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -150,7 +150,10 @@ pub async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener
     match addr {
         None => Ok(None),
         Some(addr) => Ok(Some(TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!("binding the admin listener on {addr}: {e}")
+            anyhow::anyhow!(
+                "cannot listen on {addr} for the admin HTTP endpoint (/metrics, /healthz, /readyz): {e}; \
+                 choose another address with `--admin-listen ADDR`, or turn it off with `--admin-listen ''`"
+            )
         })?)),
     }
 }

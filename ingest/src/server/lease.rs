@@ -31,7 +31,10 @@ pub async fn register(
             "devices of stopped server processes marked offline"
         );
     }
-    tracing::info!(replica = replica.short(), lease = ?config.lease, "replica registered");
+    // On SQLite this process is the only one: a "replica" would mislead.
+    if store.is_shared() {
+        tracing::info!(replica = replica.short(), lease = ?config.lease, "replica registered");
+    }
     Ok(())
 }
 

@@ -255,8 +255,10 @@ pub async fn run_with_admin(
         .serve_with_incoming_shutdown(incoming, signal);
 
     let admin_task = admin_listener.map(|listener| {
-        let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "admin listener: /metrics, /healthz, /readyz");
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!(%addr, "admin listener: /metrics, /healthz, /readyz"),
+            Err(_) => tracing::info!("admin listener: /metrics, /healthz, /readyz"),
+        }
         let admin = Admin {
             registry: Arc::new(registry),
             metrics: metrics.clone(),

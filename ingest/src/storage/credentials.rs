@@ -12,7 +12,7 @@ use crate::domain::{DeviceId, TokenHash};
 
 use super::devices::INSERT_TOKEN;
 use super::sql::{Conn, Row};
-use super::{StorageError, Store};
+use super::{Clash, StorageError, Store};
 
 /// What a token proves, and the state of its device, as of the lookup.
 #[derive(Debug, Clone)]
@@ -92,10 +92,26 @@ pub enum CredentialError {
         "device {device} already holds {active} active tokens, the most a device may hold; revoke one first, or rotate with a zero overlap"
     )]
     TooManyTokens { device: String, active: usize },
-    #[error("this certificate is already bound to another device")]
-    CertificateInUse,
+    #[error(
+        "token {id} of device {device} was already revoked at {}: nothing was revoked",
+        crate::domain::time::rfc3339(*.at)
+    )]
+    AlreadyRevoked {
+        device: String,
+        id: i64,
+        at: UnixNanos,
+    },
+    #[error("device {0} has no certificate bound: nothing was revoked")]
+    NoCertificate(String),
+    #[error("that certificate is already bound to {}", holder_text(.0.as_ref()))]
+    CertificateInUse(Option<DeviceId>),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// The device holding a certificate, as messages name it.
+pub fn holder_text(holder: Option<&DeviceId>) -> String {
+    holder.map_or_else(|| "another device".to_owned(), |id| format!("device {id}"))
 }
 
 impl From<sqlx::Error> for CredentialError {
@@ -310,8 +326,9 @@ impl Store {
         })
     }
 
-    /// Revokes one token of a device. Revoking a revoked token changes
-    /// nothing and succeeds.
+    /// Revokes one token of a device. A token revoked already is
+    /// `AlreadyRevoked`: an operator told "done" would believe they had
+    /// cut something off.
     pub async fn revoke_token(
         &self,
         id: &DeviceId,
@@ -321,19 +338,28 @@ impl Store {
         let mut tx = self.begin_write().await?;
         // No lock on the device's row: a group commit holds it while it
         // commits, and a revocation must not wait for one.
-        let device_pk: Option<i64> = tx
+        let row = tx
             .query(
-                "SELECT d.pk FROM devices d JOIN device_tokens t ON t.device_pk = d.pk \
+                "SELECT d.pk, t.revoked_unix_nano FROM devices d \
+                 JOIN device_tokens t ON t.device_pk = d.pk \
                  WHERE d.device_id = $1 AND t.pk = $2",
             )
             .bind(id.as_str())
             .bind(token_id)
-            .fetch_optional_scalar()
-            .await?;
-        let device_pk = device_pk.ok_or_else(|| CredentialError::NoSuchToken {
-            device: id.to_string(),
-            id: token_id,
-        })?;
+            .fetch_optional()
+            .await?
+            .ok_or_else(|| CredentialError::NoSuchToken {
+                device: id.to_string(),
+                id: token_id,
+            })?;
+        let device_pk: i64 = row.get(0)?;
+        if let Some(at) = row.get::<Option<i64>>(1)? {
+            return Err(CredentialError::AlreadyRevoked {
+                device: id.to_string(),
+                id: token_id,
+                at,
+            });
+        }
         tx.query(
             "UPDATE device_tokens SET revoked_unix_nano = $1 \
              WHERE pk = $2 AND revoked_unix_nano IS NULL",
@@ -374,10 +400,48 @@ impl Store {
             .await;
         match result {
             Ok(pk) => changed_device(id, pk),
-            Err(e) => match StorageError::from(e) {
-                StorageError::AlreadyExists => Err(CredentialError::CertificateInUse),
+            Err(e) => match self.naming_holder(e.into(), certificate).await {
+                StorageError::AlreadyExists(Clash::Certificate { holder }) => {
+                    Err(CredentialError::CertificateInUse(holder))
+                }
                 other => Err(other.into()),
             },
+        }
+    }
+
+    /// The device a certificate is bound to, if any.
+    pub async fn certificate_holder(
+        &self,
+        certificate: &CertFingerprint,
+    ) -> Result<Option<DeviceId>, StorageError> {
+        let id: Option<String> = self
+            .query("SELECT device_id FROM devices WHERE cert_sha256 = $1")
+            .bind(certificate.as_bytes().as_slice())
+            .fetch_optional_scalar()
+            .await?;
+        id.map(|id| DeviceId::parse(&id).map_err(|e| StorageError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    /// A certificate clash with the device holding `certificate` named (a
+    /// lookup after the failed write; if that fails too, unnamed). Other
+    /// errors pass unchanged.
+    pub(super) async fn naming_holder(
+        &self,
+        e: StorageError,
+        certificate: Option<&CertFingerprint>,
+    ) -> StorageError {
+        let (StorageError::AlreadyExists(Clash::Certificate { holder: None }), Some(certificate)) =
+            (&e, certificate)
+        else {
+            return e;
+        };
+        match self.certificate_holder(certificate).await {
+            Ok(holder) => StorageError::AlreadyExists(Clash::Certificate { holder }),
+            Err(error) => {
+                tracing::warn!(%error, "could not look up the device holding a certificate");
+                e
+            }
         }
     }
 

@@ -68,7 +68,16 @@ pub(super) const ALL_OFFLINE: &str = "UPDATE devices SET online = FALSE WHERE on
 const LAST_SEEN_CHUNK: usize = 500;
 
 impl Store {
+    /// `AlreadyExists` names what clashed: the id, the certificate (and
+    /// the device holding it) or the token.
     pub async fn register_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
+        match self.insert_device(d).await {
+            Ok(device) => Ok(device),
+            Err(e) => Err(self.naming_holder(e, d.certificate.as_ref()).await),
+        }
+    }
+
+    async fn insert_device(&self, d: &NewDevice) -> Result<DeviceRecord, StorageError> {
         let sql = format!(
             "INSERT INTO devices (device_id, display_name, labels, token_sha256, created_unix_nano, \
              cert_sha256, cert_bound_unix_nano, require_mtls) \

@@ -35,7 +35,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
-pub use error::StorageError;
+pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 

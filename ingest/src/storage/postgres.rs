@@ -37,11 +37,57 @@ pub struct PgStore {
     pub(super) event_tx_hold: EventTxHold,
 }
 
+/// How long the first connection may take before PostgreSQL counts as
+/// unreachable: an operator starting a server should not wait for the
+/// pool's own timeout to learn that nothing listens there.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection before the pool: the two mistakes of a first start (no
+/// server at that address, no such database) become one plain answer
+/// saying what to do, instead of a pool timeout.
+async fn probe(options: &PgConnectOptions) -> Result<(), StorageError> {
+    use sqlx::Connection;
+    let at = format!("{}:{}", options.get_host(), options.get_port());
+    let unreachable = |why: String| StorageError::Unreachable {
+        at: at.clone(),
+        why,
+    };
+    let connecting = sqlx::PgConnection::connect_with(options);
+    match tokio::time::timeout(PROBE_TIMEOUT, connecting).await {
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}s",
+            PROBE_TIMEOUT.as_secs()
+        ))),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(sqlx::Error::Io(e))) => Err(unreachable(match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+            _ => e.to_string(),
+        })),
+        // invalid_catalog_name: the server is there, the database is not.
+        Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
+            Err(StorageError::NoDatabase {
+                // Without one in the URL, PostgreSQL takes the user's name.
+                name: options
+                    .get_database()
+                    .unwrap_or(options.get_username())
+                    .to_owned(),
+                host: options.get_host().to_owned(),
+                port: options.get_port(),
+            })
+        }
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
 impl PgStore {
     /// Connects with `application_name` set to `name`, so each process's
     /// connections can be told apart in `pg_stat_activity`.
     pub async fn connect(url: &str, name: &str) -> Result<Self, StorageError> {
         let options = url.parse::<PgConnectOptions>()?;
+        probe(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))

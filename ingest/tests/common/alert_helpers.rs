@@ -27,6 +27,7 @@ pub fn rule(
         sensor: sensor.into(),
         severity: severity as i32,
         condition: Some(condition),
+        warnings: Vec::new(),
     }
 }
 

@@ -946,6 +946,7 @@ async fn a_hostile_corpus_gets_precise_statuses_and_changes_nothing(backend: Bac
                             silence_millis: 1000,
                         },
                     )),
+                    warnings: Vec::new(),
                 }),
             },
             Code::InvalidArgument,

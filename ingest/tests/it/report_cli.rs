@@ -15,6 +15,7 @@ backend_tests!(
     filters_narrow_readings_hourly,
     refused_queries_exit_non_zero_with_a_message,
     a_schema_without_the_views_asks_for_migrate,
+    every_table_column_is_a_view_column,
 );
 
 /// As the views' `*_utc` columns and the table show times.
@@ -626,13 +627,16 @@ fn wall_clock_columns(name: ReportName) -> &'static [&'static str] {
             "last_upload_utc",
             "seconds_since_last_upload",
         ],
-        ReportName::AlertHistory => &["acked_unix_nano", "seconds_to_ack"],
+        ReportName::AlertHistory => &["acked_unix_nano", "acked_utc", "seconds_to_ack"],
         ReportName::CommandLog => &[
             "created_unix_nano",
             "created_utc",
             "sent_unix_nano",
+            "sent_utc",
             "finished_unix_nano",
+            "finished_utc",
             "expires_unix_nano",
+            "expires_utc",
             "seconds_to_delivery",
             "seconds_to_ack",
         ],
@@ -759,5 +763,29 @@ async fn sqlite_and_postgres_give_the_same_reports() {
     for (sqlite, postgres) in on_sqlite.iter().zip(&on_postgres) {
         assert_eq!(sqlite.1, postgres.1, "columns of {}", sqlite.0);
         assert_eq!(sqlite.2, postgres.2, "rows of {}", sqlite.0);
+    }
+}
+
+/// The table names its columns as the view does (issue 25: command_log's
+/// table showed sent_utc, finished_utc and expires_utc, which the view did
+/// not have): every header of `--format table` is a column of the view,
+/// which `--format csv` names as they are.
+async fn every_table_column_is_a_view_column(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let _online_a = scripted_session(&server, hour_start(5), hour_start(3)).await;
+    for name in ReportName::ALL {
+        let name = name.view();
+        let csv = report_ok(&server.storage, &[name, "--format", "csv"]).await;
+        let view: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let table = report_ok(&server.storage, &[name]).await;
+        let header = table.lines().next().unwrap();
+        for column in header.split_whitespace() {
+            assert!(
+                view.contains(&column),
+                "{name}: the table shows {column}, the view has {view:?}"
+            );
+        }
     }
 }

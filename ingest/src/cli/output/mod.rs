@@ -90,6 +90,14 @@ pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
+/// What the server accepted but thinks a person should know (a rule for
+/// a device not registered yet), on stderr: stdout keeps the answer alone.
+pub(crate) fn warn(warnings: &[String]) {
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+}
+
 /// A unary call's answer, or its error as the CLI prints it
 /// ([`status_error`]).
 pub(crate) fn reply<T>(answer: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
