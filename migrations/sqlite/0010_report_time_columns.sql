@@ -15,7 +15,7 @@ SELECT a.alert_id                                                          AS al
        a.sensor                                                            AS sensor,
        a.severity                                                          AS severity,
        CASE WHEN a.resolved_unix_nano IS NOT NULL THEN 'resolved'
-            WHEN a.acked_unix_nano IS NOT NULL THEN 'acknowledged'
+            WHEN a.acked_unix_nano IS NOT NULL THEN 'acked'
             ELSE 'open' END                                                AS state,
        a.fired_unix_nano                                                   AS fired_unix_nano,
        strftime('%Y-%m-%dT%H:%M:%SZ', a.fired_unix_nano / 1000000000, 'unixepoch') AS fired_utc,

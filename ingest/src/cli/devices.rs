@@ -73,6 +73,9 @@ pub struct RegisterArgs {
     /// Refuse the device's token unless it comes with its certificate.
     #[arg(long, requires = "cert")]
     require_mtls: bool,
+    /// Print the device and its token as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
@@ -95,6 +98,17 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             )?;
             let device = response.device.context("server returned no device")?;
             let fingerprint = certificate.map(|(_, fingerprint)| fingerprint);
+            if args.json {
+                let mut json = device_json(&device);
+                json["token"] = response.token.into();
+                json["certificate_sha256"] = fingerprint
+                    .map(|f| f.to_string())
+                    .unwrap_or_default()
+                    .into();
+                json["require_mtls"] = args.require_mtls.into();
+                println!("{json}");
+                return Ok(());
+            }
             eprintln!(
                 "{}; its token (shown once, store it now):",
                 registered_text(&device.device_id, fingerprint.as_ref(), args.require_mtls)

@@ -40,6 +40,32 @@ mod tests {
         assert!(super::whole_millis("1500ms").is_ok());
     }
 
+    /// Every command that prints an answer can print it as JSON, for
+    /// scripts: `--json` (`serve` and `migrate` print only logs).
+    #[test]
+    fn every_command_that_prints_has_json() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let leaf = command.get_subcommands().next().is_none();
+            let kind_of_send = path.starts_with("ingest command send ");
+            let prints =
+                leaf && !kind_of_send && !["ingest serve", "ingest migrate"].contains(&path);
+            if prints
+                && !command
+                    .get_arguments()
+                    .any(|a| a.get_long() == Some("json"))
+            {
+                missing.push(path.to_owned());
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "ingest", &mut missing);
+        assert!(missing.is_empty(), "commands without --json: {missing:#?}");
+    }
+
     /// `--help` tells what each positional argument is, in every command.
     #[test]
     fn every_positional_argument_is_described() {

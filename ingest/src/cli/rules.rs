@@ -5,7 +5,6 @@
 //! explains anything else with INVALID_ARGUMENT, so the two cannot disagree.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -35,6 +34,9 @@ pub enum RulesCommand {
         server: ServerArgs,
         /// The rule's id (see `ingest rules list`).
         rule_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -143,7 +145,11 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
             rules.sort_by(|a, b| a.rule_id.cmp(&b.rule_id));
             Answer::stdout(json).list(&rules, rule_json, table)?;
         }
-        RulesCommand::Rm { server, rule_id } => {
+        RulesCommand::Rm {
+            server,
+            rule_id,
+            json,
+        } => {
             let mut ops = server.ops().await?;
             reply(
                 ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
@@ -151,7 +157,11 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
                 })
                 .await,
             )?;
-            writeln!(std::io::stdout(), "deleted rule {rule_id}")?;
+            Answer::stdout(json).one(
+                &rule_id,
+                |id| serde_json::json!({ "rule_id": id, "deleted": true }),
+                |id| format!("deleted rule {id}"),
+            )?;
         }
     }
     Ok(())

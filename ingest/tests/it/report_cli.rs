@@ -741,7 +741,7 @@ async fn sqlite_and_postgres_give_the_same_reports() {
     let alerts = rows(ReportName::AlertHistory);
     assert_eq!(
         column_of(alerts, "state"),
-        json_values(["resolved", "acknowledged"])
+        json_values(["resolved", "acked"])
             .iter()
             .collect::<Vec<_>>()
     );
