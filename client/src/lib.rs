@@ -7,6 +7,8 @@
 //!   whether it calls one server or is balanced over several.
 //! - [`bearer`]: the `authorization: Bearer <token>` header on every call
 //!   ([`bearer::Bearer`]).
+//! - [`ops_token`]: where an operator's token comes from, and the files
+//!   that hold tokens.
 //! - [`status`]: whether a failed call is worth trying again, and the delay
 //!   the server asked for.
 //! - [`backoff`]: how long to wait before trying again.
@@ -14,5 +16,6 @@
 pub mod backoff;
 pub mod balance;
 pub mod bearer;
+pub mod ops_token;
 pub mod status;
 pub mod tls;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use telemetry_client::ops_token::OpsTokenSource;
 use telemetry_client::tls::{ClientTls, server_list};
 use tonic::codec::CompressionEncoding;
 
@@ -45,12 +46,12 @@ pub struct Args {
     #[arg(long, env = "DEVICE_SIM_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
 
-    /// Ops token, used to register devices that have no stored credentials.
-    #[arg(long, env = "DEVICE_SIM_OPS_TOKEN", hide_env_values = true)]
-    pub ops_token: Option<String>,
-
-    /// File holding the ops token, read when --ops-token is not given
-    /// [default: <data-dir>/ops.token].
+    /// The ops token, to register devices that have no stored credentials
+    /// and to install --anomalies' rules: a file of `NAME TOKEN` lines (the
+    /// first is used), a bare token, or a directory of token files, as
+    /// `ingest` reads it. This flag wins over INGEST_OPS_TOKEN (the token
+    /// itself), which wins over INGEST_OPS_TOKEN_FILE; with none,
+    /// <data-dir>/ops.token. [env: INGEST_OPS_TOKEN, INGEST_OPS_TOKEN_FILE]
     #[arg(long, env = "DEVICE_SIM_OPS_TOKEN_FILE")]
     pub ops_token_file: Option<PathBuf>,
 
@@ -178,8 +179,10 @@ pub struct Config {
     pub servers: Vec<String>,
     /// TLS files for an https:// server, checked against its scheme.
     pub tls: ClientTls,
+    /// The ops token itself, when the local server gave it.
     pub ops_token: Option<String>,
-    pub ops_token_file: PathBuf,
+    /// Where the ops token comes from otherwise.
+    pub ops_token_source: OpsTokenSource,
     pub devices: u32,
     pub device_prefix: String,
     pub sensors: usize,
@@ -291,10 +294,8 @@ impl Config {
         Ok(Self {
             servers,
             tls,
-            ops_token: args.ops_token,
-            ops_token_file: args
-                .ops_token_file
-                .unwrap_or_else(|| args.data_dir.join("ops.token")),
+            ops_token: None,
+            ops_token_source: OpsTokenSource::choose(args.ops_token_file, &args.data_dir),
             devices: args.devices,
             device_prefix: args.device_prefix,
             sensors: usize::try_from(args.sensors).context("--sensors is too large")?,

@@ -239,12 +239,14 @@ mod tests {
         let addr = serve_both(MockIngest::default(), ops).await;
 
         let server = format!("http://{addr}");
+        let token_file = dir.path().join("ops.token");
+        std::fs::write(&token_file, OPS_TOKEN).expect("token file");
         let argv = [
             "device-sim",
             "--server",
             &server,
-            "--ops-token",
-            OPS_TOKEN,
+            "--ops-token-file",
+            token_file.to_str().expect("utf-8 path"),
             "--devices",
             "3",
             "--connections",
@@ -298,12 +300,14 @@ mod tests {
         let addr = serve_both(MockIngest::default(), MockOps::default()).await;
         let server = format!("http://{addr}");
         let creds = dir.path().join("creds.json");
+        let token_file = dir.path().join("ops.token");
+        std::fs::write(&token_file, "nope").expect("token file");
         let argv = [
             "device-sim",
             "--server",
             &server,
-            "--ops-token",
-            "nope",
+            "--ops-token-file",
+            token_file.to_str().expect("utf-8 path"),
             "--devices",
             "2",
             "--quiet",

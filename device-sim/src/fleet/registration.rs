@@ -4,11 +4,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, bail};
 use futures::StreamExt;
 use telemetry_client::backoff::Backoff;
 use telemetry_client::balance::Transport;
 use telemetry_client::bearer::Bearer;
+use telemetry_client::ops_token::client_token;
 use telemetry_client::status::is_transient;
 use telemetry_proto::v1::RegisterDeviceRequest;
 use telemetry_proto::v1::ops_client::OpsClient;
@@ -118,20 +119,11 @@ pub async fn ensure_credentials(
 }
 
 pub fn read_ops_token(config: &Config) -> anyhow::Result<String> {
-    let token = match &config.ops_token {
-        Some(token) => token.trim().to_owned(),
-        None => std::fs::read_to_string(&config.ops_token_file)
-            .with_context(|| {
-                format!(
-                    "reading the ops token from {} (needed to register devices; or pass \
-                     --ops-token / DEVICE_SIM_OPS_TOKEN)",
-                    config.ops_token_file.display()
-                )
-            })?
-            .trim()
-            .to_owned(),
-    };
-    ensure!(!token.is_empty(), "the ops token is empty");
+    if let Some(token) = &config.ops_token {
+        return Ok(token.clone());
+    }
+    let (token, _origin) = client_token(&config.ops_token_source)
+        .context("the ops token (needed to register devices)")?;
     Ok(token)
 }
 

@@ -48,12 +48,14 @@ async fn run_fleet_with(
     duration: &str,
     extra: &[&str],
 ) -> serde_json::Value {
+    let token_file = dir.join("ops-token-for-the-fleet");
+    std::fs::write(&token_file, ops_token).expect("token file");
     let mut argv = vec![
         "device-sim",
         "--server",
         url,
-        "--ops-token",
-        ops_token,
+        "--ops-token-file",
+        token_file.to_str().expect("utf-8 path"),
         "--data-dir",
         dir.to_str().expect("utf-8 path"),
         "--devices",

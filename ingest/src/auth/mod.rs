@@ -15,7 +15,7 @@ mod revocation;
 pub use cert_names::naming_warning;
 pub use credentials::{AuthFailure, AuthenticatedDevice, Credentials};
 pub use layer::{AuthLayer, Authenticator, Operator};
-pub use ops_token::{OpsTokenSource, OpsTokens, client_ops_token, resolve_ops_token};
+pub use ops_token::{OpsTokenSource, OpsTokens, resolve_ops_token};
 pub use revocation::{Credential, CredentialEnded, CredentialEvent, CredentialWatch, until_ended};
 
 /// The authenticated device of an `Ingest` call.

@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 
+use telemetry_client::ops_token as client;
+
 use crate::domain::{Token, TokenHash};
 
 /// The ops token's source, in order of precedence.
@@ -26,51 +28,16 @@ pub enum OpsTokenSource {
 }
 
 impl OpsTokenSource {
-    /// Where the tokens come from, the same for the server and the CLI: an
-    /// `--ops-token-file` given on the command line, then `INGEST_OPS_TOKEN`,
-    /// then `INGEST_OPS_TOKEN_FILE`, then `<data-dir>/ops.token`. An empty
-    /// variable counts as unset.
+    /// Where the tokens come from, as every client reads them (see
+    /// `telemetry_client::ops_token`); `<data-dir>/ops.token` is generated
+    /// at first start.
     pub fn choose(flag: Option<PathBuf>, data_dir: &Path) -> Self {
-        let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        if let Some(path) = flag {
-            Self::File(path)
-        } else if let Some(token) = var("INGEST_OPS_TOKEN") {
-            Self::Value(Token::new(token.trim().to_owned()))
-        } else if let Some(path) = var("INGEST_OPS_TOKEN_FILE") {
-            Self::File(path.into())
-        } else {
-            Self::Generated {
-                data_dir: data_dir.to_owned(),
-            }
+        match client::OpsTokenSource::choose(flag, data_dir) {
+            client::OpsTokenSource::Value(token) => Self::Value(Token::new(token)),
+            client::OpsTokenSource::File(path) => Self::File(path),
+            client::OpsTokenSource::DataDir(data_dir) => Self::Generated { data_dir },
         }
     }
-}
-
-/// The token an operator's command presents: the first of its source,
-/// never generated, with where it came from, for its error messages.
-pub fn client_ops_token(source: &OpsTokenSource) -> anyhow::Result<(Token, String)> {
-    let origin = match source {
-        OpsTokenSource::Value(_) => "INGEST_OPS_TOKEN".to_owned(),
-        OpsTokenSource::File(path) => path.display().to_string(),
-        OpsTokenSource::Generated { data_dir } => {
-            let path = data_dir.join("ops.token");
-            anyhow::ensure!(
-                path.exists(),
-                "no ops token: {} does not exist (the server writes it at its first start, in its --data-dir); \
-                 give the token with --ops-token-file FILE or INGEST_OPS_TOKEN, or the server's data directory with --data-dir",
-                path.display()
-            );
-            return Ok((read(&path)?, path.display().to_string()));
-        }
-    };
-    let tokens = read_named(source)?;
-    let (name, token) = tokens.into_iter().next().expect("sources hold a token");
-    let origin = if origin.ends_with(&*name) || *name == *origin {
-        origin
-    } else {
-        format!("{origin} ({name})")
-    };
-    Ok((token, origin))
 }
 
 /// Resolves the ops token, generating and saving one if needed.
@@ -137,8 +104,7 @@ impl OpsTokens {
     }
 }
 
-/// Every token of `source` with its name, in the order given: what the
-/// server accepts, and what the CLI picks its token from (the first).
+/// Every token of `source` with its name, in the order given.
 fn read_named(source: &OpsTokenSource) -> anyhow::Result<Vec<(Arc<str>, Token)>> {
     let named = |name: &str, token: Token| (Arc::<str>::from(name), token);
     match source {
@@ -149,66 +115,10 @@ fn read_named(source: &OpsTokenSource) -> anyhow::Result<Vec<(Arc<str>, Token)>>
         OpsTokenSource::Generated { .. } => {
             Ok(vec![named("ops.token", resolve_ops_token(source)?)])
         }
-        OpsTokenSource::File(path) if path.is_dir() => {
-            let mut tokens = Vec::new();
-            let entries = std::fs::read_dir(path)
-                .with_context(|| format!("reading the ops token directory {}", path.display()))?;
-            for entry in entries {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                // Kubernetes mounts secrets through hidden `..data` links.
-                if name.starts_with('.') || !entry.path().is_file() {
-                    continue;
-                }
-                tokens.push(named(&name, read(&entry.path())?));
-            }
-            anyhow::ensure!(
-                !tokens.is_empty(),
-                "the ops token directory {} holds no token",
-                path.display()
-            );
-            tokens.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(tokens)
-        }
-        OpsTokenSource::File(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the ops tokens from {}", path.display()))?;
-            let file = path
-                .file_name()
-                .map_or_else(|| "ops-token".into(), |f| f.to_string_lossy());
-            let lines: Vec<(usize, &str)> = text
-                .lines()
-                .enumerate()
-                .map(|(n, l)| (n + 1, l.trim()))
-                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-                .collect();
-            anyhow::ensure!(
-                !lines.is_empty(),
-                "the ops token file {} holds no token",
-                path.display()
-            );
-            lines
-                .iter()
-                .map(|(n, line)| {
-                    let mut words = line.split_whitespace();
-                    match (words.next(), words.next(), words.next()) {
-                        (Some(token), None, _) if lines.len() == 1 => {
-                            Ok(named(&file, Token::new(token.into())))
-                        }
-                        (Some(token), None, _) => {
-                            Ok(named(&format!("{file}:{n}"), Token::new(token.into())))
-                        }
-                        (Some(name), Some(token), None) => {
-                            Ok(named(name, Token::new(token.into())))
-                        }
-                        _ => anyhow::bail!(
-                            "{}:{n}: expected `NAME TOKEN` or a bare `TOKEN`",
-                            path.display()
-                        ),
-                    }
-                })
-                .collect()
-        }
+        OpsTokenSource::File(path) => Ok(client::read_tokens(path)?
+            .into_iter()
+            .map(|(name, token)| named(&name, Token::new(token)))
+            .collect()),
     }
 }
 
@@ -223,12 +133,7 @@ fn read_all(source: &OpsTokenSource) -> anyhow::Result<Vec<NamedToken>> {
 }
 
 fn read(path: &Path) -> anyhow::Result<Token> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the ops token from {}", path.display()))?;
-    non_empty(
-        Token::new(text.trim().to_owned()),
-        &path.display().to_string(),
-    )
+    Ok(Token::new(client::read_one(path)?))
 }
 
 fn non_empty(token: Token, from: &str) -> anyhow::Result<Token> {
@@ -308,30 +213,6 @@ mod tests {
             Some("grafana")
         );
         assert_eq!(tokens.check(&TokenHash::of("ops_h")), None);
-    }
-
-    #[test]
-    fn the_client_takes_the_first_token_and_says_where_from() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("tokens");
-        std::fs::write(&file, "# operators\nalice ops_a\nci ops_c\n").unwrap();
-        let (token, origin) = client_ops_token(&OpsTokenSource::File(file.clone())).unwrap();
-        assert_eq!(token.expose(), "ops_a");
-        assert_eq!(origin, format!("{} (alice)", file.display()));
-
-        std::fs::write(&file, "ops_bare\n").unwrap();
-        let (token, origin) = client_ops_token(&OpsTokenSource::File(file.clone())).unwrap();
-        assert_eq!(token.expose(), "ops_bare");
-        assert_eq!(origin, file.display().to_string());
-
-        // Never generated by a client: the server's data directory is named.
-        let source = OpsTokenSource::Generated {
-            data_dir: dir.path().to_owned(),
-        };
-        let error = client_ops_token(&source).unwrap_err().to_string();
-        assert!(error.contains("ops.token does not exist"), "{error}");
-        assert!(error.contains("--data-dir"), "{error}");
-        assert!(!dir.path().join("ops.token").exists());
     }
 
     #[test]

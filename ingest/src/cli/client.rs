@@ -10,7 +10,7 @@ use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tower::ServiceExt;
 
-use crate::auth::{OpsTokenSource, client_ops_token};
+use telemetry_client::ops_token::{OpsTokenSource, client_token};
 
 /// How operator subcommands reach the server.
 #[derive(Debug, Args)]
@@ -39,9 +39,8 @@ pub type Ops = OpsClient<tonic::service::interceptor::InterceptedService<Transpo
 impl ServerArgs {
     pub async fn ops(&self) -> anyhow::Result<Ops> {
         let source = OpsTokenSource::choose(self.ops_token_file.clone(), &self.data_dir);
-        let (token, origin) = client_ops_token(&source)?;
-        let bearer =
-            Bearer::new(token.expose()).with_context(|| format!("the ops token from {origin}"))?;
+        let (token, origin) = client_token(&source)?;
+        let bearer = Bearer::new(&token).with_context(|| format!("the ops token from {origin}"))?;
         let channel = self
             .tls
             .connect_any(&self.server)
