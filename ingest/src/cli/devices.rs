@@ -251,8 +251,6 @@ fn whole_json(d: &pb::Device, c: &pb::DeviceCredentials) -> serde_json::Value {
 /// `devices get`: everything about one device, a field a line, then its
 /// sensors with their latest readings.
 fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
-    let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    labels.sort();
     let disabled = match d.disabled_time_unix_nano {
         0 => "no".to_owned(),
         t => format!("yes, since {}", time(t)),
@@ -264,7 +262,7 @@ fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
     fields
         .row(["device", &d.device_id])
         .row(["name", or_dash(&d.display_name)])
-        .row(["labels", or_dash(&labels.join(","))])
+        .row(["labels", or_dash(&labels_text(d))])
         .row(["created", &time(d.created_time_unix_nano)])
         .row(["state", state(d)])
         .row(["disabled", &disabled])
@@ -303,6 +301,13 @@ fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
     text
 }
 
+/// `floor=2,site=plant-3`: sorted, so that devices read alike.
+fn labels_text(d: &pb::Device) -> String {
+    let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    labels.join(",")
+}
+
 /// `online`, `offline`, or `disabled` (which a device stays, online or not,
 /// until an operator enables it).
 fn state(d: &pb::Device) -> &'static str {
@@ -325,15 +330,13 @@ fn table(devices: &[pb::Device]) -> Table {
         Column::left("LABELS"),
     ]);
     for d in devices {
-        let mut labels: Vec<_> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
         table.row([
             d.device_id.clone(),
             d.display_name.clone(),
             state(d).to_owned(),
             d.committed_sequence.to_string(),
             time(d.last_upload_time_unix_nano),
-            labels.join(","),
+            labels_text(d),
         ]);
     }
     table
