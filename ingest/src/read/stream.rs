@@ -359,11 +359,12 @@ impl Buckets<'_> {
     /// Adds what is known of time `t` (a reading, or a whole hour's
     /// rollup, which lies in one bucket).
     async fn add(&mut self, t: i64, agg: &Agg) -> Result<(), Stop> {
-        if let Some((start, end, acc)) = &mut self.current {
-            if *start <= t && t < *end {
-                acc.merge(agg);
-                return Ok(());
-            }
+        if let Some((start, end, acc)) = &mut self.current
+            && *start <= t
+            && t < *end
+        {
+            acc.merge(agg);
+            return Ok(());
         }
         self.close_bucket().await?;
         let (start, end) = self.downsample.bucketing.bucket(t);

@@ -30,6 +30,7 @@ mod lifecycle;
 mod log_format;
 mod metrics;
 mod mtls;
+mod readings_query;
 mod report_cli;
 mod reporting;
 mod reset_cursor;

@@ -1,0 +1,619 @@
+//! QueryReadings end to end: the real server, its generated client, both
+//! backends. Ordering, chunk boundaries, resuming at every chunk, rollup
+//! against raw, bad input, limits, cancel, read-your-writes, and the same
+//! answers from SQLite and PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::common::*;
+use prost::Message;
+use telemetry_proto::v1 as pb;
+use tonic::Code;
+
+/// Chunks small enough that a few hundred readings make many of them.
+const CHUNK_BYTES: usize = 1024;
+
+/// Readings as long ago as a DST change of Europe/Berlin are accepted.
+async fn start(backend: Backend) -> Option<TestServer> {
+    TestServer::start_configured(backend, |c| {
+        c.limits.readings.retention = Duration::from_secs(400 * 24 * 3600);
+        c.read.chunk_bytes = CHUNK_BYTES;
+    })
+    .await
+}
+
+/// [`start`], with device "d1" registered, and its upload client.
+async fn start_with_d1(backend: Backend) -> Option<(TestServer, Ingest)> {
+    let server = start(backend).await?;
+    let token = server.register("d1").await;
+    let ingest = server.ingest(&token).await;
+    Some((server, ingest))
+}
+
+fn ids(devices: &[&str]) -> Option<pb::DeviceSelector> {
+    Some(pb::DeviceSelector {
+        selector: Some(pb::device_selector::Selector::Ids(pb::DeviceIdList {
+            device_ids: devices.iter().map(|d| (*d).to_owned()).collect(),
+        })),
+    })
+}
+
+fn raw(devices: &[&str], start: u64, end: u64) -> pb::QueryReadingsRequest {
+    pb::QueryReadingsRequest {
+        devices: ids(devices),
+        start_time_unix_nano: start,
+        end_time_unix_nano: end,
+        ..Default::default()
+    }
+}
+
+fn every(width_millis: u64, aggs: &[pb::Aggregate]) -> Option<pb::Downsample> {
+    Some(pb::Downsample {
+        bucket: Some(pb::downsample::Bucket::WidthMillis(width_millis)),
+        time_zone: String::new(),
+        aggregates: aggs.iter().map(|a| *a as i32).collect(),
+    })
+}
+
+fn calendar(unit: pb::CalendarUnit, zone: &str, aggs: &[pb::Aggregate]) -> Option<pb::Downsample> {
+    Some(pb::Downsample {
+        bucket: Some(pb::downsample::Bucket::Calendar(unit as i32)),
+        time_zone: zone.into(),
+        aggregates: aggs.iter().map(|a| *a as i32).collect(),
+    })
+}
+
+const ALL_AGGS: [pb::Aggregate; 7] = [
+    pb::Aggregate::Count,
+    pb::Aggregate::Min,
+    pb::Aggregate::Max,
+    pb::Aggregate::Sum,
+    pb::Aggregate::Avg,
+    pb::Aggregate::First,
+    pb::Aggregate::Last,
+];
+
+/// Every chunk of a query, or its status.
+async fn query(
+    ops: &mut Ops,
+    req: pb::QueryReadingsRequest,
+) -> Result<Vec<pb::ReadingsChunk>, tonic::Status> {
+    let mut stream = ops.query_readings(req).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
+/// Raw rows: (device, sensor, unit, time, value).
+type RawRow = (String, String, String, u64, f64);
+
+fn raw_rows(chunks: &[pb::ReadingsChunk]) -> Vec<RawRow> {
+    let mut rows = Vec::new();
+    for c in chunks {
+        let Some(pb::readings_chunk::Data::Series(s)) = &c.data else {
+            panic!("a raw chunk: {c:?}");
+        };
+        for (t, v) in s.time_unix_nano.iter().zip(&s.value) {
+            rows.push((
+                c.device_id.clone(),
+                s.sensor.clone(),
+                s.unit.clone(),
+                *t,
+                *v,
+            ));
+        }
+    }
+    rows
+}
+
+/// A chunk without its token: what two answers are compared by.
+fn data(chunk: &pb::ReadingsChunk) -> pb::ReadingsChunk {
+    pb::ReadingsChunk {
+        resume_token: String::new(),
+        ..chunk.clone()
+    }
+}
+
+/// Bucket rows: (device, sensor, start, [count, min, max, sum, avg, first, last]
+/// as far as asked).
+type BucketRow = (String, String, u64, Vec<f64>);
+
+fn bucket_rows(chunks: &[pb::ReadingsChunk]) -> Vec<BucketRow> {
+    let mut rows = Vec::new();
+    for c in chunks {
+        let Some(pb::readings_chunk::Data::Buckets(b)) = &c.data else {
+            panic!("a bucket chunk: {c:?}");
+        };
+        for i in 0..b.bucket_start_unix_nano.len() {
+            let mut values = Vec::new();
+            if !b.count.is_empty() {
+                values.push(b.count[i] as f64);
+            }
+            for col in [&b.min, &b.max, &b.sum, &b.avg, &b.first, &b.last] {
+                if !col.is_empty() {
+                    values.push(col[i]);
+                }
+            }
+            rows.push((
+                c.device_id.clone(),
+                b.sensor.clone(),
+                b.bucket_start_unix_nano[i],
+                values,
+            ));
+        }
+    }
+    rows
+}
+
+/// Equal, but sums and averages (columns 3 and 4 of all seven) within a
+/// relative 1e-12.
+fn assert_buckets_agree(a: &[BucketRow], b: &[BucketRow], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: bucket counts");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.0, &x.1, x.2), (&y.0, &y.1, y.2), "{what}");
+        for (i, (p, q)) in x.3.iter().zip(&y.3).enumerate() {
+            let close = p == q || ((p - q).abs() <= 1e-12 * p.abs().max(q.abs()));
+            assert!(close, "{what}: bucket {} column {i}: {p} against {q}", x.2);
+        }
+    }
+}
+
+/// Uploads `points` of `sensor` for a device, in batches of 500.
+async fn load(ingest: &mut Ingest, first_seq: u64, sensor: &str, points: &[(u64, f64)]) -> u64 {
+    let mut seq = first_seq;
+    let mut batches = Vec::new();
+    for part in points.chunks(500) {
+        batches.push(batch(seq, vec![series(sensor, "Cel", part)]));
+        seq += 1;
+    }
+    upload(ingest, batches).await.unwrap();
+    seq
+}
+
+/// Readings every `step` from `from`, with ties: every tenth time twice
+/// with another value, every 25th twice with the same value.
+fn points(from: u64, n: u64, step: u64) -> Vec<(u64, f64)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let t = from + i * step;
+        let v = ((i * 7919) % 1000) as f64 / 8.0 - 40.0;
+        out.push((t, v));
+        if i % 10 == 0 {
+            out.push((t, v - 1.5));
+        }
+        if i % 25 == 0 {
+            out.push((t, v));
+        }
+    }
+    out
+}
+
+fn sorted(mut p: Vec<(u64, f64)>) -> Vec<(u64, f64)> {
+    p.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    p
+}
+
+async fn raw_readings_come_back_in_order_in_bounded_chunks(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(5);
+    let temp = points(t0, 300, SEC);
+    let hum = points(t0 + 500, 200, 2 * SEC);
+    let seq = load(&mut ingest, 1, "temperature", &temp).await;
+    load(&mut ingest, seq, "humidity", &hum).await;
+
+    let mut ops = server.ops().await;
+    let chunks = query(&mut ops, raw(&["d1"], t0, t0 + HOUR)).await.unwrap();
+    assert!(chunks.len() > 10, "{} chunks", chunks.len());
+    for c in &chunks {
+        assert!(c.encoded_len() <= CHUNK_BYTES, "{}", c.encoded_len());
+        assert!(!c.resume_token.is_empty());
+    }
+    // Each series is whole and contiguous, by (time, value).
+    let rows = raw_rows(&chunks);
+    let mut by_series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (device, sensor, unit, t, v) in &rows {
+        assert_eq!((device.as_str(), unit.as_str()), ("d1", "Cel"));
+        if order.last() != Some(sensor) {
+            assert!(!order.contains(sensor), "{sensor} comes back in one run");
+            order.push(sensor.clone());
+        }
+        by_series.entry(sensor.clone()).or_default().push((*t, *v));
+    }
+    assert_eq!(by_series["temperature"], sorted(temp.clone()));
+    assert_eq!(by_series["humidity"], sorted(hum));
+
+    // Only the sensors asked for, only the range asked for.
+    let mut req = raw(&["d1"], t0 + 10 * SEC, t0 + 20 * SEC);
+    req.sensors = vec!["temperature".into()];
+    let rows = raw_rows(&query(&mut ops, req).await.unwrap());
+    let expected: Vec<_> = sorted(temp)
+        .into_iter()
+        .filter(|p| p.0 >= t0 + 10 * SEC && p.0 < t0 + 20 * SEC)
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| (r.3, r.4)).collect::<Vec<_>>(),
+        expected
+    );
+}
+
+async fn resuming_at_every_chunk_gives_exactly_the_rest(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(5);
+    // Runs of equal readings longer than a chunk, so tokens fall inside them.
+    let mut temp = points(t0, 150, SEC);
+    temp.extend(std::iter::repeat_n((t0 + 7 * SEC, 3.25), 120));
+    let seq = load(&mut ingest, 1, "temperature", &temp).await;
+    load(&mut ingest, seq, "humidity", &points(t0, 100, 3 * SEC)).await;
+    let mut ops = server.ops().await;
+    let requests = [
+        raw(&["d1"], t0, t0 + HOUR),
+        pb::QueryReadingsRequest {
+            downsample: every(1000, &ALL_AGGS),
+            ..raw(&["d1"], t0, t0 + HOUR)
+        },
+        pb::QueryReadingsRequest {
+            downsample: every(7000, &[pb::Aggregate::Count, pb::Aggregate::Last]),
+            ..raw(&["d1"], t0 + 3 * SEC, t0 + 290 * SEC)
+        },
+    ];
+    for req in requests {
+        let full = query(&mut ops, req.clone()).await.unwrap();
+        assert!(full.len() >= 3, "{} chunks", full.len());
+        for (i, chunk) in full.iter().enumerate() {
+            let rest = query(
+                &mut ops,
+                pb::QueryReadingsRequest {
+                    resume_token: chunk.resume_token.clone(),
+                    ..req.clone()
+                },
+            )
+            .await
+            .unwrap();
+            let want: Vec<_> = full[i + 1..].iter().map(data).collect();
+            let got: Vec<_> = rest.iter().map(data).collect();
+            assert_eq!(got, want, "resumed after chunk {i} of {}", full.len());
+        }
+    }
+}
+
+async fn buckets_from_the_rollup_equal_buckets_from_raw_readings(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(30);
+    // Readings over 30 hours, every 97 s, with ties; uploaded in two
+    // passes so hours get their rollup rows merged.
+    let all = points(t0 + 13, 30 * 3600 / 97, 97 * SEC);
+    let (a, b): (Vec<_>, Vec<_>) = all.iter().enumerate().partition(|(i, _)| i % 3 == 0);
+    let a: Vec<_> = a.into_iter().map(|(_, p)| *p).collect();
+    let b: Vec<_> = b.into_iter().map(|(_, p)| *p).collect();
+    let seq = load(&mut ingest, 1, "temperature", &b).await;
+    load(&mut ingest, seq, "temperature", &a).await;
+    let mut ops = server.ops().await;
+    let end = t0 + 30 * HOUR;
+    for downsample in [
+        every(3_600_000, &ALL_AGGS),
+        every(6 * 3_600_000, &ALL_AGGS),
+        calendar(pb::CalendarUnit::Day, "Europe/Berlin", &ALL_AGGS),
+        calendar(pb::CalendarUnit::Day, "", &ALL_AGGS),
+    ] {
+        // Whole hours: from the rollup. One nanosecond more: from raw
+        // readings (no reading lies in that nanosecond).
+        let rollup = bucket_rows(
+            &query(
+                &mut ops,
+                pb::QueryReadingsRequest {
+                    downsample: downsample.clone(),
+                    ..raw(&["d1"], t0, end)
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let from_raw = bucket_rows(
+            &query(
+                &mut ops,
+                pb::QueryReadingsRequest {
+                    downsample: downsample.clone(),
+                    ..raw(&["d1"], t0, end + 1)
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(!rollup.is_empty());
+        assert_buckets_agree(&rollup, &from_raw, &format!("{downsample:?}"));
+        // And both against a naive pass over what was uploaded.
+        let d = downsample.clone().unwrap();
+        if let Some(pb::downsample::Bucket::WidthMillis(ms)) = d.bucket {
+            let naive = naive_buckets(&all, t0, end, ms * 1_000_000);
+            assert_buckets_agree(&from_raw, &naive, "naive");
+        }
+    }
+    // The rollup path really reads the rollup: with raw readings gone, it
+    // still answers, and raw reading does not.
+    server.storage.execute("DELETE FROM readings").await;
+    let req = pb::QueryReadingsRequest {
+        downsample: every(3_600_000, &ALL_AGGS),
+        ..raw(&["d1"], t0, end)
+    };
+    assert!(!query(&mut ops, req.clone()).await.unwrap().is_empty());
+    let req = pb::QueryReadingsRequest {
+        end_time_unix_nano: end + 1,
+        ..req
+    };
+    assert!(query(&mut ops, req).await.unwrap().is_empty());
+}
+
+/// All seven aggregates of fixed-width buckets of `points` of one sensor
+/// "d1"/"temperature", computed the plain way.
+fn naive_buckets(points: &[(u64, f64)], start: u64, end: u64, width: u64) -> Vec<BucketRow> {
+    let mut buckets: BTreeMap<u64, Vec<(u64, f64)>> = BTreeMap::new();
+    for &(t, v) in points {
+        if t >= start && t < end {
+            buckets.entry(t - t % width).or_default().push((t, v));
+        }
+    }
+    buckets
+        .into_iter()
+        .map(|(b, ps)| {
+            let ps = sorted(ps);
+            let n = ps.len() as f64;
+            let sum: f64 = ps.iter().map(|p| p.1).sum();
+            let min = ps.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            let max = ps.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+            let values = vec![n, min, max, sum, sum / n, ps[0].1, ps[ps.len() - 1].1];
+            ("d1".to_owned(), "temperature".to_owned(), b, values)
+        })
+        .collect()
+}
+
+async fn bad_input_gets_a_precise_status(backend: Backend) {
+    let Some(server) = start(backend).await else {
+        return;
+    };
+    let token = server.register("d1").await;
+    server.register("quiet").await;
+    let mut ingest = server.ingest(&token).await;
+    let t0 = hour_start(2);
+    load(&mut ingest, 1, "temperature", &points(t0, 200, SEC)).await;
+    let mut ops = server.ops().await;
+    let ok = raw(&["d1"], t0, t0 + HOUR);
+    let refused = {
+        let ops = ops.clone();
+        move |req: pb::QueryReadingsRequest| {
+            let mut ops = ops.clone();
+            async move { query(&mut ops, req).await.unwrap_err() }
+        }
+    };
+    let cases: Vec<(pb::QueryReadingsRequest, Code, &str)> = vec![
+        (raw(&["d1"], t0 + 5, t0), Code::InvalidArgument, "inverted"),
+        (raw(&["d1"], t0, t0), Code::InvalidArgument, "empty"),
+        (
+            pb::QueryReadingsRequest {
+                downsample: every(999, &ALL_AGGS),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "width_millis",
+        ),
+        (
+            pb::QueryReadingsRequest {
+                downsample: calendar(pb::CalendarUnit::Day, "Mars/Olympus", &ALL_AGGS),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "time_zone",
+        ),
+        (
+            pb::QueryReadingsRequest {
+                downsample: Some(pb::Downsample {
+                    bucket: Some(pb::downsample::Bucket::WidthMillis(1000)),
+                    time_zone: String::new(),
+                    aggregates: vec![99],
+                }),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "aggregates",
+        ),
+        (
+            pb::QueryReadingsRequest {
+                devices: ids(&(0..1001)
+                    .map(|i| format!("d{i}"))
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "at most 1000",
+        ),
+        (
+            pb::QueryReadingsRequest {
+                devices: None,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "devices",
+        ),
+        (
+            raw(&["d1", "ghost"], t0, t0 + HOUR),
+            Code::NotFound,
+            "ghost",
+        ),
+        (
+            pb::QueryReadingsRequest {
+                resume_token: "00ff".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "resume_token",
+        ),
+    ];
+    for (req, code, says) in cases {
+        let status = refused(req.clone()).await;
+        assert_eq!(status.code(), code, "{req:?}: {status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+    }
+
+    // A token of other arguments, or altered, cannot be used.
+    let chunks = query(&mut ops, ok.clone()).await.unwrap();
+    let token = chunks[0].resume_token.clone();
+    let status = refused(pb::QueryReadingsRequest {
+        resume_token: token.clone(),
+        ..raw(&["d1", "quiet"], t0, t0 + HOUR)
+    })
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("other arguments"), "{status:?}");
+    let mut altered = token.into_bytes();
+    let i = altered.len() / 2;
+    altered[i] = if altered[i] == b'0' { b'1' } else { b'0' };
+    let status = refused(pb::QueryReadingsRequest {
+        resume_token: String::from_utf8(altered).unwrap(),
+        ..ok.clone()
+    })
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("altered"), "{status:?}");
+
+    // A known device without readings in the range: an empty stream, OK.
+    assert_eq!(
+        query(&mut ops, raw(&["quiet"], t0, t0 + HOUR))
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        query(&mut ops, raw(&["d1"], t0 - HOUR, t0)).await.unwrap(),
+        vec![]
+    );
+    // A device token is refused, as on every Ops call.
+    let mut as_device = server
+        .ops_with(Bearer::new(&server.register("d1b").await).unwrap())
+        .await;
+    let status = query(&mut as_device, ok).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+async fn limits_refuse_with_retry_info(backend: Backend) {
+    use tonic_types::StatusExt;
+    let Some(server) = TestServer::start_configured(backend, |c| {
+        c.read.chunk_bytes = CHUNK_BYTES;
+        c.read.max_streams_per_token = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let token = server.register("d1").await;
+    let mut ingest = server.ingest(&token).await;
+    let t0 = hour_start(2);
+    load(&mut ingest, 1, "temperature", &points(t0, 3000, SEC / 2)).await;
+    let mut ops = server.ops().await;
+    // One stream left unread holds its permit.
+    let mut held = ops
+        .query_readings(raw(&["d1"], t0, t0 + HOUR))
+        .await
+        .unwrap()
+        .into_inner();
+    held.message().await.unwrap().unwrap();
+    let status = query(&mut ops, raw(&["d1"], t0, t0 + HOUR))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-read-streams-per-token"),
+        "{status:?}"
+    );
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo with a delay");
+    assert!(delay > Duration::ZERO);
+    // Dropping it (a cancel) stops its task and frees the permit.
+    drop(held);
+    eventually(
+        "the cancelled stream's permit is freed",
+        Duration::from_secs(5),
+        async || query(&mut ops, raw(&["d1"], t0, t0 + SEC)).await.is_ok(),
+    )
+    .await;
+    let metrics = admin::Metrics::scrape(server.admin_addr).await;
+    assert_eq!(metrics.sum("read_streams_open", &[]), 0.0);
+    assert!(metrics.sum("read_rows_sent_total", &[]) > 0.0);
+    assert!(metrics.sum("read_bytes_sent_total", &[]) > 0.0);
+}
+
+async fn a_deadline_stops_the_stream(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(2);
+    load(&mut ingest, 1, "temperature", &points(t0, 3000, SEC / 2)).await;
+    let mut ops = server.ops().await;
+    let mut req = tonic::Request::new(raw(&["d1"], t0, t0 + HOUR));
+    req.set_timeout(Duration::from_millis(300));
+    let mut stream = ops.query_readings(req).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    // The client reads nothing more; the deadline ends the call, and the
+    // server's task with it.
+    eventually(
+        "the stream's task ended",
+        Duration::from_secs(5),
+        async || {
+            admin::Metrics::scrape(server.admin_addr)
+                .await
+                .sum("read_streams_open", &[])
+                == 0.0
+        },
+    )
+    .await;
+    drop(stream);
+}
+
+async fn a_reading_acknowledged_is_in_the_next_answer(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let mut ops = server.ops().await;
+    let t0 = hour_start(1);
+    for seq in 1..=5u64 {
+        let t = t0 + seq * SEC;
+        upload(
+            &mut ingest,
+            vec![batch(seq, vec![series("t", "", &[(t, seq as f64)])])],
+        )
+        .await
+        .unwrap();
+        let rows = raw_rows(&query(&mut ops, raw(&["d1"], t0, t0 + HOUR)).await.unwrap());
+        assert_eq!(rows.len() as u64, seq);
+        assert_eq!(rows.last().unwrap().3, t);
+        let req = pb::QueryReadingsRequest {
+            downsample: every(3_600_000, &[pb::Aggregate::Count, pb::Aggregate::Last]),
+            ..raw(&["d1"], t0, t0 + HOUR)
+        };
+        let buckets = bucket_rows(&query(&mut ops, req).await.unwrap());
+        assert_eq!(buckets[0].3, vec![seq as f64, seq as f64]);
+    }
+}
+
+backend_tests!(
+    raw_readings_come_back_in_order_in_bounded_chunks,
+    resuming_at_every_chunk_gives_exactly_the_rest,
+    buckets_from_the_rollup_equal_buckets_from_raw_readings,
+    bad_input_gets_a_precise_status,
+    limits_refuse_with_retry_info,
+    a_deadline_stops_the_stream,
+    a_reading_acknowledged_is_in_the_next_answer,
+);
