@@ -608,7 +608,100 @@ async fn a_reading_acknowledged_is_in_the_next_answer(backend: Backend) {
     }
 }
 
+async fn the_cli_exports_csv_and_json_lines(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(3);
+    let temp = points(t0, 300, SEC);
+    load(&mut ingest, 1, "temperature", &temp).await;
+    let rfc = |t: u64| {
+        chrono::DateTime::from_timestamp_nanos(t as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    };
+    let (from, to) = (rfc(t0), rfc(t0 + HOUR));
+    let run = server
+        .operator_cli(&[
+            "readings", "query", "--device", "d1", "--from", &from, "--to", &to, "--format", "csv",
+        ])
+        .await;
+    assert!(run.success, "{}", run.stderr);
+    // No progress line: stderr is not a terminal.
+    assert_eq!(run.stderr, "");
+    let mut lines = run.stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("device_id,sensor,unit,time_unix_nano,time_utc,value")
+    );
+    let rows: Vec<(u64, f64)> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(&f[..3], ["d1", "temperature", "Cel"]);
+            assert_eq!(f[4], rfc(f[3].parse().unwrap()).replace("+00:00", "Z"));
+            (f[3].parse().unwrap(), f[5].parse().unwrap())
+        })
+        .collect();
+    // Many chunks, every row once, in order.
+    assert_eq!(rows, sorted(temp.clone()));
+
+    // Buckets as JSON lines into a file, with a relative range.
+    let file = server.storage.data_dir.path().join("buckets.jsonl");
+    let run = server
+        .operator_cli(&[
+            "readings",
+            "query",
+            "--device",
+            "d1",
+            "--from",
+            "-4h",
+            "--to",
+            "now",
+            "--every",
+            "1h",
+            "--agg",
+            "last,count",
+            "--format",
+            "jsonl",
+            "--output",
+            file.to_str().unwrap(),
+        ])
+        .await;
+    assert!(run.success, "{}", run.stderr);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let objects: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objects.len(), 1, "{text}");
+    let o = &objects[0];
+    assert_eq!(o["bucket_unix_nano"], serde_json::json!(t0));
+    assert_eq!(o["count"], serde_json::json!(temp.len()));
+    assert_eq!(o["last"], serde_json::json!(sorted(temp).last().unwrap().1));
+    // Keys in the column order (serde_json's map would sort them).
+    let at: Vec<usize> = [
+        "device_id",
+        "sensor",
+        "unit",
+        "bucket_unix_nano",
+        "bucket_utc",
+        "count",
+        "last",
+    ]
+    .iter()
+    .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+    .collect();
+    assert!(at.is_sorted(), "{text}");
+
+    // Refusals come back as the server's status.
+    let run = server
+        .operator_cli(&["readings", "query", "--device", "ghost", "--from", "-1h"])
+        .await;
+    assert!(!run.success);
+    assert!(run.stderr.contains("NotFound"), "{}", run.stderr);
+}
+
 backend_tests!(
+    the_cli_exports_csv_and_json_lines,
     raw_readings_come_back_in_order_in_bounded_chunks,
     resuming_at_every_chunk_gives_exactly_the_rest,
     buckets_from_the_rollup_equal_buckets_from_raw_readings,
