@@ -88,7 +88,11 @@ impl ReadPool {
         let connections = connections.max(1);
         Ok(match store {
             Store::Sqlite(s) => {
-                let options = (*s.pool.connect_options()).clone();
+                // Pages are read once, in key order: a small page cache
+                // per connection does (the writer's is 64 MiB).
+                let options = (*s.pool.connect_options())
+                    .clone()
+                    .pragma("cache_size", format!("-{}", 8 * 1024));
                 Self::Sqlite(
                     SqlitePoolOptions::new()
                         .max_connections(connections)
@@ -266,7 +270,7 @@ impl ReadPool {
     ) -> Result<bool, StorageError> {
         let missing: Option<i64> = self
             .query(
-                "SELECT 1 FROM readings_hourly_rollup WHERE sensor_pk = $1 \
+                "SELECT CAST(1 AS BIGINT) FROM readings_hourly_rollup WHERE sensor_pk = $1 \
                  AND hour_unix_nano >= $2 AND hour_unix_nano < $3 \
                  AND first_time_unix_nano IS NULL LIMIT 1",
             )

@@ -871,7 +871,144 @@ async fn sqlite_and_postgres_give_the_same_answers() {
     });
 }
 
+async fn devices_by_label_within_the_device_limit(backend: Backend) {
+    let Some(server) = TestServer::start_configured(backend, |c| {
+        c.read.max_devices = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut ops = server.ops().await;
+    let t0 = hour_start(1);
+    for (id, site) in [
+        ("a1", "north"),
+        ("a2", "north"),
+        ("b1", "south"),
+        ("b2", "south"),
+        ("b3", "south"),
+    ] {
+        let token = ops
+            .register_device(pb::RegisterDeviceRequest {
+                device_id: id.into(),
+                labels: [("site".to_owned(), site.to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let mut ingest = server.ingest(&token).await;
+        upload(
+            &mut ingest,
+            vec![batch(1, vec![series("t", "", &[(t0 + SEC, 1.0)])])],
+        )
+        .await
+        .unwrap();
+    }
+    let selector = |selector| pb::QueryReadingsRequest {
+        devices: Some(pb::DeviceSelector {
+            selector: Some(selector),
+        }),
+        ..raw(&[], t0, t0 + HOUR)
+    };
+    let north = pb::device_selector::Selector::Labels(pb::LabelMatch {
+        labels: [("site".to_owned(), "north".to_owned())].into(),
+    });
+    let mut devices: Vec<_> = raw_rows(&query(&mut ops, selector(north)).await.unwrap())
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["a1", "a2"]);
+    for too_many in [
+        pb::device_selector::Selector::Labels(pb::LabelMatch {
+            labels: [("site".to_owned(), "south".to_owned())].into(),
+        }),
+        pb::device_selector::Selector::All(true),
+    ] {
+        let status = query(&mut ops, selector(too_many)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("more than 2"), "{status:?}");
+    }
+    let status = query(&mut ops, raw(&["a1", "a2", "b1"], t0, t0 + HOUR))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("at most 2"), "{status:?}");
+}
+
+/// Rollup rows without their first reading (written before migration
+/// 0011, their raw readings partly gone) are not trusted for FIRST: those
+/// buckets come from raw readings; the other aggregates still come from
+/// the rollup.
+async fn rollup_rows_without_first_fall_back_to_raw_readings(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(6);
+    let all = points(t0 + 5, 5 * 3600 / 61, 61 * SEC);
+    load(&mut ingest, 1, "temperature", &all).await;
+    let mut ops = server.ops().await;
+    let req = |aggs: &[pb::Aggregate]| pb::QueryReadingsRequest {
+        downsample: every(3_600_000, aggs),
+        ..raw(&["d1"], t0, t0 + 5 * HOUR)
+    };
+    let before = bucket_rows(&query(&mut ops, req(&ALL_AGGS)).await.unwrap());
+    server
+        .storage
+        .execute(
+            "UPDATE readings_hourly_rollup SET first_time_unix_nano = NULL, first_value = NULL",
+        )
+        .await;
+    let after = bucket_rows(&query(&mut ops, req(&ALL_AGGS)).await.unwrap());
+    assert_buckets_agree(&after, &before, "first from raw readings");
+    // Without FIRST, the rollup answers: also with the raw readings gone.
+    server.storage.execute("DELETE FROM readings").await;
+    assert_eq!(
+        bucket_rows(&query(&mut ops, req(&[pb::Aggregate::Count])).await.unwrap()).len(),
+        before.len()
+    );
+    assert_eq!(query(&mut ops, req(&ALL_AGGS)).await.unwrap(), vec![]);
+}
+
+/// Server processes sharing a PostgreSQL database accept each other's
+/// resume tokens: the key is in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_on_the_database_accepts_the_token() {
+    let Some((first, mut ingest)) = start_with_d1(Backend::Postgres).await else {
+        return;
+    };
+    let t0 = hour_start(2);
+    load(&mut ingest, 1, "temperature", &points(t0, 400, SEC)).await;
+    let second = TestServer::start_on(
+        first.storage.beside(),
+        ingest::Limits::default(),
+        Some(std::sync::Arc::new(|c: &mut ingest::Config| {
+            c.read.chunk_bytes = CHUNK_BYTES;
+        })),
+    )
+    .await;
+    let req = raw(&["d1"], t0, t0 + HOUR);
+    let full = query(&mut first.ops().await, req.clone()).await.unwrap();
+    let rest = query(
+        &mut second.ops().await,
+        pb::QueryReadingsRequest {
+            resume_token: full[2].resume_token.clone(),
+            ..req
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rest.iter().map(data).collect::<Vec<_>>(),
+        full[3..].iter().map(data).collect::<Vec<_>>()
+    );
+}
+
 backend_tests!(
+    devices_by_label_within_the_device_limit,
+    rollup_rows_without_first_fall_back_to_raw_readings,
     the_cli_exports_csv_and_json_lines,
     raw_readings_come_back_in_order_in_bounded_chunks,
     resuming_at_every_chunk_gives_exactly_the_rest,
