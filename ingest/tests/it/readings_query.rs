@@ -1006,7 +1006,76 @@ async fn another_process_on_the_database_accepts_the_token() {
     );
 }
 
+/// Migration 0011 on a database that has rollup rows: each row gets the
+/// first reading of its hour from the raw readings, unless retention took
+/// some of them (then it stays NULL, and reads fall back to raw readings).
+async fn migration_0011_fills_in_the_first_reading(backend: Backend) {
+    let Some((mut server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(6);
+    load(
+        &mut ingest,
+        1,
+        "temperature",
+        &points(t0 + 5, 5 * 3600 / 61, 61 * SEC),
+    )
+    .await;
+    drop(ingest);
+    server.stop().await;
+    // The schema as it was before 0011, holding the rows written since.
+    server
+        .storage
+        .execute(
+            "ALTER TABLE readings_hourly_rollup DROP COLUMN first_time_unix_nano; \
+             ALTER TABLE readings_hourly_rollup DROP COLUMN first_value; \
+             DROP TABLE server_secrets; \
+             DELETE FROM _sqlx_migrations WHERE version = 11",
+        )
+        .await;
+    // Retention took the start of one hour.
+    server
+        .storage
+        .execute(&format!(
+            "DELETE FROM readings WHERE time_unix_nano >= {} AND time_unix_nano < {}",
+            t0 + HOUR,
+            t0 + HOUR + 10 * MIN
+        ))
+        .await;
+    let server = server.restart().await;
+    // Served once migrated: a first call waits for that.
+    let req = pb::QueryReadingsRequest {
+        downsample: every(3_600_000, &[pb::Aggregate::First]),
+        ..raw(&["d1"], t0, t0 + 6 * HOUR)
+    };
+    let answer = query(&mut server.ops().await, req).await.unwrap();
+    assert!(!answer.is_empty());
+    let s = &server.storage;
+    let rows = s
+        .scalar("SELECT COUNT(*) FROM readings_hourly_rollup")
+        .await;
+    assert!(rows >= 5);
+    assert_eq!(
+        s.scalar("SELECT COUNT(*) FROM readings_hourly_rollup WHERE first_time_unix_nano IS NULL")
+            .await,
+        1
+    );
+    // Every other row: the smallest (time, value) of its hour.
+    let right = s
+        .scalar(
+            "SELECT COUNT(*) FROM readings_hourly_rollup r WHERE first_time_unix_nano = \
+             (SELECT MIN(time_unix_nano) FROM readings x WHERE x.sensor_pk = r.sensor_pk \
+              AND x.time_unix_nano >= r.hour_unix_nano \
+              AND x.time_unix_nano < r.hour_unix_nano + 3600000000000) \
+             AND first_value = (SELECT MIN(value) FROM readings x \
+              WHERE x.sensor_pk = r.sensor_pk AND x.time_unix_nano = r.first_time_unix_nano)",
+        )
+        .await;
+    assert_eq!(right, rows - 1);
+}
+
 backend_tests!(
+    migration_0011_fills_in_the_first_reading,
     devices_by_label_within_the_device_limit,
     rollup_rows_without_first_fall_back_to_raw_readings,
     the_cli_exports_csv_and_json_lines,
