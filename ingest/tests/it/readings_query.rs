@@ -1074,7 +1074,92 @@ async fn migration_0011_fills_in_the_first_reading(backend: Backend) {
     assert_eq!(right, rows - 1);
 }
 
+/// A TCP proxy to `target` whose first connection breaks after passing
+/// `cut_after` bytes from the server; later ones pass everything.
+async fn breaking_proxy(target: std::net::SocketAddr, cut_after: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            if !std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let (mut client, mut server) = (client, server);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut passed = 0;
+                let mut buf = vec![0u8; 4096];
+                while passed < cut_after {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(cut_after - passed),
+                    };
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    passed += n;
+                }
+                // Both directions end: the connection is gone mid-answer.
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// A connection that breaks in the middle of an export: the CLI resumes
+/// from the last chunk's token, and every row comes out exactly once.
+async fn the_cli_resumes_a_broken_export_without_repeating_a_row(backend: Backend) {
+    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(3);
+    let temp = points(t0, 3000, SEC);
+    load(&mut ingest, 1, "temperature", &temp).await;
+    let proxy = breaking_proxy(server.addr, 20_000).await;
+    let run = ingest_cli(
+        [
+            "readings",
+            "query",
+            "--device",
+            "d1",
+            "--from",
+            "-4h",
+            "--format",
+            "csv",
+            "--server",
+            &format!("http://{proxy}"),
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    assert!(run.success, "{}", run.stderr);
+    assert!(run.stderr.contains("resuming after"), "{}", run.stderr);
+    let rows: Vec<(u64, f64)> = run
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[3].parse().unwrap(), f[5].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows, sorted(temp));
+}
+
 backend_tests!(
+    the_cli_resumes_a_broken_export_without_repeating_a_row,
     migration_0011_fills_in_the_first_reading,
     devices_by_label_within_the_device_limit,
     rollup_rows_without_first_fall_back_to_raw_readings,
