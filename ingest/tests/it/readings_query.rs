@@ -31,6 +31,19 @@ async fn start_with_d1(backend: Backend) -> Option<(TestServer, Ingest)> {
     Some((server, ingest))
 }
 
+/// [`start_with_d1`], with `n` temperature readings a second apart (and
+/// ties) from the hour 3 hours ago, which it returns with them.
+async fn start_with_temperature(
+    backend: Backend,
+    n: u64,
+) -> Option<(TestServer, u64, Vec<(u64, f64)>)> {
+    let (server, mut ingest) = start_with_d1(backend).await?;
+    let t0 = hour_start(3);
+    let temp = points(t0, n, SEC);
+    load(&mut ingest, 1, "temperature", &temp).await;
+    Some((server, t0, temp))
+}
+
 fn ids(devices: &[&str]) -> Option<pb::DeviceSelector> {
     Some(pb::DeviceSelector {
         selector: Some(pb::device_selector::Selector::Ids(pb::DeviceIdList {
@@ -609,12 +622,9 @@ async fn a_reading_acknowledged_is_in_the_next_answer(backend: Backend) {
 }
 
 async fn the_cli_exports_csv_and_json_lines(backend: Backend) {
-    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+    let Some((server, t0, temp)) = start_with_temperature(backend, 300).await else {
         return;
     };
-    let t0 = hour_start(3);
-    let temp = points(t0, 300, SEC);
-    load(&mut ingest, 1, "temperature", &temp).await;
     let rfc = |t: u64| {
         chrono::DateTime::from_timestamp_nanos(t as i64)
             .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
@@ -1120,12 +1130,9 @@ async fn breaking_proxy(target: std::net::SocketAddr, cut_after: usize) -> std::
 /// A connection that breaks in the middle of an export: the CLI resumes
 /// from the last chunk's token, and every row comes out exactly once.
 async fn the_cli_resumes_a_broken_export_without_repeating_a_row(backend: Backend) {
-    let Some((server, mut ingest)) = start_with_d1(backend).await else {
+    let Some((server, t0, temp)) = start_with_temperature(backend, 3000).await else {
         return;
     };
-    let t0 = hour_start(3);
-    let temp = points(t0, 3000, SEC);
-    load(&mut ingest, 1, "temperature", &temp).await;
     let proxy = breaking_proxy(server.addr, 20_000).await;
     let run = ingest_cli(
         [
