@@ -1130,7 +1130,7 @@ async fn breaking_proxy(target: std::net::SocketAddr, cut_after: usize) -> std::
 /// A connection that breaks in the middle of an export: the CLI resumes
 /// from the last chunk's token, and every row comes out exactly once.
 async fn the_cli_resumes_a_broken_export_without_repeating_a_row(backend: Backend) {
-    let Some((server, t0, temp)) = start_with_temperature(backend, 3000).await else {
+    let Some((server, _, temp)) = start_with_temperature(backend, 3000).await else {
         return;
     };
     let proxy = breaking_proxy(server.addr, 20_000).await;
