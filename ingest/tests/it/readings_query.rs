@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::common::*;
+use ingest::storage::Database;
 use prost::Message;
 use telemetry_proto::v1 as pb;
 use tonic::Code;
@@ -1163,6 +1164,56 @@ async fn the_cli_resumes_a_broken_export_without_repeating_a_row(backend: Backen
         })
         .collect();
     assert_eq!(rows, sorted(temp));
+}
+
+/// A paused export does not pin SQLite's WAL: between pages no read
+/// transaction is open, so while a client holds a stream without reading
+/// it, the writer's commits go on and a TRUNCATE checkpoint (which waits
+/// for no reader to need the WAL) completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_export_does_not_pin_the_sqlite_wal() {
+    let Some((server, mut ingest)) = start_with_d1(Backend::Sqlite).await else {
+        return;
+    };
+    let t0 = hour_start(3);
+    let mut seq = load(&mut ingest, 1, "temperature", &points(t0, 20_000, SEC / 4)).await;
+    let mut ops = server.ops().await;
+    let mut paused = ops
+        .query_readings(raw(&["d1"], t0, t0 + HOUR))
+        .await
+        .unwrap()
+        .into_inner();
+    paused.message().await.unwrap().unwrap();
+    // Ingest goes on beside the paused reader.
+    for i in 0..5 {
+        seq = load(
+            &mut ingest,
+            seq,
+            "humidity",
+            &points(t0 + i * MIN, 2000, 10 * MIN / 2000),
+        )
+        .await;
+    }
+    let Database::Sqlite { path } = &server.storage.database else {
+        unreachable!()
+    };
+    let url = format!("sqlite://{}", path.display());
+    eventually(
+        "a TRUNCATE checkpoint completes",
+        Duration::from_secs(10),
+        async || {
+            let mut conn: sqlx::SqliteConnection = sqlx::Connection::connect(&url).await.unwrap();
+            let (busy, log, done): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            busy == 0 && log == done
+        },
+    )
+    .await;
+    // The paused stream is still there, and goes on where it was.
+    assert!(paused.message().await.unwrap().is_some());
 }
 
 backend_tests!(
