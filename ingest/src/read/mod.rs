@@ -42,6 +42,11 @@ pub struct ReadConfig {
     pub pool_connections: u32,
     /// Chunks queued between the reading task and the response stream.
     pub queued_chunks: usize,
+    /// Raw readings older than this are not read (`--retention`): they are
+    /// being removed, SQLite row by row and PostgreSQL a day partition at
+    /// a time, so reading them would answer differently per backend and
+    /// per minute. Rollup rows have a retention of their own.
+    pub raw_retention: Option<Duration>,
 }
 
 impl Default for ReadConfig {
@@ -54,6 +59,7 @@ impl Default for ReadConfig {
             max_streams_per_token: 16,
             pool_connections: 4,
             queued_chunks: 2,
+            raw_retention: None,
         }
     }
 }
@@ -189,6 +195,10 @@ impl Reader {
             key: self.key.clone(),
             arguments,
             chunk_bytes: self.config.chunk_bytes,
+            raw_floor: self.config.raw_retention.map_or(i64::MIN, |r| {
+                crate::domain::time::now_unix_nanos()
+                    .saturating_sub(i64::try_from(r.as_nanos()).unwrap_or(i64::MAX))
+            }),
             metrics: self.metrics.clone(),
             permit,
         };

@@ -34,6 +34,8 @@ pub(super) struct QueryTask {
     pub key: TokenKey,
     pub arguments: [u8; 16],
     pub chunk_bytes: usize,
+    /// Raw readings before this are past retention: not read.
+    pub raw_floor: i64,
     pub metrics: Arc<Metrics>,
     /// Held until the task ends: the stream counts as open until then.
     pub permit: StreamPermit,
@@ -152,7 +154,7 @@ impl QueryTask {
     ) -> Result<(), Stop> {
         // A packed fixed64 and a packed double per reading.
         let per_chunk = self.rows_per_chunk(s, 16);
-        let mut cursor = RawCursor::new(start, query.end);
+        let mut cursor = RawCursor::new(start, self.raw_floor, query.end);
         // The last reading put in a chunk, and how many equal to it so far:
         // the position a token after it carries.
         let mut last = (start.time, start.value, start.skip);
@@ -242,7 +244,7 @@ impl QueryTask {
                 }
             }
         } else {
-            let mut cursor = RawCursor::new(start, query.end);
+            let mut cursor = RawCursor::new(start, self.raw_floor, query.end);
             while let Some((ts, vs)) = self
                 .unless_closed(
                     tx,
@@ -281,13 +283,24 @@ struct RawCursor {
 }
 
 impl RawCursor {
-    fn new(start: Position, end: i64) -> Self {
-        Self {
-            from: PageFrom {
+    /// From `start`, but not before `floor`.
+    fn new(start: Position, floor: i64, end: i64) -> Self {
+        let (from, skip) = if start.time < floor {
+            let from = PageFrom {
+                time: floor,
+                value: f64::MIN,
+            };
+            (from, 0)
+        } else {
+            let from = PageFrom {
                 time: start.time,
                 value: start.value,
-            },
-            skip: start.skip,
+            };
+            (from, start.skip)
+        };
+        Self {
+            from,
+            skip,
             end,
             done: false,
         }

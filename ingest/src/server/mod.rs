@@ -35,7 +35,7 @@ use crate::metrics::grpc::GrpcMetricsLayer;
 use crate::pipeline::Pipeline;
 use crate::pipeline::commit as writer;
 use crate::pipeline::rate_limit::DeviceRateLimits;
-use crate::read::Reader;
+use crate::read::{ReadConfig, Reader};
 use crate::storage::{Database, Store};
 use admin::Admin;
 use cluster_listener::Subscribers;
@@ -164,7 +164,11 @@ pub async fn run_with_admin(
     };
     // Reads get connections of their own: a long export never waits for,
     // nor holds, the writer's.
-    let reader = Reader::open(&store, config.read.clone(), metrics.clone())
+    let read_config = ReadConfig {
+        raw_retention: Some(config.limits.readings.retention),
+        ..config.read.clone()
+    };
+    let reader = Reader::open(&store, read_config, metrics.clone())
         .await
         .context("opening the read path")?;
     // Every service takes gzip and zstd (grpc/compression.rs); the message

@@ -1216,6 +1216,54 @@ async fn a_paused_export_does_not_pin_the_sqlite_wal() {
     assert!(paused.message().await.unwrap().is_some());
 }
 
+/// Readings past `--retention` are not read, whichever backend removes
+/// them how (SQLite row by row, PostgreSQL whole day partitions): a range
+/// across the retention boundary answers alike on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_boundary_reads_alike_on_both_backends() {
+    let Some((mut sqlite, mut a)) = start_with_d1(Backend::Sqlite).await else {
+        return;
+    };
+    let Some((mut postgres, mut b)) = start_with_d1(Backend::Postgres).await else {
+        return;
+    };
+    const DAY: u64 = 24 * HOUR;
+    let from = hour_start(4 * 24);
+    let old = points(from + 3, 3 * DAY / (7 * MIN), 7 * MIN);
+    load(&mut a, 1, "temperature", &old).await;
+    load(&mut b, 1, "temperature", &old).await;
+    // The same data, served with a retention that ends inside a day.
+    let mut again = Vec::new();
+    for server in [&mut sqlite, &mut postgres] {
+        server.stop().await;
+        let retention = ingest::Limits {
+            readings: ingest::domain::ReadingLimits {
+                retention: Duration::from_secs(60 * 60 * 24 * 5 / 2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        again.push(TestServer::start_on(server.storage.beside(), retention, None).await);
+    }
+    let (mut a, mut b) = (again[0].ops().await, again[1].ops().await);
+    let cutoff = now_nanos() - 5 * DAY / 2;
+    let all = raw(&["d1"], from, from + 3 * DAY);
+    let rows = raw_rows(&query(&mut a, all.clone()).await.unwrap());
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter().all(|r| r.3 >= cutoff - MIN),
+        "nothing past retention"
+    );
+    for downsample in [None, every(3_600_000, &ALL_AGGS), every(600_000, &ALL_AGGS)] {
+        let req = pb::QueryReadingsRequest {
+            downsample,
+            // Not whole hours: from raw readings.
+            ..raw(&["d1"], from + 1, from + 3 * DAY)
+        };
+        assert_same_answer(&mut a, &mut b, req).await;
+    }
+}
+
 backend_tests!(
     the_cli_resumes_a_broken_export_without_repeating_a_row,
     migration_0011_fills_in_the_first_reading,
