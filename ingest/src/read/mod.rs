@@ -188,7 +188,12 @@ impl Reader {
             }
         };
         let pks: Vec<i64> = devices.iter().map(|d| d.pk).collect();
-        let series = self.pool.series(&pks, &query.sensors).await?;
+        tracing::debug!(
+            devices = pks.len(),
+            resumed = from.is_some(),
+            downsampled = query.downsample.is_some(),
+            "QueryReadings starts"
+        );
         let (tx, rx) = mpsc::channel(self.config.queued_chunks.max(1));
         let task = stream::QueryTask {
             pool: self.pool.clone(),
@@ -202,7 +207,7 @@ impl Reader {
             metrics: self.metrics.clone(),
             permit,
         };
-        tokio::spawn(task.run(query, series, from, tx));
+        tokio::spawn(task.run(query, pks, from, tx));
         Ok(rx)
     }
 }

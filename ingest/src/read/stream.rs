@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 use crate::storage::rollup::HOUR_NANOS;
 use crate::storage::{PageFrom, ReadPool, SeriesInfo};
 
+/// Series (sensors) looked up at a time.
+const SERIES_PAGE: usize = 256;
 /// Rows of one page when computing buckets from raw readings.
 const BUCKET_PAGE_ROWS: usize = 4096;
 /// Rollup rows (hours) of one page.
@@ -60,13 +62,13 @@ impl QueryTask {
     pub async fn run(
         self,
         query: ReadQuery,
-        series: Vec<SeriesInfo>,
+        device_pks: Vec<i64>,
         from: Option<Position>,
         tx: Sender,
     ) {
         let started = Instant::now();
         self.metrics.read_streams_open.inc();
-        match self.stream(&query, &series, from, &tx).await {
+        match self.stream(&query, &device_pks, from, &tx).await {
             Ok(()) | Err(Stop::Closed) => {}
             Err(Stop::Failed(e)) => {
                 tracing::warn!(error = %e, "QueryReadings stopped early");
@@ -83,31 +85,43 @@ impl QueryTask {
     async fn stream(
         &self,
         query: &ReadQuery,
-        series: &[SeriesInfo],
+        device_pks: &[i64],
         from: Option<Position>,
         tx: &Sender,
     ) -> Result<(), Stop> {
-        for s in series {
-            // Series before the token's are done; its own resumes inside.
-            let start = match from {
-                Some(p) if s.sensor_pk < p.sensor_pk => continue,
-                Some(p) if s.sensor_pk == p.sensor_pk => Position {
-                    time: p.time.max(query.start),
-                    ..p
-                },
-                _ => Position {
-                    sensor_pk: s.sensor_pk,
-                    time: query.start,
-                    value: f64::MIN,
-                    skip: 0,
-                },
-            };
-            match &query.downsample {
-                None => self.raw_series(query, s, start, tx).await?,
-                Some(d) => self.bucket_series(query, d, s, start, tx).await?,
+        // Series before the token's are done; its own resumes inside.
+        let mut after = from.map_or(i64::MIN, |p| p.sensor_pk.saturating_sub(1));
+        loop {
+            let page = self
+                .unless_closed(
+                    tx,
+                    self.pool
+                        .series(device_pks, &query.sensors, after, SERIES_PAGE),
+                )
+                .await?;
+            for s in &page {
+                let start = match from {
+                    Some(p) if s.sensor_pk == p.sensor_pk => Position {
+                        time: p.time.max(query.start),
+                        ..p
+                    },
+                    _ => Position {
+                        sensor_pk: s.sensor_pk,
+                        time: query.start,
+                        value: f64::MIN,
+                        skip: 0,
+                    },
+                };
+                match &query.downsample {
+                    None => self.raw_series(query, s, start, tx).await?,
+                    Some(d) => self.bucket_series(query, d, s, start, tx).await?,
+                }
+            }
+            match page.last() {
+                Some(s) if page.len() == SERIES_PAGE => after = s.sensor_pk,
+                _ => return Ok(()),
             }
         }
-        Ok(())
     }
 
     /// Waits for `work` unless the client goes away first.

@@ -182,13 +182,17 @@ impl ReadPool {
         }
     }
 
-    /// The series of these devices (only the named sensors, unless
-    /// `sensors` is empty), ordered by sensor key: the order a query
-    /// streams them in, and the first part of its resume position.
+    /// At most `limit` series of these devices (only the named sensors,
+    /// unless `sensors` is empty) with sensor keys above `after`, ordered
+    /// by key: the order a query streams them in, and the first part of its
+    /// resume position. Paged, so a fleet's thousands of series are never
+    /// all in memory.
     pub async fn series(
         &self,
         device_pks: &[i64],
         sensors: &[String],
+        after: i64,
+        limit: usize,
     ) -> Result<Vec<SeriesInfo>, StorageError> {
         if device_pks.is_empty() {
             return Ok(Vec::new());
@@ -204,7 +208,11 @@ impl ReadPool {
                 placeholders(device_pks.len() + 1, sensors.len())
             ));
         }
-        sql.push_str(" ORDER BY s.pk");
+        let next = device_pks.len() + sensors.len() + 1;
+        sql.push_str(&format!(
+            " AND s.pk > ${next} ORDER BY s.pk LIMIT ${}",
+            next + 1
+        ));
         let mut q = self.query(&sql);
         for &pk in device_pks {
             q = q.bind(pk);
@@ -212,6 +220,7 @@ impl ReadPool {
         for s in sensors {
             q = q.bind(s.as_str());
         }
+        q = q.bind(after).bind(limit as i64);
         q.fetch_all_as(|row| {
             Ok(SeriesInfo {
                 sensor_pk: row.get(0)?,
