@@ -281,6 +281,7 @@ async fn resuming_at_every_chunk_gives_exactly_the_rest(backend: Backend) {
     for req in requests {
         let full = query(&mut ops, req.clone()).await.unwrap();
         assert!(full.len() >= 3, "{} chunks", full.len());
+        assert!(full.iter().all(|c| c.encoded_len() <= CHUNK_BYTES));
         for (i, chunk) in full.iter().enumerate() {
             let rest = query(
                 &mut ops,
@@ -520,28 +521,46 @@ async fn bad_input_gets_a_precise_status(backend: Backend) {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
-async fn limits_refuse_with_retry_info(backend: Backend) {
-    use tonic_types::StatusExt;
-    let Some(server) = TestServer::start_configured(backend, |c| {
+/// A server with small chunks, changed by `configure`, and 20000 readings
+/// of "d1" from the hour it returns: more than a client reads at once.
+async fn start_limited(
+    backend: Backend,
+    configure: impl Fn(&mut ingest::Config) + Send + Sync + 'static,
+) -> Option<(TestServer, u64)> {
+    let server = TestServer::start_configured(backend, move |c| {
         c.read.chunk_bytes = CHUNK_BYTES;
-        c.read.max_streams_per_token = 1;
+        configure(c);
     })
-    .await
-    else {
-        return;
-    };
+    .await?;
     let token = server.register("d1").await;
     let mut ingest = server.ingest(&token).await;
     let t0 = hour_start(2);
-    load(&mut ingest, 1, "temperature", &points(t0, 3000, SEC / 2)).await;
-    let mut ops = server.ops().await;
-    // One stream left unread holds its permit.
-    let mut held = ops
+    // Far more than the client's HTTP/2 window and the server's queue
+    // hold: a stream not read stays open.
+    load(&mut ingest, 1, "temperature", &points(t0, 20_000, SEC / 8)).await;
+    Some((server, t0))
+}
+
+/// A stream of that hour, of which one chunk is read: open, and unread.
+async fn hold(ops: &mut Ops, t0: u64) -> tonic::Streaming<pb::ReadingsChunk> {
+    let mut stream = ops
         .query_readings(raw(&["d1"], t0, t0 + HOUR))
         .await
         .unwrap()
         .into_inner();
-    held.message().await.unwrap().unwrap();
+    stream.message().await.unwrap().unwrap();
+    stream
+}
+
+async fn limits_refuse_with_retry_info(backend: Backend) {
+    use tonic_types::StatusExt;
+    let Some((server, t0)) = start_limited(backend, |c| c.read.max_streams_per_token = 1).await
+    else {
+        return;
+    };
+    let mut ops = server.ops().await;
+    // One stream left unread holds its permit.
+    let held = hold(&mut ops, t0).await;
     let status = query(&mut ops, raw(&["d1"], t0, t0 + HOUR))
         .await
         .unwrap_err();
@@ -565,6 +584,7 @@ async fn limits_refuse_with_retry_info(backend: Backend) {
     .await;
     let metrics = admin::Metrics::scrape(server.admin_addr).await;
     assert_eq!(metrics.sum("read_streams_open", &[]), 0.0);
+    assert!(metrics.sum("read_query_seconds_count", &[]) > 0.0);
     assert!(metrics.sum("read_rows_sent_total", &[]) > 0.0);
     assert!(metrics.sum("read_bytes_sent_total", &[]) > 0.0);
 }
@@ -1083,6 +1103,32 @@ async fn migration_0011_fills_in_the_first_reading(backend: Backend) {
         )
         .await;
     assert_eq!(right, rows - 1);
+}
+
+/// `--max-read-streams` bounds the streams of all tokens together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_stream_limit_holds_for_every_token() {
+    let Some((server, t0)) = start_limited(Backend::Sqlite, |c| c.read.max_streams = 2).await
+    else {
+        return;
+    };
+    let mut ops = server.ops().await;
+    let mut held = vec![hold(&mut ops, t0).await, hold(&mut ops, t0).await];
+    let status = query(&mut ops, raw(&["d1"], t0, t0 + HOUR))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-read-streams"),
+        "{status:?}"
+    );
+    // Finishing one (reading it to its end) frees its place.
+    let mut first = held.remove(0);
+    while first.message().await.unwrap().is_some() {}
+    eventually("a place is free", Duration::from_secs(5), async || {
+        query(&mut ops, raw(&["d1"], t0, t0 + SEC)).await.is_ok()
+    })
+    .await;
 }
 
 /// A TCP proxy to `target` whose first connection breaks after passing
