@@ -29,6 +29,7 @@ pub enum ReadingsCommand {
     ///   ingest readings query --device pump-1 --device pump-2 --from 2026-01-01T00:00:00Z
     ///     --to 2027-01-01T00:00:00Z --every 1d --tz Europe/Berlin --agg min,max,avg
     ///     --format csv --output pumps-2026.csv
+    #[command(verbatim_doc_comment)]
     Query(QueryArgs),
 }
 
@@ -54,8 +55,8 @@ pub struct QueryArgs {
     /// IANA time zone of calendar buckets (`1d`, `1w`, `1mo`); default UTC.
     #[arg(long)]
     tz: Option<String>,
-    /// Aggregates of each bucket, in this order: count, min, max, sum,
-    /// avg, first, last.
+    /// Aggregates of each bucket; their columns come in this order:
+    /// count, min, max, sum, avg, first, last.
     #[arg(long, value_delimiter = ',', default_value = "count,min,max,avg",
           value_parser = ["count", "min", "max", "sum", "avg", "first", "last"])]
     agg: Vec<String>,

@@ -107,14 +107,11 @@ macro_rules! invalid_argument {
     )*};
 }
 
-invalid_argument!(InvalidRule => "alert rule", InvalidCommand => "command");
-
-/// Each refusal names its field already.
-impl From<InvalidQuery> for Status {
-    fn from(e: InvalidQuery) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
-}
+invalid_argument!(
+    InvalidRule => "alert rule",
+    InvalidCommand => "command",
+    InvalidQuery => "QueryReadings request",
+);
 
 impl From<ReadError> for Status {
     fn from(e: ReadError) -> Self {
