@@ -110,6 +110,13 @@ impl Ops for Discard {
         unimplemented()
     }
     type WatchAlertsStream = Stream<pb::AlertEvent>;
+    type QueryReadingsStream = Stream<pb::ReadingsChunk>;
+    async fn query_readings(
+        &self,
+        _: Request<pb::QueryReadingsRequest>,
+    ) -> Result<Response<Self::QueryReadingsStream>, Status> {
+        unimplemented()
+    }
     async fn watch_alerts(
         &self,
         _: Request<pb::WatchAlertsRequest>,

@@ -18,6 +18,9 @@
 //!   limits, and the group commit that judges each group's readings and
 //!   commits them with their alert events. Its entry,
 //!   [`pipeline::Pipeline`], takes validated batches from any protocol.
+//! - [`read`]: the read path: QueryReadings streams a fleet's history,
+//!   raw or in buckets, page by page from storage in bounded memory, with
+//!   resume tokens.
 //! - [`control`]: the durable command queue, device sessions and presence.
 //! - [`alerts`]: rules, judging ([`alerts::judge`]), the feed of alert
 //!   events and the WatchAlerts streams.
@@ -47,6 +50,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod observability;
 pub mod pipeline;
+pub mod read;
 pub mod reports;
 pub mod retention;
 pub mod server;

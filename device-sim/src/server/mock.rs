@@ -298,6 +298,15 @@ impl Ops for MockOps {
     }
 
     type WatchAlertsStream = tokio_stream::Empty<Result<AlertEvent, Status>>;
+    type QueryReadingsStream =
+        tokio_stream::Empty<Result<telemetry_proto::v1::ReadingsChunk, Status>>;
+
+    async fn query_readings(
+        &self,
+        _: Request<telemetry_proto::v1::QueryReadingsRequest>,
+    ) -> Result<Response<Self::QueryReadingsStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
 
     async fn watch_alerts(
         &self,

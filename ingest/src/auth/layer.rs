@@ -101,7 +101,7 @@ fn bearer<B>(request: &http::Request<B>) -> Option<Result<TokenHash, AuthFailure
 /// Whether an Ops method changes something, so that its call is logged
 /// with the operator's token name. Reads are logged at debug level.
 fn is_ops_action(method: &str) -> bool {
-    !["Get", "List", "Watch"]
+    !["Get", "List", "Watch", "Query"]
         .iter()
         .any(|read| method.starts_with(read))
 }

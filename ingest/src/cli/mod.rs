@@ -9,6 +9,7 @@ mod credentials;
 mod devices;
 mod migrate;
 pub mod output;
+mod readings;
 mod report;
 mod rules;
 mod serve;
@@ -121,6 +122,9 @@ enum Command {
     Command(command::CommandCommand),
     /// Print a reporting view (read-only): a table, CSV or JSON lines.
     Report(report::ReportArgs),
+    /// Read readings back: raw or in buckets, as a table, CSV or JSON lines.
+    #[command(subcommand)]
+    Readings(readings::ReadingsCommand),
     /// Copy the SQLite database while the server runs, and verify the copy
     /// (PostgreSQL: print the pg_dump command).
     Backup(backup::BackupArgs),
@@ -202,6 +206,7 @@ impl Cli {
             Command::Alerts(cmd) => alerts::run(cmd).await,
             Command::Command(cmd) => command::run(cmd).await,
             Command::Report(args) => report::run(args).await,
+            Command::Readings(cmd) => readings::run(cmd).await,
             Command::Backup(args) => backup::run(args).await,
         }
     }

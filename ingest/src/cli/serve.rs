@@ -14,6 +14,7 @@ use crate::domain::reading::SensorName;
 use crate::observability::LogFormat;
 use crate::pipeline::commit::WriterConfig;
 use crate::pipeline::upload::UploadTimeouts;
+use crate::read::ReadConfig;
 use crate::retention::RetentionConfig;
 use crate::server::config::{Config, Limits};
 use crate::storage::Database;
@@ -213,6 +214,34 @@ pub struct ServeArgs {
     /// long after taking its event ids, as a slow commit would.
     #[arg(long, hide = true, default_value = "0s", value_parser = super::duration)]
     test_hold_event_tx: Duration,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// The read path: QueryReadings.
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// Largest QueryReadings chunk, in bytes (far below clients' 4 MiB).
+    #[arg(long, env = "INGEST_READ_CHUNK_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    read_chunk_bytes: u32,
+    /// Devices one QueryReadings call may list or select.
+    #[arg(long, env = "INGEST_MAX_READ_DEVICES", default_value_t = 1000)]
+    max_read_devices: usize,
+    /// Open QueryReadings streams, all callers together; past it,
+    /// RESOURCE_EXHAUSTED with a retry delay.
+    #[arg(long, env = "INGEST_MAX_READ_STREAMS", default_value_t = 64)]
+    max_read_streams: usize,
+    /// Open QueryReadings streams per ops token.
+    #[arg(long, env = "INGEST_MAX_READ_STREAMS_PER_TOKEN", default_value_t = 16)]
+    max_read_streams_per_token: usize,
+    /// How long a QueryReadings resume token stays valid.
+    #[arg(long, env = "INGEST_READ_TOKEN_TTL", default_value = "3d", value_parser = super::duration)]
+    read_token_ttl: Duration,
+    /// Database connections for QueryReadings, apart from the writer's.
+    #[arg(long, env = "INGEST_READ_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    read_connections: u32,
 }
 
 /// Where the data lives; shared by `serve` and `migrate`.
@@ -311,6 +340,15 @@ impl ServeArgs {
         config.control.max_lifetime = nonzero(self.control_max_lifetime);
         config.max_connection_age = nonzero(self.max_connection_age);
         config.test_hold_event_tx = self.test_hold_event_tx;
+        config.read = ReadConfig {
+            chunk_bytes: self.read.read_chunk_bytes as usize,
+            max_devices: self.read.max_read_devices.max(1),
+            token_ttl: self.read.read_token_ttl,
+            max_streams: self.read.max_read_streams,
+            max_streams_per_token: self.read.max_read_streams_per_token,
+            pool_connections: self.read.read_connections,
+            ..ReadConfig::default()
+        };
         Ok(config)
     }
 }

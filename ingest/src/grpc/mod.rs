@@ -9,6 +9,7 @@ pub mod compression;
 pub mod convert;
 pub mod ingest;
 pub mod ops;
+mod read_messages;
 pub mod status;
 pub mod transport_status;
 

@@ -11,16 +11,18 @@ use tonic::{Request, Response, Status};
 
 use super::alert_messages::{alert_to_pb, event_to_pb, rule_from_pb, rule_to_pb, severity_from_pb};
 use super::command_messages::{command_to_pb, kind_from_pb, state_from_pb};
+use super::read_messages::{chunk_to_pb, query_from_pb};
 use super::{convert, status};
 use crate::alerts::watch::{WatchEnd, WatchItem};
 use crate::alerts::{AlertEngine, WatchConfig, WatchFilter};
-use crate::auth::Credentials;
+use crate::auth::{Credentials, Operator};
 use crate::control::CommandCenter;
 use crate::domain::alert::RuleId;
 use crate::domain::credential::InvalidCertificate;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{CertFingerprint, Token};
 use crate::domain::{DeviceId, DisplayName, Labels};
+use crate::read::Reader;
 use crate::storage::{NewDevice, Store};
 
 pub struct OpsService {
@@ -31,6 +33,7 @@ pub struct OpsService {
     watch: WatchConfig,
     /// Ends watch streams when the server stops.
     shutdown: watch::Receiver<bool>,
+    reader: Reader,
 }
 
 impl OpsService {
@@ -41,6 +44,7 @@ impl OpsService {
         credentials: std::sync::Arc<Credentials>,
         watch: WatchConfig,
         shutdown: watch::Receiver<bool>,
+        reader: Reader,
     ) -> Self {
         Self {
             store,
@@ -49,6 +53,7 @@ impl OpsService {
             credentials,
             watch,
             shutdown,
+            reader,
         }
     }
 
@@ -68,6 +73,7 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 
 type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::AlertEvent, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ReadingsChunk, Status>> + Send>>;
 
 /// Page tokens are the hex of the last id returned: opaque to clients, and
 /// never mistaken for a device id typed by hand.
@@ -392,6 +398,35 @@ impl pb::ops_server::Ops for OpsService {
             WatchItem::End(WatchEnd::StorageFailed { last_event_id }) => Err(Status::unavailable(
                 format!("storage is unavailable; reconnect with after_event_id = {last_event_id}"),
             )),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type QueryReadingsStream = ChunkStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn query_readings(
+        &self,
+        request: Request<pb::QueryReadingsRequest>,
+    ) -> Result<Response<Self::QueryReadingsStream>, Status> {
+        // The auth layer let only ops tokens through; their name keys the
+        // per-token stream limit.
+        let operator = request
+            .extensions()
+            .get::<Operator>()
+            .map(|o| o.token_name.clone())
+            .unwrap_or_else(|| "".into());
+        let req = request.into_inner();
+        let query = query_from_pb(&req)?.validate(self.reader.max_devices())?;
+        let chunks = self
+            .reader
+            .query(query, &req.resume_token, &operator)
+            .await?;
+        let reader = self.reader.clone();
+        let stream = ReceiverStream::new(chunks).map(move |chunk| {
+            let (message, rows) = chunk_to_pb(chunk?);
+            reader.record_sent(rows, prost::Message::encoded_len(&message));
+            Ok(message)
         });
         Ok(Response::new(Box::pin(stream)))
     }

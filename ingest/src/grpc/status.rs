@@ -14,6 +14,7 @@ use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
 use crate::domain::{BatchError, DeviceId, InvalidDevice};
 use crate::pipeline::upload::{UploadError, UploadFailure};
+use crate::read::{InvalidQuery, ReadError};
 use crate::storage::credentials::CredentialError;
 use crate::storage::{Clash, StorageError};
 
@@ -144,7 +145,34 @@ macro_rules! invalid_argument {
     )*};
 }
 
-invalid_argument!(InvalidRule => "alert rule", InvalidCommand => "command");
+invalid_argument!(
+    InvalidRule => "alert rule",
+    InvalidCommand => "command",
+    InvalidQuery => "QueryReadings request",
+);
+
+impl From<ReadError> for Status {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Token(_) | ReadError::TooManyDevices { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            ReadError::NoSuchDevice(_) => Status::not_found(e.to_string()),
+            ReadError::Busy { retry_after, .. } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    format!("{e}; retry in {} ms", retry_after.as_millis()),
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                )
+            }
+            ReadError::Storage(e) => with_context(
+                storage(e),
+                "resume with the resume_token of the last chunk received",
+            ),
+        }
+    }
+}
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {

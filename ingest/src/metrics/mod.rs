@@ -109,6 +109,12 @@ pub struct Metrics {
     pub retention_deleted: Counter,
     pub partitions_created: Counter,
 
+    /// QueryReadings: streams open, what they sent, how long each lasted.
+    pub read_streams_open: Gauge,
+    pub read_rows_sent: Counter,
+    pub read_bytes_sent: Counter,
+    pub read_query_seconds: Histogram,
+
     /// Not exported: what readiness asks of the writer.
     pub writer_progress: WriterProgress,
 }
@@ -144,6 +150,10 @@ impl Metrics {
             db_pool_acquire_seconds: seconds_buckets(),
             retention_deleted: Counter::default(),
             partitions_created: Counter::default(),
+            read_streams_open: Gauge::default(),
+            read_rows_sent: Counter::default(),
+            read_bytes_sent: Counter::default(),
+            read_query_seconds: seconds_buckets(),
             writer_progress: WriterProgress::default(),
         };
         let r = registry;
@@ -208,6 +218,14 @@ impl Metrics {
                 "Raw readings and rollup rows removed by retention";
             partitions_created => "partitions_created",
                 "PostgreSQL day partitions of readings created";
+            read_streams_open => "read_streams_open",
+                "QueryReadings streams open";
+            read_rows_sent => "read_rows_sent",
+                "Readings and buckets sent by QueryReadings";
+            read_bytes_sent => "read_bytes_sent",
+                "Bytes of QueryReadings chunks sent (encoded, before compression)";
+            read_query_seconds => "read_query_seconds",
+                "Duration of a QueryReadings stream, from its start to its last chunk or its cancel";
         }
         r.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(m)

@@ -10,6 +10,7 @@ use crate::control::ControlConfig;
 use crate::domain::ReadingLimits;
 use crate::pipeline::commit::WriterConfig;
 use crate::pipeline::upload::UploadTimeouts;
+use crate::read::ReadConfig;
 use crate::retention::RetentionConfig;
 use crate::storage::Database;
 
@@ -39,6 +40,8 @@ pub struct Config {
     /// A test hook: every transaction recording alert events stays open
     /// this long after taking its event ids ([`crate::storage::EventTxHold`]).
     pub test_hold_event_tx: Duration,
+    /// QueryReadings: chunk size, limits, resume tokens, read connections.
+    pub read: ReadConfig,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             cluster: crate::cluster::ClusterConfig::default(),
             max_connection_age: Some(Duration::from_secs(30 * 60)),
             test_hold_event_tx: Duration::ZERO,
+            read: ReadConfig::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::metrics::grpc::GrpcMetricsLayer;
 use crate::pipeline::Pipeline;
 use crate::pipeline::commit as writer;
 use crate::pipeline::rate_limit::DeviceRateLimits;
+use crate::read::{ReadConfig, Reader};
 use crate::storage::{Database, Store};
 use admin::Admin;
 use cluster_listener::Subscribers;
@@ -161,6 +162,15 @@ pub async fn run_with_admin(
         timeouts: config.limits.upload_timeouts,
         metrics: metrics.clone(),
     };
+    // Reads get connections of their own: a long export never waits for,
+    // nor holds, the writer's.
+    let read_config = ReadConfig {
+        raw_retention: Some(config.limits.readings.retention),
+        ..config.read.clone()
+    };
+    let reader = Reader::open(&store, read_config, metrics.clone())
+        .await
+        .context("opening the read path")?;
     // Every service takes gzip and zstd (grpc/compression.rs); the message
     // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
@@ -177,6 +187,7 @@ pub async fn run_with_admin(
             credentials.clone(),
             config.alerts.watch.clone(),
             stopping.clone(),
+            reader.clone(),
         ))
         .max_decoding_message_size(max_message)
     );
@@ -303,6 +314,7 @@ pub async fn run_with_admin(
     if let Err(error) = store.release_replica(&replica.id).await {
         tracing::warn!(%error, "could not mark this process's devices offline");
     }
+    reader.close().await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

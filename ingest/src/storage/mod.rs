@@ -24,6 +24,7 @@ mod devices;
 mod error;
 pub mod partitions;
 mod postgres;
+mod readings_query;
 pub mod rollup;
 mod sql;
 mod sqlite;
@@ -37,6 +38,7 @@ use std::time::Duration;
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
+pub use readings_query::{PageFrom, RawPage, ReadPool, RollupPage, SelectedDevice, SeriesInfo};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

@@ -302,15 +302,23 @@ impl GroupTx for PgGroupTx {
         // requires, and sorted, so writers lock buckets in one order.
         sqlx::query(
             "INSERT INTO readings_hourly_rollup AS r (sensor_pk, hour_unix_nano, reading_count, \
-             value_sum, value_min, value_max, last_time_unix_nano, last_value) \
+             value_sum, value_min, value_max, first_time_unix_nano, first_value, \
+             last_time_unix_nano, last_value) \
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::float8[], $5::float8[], \
-                                  $6::float8[], $7::int8[], $8::float8[]) \
+                                  $6::float8[], $7::int8[], $8::float8[], $9::int8[], $10::float8[]) \
              ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
              reading_count = r.reading_count + excluded.reading_count, \
              value_sum = r.value_sum + excluded.value_sum, \
              value_min = LEAST(r.value_min, excluded.value_min), \
              value_max = GREATEST(r.value_max, excluded.value_max), \
-             last_value = CASE WHEN excluded.last_time_unix_nano >= r.last_time_unix_nano \
+             first_value = CASE WHEN (excluded.first_time_unix_nano, excluded.first_value) \
+                 < (r.first_time_unix_nano, r.first_value) \
+                 THEN excluded.first_value ELSE r.first_value END, \
+             first_time_unix_nano = CASE WHEN (excluded.first_time_unix_nano, excluded.first_value) \
+                 < (r.first_time_unix_nano, r.first_value) \
+                 THEN excluded.first_time_unix_nano ELSE r.first_time_unix_nano END, \
+             last_value = CASE WHEN (excluded.last_time_unix_nano, excluded.last_value) \
+                 > (r.last_time_unix_nano, r.last_value) \
                  THEN excluded.last_value ELSE r.last_value END, \
              last_time_unix_nano = GREATEST(r.last_time_unix_nano, excluded.last_time_unix_nano)",
         )
@@ -320,6 +328,8 @@ impl GroupTx for PgGroupTx {
         .bind(&rows.sum)
         .bind(&rows.min)
         .bind(&rows.max)
+        .bind(&rows.first_time)
+        .bind(&rows.first_value)
         .bind(&rows.last_time)
         .bind(&rows.last_value)
         .execute(&mut *self.tx)

@@ -24,9 +24,19 @@ pub struct RollupRows {
     pub sum: Vec<f64>,
     pub min: Vec<f64>,
     pub max: Vec<f64>,
-    /// The newest reading of the bucket; on a tie, the last one given.
+    /// The oldest reading of the bucket: the smallest (time, value), so
+    /// that ties of times are decided by what is stored, not by the order
+    /// it arrived in, and the read path's raw scan agrees.
+    pub first_time: Vec<i64>,
+    pub first_value: Vec<f64>,
+    /// The newest reading of the bucket: the largest (time, value).
     pub last_time: Vec<i64>,
     pub last_value: Vec<f64>,
+}
+
+/// Whether reading `(t, v)` comes before `(t0, v0)`: by time, then value.
+pub fn before(t: i64, v: f64, t0: i64, v0: f64) -> bool {
+    t < t0 || (t == t0 && v < v0)
 }
 
 impl RollupRows {
@@ -46,6 +56,8 @@ impl RollupRows {
             sum: f64,
             min: f64,
             max: f64,
+            first_time: i64,
+            first_value: f64,
             last_time: i64,
             last_value: f64,
         }
@@ -62,7 +74,11 @@ impl RollupRows {
                     acc.sum += v;
                     acc.min = acc.min.min(v);
                     acc.max = acc.max.max(v);
-                    if t >= acc.last_time {
+                    if before(t, v, acc.first_time, acc.first_value) {
+                        acc.first_time = t;
+                        acc.first_value = v;
+                    }
+                    if before(acc.last_time, acc.last_value, t, v) {
                         acc.last_time = t;
                         acc.last_value = v;
                     }
@@ -76,6 +92,8 @@ impl RollupRows {
                         sum: v,
                         min: v,
                         max: v,
+                        first_time: t,
+                        first_value: v,
                         last_time: t,
                         last_value: v,
                     };
@@ -95,7 +113,16 @@ impl RollupRows {
                     acc.sum += new.sum;
                     acc.min = acc.min.min(new.min);
                     acc.max = acc.max.max(new.max);
-                    if new.last_time >= acc.last_time {
+                    if before(
+                        new.first_time,
+                        new.first_value,
+                        acc.first_time,
+                        acc.first_value,
+                    ) {
+                        acc.first_time = new.first_time;
+                        acc.first_value = new.first_value;
+                    }
+                    if before(acc.last_time, acc.last_value, new.last_time, new.last_value) {
                         acc.last_time = new.last_time;
                         acc.last_value = new.last_value;
                     }
@@ -114,6 +141,8 @@ impl RollupRows {
             out.sum.push(acc.sum);
             out.min.push(acc.min);
             out.max.push(acc.max);
+            out.first_time.push(acc.first_time);
+            out.first_value.push(acc.first_value);
             out.last_time.push(acc.last_time);
             out.last_value.push(acc.last_value);
         }
@@ -150,6 +179,7 @@ mod tests {
             let rollup = RollupRows::from_readings(&columns);
             // (count, sum, min, max, last time, last value) by (sensor, hour)
             type Aggregates = (i64, f64, f64, f64, i64, f64);
+            let mut firsts: std::collections::BTreeMap<(i64, i64), (i64, f64)> = Default::default();
             let mut expected: std::collections::BTreeMap<(i64, i64), Aggregates> = Default::default();
             for &(pk, t, v) in &rows {
                 let v = f64::from(v);
@@ -158,9 +188,13 @@ mod tests {
                 e.1 += v;
                 e.2 = e.2.min(v);
                 e.3 = e.3.max(v);
-                if t >= e.4 {
+                if (t, v) > (e.4, e.5) {
                     e.4 = t;
                     e.5 = v;
+                }
+                let f = firsts.entry((pk, hour_of(t))).or_insert((t, v));
+                if (t, v) < *f {
+                    *f = (t, v);
                 }
             }
             prop_assert_eq!(rollup.len(), expected.len());
@@ -171,6 +205,7 @@ mod tests {
                 prop_assert_eq!(rollup.sum[i], sum);
                 prop_assert_eq!((rollup.min[i], rollup.max[i]), (min, max));
                 prop_assert_eq!((rollup.last_time[i], rollup.last_value[i]), (lt, lv));
+                prop_assert_eq!((rollup.first_time[i], rollup.first_value[i]), firsts[&(pk, hour)]);
             }
         }
     }

@@ -277,7 +277,7 @@ pub struct SqliteGroupTx {
 }
 
 /// Values per rollup row.
-const ROLLUP_COLUMNS: usize = 8;
+const ROLLUP_COLUMNS: usize = 10;
 /// Most rollup rows per statement within SQLite's 32766 bound parameters.
 const ROLLUP_MAX_ROWS: usize = 2048;
 
@@ -286,13 +286,23 @@ const ROLLUP_MAX_ROWS: usize = 2048;
 /// expressions all see the row as it was, so last_time decides both columns.
 fn rollup_sql(rows: usize) -> String {
     const HEAD: &str = "INSERT INTO readings_hourly_rollup (sensor_pk, hour_unix_nano, \
-        reading_count, value_sum, value_min, value_max, last_time_unix_nano, last_value) VALUES ";
+        reading_count, value_sum, value_min, value_max, first_time_unix_nano, first_value, \
+        last_time_unix_nano, last_value) VALUES ";
+    // A NULL first (a row from before migration 0011 whose raw readings
+    // are partly gone) stays NULL: the read path then scans raw readings.
     const TAIL: &str = " ON CONFLICT (sensor_pk, hour_unix_nano) DO UPDATE SET \
          reading_count = reading_count + excluded.reading_count, \
          value_sum = value_sum + excluded.value_sum, \
          value_min = MIN(value_min, excluded.value_min), \
          value_max = MAX(value_max, excluded.value_max), \
-         last_value = CASE WHEN excluded.last_time_unix_nano >= last_time_unix_nano \
+         first_value = CASE WHEN (excluded.first_time_unix_nano, excluded.first_value) \
+             < (first_time_unix_nano, first_value) \
+             THEN excluded.first_value ELSE first_value END, \
+         first_time_unix_nano = CASE WHEN (excluded.first_time_unix_nano, excluded.first_value) \
+             < (first_time_unix_nano, first_value) \
+             THEN excluded.first_time_unix_nano ELSE first_time_unix_nano END, \
+         last_value = CASE WHEN (excluded.last_time_unix_nano, excluded.last_value) \
+             > (last_time_unix_nano, last_value) \
              THEN excluded.last_value ELSE last_value END, \
          last_time_unix_nano = MAX(last_time_unix_nano, excluded.last_time_unix_nano)";
     let row = format!("({})", ["?"; ROLLUP_COLUMNS].join(","));
@@ -393,6 +403,8 @@ impl GroupTx for SqliteGroupTx {
                     .bind(rows.sum[i])
                     .bind(rows.min[i])
                     .bind(rows.max[i])
+                    .bind(rows.first_time[i])
+                    .bind(rows.first_value[i])
                     .bind(rows.last_time[i])
                     .bind(rows.last_value[i]);
             }

@@ -33,6 +33,7 @@ mod metrics;
 mod mtls;
 mod operator_cli;
 mod operator_messages;
+mod readings_query;
 mod report_cli;
 mod reporting;
 mod reset_cursor;

@@ -19,6 +19,7 @@ pub enum Format {
     /// field (an empty text is `""`).
     Csv,
     /// JSON Lines: one object per row, keyed by column name, NULL as null.
+    #[value(alias = "jsonl")]
     Json,
 }
 

@@ -1,0 +1,363 @@
+//! Reading readings back (the read path, `QueryReadings`): which series a
+//! request means, then their readings or hourly rollups page by page.
+//!
+//! Every page is one short statement, keyset-paginated by the series'
+//! sensor key and then (time, value): nothing holds a transaction or a
+//! cursor open between pages, so a long export neither pins SQLite's WAL
+//! nor keeps a PostgreSQL snapshot, and nothing here holds more than a
+//! page. The statements run on a [`ReadPool`] of their own, so readers
+//! never take the connections the group commit and the control plane use.
+
+use std::collections::BTreeMap;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::{PgPool, SqlitePool};
+
+use super::sql::{On, Row, Statement};
+use super::{StorageError, Store};
+use crate::domain::Labels;
+use crate::domain::time::now_unix_nanos;
+
+/// Connections for reading readings, apart from the store's own.
+#[derive(Clone)]
+pub enum ReadPool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A device a request selected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedDevice {
+    pub pk: i64,
+    pub device_id: String,
+}
+
+/// One series: a sensor of a device, with its unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesInfo {
+    pub sensor_pk: i64,
+    pub device_id: String,
+    pub sensor: String,
+    pub unit: String,
+}
+
+/// Where a page starts within a series: readings at or after
+/// `(time, value)`, in (time, value) order. `f64::MIN` as the value means
+/// from `time` on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PageFrom {
+    pub time: i64,
+    pub value: f64,
+}
+
+/// Raw readings of one series, by (time, value).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RawPage {
+    pub time: Vec<i64>,
+    pub value: Vec<f64>,
+}
+
+/// Hourly rollup rows of one series, by hour. `first_*` are present: a
+/// series with rows lacking them is read raw (see
+/// [`ReadPool::rollup_has_first`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RollupPage {
+    pub hour: Vec<i64>,
+    pub count: Vec<i64>,
+    pub sum: Vec<f64>,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+    pub first_time: Vec<i64>,
+    pub first_value: Vec<f64>,
+    pub last_time: Vec<i64>,
+    pub last_value: Vec<f64>,
+}
+
+/// `$from, $from+1, …` for `n` values: the shared SQL has no arrays.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl ReadPool {
+    /// A pool of `connections` beside `store`'s, on the same database.
+    pub async fn open(store: &Store, connections: u32) -> Result<Self, StorageError> {
+        let connections = connections.max(1);
+        Ok(match store {
+            Store::Sqlite(s) => {
+                // Pages are read once, in key order: a small page cache
+                // per connection does (the writer's is 64 MiB).
+                let options = (*s.pool.connect_options())
+                    .clone()
+                    .pragma("cache_size", format!("-{}", 8 * 1024));
+                Self::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(connections)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+            Store::Postgres(s) => Self::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(connections)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect_with(s.connect_options("ingest-read"))
+                    .await?,
+            ),
+        })
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(p) => p.close().await,
+            Self::Postgres(p) => p.close().await,
+        }
+    }
+
+    fn query<'q>(&self, sql: &'q str) -> Statement<'_, 'q> {
+        match self {
+            Self::Sqlite(p) => Statement::Sqlite(On::Pool(p), sqlx::query(sql)),
+            Self::Postgres(p) => Statement::Postgres(On::Pool(p), sqlx::query(sql)),
+        }
+    }
+
+    /// The devices among `ids` that exist, in no particular order.
+    pub async fn devices_by_id(&self, ids: &[String]) -> Result<Vec<SelectedDevice>, StorageError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT pk, device_id FROM devices WHERE device_id IN ({})",
+            placeholders(1, ids.len())
+        );
+        let mut q = self.query(&sql);
+        for id in ids {
+            q = q.bind(id.as_str());
+        }
+        q.fetch_all_as(selected).await
+    }
+
+    /// Devices carrying every label of `labels` (all devices when empty),
+    /// by key, at most `limit + 1` of them: one more than allowed tells the
+    /// caller the selection is too large without reading the whole fleet's
+    /// matches.
+    pub async fn devices_by_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+        limit: usize,
+    ) -> Result<Vec<SelectedDevice>, StorageError> {
+        const PAGE: i64 = 1000;
+        let mut found = Vec::new();
+        let mut after = i64::MIN;
+        loop {
+            let rows = self
+                .query(
+                    "SELECT pk, device_id, CAST(labels AS TEXT) FROM devices \
+                     WHERE pk > $1 ORDER BY pk LIMIT $2",
+                )
+                .bind(after)
+                .bind(PAGE)
+                .fetch_all()
+                .await?;
+            for row in &rows {
+                let device = selected(row)?;
+                let json: String = row.get(2)?;
+                let have = Labels::from_json(&json).map_err(|e| {
+                    StorageError::Corrupt(format!("labels of device {}: {e}", device.device_id))
+                })?;
+                after = device.pk;
+                if labels.iter().all(|(k, v)| have.get(k) == Some(v.as_str())) {
+                    found.push(device);
+                    if found.len() > limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// At most `limit` series of these devices (only the named sensors,
+    /// unless `sensors` is empty) with sensor keys above `after`, ordered
+    /// by key: the order a query streams them in, and the first part of its
+    /// resume position. Paged, so a fleet's thousands of series are never
+    /// all in memory.
+    pub async fn series(
+        &self,
+        device_pks: &[i64],
+        sensors: &[String],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<SeriesInfo>, StorageError> {
+        if device_pks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = format!(
+            "SELECT s.pk, d.device_id, s.sensor, s.unit FROM sensors s \
+             JOIN devices d ON d.pk = s.device_pk WHERE s.device_pk IN ({})",
+            placeholders(1, device_pks.len())
+        );
+        if !sensors.is_empty() {
+            sql.push_str(&format!(
+                " AND s.sensor IN ({})",
+                placeholders(device_pks.len() + 1, sensors.len())
+            ));
+        }
+        let next = device_pks.len() + sensors.len() + 1;
+        sql.push_str(&format!(
+            " AND s.pk > ${next} ORDER BY s.pk LIMIT ${}",
+            next + 1
+        ));
+        let mut q = self.query(&sql);
+        for &pk in device_pks {
+            q = q.bind(pk);
+        }
+        for s in sensors {
+            q = q.bind(s.as_str());
+        }
+        q = q.bind(after).bind(limit as i64);
+        q.fetch_all_as(|row| {
+            Ok(SeriesInfo {
+                sensor_pk: row.get(0)?,
+                device_id: row.get(1)?,
+                sensor: row.get(2)?,
+                unit: row.get(3)?,
+            })
+        })
+        .await
+    }
+
+    /// At most `limit` readings of one series at or after `from` and
+    /// before `end`, by (time, value). Readings of one sensor with the same
+    /// time and value are alike in every column, so the caller skips the
+    /// ones it already sent by counting them.
+    pub async fn raw_page(
+        &self,
+        sensor_pk: i64,
+        from: PageFrom,
+        end: i64,
+        limit: usize,
+    ) -> Result<RawPage, StorageError> {
+        let rows = self
+            .query(
+                "SELECT time_unix_nano, value FROM readings \
+                 WHERE sensor_pk = $1 AND time_unix_nano >= $2 AND time_unix_nano < $4 \
+                   AND (time_unix_nano > $2 OR value >= $3) \
+                 ORDER BY time_unix_nano, value LIMIT $5",
+            )
+            .bind(sensor_pk)
+            .bind(from.time)
+            .bind(from.value)
+            .bind(end)
+            .bind(limit as i64)
+            .fetch_all()
+            .await?;
+        let mut page = RawPage {
+            time: Vec::with_capacity(rows.len()),
+            value: Vec::with_capacity(rows.len()),
+        };
+        for row in &rows {
+            page.time.push(row.get(0)?);
+            page.value.push(row.get(1)?);
+        }
+        Ok(page)
+    }
+
+    /// Whether every rollup row of the series in hours `[start, end)` knows
+    /// its first reading (rows from before migration 0011 whose readings
+    /// had partly expired do not).
+    pub async fn rollup_has_first(
+        &self,
+        sensor_pk: i64,
+        start: i64,
+        end: i64,
+    ) -> Result<bool, StorageError> {
+        let missing: Option<i64> = self
+            .query(
+                "SELECT CAST(1 AS BIGINT) FROM readings_hourly_rollup WHERE sensor_pk = $1 \
+                 AND hour_unix_nano >= $2 AND hour_unix_nano < $3 \
+                 AND first_time_unix_nano IS NULL LIMIT 1",
+            )
+            .bind(sensor_pk)
+            .bind(start)
+            .bind(end)
+            .fetch_optional_scalar()
+            .await?;
+        Ok(missing.is_none())
+    }
+
+    /// At most `limit` rollup rows of one series with hours in
+    /// `[from, end)`, by hour.
+    pub async fn rollup_page(
+        &self,
+        sensor_pk: i64,
+        from: i64,
+        end: i64,
+        limit: usize,
+    ) -> Result<RollupPage, StorageError> {
+        let rows = self
+            .query(
+                "SELECT hour_unix_nano, reading_count, value_sum, value_min, value_max, \
+                 COALESCE(first_time_unix_nano, last_time_unix_nano), \
+                 COALESCE(first_value, last_value), last_time_unix_nano, last_value \
+                 FROM readings_hourly_rollup WHERE sensor_pk = $1 \
+                 AND hour_unix_nano >= $2 AND hour_unix_nano < $3 \
+                 ORDER BY hour_unix_nano LIMIT $4",
+            )
+            .bind(sensor_pk)
+            .bind(from)
+            .bind(end)
+            .bind(limit as i64)
+            .fetch_all()
+            .await?;
+        let mut page = RollupPage::default();
+        for row in &rows {
+            page.hour.push(row.get(0)?);
+            page.count.push(row.get(1)?);
+            page.sum.push(row.get(2)?);
+            page.min.push(row.get(3)?);
+            page.max.push(row.get(4)?);
+            page.first_time.push(row.get(5)?);
+            page.first_value.push(row.get(6)?);
+            page.last_time.push(row.get(7)?);
+            page.last_value.push(row.get(8)?);
+        }
+        Ok(page)
+    }
+}
+
+fn selected(row: &Row) -> Result<SelectedDevice, StorageError> {
+    Ok(SelectedDevice {
+        pk: row.get(0)?,
+        device_id: row.get(1)?,
+    })
+}
+
+impl Store {
+    /// The secret named `name`, shared by every server process on this
+    /// database: created at random by the first that asks, then read by all.
+    pub async fn server_secret(&self, name: &str) -> Result<Vec<u8>, StorageError> {
+        let fresh: [u8; 32] = rand::random();
+        self.write_conn()
+            .await?
+            .query(
+                "INSERT INTO server_secrets (name, secret, created_unix_nano) \
+                 VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(fresh.to_vec())
+            .bind(now_unix_nanos())
+            .execute()
+            .await?;
+        Ok(self
+            .query("SELECT secret FROM server_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_scalar()
+            .await?)
+    }
+}
