@@ -1,0 +1,185 @@
+//! The read side of `bench/run` (step 7): QueryReadings through the
+//! generated client against a server holding readings that `backfill` put
+//! there, chunks discarded after counting their rows.
+//!
+//! ```sh
+//! cargo run --release -p ingest --example read_bench -- \
+//!     --ops-token-file ./big/ops.token --devices 1000 --span 365d
+//! ```
+//!
+//! Prints `key=value` lines:
+//! - `raw_rows`, `raw_seconds`, `raw_rows_per_s`: every stored reading of
+//!   every device, one stream, `--repeat` times (the median);
+//! - `first_chunk_p50_ms`, `first_chunk_p99_ms`: time to the first chunk of
+//!   `--windows` random one-hour windows of one random device;
+//! - `daily_p50_ms`, `daily_p99_ms`: one sensor's whole span in daily
+//!   buckets (count, min, max, avg, last: the hourly rollup answers them),
+//!   `--daily` queries.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use rand::Rng;
+use telemetry_client::bearer::Bearer;
+use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ops_client::OpsClient;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[arg(long, default_value = "./data/ops.token")]
+    ops_token_file: std::path::PathBuf,
+    /// The devices `backfill` registered: PREFIX0000 .. (four digits).
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    #[arg(long, default_value = "backfill-")]
+    prefix: String,
+    /// How far back the readings go (as given to backfill).
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    span: Duration,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 100)]
+    windows: usize,
+    #[arg(long, default_value_t = 20)]
+    daily: usize,
+}
+
+type Ops = OpsClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64
+}
+
+fn ids(devices: &[String]) -> Option<pb::DeviceSelector> {
+    Some(pb::DeviceSelector {
+        selector: Some(pb::device_selector::Selector::Ids(pb::DeviceIdList {
+            device_ids: devices.to_vec(),
+        })),
+    })
+}
+
+/// Rows of a whole stream, and the time to its first chunk.
+async fn query(ops: &mut Ops, request: pb::QueryReadingsRequest) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let mut stream = ops.query_readings(request).await?.into_inner();
+    let mut rows = 0u64;
+    let mut first = None;
+    while let Some(chunk) = stream.message().await? {
+        first.get_or_insert_with(|| started.elapsed());
+        rows += match chunk.data {
+            Some(pb::readings_chunk::Data::Series(s)) => s.time_unix_nano.len() as u64,
+            Some(pb::readings_chunk::Data::Buckets(b)) => b.bucket_start_unix_nano.len() as u64,
+            None => 0,
+        };
+    }
+    Ok((rows, first.unwrap_or_else(|| started.elapsed())))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let token = std::fs::read_to_string(&args.ops_token_file)
+        .with_context(|| format!("reading {}", args.ops_token_file.display()))?;
+    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())?
+        .connect()
+        .await?;
+    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(token.trim())?)
+        .max_decoding_message_size(16 << 20);
+    let devices: Vec<String> = (0..args.devices).map(|i| format!("{}{i:04}", args.prefix)).collect();
+    let end = now_nanos() + 3_600_000_000_000;
+    let start = end - args.span.as_nanos() as u64 - 2 * 86_400_000_000_000;
+
+    let mut raw = Vec::new();
+    let mut rows = 0;
+    for _ in 0..args.repeat.max(1) {
+        let started = Instant::now();
+        let (n, _) = query(
+            &mut ops,
+            pb::QueryReadingsRequest {
+                devices: ids(&devices),
+                start_time_unix_nano: start,
+                end_time_unix_nano: end,
+                ..Default::default()
+            },
+        )
+        .await?;
+        raw.push(started.elapsed());
+        rows = n;
+    }
+    raw.sort();
+    let median = raw[raw.len() / 2];
+    println!("raw_rows={rows}");
+    println!("raw_seconds={:.3}", median.as_secs_f64());
+    println!("raw_rows_per_s={:.0}", rows as f64 / median.as_secs_f64());
+
+    let mut rng = rand::rng();
+    let hour = 3_600_000_000_000u64;
+    let mut firsts = Vec::new();
+    for _ in 0..args.windows.max(1) {
+        let device = devices[rng.random_range(0..devices.len())].clone();
+        let from = start + rng.random_range(0..(end - start) / hour) * hour;
+        let (_, first) = query(
+            &mut ops,
+            pb::QueryReadingsRequest {
+                devices: ids(&[device]),
+                start_time_unix_nano: from,
+                end_time_unix_nano: from + hour,
+                ..Default::default()
+            },
+        )
+        .await?;
+        firsts.push(first);
+    }
+    firsts.sort();
+    println!("first_chunk_p50_ms={:.2}", percentile(&firsts, 0.5));
+    println!("first_chunk_p99_ms={:.2}", percentile(&firsts, 0.99));
+
+    let day_aggregates = [
+        pb::Aggregate::Count,
+        pb::Aggregate::Min,
+        pb::Aggregate::Max,
+        pb::Aggregate::Avg,
+        pb::Aggregate::Last,
+    ];
+    let mut daily = Vec::new();
+    let mut buckets = 0;
+    for _ in 0..args.daily.max(1) {
+        let device = devices[rng.random_range(0..devices.len())].clone();
+        let started = Instant::now();
+        let (n, _) = query(
+            &mut ops,
+            pb::QueryReadingsRequest {
+                devices: ids(&[device]),
+                sensors: vec!["sensor-0".into()],
+                // Whole UTC days, so every bucket comes from the rollup.
+                start_time_unix_nano: start / (24 * hour) * (24 * hour),
+                end_time_unix_nano: end.div_ceil(24 * hour) * (24 * hour),
+                downsample: Some(pb::Downsample {
+                    bucket: Some(pb::downsample::Bucket::Calendar(pb::CalendarUnit::Day as i32)),
+                    time_zone: String::new(),
+                    aggregates: day_aggregates.iter().map(|a| *a as i32).collect(),
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+        daily.push(started.elapsed());
+        buckets = n;
+    }
+    daily.sort();
+    println!("daily_buckets={buckets}");
+    println!("daily_p50_ms={:.2}", percentile(&daily, 0.5));
+    println!("daily_p99_ms={:.2}", percentile(&daily, 0.99));
+    Ok(())
+}
