@@ -47,7 +47,8 @@ struct Args {
     daily: usize,
 }
 
-type Ops = OpsClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+type Ops =
+    OpsClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
@@ -65,7 +66,10 @@ fn ids(devices: &[String]) -> Option<pb::DeviceSelector> {
 }
 
 /// Rows of a whole stream, and the time to its first chunk.
-async fn query(ops: &mut Ops, request: pb::QueryReadingsRequest) -> anyhow::Result<(u64, Duration)> {
+async fn query(
+    ops: &mut Ops,
+    request: pb::QueryReadingsRequest,
+) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     let mut stream = ops.query_readings(request).await?.into_inner();
     let mut rows = 0u64;
@@ -96,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let mut ops = OpsClient::with_interceptor(channel, Bearer::new(token.trim())?)
         .max_decoding_message_size(16 << 20);
-    let devices: Vec<String> = (0..args.devices).map(|i| format!("{}{i:04}", args.prefix)).collect();
+    let devices: Vec<String> = (0..args.devices)
+        .map(|i| format!("{}{i:04}", args.prefix))
+        .collect();
     let end = now_nanos() + 3_600_000_000_000;
     let start = end - args.span.as_nanos() as u64 - 2 * 86_400_000_000_000;
 
@@ -166,7 +172,9 @@ async fn main() -> anyhow::Result<()> {
                 start_time_unix_nano: start / (24 * hour) * (24 * hour),
                 end_time_unix_nano: end.div_ceil(24 * hour) * (24 * hour),
                 downsample: Some(pb::Downsample {
-                    bucket: Some(pb::downsample::Bucket::Calendar(pb::CalendarUnit::Day as i32)),
+                    bucket: Some(pb::downsample::Bucket::Calendar(
+                        pb::CalendarUnit::Day as i32,
+                    )),
                     time_zone: String::new(),
                     aggregates: day_aggregates.iter().map(|a| *a as i32).collect(),
                 }),
