@@ -38,7 +38,7 @@ use std::time::Duration;
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
-pub use readings_query::{PageFrom, RawPage, ReadPool, RollupPage, SelectedDevice, SeriesInfo};
+pub use readings_query::{PageFrom, RawPage, ReadPool, SelectedDevice, SeriesInfo};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

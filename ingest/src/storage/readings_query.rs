@@ -8,6 +8,7 @@
 //! page. The statements run on a [`ReadPool`] of their own, so readers
 //! never take the connections the group commit and the control plane use.
 
+use super::rollup::RollupRows;
 use std::collections::BTreeMap;
 
 use sqlx::postgres::PgPoolOptions;
@@ -56,22 +57,6 @@ pub struct PageFrom {
 pub struct RawPage {
     pub time: Vec<i64>,
     pub value: Vec<f64>,
-}
-
-/// Hourly rollup rows of one series, by hour. `first_*` are present: a
-/// series with rows lacking them is read raw (see
-/// [`ReadPool::rollup_has_first`]).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct RollupPage {
-    pub hour: Vec<i64>,
-    pub count: Vec<i64>,
-    pub sum: Vec<f64>,
-    pub min: Vec<f64>,
-    pub max: Vec<f64>,
-    pub first_time: Vec<i64>,
-    pub first_value: Vec<f64>,
-    pub last_time: Vec<i64>,
-    pub last_value: Vec<f64>,
 }
 
 /// `$from, $from+1, …` for `n` values: the shared SQL has no arrays.
@@ -299,7 +284,7 @@ impl ReadPool {
         from: i64,
         end: i64,
         limit: usize,
-    ) -> Result<RollupPage, StorageError> {
+    ) -> Result<RollupRows, StorageError> {
         let rows = self
             .query(
                 "SELECT hour_unix_nano, reading_count, value_sum, value_min, value_max, \
@@ -315,8 +300,11 @@ impl ReadPool {
             .bind(limit as i64)
             .fetch_all()
             .await?;
-        let mut page = RollupPage::default();
+        // `first_*` are present: a series with rows lacking them is read
+        // raw (see [`ReadPool::rollup_has_first`]).
+        let mut page = RollupRows::default();
         for row in &rows {
+            page.sensor_pk.push(sensor_pk);
             page.hour.push(row.get(0)?);
             page.count.push(row.get(1)?);
             page.sum.push(row.get(2)?);
