@@ -15,6 +15,12 @@
 //! - `daily_p50_ms`, `daily_p99_ms`: one sensor's whole span in daily
 //!   buckets (count, min, max, avg, last: the hourly rollup answers them),
 //!   `--daily` queries.
+//!
+//! With `--readers N --for SECS`, instead: N clients (a connection each)
+//! export everything over and over for SECS seconds, and it prints
+//! `readers_rows_per_s` (all of them together). With `--chunk-interval`,
+//! each reader takes one chunk per interval (a slow client, held back by
+//! HTTP/2 flow control) and it prints `slow_readers_rows`.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +51,15 @@ struct Args {
     windows: usize,
     #[arg(long, default_value_t = 20)]
     daily: usize,
+    /// Concurrent exporting clients instead of the measurements.
+    #[arg(long, default_value_t = 0)]
+    readers: usize,
+    /// How long the readers read.
+    #[arg(long = "for", default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Each reader takes one chunk per interval.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    chunk_interval: Option<Duration>,
 }
 
 type Ops =
@@ -90,21 +105,90 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+async fn connect(args: &Args, token: &str) -> anyhow::Result<Ops> {
+    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())?
+        .connect()
+        .await?;
+    Ok(OpsClient::with_interceptor(channel, Bearer::new(token)?)
+        .max_decoding_message_size(16 << 20))
+}
+
+/// `--readers`: each exports everything, again and again, until `for`
+/// has passed; the rows all of them received.
+async fn readers(
+    args: &Args,
+    token: &str,
+    request: pb::QueryReadingsRequest,
+) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + args.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.readers {
+        let mut ops = connect(args, token).await?;
+        let request = request.clone();
+        let interval = args.chunk_interval;
+        tasks.spawn(async move {
+            let mut rows = 0u64;
+            'again: loop {
+                let mut stream = ops.query_readings(request.clone()).await?.into_inner();
+                loop {
+                    let next = tokio::time::timeout_at(deadline, stream.message()).await;
+                    let Ok(next) = next else { break 'again };
+                    let Some(chunk) = next? else { continue 'again };
+                    if let Some(pb::readings_chunk::Data::Series(s)) = chunk.data {
+                        rows += s.time_unix_nano.len() as u64;
+                    }
+                    if let Some(interval) = interval {
+                        if tokio::time::timeout_at(deadline, tokio::time::sleep(interval))
+                            .await
+                            .is_err()
+                        {
+                            break 'again;
+                        }
+                    }
+                }
+            }
+            anyhow::Ok(rows)
+        });
+    }
+    let mut total = 0;
+    while let Some(rows) = tasks.join_next().await {
+        total += rows??;
+    }
+    Ok(total)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let token = std::fs::read_to_string(&args.ops_token_file)
         .with_context(|| format!("reading {}", args.ops_token_file.display()))?;
-    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())?
-        .connect()
-        .await?;
-    let mut ops = OpsClient::with_interceptor(channel, Bearer::new(token.trim())?)
-        .max_decoding_message_size(16 << 20);
+    let token = token.trim();
+    let mut ops = connect(&args, token).await?;
     let devices: Vec<String> = (0..args.devices)
         .map(|i| format!("{}{i:04}", args.prefix))
         .collect();
     let end = now_nanos() + 3_600_000_000_000;
     let start = end - args.span.as_nanos() as u64 - 2 * 86_400_000_000_000;
+
+    if args.readers > 0 {
+        let everything = pb::QueryReadingsRequest {
+            devices: ids(&devices),
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let rows = readers(&args, token, everything).await?;
+        if args.chunk_interval.is_some() {
+            println!("slow_readers_rows={rows}");
+        } else {
+            println!(
+                "readers_rows_per_s={:.0}",
+                rows as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(());
+    }
 
     let mut raw = Vec::new();
     let mut rows = 0;

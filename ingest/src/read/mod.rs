@@ -40,6 +40,11 @@ pub struct ReadConfig {
     pub max_streams_per_token: usize,
     /// Connections of the read pool, apart from the writer's.
     pub pool_connections: u32,
+    /// Raw readings read per statement. Big, because on PostgreSQL every
+    /// statement opens an index scan in each day partition of the range
+    /// (365 for a year); 65,536 rows are 1.5 MiB as columns. Tests make
+    /// it small, so pages end inside runs of equal readings.
+    pub page_rows: usize,
     /// Chunks queued between the reading task and the response stream.
     pub queued_chunks: usize,
     /// Raw readings older than this are not read (`--retention`): they are
@@ -58,6 +63,7 @@ impl Default for ReadConfig {
             max_streams: 64,
             max_streams_per_token: 16,
             pool_connections: 4,
+            page_rows: 65_536,
             queued_chunks: 2,
             raw_retention: None,
         }
@@ -200,6 +206,7 @@ impl Reader {
             key: self.key.clone(),
             arguments,
             chunk_bytes: self.config.chunk_bytes,
+            page_rows: self.config.page_rows.max(1),
             raw_floor: self.config.raw_retention.map_or(i64::MIN, |r| {
                 crate::domain::time::now_unix_nanos()
                     .saturating_sub(i64::try_from(r.as_nanos()).unwrap_or(i64::MAX))

@@ -19,7 +19,7 @@ use super::token::{Position, TokenKey};
 use super::{Chunk, ChunkData, ChunkResult, ReadError, StreamPermit};
 use crate::metrics::Metrics;
 use crate::storage::rollup::HOUR_NANOS;
-use crate::storage::{PageFrom, ReadPool, SeriesInfo};
+use crate::storage::{PageFrom, RawRows, ReadPool, RowsFrom, SeriesInfo};
 
 /// Series (sensors) looked up at a time.
 const SERIES_PAGE: usize = 256;
@@ -36,6 +36,8 @@ pub(super) struct QueryTask {
     pub key: TokenKey,
     pub arguments: [u8; 16],
     pub chunk_bytes: usize,
+    /// Raw readings read per statement.
+    pub page_rows: usize,
     /// Raw readings before this are past retention: not read.
     pub raw_floor: i64,
     pub metrics: Arc<Metrics>,
@@ -99,22 +101,19 @@ impl QueryTask {
                         .series(device_pks, &query.sensors, after, SERIES_PAGE),
                 )
                 .await?;
-            for s in &page {
-                let start = match from {
-                    Some(p) if s.sensor_pk == p.sensor_pk => Position {
-                        time: p.time.max(query.start),
-                        ..p
-                    },
-                    _ => Position {
-                        sensor_pk: s.sensor_pk,
-                        time: query.start,
-                        value: f64::MIN,
-                        skip: 0,
-                    },
-                };
-                match &query.downsample {
-                    None => self.raw_series(query, s, start, tx).await?,
-                    Some(d) => self.bucket_series(query, d, s, start, tx).await?,
+            match &query.downsample {
+                None => self.raw_series(query, &page, from, tx).await?,
+                Some(d) => {
+                    for s in &page {
+                        let start = match from {
+                            Some(p) if s.sensor_pk == p.sensor_pk => Position {
+                                time: p.time.max(query.start),
+                                ..p
+                            },
+                            _ => series_start(s, query),
+                        };
+                        self.bucket_series(query, d, s, start, tx).await?;
+                    }
                 }
             }
             match page.last() {
@@ -159,52 +158,49 @@ impl QueryTask {
         (self.chunk_bytes.saturating_sub(CHUNK_OVERHEAD + names) / row_bytes).max(1)
     }
 
+    /// The raw readings of `series` (a page of the selection, by key),
+    /// from the token's position if it lies among them. Pages of rows span
+    /// many series (see [`ReadPool::raw_rows`]) and are cut into chunks of
+    /// one series each.
     async fn raw_series(
         &self,
         query: &ReadQuery,
-        s: &SeriesInfo,
-        start: Position,
+        series: &[SeriesInfo],
+        from: Option<Position>,
         tx: &Sender,
     ) -> Result<(), Stop> {
-        // A packed fixed64 and a packed double per reading.
-        let per_chunk = self.rows_per_chunk(s, 16);
-        let mut cursor = RawCursor::new(start, self.raw_floor, query.end);
-        // The last reading put in a chunk, and how many equal to it so far:
-        // the position a token after it carries.
-        let mut last = (start.time, start.value, start.skip);
-        let (mut time, mut value) = (Vec::new(), Vec::new());
-        while let Some((ts, vs)) = self
-            .unless_closed(tx, cursor.next_page(&self.pool, s.sensor_pk, per_chunk))
+        let Some(first) = series.first() else {
+            return Ok(());
+        };
+        let start = match from {
+            Some(p) if series.iter().any(|s| s.sensor_pk == p.sensor_pk) => p,
+            _ => series_start(first, query),
+        };
+        let pks: Vec<i64> = series.iter().map(|s| s.sensor_pk).collect();
+        let floor = query.start.max(self.raw_floor);
+        let mut cursor = RowsCursor::new(start, floor, query.end);
+        let mut out = RawChunks {
+            task: self,
+            tx,
+            series,
+            at: series
+                .iter()
+                .position(|s| s.sensor_pk == start.sensor_pk)
+                .unwrap_or(0),
+            time: Vec::new(),
+            value: Vec::new(),
+            last: (start.time, start.value, start.skip),
+        };
+        while let Some(rows) = self
+            .unless_closed(tx, cursor.next_page(&self.pool, &pks, self.page_rows))
             .await?
         {
-            for (t, v) in ts.into_iter().zip(vs) {
-                last = if (t, v) == (last.0, last.1) {
-                    (t, v, last.2 + 1)
-                } else {
-                    (t, v, 1)
-                };
-                time.push(t);
-                value.push(v);
-                if time.len() == per_chunk {
-                    let data = ChunkData::Raw {
-                        time: std::mem::take(&mut time),
-                        value: std::mem::take(&mut value),
-                    };
-                    let resume = Position {
-                        sensor_pk: s.sensor_pk,
-                        time: last.0,
-                        value: last.1,
-                        skip: last.2,
-                    };
-                    self.send(tx, s, data, resume).await?;
-                }
+            for i in 0..rows.len() {
+                out.push(rows.sensor_pk[i], rows.time[i], rows.value[i], query)
+                    .await?;
             }
         }
-        if !time.is_empty() {
-            self.send(tx, s, ChunkData::Raw { time, value }, done(s, query))
-                .await?;
-        }
-        Ok(())
+        out.finish(query).await
     }
 
     async fn bucket_series(
@@ -272,6 +268,88 @@ impl QueryTask {
             }
         }
         buckets.finish(query).await
+    }
+}
+
+/// Where a series starts when no token says otherwise.
+fn series_start(s: &SeriesInfo, query: &ReadQuery) -> Position {
+    Position {
+        sensor_pk: s.sensor_pk,
+        time: query.start,
+        value: f64::MIN,
+        skip: 0,
+    }
+}
+
+/// Raw readings of a page of series being cut into chunks: the series
+/// being filled, its columns, and the last reading put in (with how many
+/// equal to it so far: the position a token after it carries).
+struct RawChunks<'a> {
+    task: &'a QueryTask,
+    tx: &'a Sender,
+    series: &'a [SeriesInfo],
+    /// The series being filled, by index into `series`.
+    at: usize,
+    time: Vec<i64>,
+    value: Vec<f64>,
+    last: (i64, f64, u64),
+}
+
+impl RawChunks<'_> {
+    async fn push(
+        &mut self,
+        sensor_pk: i64,
+        t: i64,
+        v: f64,
+        query: &ReadQuery,
+    ) -> Result<(), Stop> {
+        if self.series[self.at].sensor_pk != sensor_pk {
+            self.flush(query).await?;
+            // Rows come by key: the series is further on in the page.
+            while self.series[self.at].sensor_pk != sensor_pk {
+                self.at += 1;
+            }
+            self.last = (t, v, 0);
+        }
+        let s = &self.series[self.at];
+        self.last = if (t, v) == (self.last.0, self.last.1) {
+            (t, v, self.last.2 + 1)
+        } else {
+            (t, v, 1)
+        };
+        self.time.push(t);
+        self.value.push(v);
+        if self.time.len() == self.task.rows_per_chunk(s, 16) {
+            let data = ChunkData::Raw {
+                time: std::mem::take(&mut self.time),
+                value: std::mem::take(&mut self.value),
+            };
+            let resume = Position {
+                sensor_pk,
+                time: self.last.0,
+                value: self.last.1,
+                skip: self.last.2,
+            };
+            self.task.send(self.tx, s, data, resume).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is left of the series being filled: it is complete.
+    async fn flush(&mut self, query: &ReadQuery) -> Result<(), Stop> {
+        if self.time.is_empty() {
+            return Ok(());
+        }
+        let s = &self.series[self.at];
+        let data = ChunkData::Raw {
+            time: std::mem::take(&mut self.time),
+            value: std::mem::take(&mut self.value),
+        };
+        self.task.send(self.tx, s, data, done(s, query)).await
+    }
+
+    async fn finish(mut self, query: &ReadQuery) -> Result<(), Stop> {
+        self.flush(query).await
     }
 }
 
@@ -367,6 +445,85 @@ impl RawCursor {
             return Ok(None);
         }
         Ok(Some((page.time, page.value)))
+    }
+}
+
+/// Keyset pages of raw readings across a page of series, by (series,
+/// time, value): [`RawCursor`]'s counting of equal readings, with the
+/// series as the key's first part.
+struct RowsCursor {
+    from: RowsFrom,
+    skip: u64,
+    /// Times before this are not read: the range's start or retention's.
+    floor: i64,
+    end: i64,
+    done: bool,
+}
+
+impl RowsCursor {
+    fn new(start: Position, floor: i64, end: i64) -> Self {
+        let (time, value, skip) = if start.time < floor {
+            (floor, f64::MIN, 0)
+        } else {
+            (start.time, start.value, start.skip)
+        };
+        Self {
+            from: RowsFrom {
+                sensor_pk: start.sensor_pk,
+                time,
+                value,
+            },
+            skip,
+            floor,
+            end,
+            done: false,
+        }
+    }
+
+    async fn next_page(
+        &mut self,
+        pool: &ReadPool,
+        sensor_pks: &[i64],
+        limit: usize,
+    ) -> Result<Option<RawRows>, crate::storage::StorageError> {
+        if self.done {
+            return Ok(None);
+        }
+        let asked = limit + self.skip as usize;
+        let page = pool
+            .raw_rows(sensor_pks, self.from, self.floor, self.end, asked)
+            .await?;
+        let fetched = page.len();
+        let at = (self.from.sensor_pk, self.from.time, self.from.value);
+        let equal = (0..fetched)
+            .take(self.skip as usize)
+            .take_while(|&i| (page.sensor_pk[i], page.time[i], page.value[i]) == at)
+            .count();
+        if fetched < asked {
+            self.done = true;
+        }
+        if fetched > equal {
+            let last = fetched - 1;
+            let key = (page.sensor_pk[last], page.time[last], page.value[last]);
+            let run = (equal..fetched)
+                .rev()
+                .take_while(|&i| (page.sensor_pk[i], page.time[i], page.value[i]) == key)
+                .count() as u64;
+            self.skip = if key == at { self.skip + run } else { run };
+            self.from = RowsFrom {
+                sensor_pk: key.0,
+                time: key.1,
+                value: key.2,
+            };
+        } else {
+            self.done = true;
+            return Ok(None);
+        }
+        let mut page = page;
+        page.sensor_pk.drain(..equal);
+        page.time.drain(..equal);
+        page.value.drain(..equal);
+        Ok(Some(page))
     }
 }
 

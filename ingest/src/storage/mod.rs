@@ -29,6 +29,8 @@ pub mod rollup;
 mod sql;
 mod sqlite;
 mod sqlite_bulk;
+mod sqlite_ffi;
+mod sqlite_read;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,7 +40,9 @@ use std::time::Duration;
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
-pub use readings_query::{PageFrom, RawPage, ReadPool, SelectedDevice, SeriesInfo};
+pub use readings_query::{
+    PageFrom, RawPage, RawRows, ReadPool, RowsFrom, SelectedDevice, SeriesInfo,
+};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

@@ -59,6 +59,40 @@ pub struct RawPage {
     pub value: Vec<f64>,
 }
 
+/// Where a page over several series starts: in series `sensor_pk`,
+/// readings at or after `(time, value)` in (time, value) order; in the
+/// later series, every reading of the range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowsFrom {
+    pub sensor_pk: i64,
+    pub time: i64,
+    pub value: f64,
+}
+
+/// Raw readings of several series, by (series, time, value).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RawRows {
+    pub sensor_pk: Vec<i64>,
+    pub time: Vec<i64>,
+    pub value: Vec<f64>,
+}
+
+impl RawRows {
+    pub fn len(&self) -> usize {
+        self.time.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.time.is_empty()
+    }
+
+    pub(super) fn push(&mut self, sensor_pk: i64, time: i64, value: f64) {
+        self.sensor_pk.push(sensor_pk);
+        self.time.push(time);
+        self.value.push(value);
+    }
+}
+
 /// `$from, $from+1, …` for `n` values: the shared SQL has no arrays.
 fn placeholders(from: usize, n: usize) -> String {
     (from..from + n)
@@ -89,7 +123,14 @@ impl ReadPool {
                 PgPoolOptions::new()
                     .max_connections(connections)
                     .acquire_timeout(std::time::Duration::from_secs(10))
-                    .connect_with(s.connect_options("ingest-read"))
+                    // A custom plan of a statement over the readings plans
+                    // every day partition, each time: tens of milliseconds
+                    // with a year of them. A generic plan is made once per
+                    // connection and prunes partitions when it starts.
+                    .connect_with(
+                        s.connect_options("ingest-read")
+                            .options([("plan_cache_mode", "force_generic_plan")]),
+                    )
                     .await?,
             ),
         })
@@ -251,6 +292,64 @@ impl ReadPool {
             page.value.push(row.get(1)?);
         }
         Ok(page)
+    }
+
+    /// At most `limit` readings of the series `sensor_pks` (sorted, each
+    /// at most once) with times in `[start, end)`, from `from` on, by
+    /// (series, time, value): one statement for many series, so an export
+    /// pays a statement's start (on PostgreSQL, opening an index scan in
+    /// every day partition of the range) once per page, not per series.
+    pub async fn raw_rows(
+        &self,
+        sensor_pks: &[i64],
+        from: RowsFrom,
+        start: i64,
+        end: i64,
+        limit: usize,
+    ) -> Result<RawRows, StorageError> {
+        let Some(&last) = sensor_pks.last() else {
+            return Ok(RawRows::default());
+        };
+        match self {
+            Self::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                Ok(
+                    super::sqlite_read::raw_rows(&mut conn, sensor_pks, from, start, end, limit)
+                        .await?,
+                )
+            }
+            Self::Postgres(pool) => {
+                use futures::TryStreamExt;
+                use sqlx::Row as _;
+                // The series bound the index scans (a range of the key);
+                // membership is a filter, so a window of series costs one
+                // descent per partition, not one per series and partition.
+                let mut rows = sqlx::query(
+                    "SELECT sensor_pk, time_unix_nano, value FROM readings \
+                     WHERE (sensor_pk, time_unix_nano) >= ($1, $2) AND sensor_pk <= $3 \
+                       AND sensor_pk = ANY($4) \
+                       AND (sensor_pk > $1 OR time_unix_nano > $2 OR value >= $5) \
+                       AND time_unix_nano >= $6 AND time_unix_nano < $7 \
+                     ORDER BY sensor_pk, time_unix_nano, value LIMIT $8",
+                )
+                .bind(from.sensor_pk)
+                .bind(from.time)
+                .bind(last)
+                .bind(sensor_pks)
+                .bind(from.value)
+                .bind(start)
+                .bind(end)
+                .bind(limit as i64)
+                .fetch(pool);
+                // Decoded as they come: the page is held as columns, never
+                // as a vector of rows.
+                let mut page = RawRows::default();
+                while let Some(row) = rows.try_next().await? {
+                    page.push(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                }
+                Ok(page)
+            }
+        }
     }
 
     /// Whether every rollup row of the series in hours `[start, end)` knows

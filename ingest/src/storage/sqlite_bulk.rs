@@ -8,14 +8,15 @@
 //! lends the handle (`lock_handle`) for the duration, so the rows land in
 //! the transaction sqlx opened and commit with everything else in the group.
 
-use std::ffi::{CStr, CString, c_int};
+use std::ffi::{CString, c_int};
 use std::ops::Range;
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 
 use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
 use super::ReadingColumns;
+use super::sqlite_ffi::{Statement, error};
 
 /// Rows per execution of the multi-row statement. One execution opens the
 /// table's and the index's cursors once for all its rows; a single-row
@@ -64,101 +65,51 @@ fn insert_on(db: NonNull<ffi::sqlite3>, rows: &ReadingColumns) -> Result<(), sql
     if full_chunks > 0 {
         let chunk = Statement::prepare(db, &insert_sql(CHUNK_ROWS))?;
         for _ in 0..full_chunks {
-            chunk.insert(rows, row..row + CHUNK_ROWS)?;
+            insert(&chunk, rows, row..row + CHUNK_ROWS)?;
             row += CHUNK_ROWS;
         }
     }
     if row < rows.len() {
         let single = Statement::prepare(db, &insert_sql(1))?;
         for r in row..rows.len() {
-            single.insert(rows, r..r + 1)?;
+            insert(&single, rows, r..r + 1)?;
         }
     }
     Ok(())
 }
 
-/// A prepared statement, finalized on drop.
-struct Statement {
-    db: NonNull<ffi::sqlite3>,
-    raw: NonNull<ffi::sqlite3_stmt>,
-}
-
-impl Statement {
-    fn prepare(db: NonNull<ffi::sqlite3>, sql: &CStr) -> Result<Self, sqlx::Error> {
-        let mut raw = ptr::null_mut();
-        // SAFETY: `db` is an open connection lent by sqlx for as long as
-        // this statement lives (the lock guard outlives the call), and `sql`
-        // is NUL-terminated.
-        let rc = unsafe {
-            ffi::sqlite3_prepare_v3(
-                db.as_ptr(),
-                sql.as_ptr(),
-                -1,
-                ffi::SQLITE_PREPARE_PERSISTENT,
-                &mut raw,
-                ptr::null_mut(),
-            )
-        };
-        match NonNull::new(raw) {
-            Some(raw) if rc == ffi::SQLITE_OK => Ok(Self { db, raw }),
-            _ => Err(error(db, rc, "preparing the readings insert")),
-        }
-    }
-
-    /// Binds `range` of `rows` to the statement's parameters, which must
-    /// be three per row of the range, and runs it once.
-    fn insert(&self, rows: &ReadingColumns, range: Range<usize>) -> Result<(), sqlx::Error> {
-        let stmt = self.raw.as_ptr();
-        let mut rc = ffi::SQLITE_OK;
-        // SAFETY: `stmt` is a live statement with 3 × range.len()
-        // parameters on a connection this thread holds; binding numbers
-        // copies them, and parameter indexes start at 1.
-        unsafe {
-            let mut param: c_int = 1;
-            for i in range {
-                for r in [
-                    ffi::sqlite3_bind_int64(stmt, param, rows.sensor_pk[i]),
-                    ffi::sqlite3_bind_int64(stmt, param + 1, rows.time[i]),
-                    ffi::sqlite3_bind_double(stmt, param + 2, rows.value[i]),
-                ] {
-                    if rc == ffi::SQLITE_OK {
-                        rc = r;
-                    }
+/// Runs the multi-row insert once, bound to `range` of `rows`; `stmt`
+/// must have three parameters per row of the range.
+fn insert(stmt: &Statement, rows: &ReadingColumns, range: Range<usize>) -> Result<(), sqlx::Error> {
+    let raw = stmt.raw.as_ptr();
+    let mut rc = ffi::SQLITE_OK;
+    // SAFETY: `raw` is a live statement with 3 × range.len()
+    // parameters on a connection this thread holds; binding numbers
+    // copies them, and parameter indexes start at 1.
+    unsafe {
+        let mut param: c_int = 1;
+        for i in range {
+            for r in [
+                ffi::sqlite3_bind_int64(raw, param, rows.sensor_pk[i]),
+                ffi::sqlite3_bind_int64(raw, param + 1, rows.time[i]),
+                ffi::sqlite3_bind_double(raw, param + 2, rows.value[i]),
+            ] {
+                if rc == ffi::SQLITE_OK {
+                    rc = r;
                 }
-                param += 3;
             }
-            if rc == ffi::SQLITE_OK {
-                rc = ffi::sqlite3_step(stmt);
-            }
-            // Reset whatever happened, so the statement can run again (or
-            // be finalized); a failed step's message stays readable.
-            ffi::sqlite3_reset(stmt);
+            param += 3;
         }
-        if rc == ffi::SQLITE_DONE {
-            Ok(())
-        } else {
-            Err(error(self.db, rc, "inserting readings"))
+        if rc == ffi::SQLITE_OK {
+            rc = ffi::sqlite3_step(raw);
         }
+        // Reset whatever happened, so the statement can run again (or
+        // be finalized); a failed step's message stays readable.
+        ffi::sqlite3_reset(raw);
     }
-}
-
-impl Drop for Statement {
-    fn drop(&mut self) {
-        // SAFETY: the statement was prepared on `db` and is finalized once.
-        unsafe {
-            ffi::sqlite3_finalize(self.raw.as_ptr());
-        }
+    if rc == ffi::SQLITE_DONE {
+        Ok(())
+    } else {
+        Err(error(stmt.db, rc, "inserting readings"))
     }
-}
-
-/// SQLite's message for a failed call. NaN and infinities never get here
-/// (the domain refuses them), so a failure is a fault of the database:
-/// full disk, I/O error, corruption.
-fn error(db: NonNull<ffi::sqlite3>, rc: c_int, doing: &str) -> sqlx::Error {
-    // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the
-    // connection, valid until its next call; it is copied at once.
-    let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db.as_ptr())) }
-        .to_string_lossy()
-        .into_owned();
-    sqlx::Error::Protocol(format!("SQLite error {rc} {doing}: {message}"))
 }

@@ -15,11 +15,16 @@ use tonic::Code;
 /// Chunks small enough that a few hundred readings make many of them.
 const CHUNK_BYTES: usize = 1024;
 
+/// Pages of raw readings small enough to end inside runs of equal
+/// readings and to span several series.
+const PAGE_ROWS: usize = 37;
+
 /// Readings as long ago as a DST change of Europe/Berlin are accepted.
 async fn start(backend: Backend) -> Option<TestServer> {
     TestServer::start_configured(backend, |c| {
         c.limits.readings.retention = Duration::from_secs(400 * 24 * 3600);
         c.read.chunk_bytes = CHUNK_BYTES;
+        c.read.page_rows = PAGE_ROWS;
     })
     .await
 }

@@ -1,0 +1,101 @@
+//! Raw readings out of SQLite through the C API, for the read path's
+//! exports.
+//!
+//! Through sqlx every row is built as an owned row object on the
+//! connection's worker thread and sent over a channel to the task that
+//! asked: at an export's rate that costs more than SQLite's own stepping
+//! (a profile of `bench/run --only read` showed the channel, the row
+//! objects and their allocations above `sqlite3VdbeExec`). Here one page is
+//! stepped on the borrowed handle straight into columns.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use libsqlite3_sys as ffi;
+use sqlx::SqliteConnection;
+
+use super::readings_query::{RawRows, RowsFrom};
+use super::sqlite_ffi::{Statement, error};
+
+/// One series' readings in the range from a (time, value) on. The index
+/// `readings_sensor_time` gives (time) order; ties of time are sorted by
+/// value.
+const SERIES_SQL: &str = "SELECT time_unix_nano, value FROM readings \
+     WHERE sensor_pk = ?1 AND time_unix_nano >= ?2 AND time_unix_nano < ?4 \
+       AND (time_unix_nano > ?2 OR value >= ?3) \
+     ORDER BY time_unix_nano, value LIMIT ?5";
+
+/// See [`super::ReadPool::raw_rows`]. SQLite has no partitions to open,
+/// so a statement per series costs little: the page runs the same prepared
+/// statement once per series until it holds `limit` rows.
+pub(super) async fn raw_rows(
+    conn: &mut SqliteConnection,
+    sensor_pks: &[i64],
+    from: RowsFrom,
+    start: i64,
+    end: i64,
+    limit: usize,
+) -> Result<RawRows, sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    let db = handle.as_raw_handle();
+    // A page takes a few tens of milliseconds: long enough that the
+    // runtime should move this worker's other tasks elsewhere.
+    let run = || read_on(db, sensor_pks, from, start, end, limit);
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
+        _ => run(),
+    }
+}
+
+fn read_on(
+    db: NonNull<ffi::sqlite3>,
+    sensor_pks: &[i64],
+    from: RowsFrom,
+    start: i64,
+    end: i64,
+    limit: usize,
+) -> Result<RawRows, sqlx::Error> {
+    let stmt = Statement::prepare(db, &CString::new(SERIES_SQL).expect("no NUL in SQL"))?;
+    let raw = stmt.raw.as_ptr();
+    let mut page = RawRows::default();
+    for &pk in sensor_pks.iter().filter(|&&pk| pk >= from.sensor_pk) {
+        let left = limit - page.len();
+        if left == 0 {
+            break;
+        }
+        let (time, value) = if pk == from.sensor_pk {
+            (from.time.max(start), from.value)
+        } else {
+            (start, f64::MIN)
+        };
+        let mut rc;
+        // SAFETY: `raw` is a live statement with five parameters on a
+        // connection this thread holds (sqlx's lock guard outlives the
+        // call); columns are read only after SQLITE_ROW, by index within
+        // the two selected, and the statement is reset before it is bound
+        // again or finalized.
+        unsafe {
+            ffi::sqlite3_bind_int64(raw, 1, pk);
+            ffi::sqlite3_bind_int64(raw, 2, time);
+            ffi::sqlite3_bind_double(raw, 3, value);
+            ffi::sqlite3_bind_int64(raw, 4, end);
+            ffi::sqlite3_bind_int64(raw, 5, left as i64);
+            loop {
+                rc = ffi::sqlite3_step(raw);
+                if rc != ffi::SQLITE_ROW {
+                    break;
+                }
+                page.push(
+                    pk,
+                    ffi::sqlite3_column_int64(raw, 0),
+                    ffi::sqlite3_column_double(raw, 1),
+                );
+            }
+            ffi::sqlite3_reset(raw);
+        }
+        if rc != ffi::SQLITE_DONE {
+            return Err(error(db, rc, "reading readings"));
+        }
+    }
+    Ok(page)
+}
