@@ -16,6 +16,10 @@
 //!   buckets (count, min, max, avg, last: the hourly rollup answers them),
 //!   `--daily` queries.
 //!
+//! - `cancel_p50_ms`, `cancel_p99_ms` (with `--metrics URL`, the server's
+//!   /metrics): from dropping an export after its first chunk to the
+//!   server's `read_streams_open` falling back to zero, `--cancels` times.
+//!
 //! With `--readers N --for SECS`, instead: N clients (a connection each)
 //! export everything over and over for SECS seconds, and it prints
 //! `readers_rows_per_s` (all of them together). With `--chunk-interval`,
@@ -51,6 +55,11 @@ struct Args {
     windows: usize,
     #[arg(long, default_value_t = 20)]
     daily: usize,
+    /// The server's /metrics, to time cancels by.
+    #[arg(long)]
+    metrics: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    cancels: usize,
     /// Concurrent exporting clients instead of the measurements.
     #[arg(long, default_value_t = 0)]
     readers: usize,
@@ -273,5 +282,57 @@ async fn main() -> anyhow::Result<()> {
     println!("daily_buckets={buckets}");
     println!("daily_p50_ms={:.2}", percentile(&daily, 0.5));
     println!("daily_p99_ms={:.2}", percentile(&daily, 0.99));
+
+    if let Some(url) = &args.metrics {
+        let http = reqwest::Client::new();
+        let mut cancels = Vec::new();
+        for _ in 0..args.cancels.max(1) {
+            wait_for_streams(&http, url, Instant::now()).await?;
+            let mut stream = ops
+                .query_readings(pb::QueryReadingsRequest {
+                    devices: ids(&devices),
+                    start_time_unix_nano: start,
+                    end_time_unix_nano: end,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            stream.message().await?;
+            drop(stream);
+            let dropped = Instant::now();
+            cancels.push(wait_for_streams(&http, url, dropped).await?);
+        }
+        cancels.sort();
+        println!("cancel_p50_ms={:.2}", percentile(&cancels, 0.5));
+        println!("cancel_p99_ms={:.2}", percentile(&cancels, 0.99));
+    }
     Ok(())
+}
+
+/// Waits until the server has no QueryReadings stream open; the time
+/// since `since`.
+async fn wait_for_streams(
+    http: &reqwest::Client,
+    url: &str,
+    since: Instant,
+) -> anyhow::Result<Duration> {
+    loop {
+        let text = http.get(url).send().await?.text().await?;
+        let open = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                name.ends_with("read_streams_open").then(|| value.trim().parse::<f64>().ok())?
+            })
+            .context("no read_streams_open in /metrics")?;
+        if open == 0.0 {
+            return Ok(since.elapsed());
+        }
+        anyhow::ensure!(
+            since.elapsed() < Duration::from_secs(10),
+            "a stream stayed open 10 s after its client went away"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }

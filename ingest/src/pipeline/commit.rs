@@ -493,7 +493,11 @@ async fn commit_group<B: GroupBackend>(
         }
         *mark = batch.sequence;
         let mut refused_series = Vec::new();
+        // The place in the batch of each series' first reading.
+        let mut first_index = 0i32;
         for (index, series) in batch.series.iter().enumerate() {
+            let series_first = first_index;
+            first_index += series.times.len() as i32;
             let key = (batch.device_pk, series.sensor.clone(), series.unit.clone());
             let pk = match sensors.get(&key).or_else(|| new_sensors.get(&key)) {
                 Some(&pk) => pk,
@@ -521,6 +525,13 @@ async fn commit_group<B: GroupBackend>(
                 .extend(std::iter::repeat_n(pk, series.times.len()));
             columns.time.extend_from_slice(&series.times);
             columns.value.extend_from_slice(&series.values);
+            columns.batch_sequence.extend(std::iter::repeat_n(
+                batch.sequence as i64,
+                series.times.len(),
+            ));
+            columns
+                .batch_index
+                .extend(series_first..series_first + series.times.len() as i32);
         }
         outcomes.push(BatchOutcome::Committed {
             committed_sequence: batch.sequence,

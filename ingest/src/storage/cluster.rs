@@ -108,7 +108,8 @@ const CLOSE_SESSION: &str = "UPDATE device_sessions SET replica_id = NULL \
 const LAST_UPLOAD: &str = "SELECT last_upload_unix_nano FROM devices WHERE pk = $1";
 
 /// The newest reading of one of a device's sensors (the device's clock),
-/// if newer than a bound: a short walk of `readings_sensor_time`.
+/// if newer than a bound: a short walk of the index by sensor and time
+/// (on SQLite, the table itself).
 const LAST_SENSOR_READING: &str = "SELECT MAX(r.time_unix_nano) FROM sensors s \
      JOIN readings r ON r.sensor_pk = s.pk WHERE s.device_pk = $1 AND s.sensor = $2 AND r.time_unix_nano > $3";
 

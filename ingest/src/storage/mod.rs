@@ -449,6 +449,11 @@ pub struct ReadingColumns {
     pub sensor_pk: Vec<i64>,
     pub time: Vec<i64>,
     pub value: Vec<f64>,
+    /// The sequence of the batch each reading came in.
+    pub batch_sequence: Vec<i64>,
+    /// Each reading's place in its batch, counted series after series
+    /// from 0 (refused series keep their places).
+    pub batch_index: Vec<i32>,
 }
 
 impl ReadingColumns {
@@ -464,6 +469,8 @@ impl ReadingColumns {
         self.sensor_pk.clear();
         self.time.clear();
         self.value.clear();
+        self.batch_sequence.clear();
+        self.batch_index.clear();
     }
 }
 

@@ -288,7 +288,8 @@ impl GroupTx for PgGroupTx {
         let mut copy = self
             .tx
             .copy_in_raw(
-                "COPY readings (sensor_pk, time_unix_nano, value) FROM STDIN (FORMAT binary)",
+                "COPY readings (sensor_pk, time_unix_nano, value, batch_sequence, batch_index) \
+                 FROM STDIN (FORMAT binary)",
             )
             .await?;
         copy.send(data).await?;

@@ -207,10 +207,12 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// Deletes readings older than `cutoff`, sensor by sensor (the index is
-    /// by sensor and time), at most `step_rows` per transaction. Each step
-    /// queues on the write gate like a group commit, so ingest waits for one
-    /// short step at most.
+    /// Deletes readings older than `cutoff`, sensor by sensor (the table is
+    /// stored by sensor and time), at most `step_rows` per transaction. Each
+    /// step queues on the write gate like a group commit, so ingest waits
+    /// for one short step at most. A step ends at the key of its last row:
+    /// keys are unique, so it deletes exactly `step_rows` rows, or all that
+    /// are left.
     pub async fn expire_readings(
         &self,
         cutoff: UnixNanos,
@@ -223,15 +225,42 @@ impl SqliteStore {
         for pk in sensors {
             expired += in_steps(step_rows, || async {
                 let _gate = self.lock_writes().await;
-                let done = sqlx::query(
-                    "DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings \
-                     WHERE sensor_pk = $1 AND time_unix_nano < $2 LIMIT $3)",
+                let last: Option<(i64, f64, i64, i64)> = sqlx::query_as(
+                    "SELECT time_unix_nano, value, batch_sequence, batch_index FROM readings \
+                     WHERE sensor_pk = $1 AND time_unix_nano < $2 \
+                     ORDER BY time_unix_nano, value, batch_sequence, batch_index \
+                     LIMIT 1 OFFSET $3",
                 )
                 .bind(pk)
                 .bind(cutoff)
-                .bind(step_rows as i64)
-                .execute(&self.pool)
+                .bind(step_rows.max(1) as i64 - 1)
+                .fetch_optional(&self.pool)
                 .await?;
+                let done = match last {
+                    Some((time, value, sequence, index)) => {
+                        sqlx::query(
+                            "DELETE FROM readings WHERE sensor_pk = $1 \
+                             AND (time_unix_nano, value, batch_sequence, batch_index) \
+                                 <= ($2, $3, $4, $5)",
+                        )
+                        .bind(pk)
+                        .bind(time)
+                        .bind(value)
+                        .bind(sequence)
+                        .bind(index)
+                        .execute(&self.pool)
+                        .await?
+                    }
+                    None => {
+                        sqlx::query(
+                            "DELETE FROM readings WHERE sensor_pk = $1 AND time_unix_nano < $2",
+                        )
+                        .bind(pk)
+                        .bind(cutoff)
+                        .execute(&self.pool)
+                        .await?
+                    }
+                };
                 Ok(done.rows_affected())
             })
             .await?;

@@ -21,7 +21,7 @@ use super::sqlite_ffi::{Statement, error};
 /// Rows per execution of the multi-row statement. One execution opens the
 /// table's and the index's cursors once for all its rows; a single-row
 /// statement opens them, and seeks to the table's end from its root, for
-/// every row. 3 × 512 parameters stay far below SQLite's limit of 32766.
+/// every row. 5 × 512 parameters stay far below SQLite's limit of 32766.
 const CHUNK_ROWS: usize = 512;
 
 /// `OR FAIL`: a statement that fails keeps the rows it already inserted,
@@ -29,10 +29,15 @@ const CHUNK_ROWS: usize = 512;
 /// copies every page a multi-row insert touches. Nothing is kept in fact:
 /// a failed insert fails its group, and the group's transaction rolls back.
 fn insert_sql(rows: usize) -> CString {
-    let mut sql =
-        String::from("INSERT OR FAIL INTO readings (sensor_pk, time_unix_nano, value) VALUES ");
+    let mut sql = String::from(
+        "INSERT OR FAIL INTO readings (sensor_pk, time_unix_nano, value, batch_sequence, batch_index) VALUES ",
+    );
     for i in 0..rows {
-        sql.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
+        sql.push_str(if i == 0 {
+            "(?,?,?,?,?)"
+        } else {
+            ",(?,?,?,?,?)"
+        });
     }
     CString::new(sql).expect("no NUL in SQL")
 }
@@ -79,11 +84,11 @@ fn insert_on(db: NonNull<ffi::sqlite3>, rows: &ReadingColumns) -> Result<(), sql
 }
 
 /// Runs the multi-row insert once, bound to `range` of `rows`; `stmt`
-/// must have three parameters per row of the range.
+/// must have five parameters per row of the range.
 fn insert(stmt: &Statement, rows: &ReadingColumns, range: Range<usize>) -> Result<(), sqlx::Error> {
     let raw = stmt.raw.as_ptr();
     let mut rc = ffi::SQLITE_OK;
-    // SAFETY: `raw` is a live statement with 3 × range.len()
+    // SAFETY: `raw` is a live statement with 5 × range.len()
     // parameters on a connection this thread holds; binding numbers
     // copies them, and parameter indexes start at 1.
     unsafe {
@@ -93,12 +98,14 @@ fn insert(stmt: &Statement, rows: &ReadingColumns, range: Range<usize>) -> Resul
                 ffi::sqlite3_bind_int64(raw, param, rows.sensor_pk[i]),
                 ffi::sqlite3_bind_int64(raw, param + 1, rows.time[i]),
                 ffi::sqlite3_bind_double(raw, param + 2, rows.value[i]),
+                ffi::sqlite3_bind_int64(raw, param + 3, rows.batch_sequence[i]),
+                ffi::sqlite3_bind_int(raw, param + 4, rows.batch_index[i]),
             ] {
                 if rc == ffi::SQLITE_OK {
                     rc = r;
                 }
             }
-            param += 3;
+            param += 5;
         }
         if rc == ffi::SQLITE_OK {
             rc = ffi::sqlite3_step(raw);

@@ -17,12 +17,10 @@ use sqlx::SqliteConnection;
 use super::readings_query::{RawRows, RowsFrom};
 use super::sqlite_ffi::{Statement, error};
 
-/// One series' readings in the range from a (time, value) on. The index
-/// `readings_sensor_time` gives (time) order; ties of time are sorted by
-/// value.
+/// One series' readings from a (time, value) on, before an end: a range
+/// of the table's key, read in key order (migration 0012).
 const SERIES_SQL: &str = "SELECT time_unix_nano, value FROM readings \
-     WHERE sensor_pk = ?1 AND time_unix_nano >= ?2 AND time_unix_nano < ?4 \
-       AND (time_unix_nano > ?2 OR value >= ?3) \
+     WHERE sensor_pk = ?1 AND (time_unix_nano, value) >= (?2, ?3) AND time_unix_nano < ?4 \
      ORDER BY time_unix_nano, value LIMIT ?5";
 
 /// See [`super::ReadPool::raw_rows`]. SQLite has no partitions to open,

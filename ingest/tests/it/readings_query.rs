@@ -1110,6 +1110,80 @@ async fn migration_0011_fills_in_the_first_reading(backend: Backend) {
     assert_eq!(right, rows - 1);
 }
 
+/// Migration 0012 on a database of readings in the old layout (on SQLite
+/// a rowid table with a (sensor, time) index; on PostgreSQL without the
+/// batch columns): every reading stays, equal ones too, and reads answer
+/// as before. Readings from then on carry their batch's sequence and
+/// their place in it.
+async fn migration_0012_keeps_every_reading(backend: Backend) {
+    let Some((mut server, mut ingest)) = start_with_d1(backend).await else {
+        return;
+    };
+    let t0 = hour_start(4);
+    let seq = load(&mut ingest, 1, "temperature", &points(t0, 300, SEC)).await;
+    load(&mut ingest, seq, "humidity", &points(t0, 40, 7 * SEC)).await;
+    let everything = raw(&["d1"], t0, t0 + HOUR);
+    let before = raw_rows(
+        &query(&mut server.ops().await, everything.clone())
+            .await
+            .unwrap(),
+    );
+    drop(ingest);
+    server.stop().await;
+    let old_layout = match backend {
+        Backend::Sqlite => {
+            "CREATE TABLE readings_old (sensor_pk INTEGER NOT NULL, \
+             time_unix_nano INTEGER NOT NULL, value REAL NOT NULL); \
+             INSERT INTO readings_old SELECT sensor_pk, time_unix_nano, value FROM readings \
+             ORDER BY batch_sequence, batch_index; \
+             DROP TABLE readings; \
+             ALTER TABLE readings_old RENAME TO readings; \
+             CREATE INDEX readings_sensor_time ON readings (sensor_pk, time_unix_nano); \
+             DELETE FROM _sqlx_migrations WHERE version = 12"
+        }
+        Backend::Postgres => {
+            "ALTER TABLE readings DROP COLUMN batch_sequence, DROP COLUMN batch_index; \
+             DELETE FROM _sqlx_migrations WHERE version = 12"
+        }
+    };
+    server.storage.execute(old_layout).await;
+    let server = server.restart().await;
+    let after = raw_rows(&query(&mut server.ops().await, everything).await.unwrap());
+    assert_eq!(after, before);
+    let s = &server.storage;
+    assert_eq!(
+        s.scalar("SELECT COUNT(*) FROM readings WHERE batch_sequence = 0")
+            .await,
+        before.len() as i64
+    );
+
+    // A new batch of two series: places count on across the series.
+    let token = server.register("d2").await;
+    let mut ingest = server.ingest(&token).await;
+    let two = batch(
+        9,
+        vec![
+            series("a", "", &[(t0, 1.0), (t0 + SEC, 2.0)]),
+            series("b", "", &[(t0, 3.0), (t0, 3.0), (t0 + SEC, 4.0)]),
+        ],
+    );
+    upload(&mut ingest, vec![two]).await.unwrap();
+    let places = s
+        .scalar(
+            "SELECT COUNT(*) FROM readings r JOIN sensors s ON s.pk = r.sensor_pk \
+             JOIN devices d ON d.pk = s.device_pk WHERE d.device_id = 'd2' AND r.batch_sequence = 9 \
+             AND ((s.sensor = 'a' AND r.batch_index = CAST(r.value AS INTEGER) - 1) \
+               OR (s.sensor = 'b' AND r.batch_index IN (2, 3, 4)))",
+        )
+        .await;
+    assert_eq!(places, 5);
+    assert_eq!(
+        s.scalar("SELECT COUNT(DISTINCT batch_index) FROM readings WHERE batch_sequence = 9")
+            .await,
+        5
+    );
+}
+
 /// `--max-read-streams` bounds the streams of all tokens together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_stream_limit_holds_for_every_token() {
@@ -1318,6 +1392,7 @@ async fn the_retention_boundary_reads_alike_on_both_backends() {
 backend_tests!(
     the_cli_resumes_a_broken_export_without_repeating_a_row,
     migration_0011_fills_in_the_first_reading,
+    migration_0012_keeps_every_reading,
     devices_by_label_within_the_device_limit,
     rollup_rows_without_first_fall_back_to_raw_readings,
     the_cli_exports_csv_and_json_lines,
