@@ -104,10 +104,16 @@ async fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // Streams open a few at a time: a stream whose first batch waits
+    // behind a thousand others' for longer than the server's
+    // --upload-first-message-timeout is cut off.
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     for (d, token) in tokens.into_iter().enumerate() {
         let channel = channels[d % channels.len()].clone();
         let (sensors, per_sensor) = (args.sensors, args.per_sensor as u64);
+        let open = open.clone();
         tasks.push(tokio::spawn(async move {
+            let _open = open.acquire_owned().await?;
             let mut client = IngestClient::with_interceptor(channel, Bearer::new(&token)?)
                 .max_encoding_message_size(64 * 1024 * 1024);
             // Batches are generated as the stream pulls them: memory stays

@@ -146,13 +146,12 @@ async fn readers(
                     if let Some(pb::readings_chunk::Data::Series(s)) = chunk.data {
                         rows += s.time_unix_nano.len() as u64;
                     }
-                    if let Some(interval) = interval {
-                        if tokio::time::timeout_at(deadline, tokio::time::sleep(interval))
+                    if let Some(interval) = interval
+                        && tokio::time::timeout_at(deadline, tokio::time::sleep(interval))
                             .await
                             .is_err()
-                        {
-                            break 'again;
-                        }
+                    {
+                        break 'again;
                     }
                 }
             }
@@ -323,7 +322,8 @@ async fn wait_for_streams(
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (name, value) = l.split_once(' ')?;
-                name.ends_with("read_streams_open").then(|| value.trim().parse::<f64>().ok())?
+                name.ends_with("read_streams_open")
+                    .then(|| value.trim().parse::<f64>().ok())?
             })
             .context("no read_streams_open in /metrics")?;
         if open == 0.0 {

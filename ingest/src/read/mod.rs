@@ -42,8 +42,9 @@ pub struct ReadConfig {
     pub pool_connections: u32,
     /// Raw readings read per statement. Big, because on PostgreSQL every
     /// statement opens an index scan in each day partition of the range
-    /// (365 for a year); 65,536 rows are 1.5 MiB as columns. Tests make
-    /// it small, so pages end inside runs of equal readings.
+    /// (365 for a year); small, because a stream holds its page: 32,768
+    /// rows are 768 KiB as columns. Tests make it tiny, so pages end
+    /// inside runs of equal readings.
     pub page_rows: usize,
     /// Chunks queued between the reading task and the response stream.
     pub queued_chunks: usize,
@@ -63,7 +64,7 @@ impl Default for ReadConfig {
             max_streams: 64,
             max_streams_per_token: 16,
             pool_connections: 4,
-            page_rows: 65_536,
+            page_rows: 32_768,
             queued_chunks: 2,
             raw_retention: None,
         }

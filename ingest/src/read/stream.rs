@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -19,10 +19,13 @@ use super::token::{Position, TokenKey};
 use super::{Chunk, ChunkData, ChunkResult, ReadError, StreamPermit};
 use crate::metrics::Metrics;
 use crate::storage::rollup::HOUR_NANOS;
-use crate::storage::{PageFrom, RawRows, ReadPool, RowsFrom, SeriesInfo};
+use crate::storage::{RawRows, ReadPool, RowsFrom, RowsPage, SeriesInfo};
 
 /// Series (sensors) looked up at a time.
 const SERIES_PAGE: usize = 256;
+/// How many times a page's reading time a stream waits after it while
+/// ingest is saturated (see [`QueryTask::give_way`]).
+const GIVE_WAY: u32 = 9;
 /// Rows of one page when computing buckets from raw readings.
 const BUCKET_PAGE_ROWS: usize = 4096;
 /// Rollup rows (hours) of one page.
@@ -123,6 +126,41 @@ impl QueryTask {
         }
     }
 
+    /// Reads give way to ingest. While the writer's queue is more than a
+    /// quarter full (ingest is pressing on the database), a stream waits
+    /// before each page for `GIVE_WAY` times what its previous page took
+    /// (reading it, and cutting and sending its chunks): readers then take
+    /// about a tenth of the time they would, and batches are not held
+    /// behind them. When ingest has room, reads run at full speed.
+    async fn give_way(&self, tx: &Sender, worked: Duration) -> Result<(), Stop> {
+        let queued = self.metrics.writer_queue_batches.get();
+        let capacity = self.metrics.writer_queue_capacity.get();
+        if capacity == 0 || queued * 4 <= capacity {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(worked * GIVE_WAY) => Ok(()),
+            () = tx.closed() => Err(Stop::Closed),
+        }
+    }
+
+    /// The next page of `cursor`, unless the client goes away first, after
+    /// giving way to ingest (see [`Self::give_way`]).
+    async fn next_rows(
+        &self,
+        tx: &Sender,
+        cursor: &mut RowsCursor,
+        sensor_pks: &[i64],
+        limit: usize,
+    ) -> Result<Option<RawRows>, Stop> {
+        if let Some(previous) = cursor.page_started {
+            self.give_way(tx, previous.elapsed()).await?;
+        }
+        cursor.page_started = Some(Instant::now());
+        self.unless_closed(tx, cursor.next_page(&self.pool, sensor_pks, limit))
+            .await
+    }
+
     /// Waits for `work` unless the client goes away first.
     async fn unless_closed<T>(
         &self,
@@ -192,7 +230,7 @@ impl QueryTask {
             last: (start.time, start.value, start.skip),
         };
         while let Some(rows) = self
-            .unless_closed(tx, cursor.next_page(&self.pool, &pks, self.page_rows))
+            .next_rows(tx, &mut cursor, &pks, self.page_rows)
             .await?
         {
             for i in 0..rows.len() {
@@ -254,15 +292,14 @@ impl QueryTask {
                 }
             }
         } else {
-            let mut cursor = RawCursor::new(start, self.raw_floor, query.end);
-            while let Some((ts, vs)) = self
-                .unless_closed(
-                    tx,
-                    cursor.next_page(&self.pool, s.sensor_pk, BUCKET_PAGE_ROWS),
-                )
+            let floor = query.start.max(self.raw_floor);
+            let mut cursor = RowsCursor::new(start, floor, query.end);
+            let pks = [s.sensor_pk];
+            while let Some(rows) = self
+                .next_rows(tx, &mut cursor, &pks, BUCKET_PAGE_ROWS)
                 .await?
             {
-                for (t, v) in ts.into_iter().zip(vs) {
+                for (&t, &v) in rows.time.iter().zip(&rows.value) {
                     buckets.add(t, &Agg::of_reading(t, v)).await?;
                 }
             }
@@ -363,94 +400,11 @@ fn done(s: &SeriesInfo, query: &ReadQuery) -> Position {
     }
 }
 
-/// Keyset pages of one series' raw readings, by (time, value). Readings
-/// equal in both are alike in every stored column, so a page that ends
-/// inside a run of them is continued by counting: the next page starts at
-/// that (time, value) and skips as many as were already read.
-struct RawCursor {
-    from: PageFrom,
-    skip: u64,
-    end: i64,
-    done: bool,
-}
-
-impl RawCursor {
-    /// From `start`, but not before `floor`.
-    fn new(start: Position, floor: i64, end: i64) -> Self {
-        let (from, skip) = if start.time < floor {
-            let from = PageFrom {
-                time: floor,
-                value: f64::MIN,
-            };
-            (from, 0)
-        } else {
-            let from = PageFrom {
-                time: start.time,
-                value: start.value,
-            };
-            (from, start.skip)
-        };
-        Self {
-            from,
-            skip,
-            end,
-            done: false,
-        }
-    }
-
-    /// The next page of at most `limit` new readings; `None` past the end.
-    async fn next_page(
-        &mut self,
-        pool: &ReadPool,
-        sensor_pk: i64,
-        limit: usize,
-    ) -> Result<Option<(Vec<i64>, Vec<f64>)>, crate::storage::StorageError> {
-        if self.done {
-            return Ok(None);
-        }
-        let asked = limit + self.skip as usize;
-        let mut page = pool.raw_page(sensor_pk, self.from, self.end, asked).await?;
-        let fetched = page.time.len();
-        // The readings equal to where the page starts come first; drop
-        // those already sent (fewer if some expired meanwhile).
-        let equal = page
-            .time
-            .iter()
-            .zip(&page.value)
-            .take(self.skip as usize)
-            .take_while(|&(&t, &v)| (t, v) == (self.from.time, self.from.value))
-            .count();
-        page.time.drain(..equal);
-        page.value.drain(..equal);
-        if fetched < asked {
-            self.done = true;
-        }
-        if let (Some(&t), Some(&v)) = (page.time.last(), page.value.last()) {
-            let run = page
-                .time
-                .iter()
-                .zip(&page.value)
-                .rev()
-                .take_while(|&(&t2, &v2)| (t2, v2) == (t, v))
-                .count() as u64;
-            self.skip = if (t, v) == (self.from.time, self.from.value) {
-                self.skip + run
-            } else {
-                run
-            };
-            self.from = PageFrom { time: t, value: v };
-        }
-        if page.time.is_empty() {
-            self.done = true;
-            return Ok(None);
-        }
-        Ok(Some((page.time, page.value)))
-    }
-}
-
 /// Keyset pages of raw readings across a page of series, by (series,
-/// time, value): [`RawCursor`]'s counting of equal readings, with the
-/// series as the key's first part.
+/// time, value). Readings equal in all three are alike in every column
+/// the read path returns, so a page that ends inside a run of them is
+/// continued by counting: the next page starts at that key and skips as
+/// many as were already read.
 struct RowsCursor {
     from: RowsFrom,
     skip: u64,
@@ -458,6 +412,9 @@ struct RowsCursor {
     floor: i64,
     end: i64,
     done: bool,
+    /// When the previous page was asked for: what a page costs the stream
+    /// runs from there to the next.
+    page_started: Option<Instant>,
 }
 
 impl RowsCursor {
@@ -477,6 +434,7 @@ impl RowsCursor {
             floor,
             end,
             done: false,
+            page_started: None,
         }
     }
 
@@ -491,7 +449,13 @@ impl RowsCursor {
         }
         let asked = limit + self.skip as usize;
         let page = pool
-            .raw_rows(sensor_pks, self.from, self.floor, self.end, asked)
+            .raw_rows(&RowsPage {
+                sensor_pks,
+                from: self.from,
+                start: self.floor,
+                end: self.end,
+                limit: asked,
+            })
             .await?;
         let fetched = page.len();
         let at = (self.from.sensor_pk, self.from.time, self.from.value);

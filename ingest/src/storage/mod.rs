@@ -40,9 +40,7 @@ use std::time::Duration;
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
-pub use readings_query::{
-    PageFrom, RawPage, RawRows, ReadPool, RowsFrom, SelectedDevice, SeriesInfo,
-};
+pub use readings_query::{RawRows, ReadPool, RowsFrom, RowsPage, SelectedDevice, SeriesInfo};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

@@ -14,7 +14,7 @@ use std::ptr::NonNull;
 use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
-use super::readings_query::{RawRows, RowsFrom};
+use super::readings_query::{RawRows, RowsPage};
 use super::sqlite_ffi::{Statement, error};
 
 /// One series' readings from a (time, value) on, before an end: a range
@@ -28,41 +28,33 @@ const SERIES_SQL: &str = "SELECT time_unix_nano, value FROM readings \
 /// statement once per series until it holds `limit` rows.
 pub(super) async fn raw_rows(
     conn: &mut SqliteConnection,
-    sensor_pks: &[i64],
-    from: RowsFrom,
-    start: i64,
-    end: i64,
-    limit: usize,
+    page: &RowsPage<'_>,
 ) -> Result<RawRows, sqlx::Error> {
     let mut handle = conn.lock_handle().await?;
     let db = handle.as_raw_handle();
     // A page takes a few tens of milliseconds: long enough that the
     // runtime should move this worker's other tasks elsewhere.
-    let run = || read_on(db, sensor_pks, from, start, end, limit);
+    let run = || read_on(db, page);
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
         _ => run(),
     }
 }
 
-fn read_on(
-    db: NonNull<ffi::sqlite3>,
-    sensor_pks: &[i64],
-    from: RowsFrom,
-    start: i64,
-    end: i64,
-    limit: usize,
-) -> Result<RawRows, sqlx::Error> {
+fn read_on(db: NonNull<ffi::sqlite3>, page: &RowsPage<'_>) -> Result<RawRows, sqlx::Error> {
     let stmt = Statement::prepare(db, &CString::new(SERIES_SQL).expect("no NUL in SQL"))?;
     let raw = stmt.raw.as_ptr();
-    let mut page = RawRows::default();
-    for &pk in sensor_pks.iter().filter(|&&pk| pk >= from.sensor_pk) {
-        let left = limit - page.len();
+    let RowsPage {
+        from, start, end, ..
+    } = *page;
+    let mut read = RawRows::with_capacity(page.limit);
+    for &pk in page.sensor_pks.iter().filter(|&&pk| pk >= from.sensor_pk) {
+        let left = page.limit - read.len();
         if left == 0 {
             break;
         }
-        let (time, value) = if pk == from.sensor_pk {
-            (from.time.max(start), from.value)
+        let (time, value) = if pk == from.sensor_pk && from.time >= start {
+            (from.time, from.value)
         } else {
             (start, f64::MIN)
         };
@@ -83,7 +75,7 @@ fn read_on(
                 if rc != ffi::SQLITE_ROW {
                     break;
                 }
-                page.push(
+                read.push(
                     pk,
                     ffi::sqlite3_column_int64(raw, 0),
                     ffi::sqlite3_column_double(raw, 1),
@@ -95,5 +87,5 @@ fn read_on(
             return Err(error(db, rc, "reading readings"));
         }
     }
-    Ok(page)
+    Ok(read)
 }
