@@ -16,7 +16,7 @@ use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
 use super::ReadingColumns;
-use super::sqlite_ffi::{Statement, error};
+use super::sqlite_ffi::{Statement, error, on_handle};
 
 /// Rows per execution of the multi-row statement. One execution opens the
 /// table's and the index's cursors once for all its rows; a single-row
@@ -52,16 +52,7 @@ pub(super) async fn insert_readings(
     if rows.is_empty() {
         return Ok(());
     }
-    let mut handle = conn.lock_handle().await?;
-    let db = handle.as_raw_handle();
-    // The loop runs for tens of milliseconds on a big group: long enough
-    // that the runtime should move this worker's other tasks elsewhere.
-    // A current-thread runtime (some tests) cannot, and simply waits.
-    let run = || insert_on(db, rows);
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
-        _ => run(),
-    }
+    on_handle(conn, |db| insert_on(db, rows)).await
 }
 
 fn insert_on(db: NonNull<ffi::sqlite3>, rows: &ReadingColumns) -> Result<(), sqlx::Error> {

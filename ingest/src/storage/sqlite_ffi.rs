@@ -5,6 +5,7 @@ use std::ffi::{CStr, c_int};
 use std::ptr::{self, NonNull};
 
 use libsqlite3_sys as ffi;
+use sqlx::SqliteConnection;
 
 /// A prepared statement, finalized on drop.
 pub(super) struct Statement {
@@ -54,4 +55,22 @@ pub(super) fn error(db: NonNull<ffi::sqlite3>, rc: c_int, doing: &str) -> sqlx::
         .to_string_lossy()
         .into_owned();
     sqlx::Error::Protocol(format!("SQLite error {rc} {doing}: {message}"))
+}
+
+/// Runs `work` on `conn`'s raw handle, which sqlx lends for the duration
+/// (so statements run inside whatever transaction sqlx has open). The work
+/// runs for tens of milliseconds: long enough that the runtime should move
+/// this worker's other tasks elsewhere. A current-thread runtime (some
+/// tests) cannot, and simply waits.
+pub(super) async fn on_handle<T>(
+    conn: &mut SqliteConnection,
+    work: impl FnOnce(NonNull<ffi::sqlite3>) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    let db = handle.as_raw_handle();
+    let run = || work(db);
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
+        _ => run(),
+    }
 }

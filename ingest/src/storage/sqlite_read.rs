@@ -15,7 +15,7 @@ use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
 use super::readings_query::{RawRows, RowsPage};
-use super::sqlite_ffi::{Statement, error};
+use super::sqlite_ffi::{Statement, error, on_handle};
 
 /// One series' readings from a (time, value) on, before an end: a range
 /// of the table's key, read in key order (migration 0012).
@@ -30,15 +30,7 @@ pub(super) async fn raw_rows(
     conn: &mut SqliteConnection,
     page: &RowsPage<'_>,
 ) -> Result<RawRows, sqlx::Error> {
-    let mut handle = conn.lock_handle().await?;
-    let db = handle.as_raw_handle();
-    // A page takes a few tens of milliseconds: long enough that the
-    // runtime should move this worker's other tasks elsewhere.
-    let run = || read_on(db, page);
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
-        _ => run(),
-    }
+    on_handle(conn, |db| read_on(db, page)).await
 }
 
 fn read_on(db: NonNull<ffi::sqlite3>, page: &RowsPage<'_>) -> Result<RawRows, sqlx::Error> {
