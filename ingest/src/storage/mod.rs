@@ -24,6 +24,7 @@ mod devices;
 mod error;
 pub mod partitions;
 mod postgres;
+mod read_page;
 mod readings_query;
 pub mod rollup;
 mod sql;
@@ -40,7 +41,8 @@ use std::time::Duration;
 pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
-pub use readings_query::{RawRows, ReadPool, RowsFrom, RowsPage, SelectedDevice, SeriesInfo};
+pub use read_page::{RawRows, RowsFrom, RowsPage};
+pub use readings_query::{ReadPool, SelectedDevice, SeriesInfo};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

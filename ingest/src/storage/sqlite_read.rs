@@ -14,7 +14,7 @@ use std::ptr::NonNull;
 use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
-use super::readings_query::{RawRows, RowsPage};
+use super::read_page::{RawRows, RowsPage};
 use super::sqlite_ffi::{Statement, error, on_handle};
 
 /// One series' readings from a (time, value) on, before an end: a range
