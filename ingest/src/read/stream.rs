@@ -308,16 +308,6 @@ impl QueryTask {
     }
 }
 
-/// Where a series starts when no token says otherwise.
-fn series_start(s: &SeriesInfo, query: &ReadQuery) -> Position {
-    Position {
-        sensor_pk: s.sensor_pk,
-        time: query.start,
-        value: f64::MIN,
-        skip: 0,
-    }
-}
-
 /// Raw readings of a page of series being cut into chunks: the series
 /// being filled, its columns, and the last reading put in (with how many
 /// equal to it so far: the position a token after it carries).
@@ -390,11 +380,21 @@ impl RawChunks<'_> {
     }
 }
 
+/// Where a series starts when no token says otherwise.
+fn series_start(s: &SeriesInfo, query: &ReadQuery) -> Position {
+    series_at(s, query.start)
+}
+
 /// The position after a whole series: its end.
 fn done(s: &SeriesInfo, query: &ReadQuery) -> Position {
+    series_at(s, query.end)
+}
+
+/// A series from `time` on, nothing of that time sent yet.
+fn series_at(s: &SeriesInfo, time: i64) -> Position {
     Position {
         sensor_pk: s.sensor_pk,
-        time: query.end,
+        time,
         value: f64::MIN,
         skip: 0,
     }
