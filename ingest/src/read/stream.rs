@@ -23,8 +23,8 @@ use crate::storage::{RawRows, ReadPool, RowsFrom, RowsPage, SeriesInfo};
 
 /// Series (sensors) looked up at a time.
 const SERIES_PAGE: usize = 256;
-/// How many times a page's reading time a stream waits after it while
-/// ingest is saturated (see [`QueryTask::give_way`]).
+/// How many times what its previous page took a stream waits before the
+/// next while ingest is pressed (see [`QueryTask::give_way`]).
 const GIVE_WAY: u32 = 9;
 /// Rows of one page when computing buckets from raw readings.
 const BUCKET_PAGE_ROWS: usize = 4096;
