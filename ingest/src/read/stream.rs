@@ -217,14 +217,16 @@ impl QueryTask {
         let pks: Vec<i64> = series.iter().map(|s| s.sensor_pk).collect();
         let floor = query.start.max(self.raw_floor);
         let mut cursor = RowsCursor::new(start, floor, query.end);
+        let at = series
+            .iter()
+            .position(|s| s.sensor_pk == start.sensor_pk)
+            .unwrap_or(0);
         let mut out = RawChunks {
             task: self,
             tx,
             series,
-            at: series
-                .iter()
-                .position(|s| s.sensor_pk == start.sensor_pk)
-                .unwrap_or(0),
+            at,
+            per_chunk: self.raw_per_chunk(&series[at]),
             time: Vec::new(),
             value: Vec::new(),
             last: (start.time, start.value, start.skip),
@@ -238,7 +240,13 @@ impl QueryTask {
                     .await?;
             }
         }
-        out.finish(query).await
+        out.flush(query).await
+    }
+
+    /// Raw readings in a chunk of `s`: a packed fixed64 and a packed
+    /// double each.
+    fn raw_per_chunk(&self, s: &SeriesInfo) -> usize {
+        self.rows_per_chunk(s, 16)
     }
 
     async fn bucket_series(
@@ -317,6 +325,9 @@ struct RawChunks<'a> {
     series: &'a [SeriesInfo],
     /// The series being filled, by index into `series`.
     at: usize,
+    /// Readings in a chunk of that series (its names count against the
+    /// chunk's bytes).
+    per_chunk: usize,
     time: Vec<i64>,
     value: Vec<f64>,
     last: (i64, f64, u64),
@@ -336,6 +347,7 @@ impl RawChunks<'_> {
             while self.series[self.at].sensor_pk != sensor_pk {
                 self.at += 1;
             }
+            self.per_chunk = self.task.raw_per_chunk(&self.series[self.at]);
             self.last = (t, v, 0);
         }
         let s = &self.series[self.at];
@@ -346,7 +358,7 @@ impl RawChunks<'_> {
         };
         self.time.push(t);
         self.value.push(v);
-        if self.time.len() == self.task.rows_per_chunk(s, 16) {
+        if self.time.len() == self.per_chunk {
             let data = ChunkData::Raw {
                 time: std::mem::take(&mut self.time),
                 value: std::mem::take(&mut self.value),
@@ -373,10 +385,6 @@ impl RawChunks<'_> {
             value: std::mem::take(&mut self.value),
         };
         self.task.send(self.tx, s, data, done(s, query)).await
-    }
-
-    async fn finish(mut self, query: &ReadQuery) -> Result<(), Stop> {
-        self.flush(query).await
     }
 }
 
