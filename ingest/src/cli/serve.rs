@@ -242,6 +242,15 @@ struct ReadArgs {
     #[arg(long, env = "INGEST_READ_CONNECTIONS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     read_connections: u32,
+    /// Threads that run QueryReadings' reads.
+    #[arg(long, env = "INGEST_READ_THREADS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    read_threads: u16,
+    /// CPU niceness of those threads, 0 (the server's own) to 19: reads
+    /// take the CPU that ingest leaves.
+    #[arg(long, env = "INGEST_READ_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    read_nice: i32,
 }
 
 /// Where the data lives; shared by `serve` and `migrate`.
@@ -347,6 +356,8 @@ impl ServeArgs {
             max_streams: self.read.max_read_streams,
             max_streams_per_token: self.read.max_read_streams_per_token,
             pool_connections: self.read.read_connections,
+            threads: usize::from(self.read.read_threads),
+            nice: self.read.read_nice,
             ..ReadConfig::default()
         };
         Ok(config)

@@ -10,6 +10,7 @@
 pub mod buckets;
 mod limits;
 pub mod query;
+mod runtime;
 mod stream;
 pub mod token;
 
@@ -23,6 +24,7 @@ use crate::storage::{ReadPool, StorageError, Store};
 pub use buckets::{Aggregate, BucketColumns, Bucketing, CalendarUnit};
 pub use limits::{StreamLimits, StreamPermit};
 pub use query::{InvalidQuery, QueryRequest, ReadQuery};
+pub use runtime::ReadRuntime;
 pub use token::{Position, TokenError, TokenKey};
 
 /// The read path's settings (`ingest serve --read-*`, `--max-read-*`).
@@ -53,6 +55,11 @@ pub struct ReadConfig {
     /// a time, so reading them would answer differently per backend and
     /// per minute. Rollup rows have a retention of their own.
     pub raw_retention: Option<Duration>,
+    /// Threads of the read runtime.
+    pub threads: usize,
+    /// Their niceness, 0 to 19: how far reads come second to ingest for
+    /// the CPU (see [`runtime`]).
+    pub nice: i32,
 }
 
 impl Default for ReadConfig {
@@ -67,6 +74,8 @@ impl Default for ReadConfig {
             page_rows: 32_768,
             queued_chunks: 2,
             raw_retention: None,
+            threads: 2,
+            nice: 10,
         }
     }
 }
@@ -117,6 +126,7 @@ pub struct Reader {
     config: ReadConfig,
     limits: Arc<StreamLimits>,
     metrics: Arc<Metrics>,
+    runtime: Arc<ReadRuntime>,
 }
 
 impl Reader {
@@ -125,9 +135,10 @@ impl Reader {
         store: &Store,
         config: ReadConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, StorageError> {
+    ) -> anyhow::Result<Self> {
         let pool = ReadPool::open(store, config.pool_connections).await?;
         let key = store.server_secret("read_resume_token_key").await?;
+        let runtime = ReadRuntime::start(config.threads, config.nice)?;
         Ok(Self {
             pool,
             key: TokenKey::new(key, config.token_ttl),
@@ -137,6 +148,7 @@ impl Reader {
             )),
             config,
             metrics,
+            runtime: Arc::new(runtime),
         })
     }
 
@@ -215,7 +227,7 @@ impl Reader {
             metrics: self.metrics.clone(),
             permit,
         };
-        tokio::spawn(task.run(query, pks, from, tx));
+        self.runtime.spawn(task.run(query, pks, from, tx));
         Ok(rx)
     }
 }

@@ -56,4 +56,50 @@ impl RawRows {
         self.time.push(time);
         self.value.push(value);
     }
+
+    /// Readings of one series, `time` and `value` of equal length, put in
+    /// (time, value) order if they are not.
+    pub(super) fn extend_series(
+        &mut self,
+        sensor_pk: i64,
+        mut time: Vec<i64>,
+        mut value: Vec<f64>,
+    ) {
+        debug_assert_eq!(time.len(), value.len());
+        let key = |i: usize| (time[i], value[i]);
+        if !(1..time.len()).all(|i| key(i - 1) <= key(i)) {
+            let mut pairs: Vec<(i64, f64)> = time.into_iter().zip(value).collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+            (time, value) = pairs.into_iter().unzip();
+        }
+        self.sensor_pk
+            .extend(std::iter::repeat_n(sensor_pk, time.len()));
+        self.time.extend_from_slice(&time);
+        self.value.extend_from_slice(&value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawRows;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_series_comes_out_in_time_then_value_order(
+            readings in prop::collection::vec((-5i64..5, -3i8..3), 0..40),
+        ) {
+            let time: Vec<i64> = readings.iter().map(|r| r.0).collect();
+            let value: Vec<f64> = readings.iter().map(|r| f64::from(r.1)).collect();
+            let mut rows = RawRows::default();
+            rows.extend_series(7, time, value);
+            let mut expected: Vec<(i64, f64)> =
+                readings.iter().map(|r| (r.0, f64::from(r.1))).collect();
+            expected.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let got: Vec<(i64, f64)> =
+                rows.time.iter().copied().zip(rows.value.iter().copied()).collect();
+            prop_assert_eq!(got, expected);
+            prop_assert!(rows.sensor_pk.iter().all(|&pk| pk == 7));
+        }
+    }
 }
