@@ -430,14 +430,14 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
     }
     // Four times do not fit 80 columns: a revoked token shows when in its
     // state's column instead of its expiry (which no longer matters).
-    let mut tokens = Table::new([
+    let tokens = Table::new([
         Column::right("TOKEN"),
         Column::time("CREATED (UTC)"),
         Column::time("LAST USED (UTC)"),
         Column::left("STATE"),
         Column::time("SINCE / UNTIL (UTC)"),
-    ]);
-    for t in &c.tokens {
+    ])
+    .rows(&c.tokens, |t| {
         let (state, when) = if t.revoked_time_unix_nano != 0 {
             ("revoked", utc(t.revoked_time_unix_nano, "-"))
         } else if !t.active {
@@ -445,14 +445,14 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
         } else {
             ("active", utc(t.expires_time_unix_nano, "no expiry"))
         };
-        tokens.row([
+        [
             t.credential_id.to_string(),
             utc(t.created_time_unix_nano, "-"),
             utc(t.last_used_time_unix_nano, "never"),
             state.to_owned(),
             when,
-        ]);
-    }
+        ]
+    });
     format!("{fields}\n\n{tokens}")
 }
 

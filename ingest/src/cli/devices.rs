@@ -277,25 +277,25 @@ fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
         text.push_str("\n\nno sensors yet");
         return text;
     }
-    let mut sensors = Table::new([
+    let sensors = Table::new([
         Column::left("SENSOR"),
         Column::left("UNIT"),
         Column::right("LATEST"),
         Column::time("AT (UTC)"),
-    ]);
-    for s in &d.sensors {
+    ])
+    .rows(&d.sensors, |s| {
         let latest = if s.last_time_unix_nano == 0 {
             "-".to_owned()
         } else {
             number(s.last_value)
         };
-        sensors.row([
+        [
             s.sensor.clone(),
             or_dash(&s.unit).to_owned(),
             latest,
             time(s.last_time_unix_nano),
-        ]);
-    }
+        ]
+    });
     text.push_str("\n\n");
     text.push_str(&sensors.to_string());
     text
@@ -321,25 +321,24 @@ fn state(d: &pb::Device) -> &'static str {
 }
 
 fn table(devices: &[pb::Device]) -> Table {
-    let mut table = Table::new([
+    Table::new([
         Column::left("DEVICE"),
         Column::left("NAME"),
         Column::left("STATE").keep(),
         Column::right("SEQUENCE"),
         Column::time("LAST UPLOAD (UTC)"),
         Column::left("LABELS"),
-    ]);
-    for d in devices {
-        table.row([
+    ])
+    .rows(devices, |d| {
+        [
             d.device_id.clone(),
             d.display_name.clone(),
             state(d).to_owned(),
             d.committed_sequence.to_string(),
             time(d.last_upload_time_unix_nano),
             labels_text(d),
-        ]);
-    }
-    table
+        ]
+    })
 }
 
 #[cfg(test)]
