@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
-use super::credentials::{CredentialsCommand, read_certificate};
+use super::credentials::{CredentialsCommand, device_credentials, read_certificate};
 use super::output::{Answer, Column, Table, number, or_dash, reply, time, yes_no};
 
 #[derive(Debug, Subcommand)]
@@ -128,10 +128,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 })
                 .await,
             )?;
-            let credentials = reply(
-                ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
-                    .await,
-            )?;
+            let credentials = device_credentials(&mut ops, device_id).await?;
             let whole = (device, credentials);
             Answer::stdout(json).one(
                 &whole,
