@@ -467,6 +467,14 @@ mod tests {
         .await
     }
 
+    /// A controlled device whose first hello the server has read: ready
+    /// for commands.
+    async fn start_greeted() -> Harness {
+        let h = start_controlled().await;
+        h.control.next_hello().await;
+        h
+    }
+
     impl Harness {
         async fn stop(self) -> Result<(), String> {
             self.trigger.trigger();
@@ -540,8 +548,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_what_it_cannot_do_and_applies_the_rest() {
-        let h = start_controlled().await;
-        h.control.next_hello().await;
+        let h = start_greeted().await;
         let failed = |ack: CommandAck, needle: &str| {
             assert_eq!(ack.state, i32::from(CommandAckState::Failed), "{ack:?}");
             assert!(ack.detail.contains(needle), "{ack:?}");
@@ -604,8 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rebalanced_stream_reconnects_at_once_and_is_no_failure() {
-        let h = start_controlled().await;
-        h.control.next_hello().await;
+        let h = start_greeted().await;
         // What a server sends when a Control stream reached its lifetime.
         h.control.send(Err(Status::unavailable(
             "rebalance: reconnect, possibly to another server",
@@ -631,8 +637,7 @@ mod tests {
 
     #[tokio::test]
     async fn reboots_once_even_when_the_command_comes_again() {
-        let h = start_controlled().await;
-        h.control.next_hello().await;
+        let h = start_greeted().await;
         let mut power = h.shared.power.subscribe();
         assert_eq!(
             h.ack(9, Kind::Reboot(Reboot {})).await,

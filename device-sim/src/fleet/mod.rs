@@ -221,6 +221,33 @@ mod tests {
     use crate::config::Args;
     use crate::server::mock::{GOOD_TOKEN, MockIngest, MockOps, OPS_TOKEN, serve_both};
 
+    /// A quiet fleet against the mock servers at `addr`: it presents
+    /// `ops_token` (from a file in `dir`) and keeps device tokens in
+    /// `credentials`; `flags` say the rest.
+    fn quiet_fleet(
+        addr: std::net::SocketAddr,
+        dir: &std::path::Path,
+        ops_token: &str,
+        credentials: &std::path::Path,
+        flags: &[&str],
+    ) -> Config {
+        let server = format!("http://{addr}");
+        let token_file = dir.join("ops.token");
+        std::fs::write(&token_file, ops_token).expect("token file");
+        let argv = [
+            "device-sim",
+            "--server",
+            &server,
+            "--ops-token-file",
+            token_file.to_str().expect("utf-8 path"),
+            "--quiet",
+            "--credentials-file",
+            credentials.to_str().expect("utf-8 path"),
+        ];
+        let argv = argv.iter().chain(flags).copied();
+        Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config")
+    }
+
     #[tokio::test]
     async fn registers_runs_and_reports_failures() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -238,29 +265,18 @@ mod tests {
             .insert("sim-00003".into());
         let addr = serve_both(MockIngest::default(), ops).await;
 
-        let server = format!("http://{addr}");
-        let token_file = dir.path().join("ops.token");
-        std::fs::write(&token_file, OPS_TOKEN).expect("token file");
-        let argv = [
-            "device-sim",
-            "--server",
-            &server,
-            "--ops-token-file",
-            token_file.to_str().expect("utf-8 path"),
+        let mut flags = vec![
             "--devices",
             "3",
             "--connections",
             "2",
             "--duration",
             "1s",
-            "--quiet",
-            "--credentials-file",
-            creds_path.to_str().expect("utf-8 path"),
             "--report-json",
             report_path.to_str().expect("utf-8 path"),
         ];
-        let argv = argv.into_iter().chain(crate::config::FAST_UPLOADS);
-        let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
+        flags.extend(crate::config::FAST_UPLOADS);
+        let config = quiet_fleet(addr, dir.path(), OPS_TOKEN, &creds_path, &flags);
         let code = run(config).await.expect("run completes");
         assert_eq!(
             code,
@@ -298,23 +314,8 @@ mod tests {
     async fn wrong_ops_token_is_fatal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = serve_both(MockIngest::default(), MockOps::default()).await;
-        let server = format!("http://{addr}");
         let creds = dir.path().join("creds.json");
-        let token_file = dir.path().join("ops.token");
-        std::fs::write(&token_file, "nope").expect("token file");
-        let argv = [
-            "device-sim",
-            "--server",
-            &server,
-            "--ops-token-file",
-            token_file.to_str().expect("utf-8 path"),
-            "--devices",
-            "2",
-            "--quiet",
-            "--credentials-file",
-            creds.to_str().expect("utf-8 path"),
-        ];
-        let config = Config::from_args(Args::try_parse_from(argv).expect("args")).expect("config");
+        let config = quiet_fleet(addr, dir.path(), "nope", &creds, &["--devices", "2"]);
         let err = run(config).await.expect_err("ops token rejected");
         assert!(err.to_string().contains("ops token"), "{err:#}");
     }

@@ -79,6 +79,22 @@ async fn run_fleet_with(
     serde_json::from_slice(&std::fs::read(report).expect("report")).expect("JSON")
 }
 
+/// Runs the fleet for `duration` while `operator` acts on the server with
+/// an ops client of its own; the fleet's report.
+async fn run_fleet_while(
+    server: &LocalServer,
+    dir: &Path,
+    duration: &str,
+    operator: impl AsyncFnOnce(Ops),
+) -> serde_json::Value {
+    let report_path = dir.join("r.json");
+    let (report, ()) = tokio::join!(
+        run_fleet_for(server, dir, &report_path, duration),
+        operator(ops_client(server)),
+    );
+    report
+}
+
 type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
 
 fn ops_client(server: &LocalServer) -> Ops {
@@ -311,38 +327,34 @@ async fn devices_obey_commands_sent_through_the_real_server() {
     };
 
     let (dir, server) = start_server().await;
-    let report_path = dir.path().join("r.json");
-    let (report, ()) = tokio::join!(
-        run_fleet_for(&server, dir.path(), &report_path, "3s"),
-        async {
-            let mut ops = ops_client(&server);
-            // Wait until the device holds its Control stream.
-            wait_for_device(&mut ops, "sim-00001", "online", |d| d.online).await;
-            let mut send = async |kind: Kind| {
-                ops.send_command(SendCommandRequest {
-                    device_id: "sim-00001".into(),
-                    command: Some(Command {
-                        kind: Some(kind),
-                        ..Command::default()
-                    }),
-                    ttl_millis: 0,
-                    wait_millis: 2000,
-                })
-                .await
-                .expect("command stored")
-                .into_inner()
-            };
-            let pong = send(Kind::Ping(Ping {})).await;
-            assert_eq!(pong.state(), CommandState::Acked, "{pong:?}");
-            assert_eq!(pong.result, "pong");
-            let slower = send(Kind::SetSamplingInterval(SetSamplingInterval {
-                interval_ms: 100,
-            }))
-            .await;
-            assert_eq!(slower.state(), CommandState::Acked, "{slower:?}");
-            assert_eq!(slower.result, "interval 100 ms");
-        }
-    );
+    let report = run_fleet_while(&server, dir.path(), "3s", async |mut ops| {
+        // Wait until the device holds its Control stream.
+        wait_for_device(&mut ops, "sim-00001", "online", |d| d.online).await;
+        let mut send = async |kind: Kind| {
+            ops.send_command(SendCommandRequest {
+                device_id: "sim-00001".into(),
+                command: Some(Command {
+                    kind: Some(kind),
+                    ..Command::default()
+                }),
+                ttl_millis: 0,
+                wait_millis: 2000,
+            })
+            .await
+            .expect("command stored")
+            .into_inner()
+        };
+        let pong = send(Kind::Ping(Ping {})).await;
+        assert_eq!(pong.state(), CommandState::Acked, "{pong:?}");
+        assert_eq!(pong.result, "pong");
+        let slower = send(Kind::SetSamplingInterval(SetSamplingInterval {
+            interval_ms: 100,
+        }))
+        .await;
+        assert_eq!(slower.state(), CommandState::Acked, "{slower:?}");
+        assert_eq!(slower.result, "interval 100 ms");
+    })
+    .await;
     server.stop().await.expect("server stops cleanly");
     assert_eq!(report["commands_received"], 2);
     assert_eq!(report["commands_done"], 2);
@@ -359,45 +371,41 @@ async fn a_disabled_device_waits_and_resumes_when_enabled() {
     use telemetry_proto::v1::{DisableDeviceRequest, EnableDeviceRequest};
 
     let (dir, server) = start_server().await;
-    let report_path = dir.path().join("r.json");
-    let (report, ()) = tokio::join!(
-        run_fleet_for(&server, dir.path(), &report_path, "12s"),
-        async {
-            let mut ops = ops_client(&server);
-            let id = "sim-00001";
-            wait_for_device(&mut ops, id, "uploading", |d| {
-                d.online && d.committed_sequence > 0
-            })
-            .await;
-            let refused_before = refused_as_disabled(&server).await;
-            ops.disable_device(DisableDeviceRequest {
-                device_id: id.into(),
-            })
-            .await
-            .expect("disable");
-            // The server ends its streams; the device is refused, and
-            // tries again (more than once) rather than giving up.
-            wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
-            wait_for_refusals(&server, refused_before + 1.0).await;
-            let stopped = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
-            wait_for_refusals(&server, refused_before + 3.0).await;
-            let still = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
-            assert_eq!(
-                still.committed_sequence, stopped.committed_sequence,
-                "nothing stored while disabled"
-            );
+    let report = run_fleet_while(&server, dir.path(), "12s", async |mut ops| {
+        let id = "sim-00001";
+        wait_for_device(&mut ops, id, "uploading", |d| {
+            d.online && d.committed_sequence > 0
+        })
+        .await;
+        let refused_before = refused_as_disabled(&server).await;
+        ops.disable_device(DisableDeviceRequest {
+            device_id: id.into(),
+        })
+        .await
+        .expect("disable");
+        // The server ends its streams; the device is refused, and
+        // tries again (more than once) rather than giving up.
+        wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+        wait_for_refusals(&server, refused_before + 1.0).await;
+        let stopped = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+        wait_for_refusals(&server, refused_before + 3.0).await;
+        let still = wait_for_device(&mut ops, id, "offline", |d| !d.online).await;
+        assert_eq!(
+            still.committed_sequence, stopped.committed_sequence,
+            "nothing stored while disabled"
+        );
 
-            ops.enable_device(EnableDeviceRequest {
-                device_id: id.into(),
-            })
-            .await
-            .expect("enable");
-            wait_for_device(&mut ops, id, "back online and uploading", |d| {
-                d.online && d.committed_sequence > stopped.committed_sequence
-            })
-            .await;
-        }
-    );
+        ops.enable_device(EnableDeviceRequest {
+            device_id: id.into(),
+        })
+        .await
+        .expect("enable");
+        wait_for_device(&mut ops, id, "back online and uploading", |d| {
+            d.online && d.committed_sequence > stopped.committed_sequence
+        })
+        .await;
+    })
+    .await;
     let database = server.database.clone();
     server.stop().await.expect("server stops cleanly");
     assert_eq!(report["devices_failed"], 0, "{report:#}");

@@ -167,6 +167,14 @@ impl fmt::Display for Report {
         let row = |f: &mut fmt::Formatter<'_>, label: &str, value: &dyn fmt::Display| {
             writeln!(f, "  {label:<19}{value}")
         };
+        // What happens only now and then has a row only when it happened.
+        let if_any =
+            |f: &mut fmt::Formatter<'_>, label: &str, count: u64, note: &str| -> fmt::Result {
+                if count > 0 {
+                    row(f, label, &format_args!("{count}{note}"))?;
+                }
+                Ok(())
+            };
         writeln!(f, "device-sim report")?;
         row(
             f,
@@ -179,16 +187,12 @@ impl fmt::Display for Report {
         row(f, "readings accepted", &self.readings_accepted)?;
         row(f, "readings rejected", &self.readings_rejected)?;
         row(f, "duplicate batches", &self.duplicate_batches)?;
-        if self.batches_recovered > 0 {
-            row(
-                f,
-                "recovered batches",
-                &format_args!(
-                    "{} (committed, but their summary was lost)",
-                    self.batches_recovered
-                ),
-            )?;
-        }
+        if_any(
+            f,
+            "recovered batches",
+            self.batches_recovered,
+            " (committed, but their summary was lost)",
+        )?;
         row(f, "dropped batches", &self.dropped_batches)?;
         row(
             f,
@@ -210,20 +214,14 @@ impl fmt::Display for Report {
                 self.commands_repeated
             ),
         )?;
-        if self.reboots > 0 {
-            row(f, "reboots", &self.reboots)?;
-        }
+        if_any(f, "reboots", self.reboots, "")?;
         row(f, "control reconnects", &self.control_reconnects)?;
-        if self.control_rebalances > 0 {
-            row(
-                f,
-                "control rebalances",
-                &format_args!(
-                    "{} (ended by the server to spread devices; reconnected at once)",
-                    self.control_rebalances
-                ),
-            )?;
-        }
+        if_any(
+            f,
+            "control rebalances",
+            self.control_rebalances,
+            " (ended by the server to spread devices; reconnected at once)",
+        )?;
         if self.control_unsupported_devices > 0 {
             row(
                 f,
@@ -234,16 +232,12 @@ impl fmt::Display for Report {
                 ),
             )?;
         }
-        if self.disabled_by_operator > 0 {
-            row(
-                f,
-                "disabled",
-                &format_args!(
-                    "{} time(s) by an operator (the devices waited until enabled again)",
-                    self.disabled_by_operator
-                ),
-            )?;
-        }
+        if_any(
+            f,
+            "disabled",
+            self.disabled_by_operator,
+            " time(s) by an operator (the devices waited until enabled again)",
+        )?;
         row(
             f,
             "accepted/s",
@@ -340,27 +334,17 @@ mod tests {
             settings(),
         );
         let text = report.to_string();
-        assert!(
-            text.contains("  devices            20 (1 failed)\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("  accepted/s         8000 (mean over run)\n"),
-            "{text}"
-        );
-        assert!(text.contains("(n=2)"), "{text}");
-        assert!(text.contains("sim-00003: token rejected"), "{text}");
-        assert!(
-            text.contains("  commands           12 received, 10 done, 1 failed, 1 repeats\n"),
-            "{text}"
-        );
-        assert!(text.contains("  control reconnects 3\n"), "{text}");
-        assert!(
-            text.contains(
-                "  wire bytes sent    3000000 (12.5 per accepted reading; compression gzip)\n"
-            ),
-            "{text}"
-        );
+        for part in [
+            "  devices            20 (1 failed)\n",
+            "  accepted/s         8000 (mean over run)\n",
+            "(n=2)",
+            "sim-00003: token rejected",
+            "  commands           12 received, 10 done, 1 failed, 1 repeats\n",
+            "  control reconnects 3\n",
+            "  wire bytes sent    3000000 (12.5 per accepted reading; compression gzip)\n",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
         assert!(!text.contains("reboots"), "{text}");
 
         let json: serde_json::Value = serde_json::to_value(&report).expect("report serialises");

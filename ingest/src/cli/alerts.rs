@@ -172,7 +172,7 @@ fn alert_json(a: &pb::Alert) -> serde_json::Value {
 }
 
 fn table(alerts: &[pb::Alert]) -> Table {
-    let mut table = Table::new([
+    Table::new([
         Column::right("ALERT"),
         Column::left("STATE").keep(),
         Column::left("SEVERITY").keep(),
@@ -181,9 +181,9 @@ fn table(alerts: &[pb::Alert]) -> Table {
         Column::left("SENSOR"),
         Column::right("VALUE"),
         Column::time("FIRED (UTC)"),
-    ]);
-    for a in alerts {
-        table.row([
+    ])
+    .rows(alerts, |a| {
+        [
             a.alert_id.to_string(),
             alert_state(a).to_owned(),
             severity_name(a.severity).to_owned(),
@@ -192,9 +192,8 @@ fn table(alerts: &[pb::Alert]) -> Table {
             or_dash(&a.sensor).to_owned(),
             a.fired_value.map_or_else(|| "-".into(), number),
             time(a.fired_time_unix_nano),
-        ]);
-    }
-    table
+        ]
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -442,7 +442,7 @@ fn command_json(c: &pb::Command) -> serde_json::Value {
 
 /// One row per command; the times after its creation are relative to it.
 fn table(commands: &[pb::Command]) -> Table {
-    let mut table = Table::new([
+    Table::new([
         Column::right("ID"),
         Column::left("DEVICE"),
         Column::left("KIND"),
@@ -451,10 +451,10 @@ fn table(commands: &[pb::Command]) -> Table {
         Column::time("CREATED (UTC)"),
         Column::right("SENT"),
         Column::left("FINISHED"),
-    ]);
-    for c in commands {
+    ])
+    .rows(commands, |c| {
         let offset = |t| offset_text(c.created_time_unix_nano, t).unwrap_or_else(|| "-".into());
-        table.row([
+        [
             c.command_id.to_string(),
             c.device_id.clone(),
             kind_text(c.kind.as_ref()),
@@ -463,9 +463,8 @@ fn table(commands: &[pb::Command]) -> Table {
             time(c.created_time_unix_nano),
             offset(c.sent_time_unix_nano),
             offset(c.finished_time_unix_nano),
-        ]);
-    }
-    table
+        ]
+    })
 }
 
 #[cfg(test)]

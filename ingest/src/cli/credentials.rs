@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
-use super::client::ServerArgs;
+use super::client::{Ops, ServerArgs};
 use super::output::{Answer, Column, Table, reply, yes_no};
 use crate::domain::CertFingerprint;
 
@@ -158,6 +158,18 @@ pub(super) fn read_certificate(path: &Path) -> anyhow::Result<(String, CertFinge
     Ok((pem, fingerprint))
 }
 
+/// A device's credentials as the server holds them (`devices get` shows
+/// them too).
+pub(super) async fn device_credentials(
+    ops: &mut Ops,
+    device_id: String,
+) -> anyhow::Result<pb::DeviceCredentials> {
+    reply(
+        ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
+            .await,
+    )
+}
+
 pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
     match cmd {
         CredentialsCommand::RotateToken {
@@ -209,10 +221,7 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut ops = server.ops().await?;
-            let credentials = reply(
-                ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
-                    .await,
-            )?;
+            let credentials = device_credentials(&mut ops, device_id).await?;
             Answer::stdout(json).one(&credentials, credentials_json, credentials_text)?;
         }
         CredentialsCommand::Revoke(args) => {
@@ -430,14 +439,14 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
     }
     // Four times do not fit 80 columns: a revoked token shows when in its
     // state's column instead of its expiry (which no longer matters).
-    let mut tokens = Table::new([
+    let tokens = Table::new([
         Column::right("TOKEN"),
         Column::time("CREATED (UTC)"),
         Column::time("LAST USED (UTC)"),
         Column::left("STATE"),
         Column::time("SINCE / UNTIL (UTC)"),
-    ]);
-    for t in &c.tokens {
+    ])
+    .rows(&c.tokens, |t| {
         let (state, when) = if t.revoked_time_unix_nano != 0 {
             ("revoked", utc(t.revoked_time_unix_nano, "-"))
         } else if !t.active {
@@ -445,14 +454,14 @@ fn credentials_text(c: &pb::DeviceCredentials) -> String {
         } else {
             ("active", utc(t.expires_time_unix_nano, "no expiry"))
         };
-        tokens.row([
+        [
             t.credential_id.to_string(),
             utc(t.created_time_unix_nano, "-"),
             utc(t.last_used_time_unix_nano, "never"),
             state.to_owned(),
             when,
-        ]);
-    }
+        ]
+    });
     format!("{fields}\n\n{tokens}")
 }
 

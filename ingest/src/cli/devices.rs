@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
-use super::credentials::{CredentialsCommand, read_certificate};
+use super::credentials::{CredentialsCommand, device_credentials, read_certificate};
 use super::output::{Answer, Column, Table, number, or_dash, reply, time, yes_no};
 
 #[derive(Debug, Subcommand)]
@@ -128,10 +128,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                 })
                 .await,
             )?;
-            let credentials = reply(
-                ops.list_device_credentials(pb::ListDeviceCredentialsRequest { device_id })
-                    .await,
-            )?;
+            let credentials = device_credentials(&mut ops, device_id).await?;
             let whole = (device, credentials);
             Answer::stdout(json).one(
                 &whole,
@@ -277,25 +274,25 @@ fn whole_text(d: &pb::Device, c: &pb::DeviceCredentials) -> String {
         text.push_str("\n\nno sensors yet");
         return text;
     }
-    let mut sensors = Table::new([
+    let sensors = Table::new([
         Column::left("SENSOR"),
         Column::left("UNIT"),
         Column::right("LATEST"),
         Column::time("AT (UTC)"),
-    ]);
-    for s in &d.sensors {
+    ])
+    .rows(&d.sensors, |s| {
         let latest = if s.last_time_unix_nano == 0 {
             "-".to_owned()
         } else {
             number(s.last_value)
         };
-        sensors.row([
+        [
             s.sensor.clone(),
             or_dash(&s.unit).to_owned(),
             latest,
             time(s.last_time_unix_nano),
-        ]);
-    }
+        ]
+    });
     text.push_str("\n\n");
     text.push_str(&sensors.to_string());
     text
@@ -321,25 +318,24 @@ fn state(d: &pb::Device) -> &'static str {
 }
 
 fn table(devices: &[pb::Device]) -> Table {
-    let mut table = Table::new([
+    Table::new([
         Column::left("DEVICE"),
         Column::left("NAME"),
         Column::left("STATE").keep(),
         Column::right("SEQUENCE"),
         Column::time("LAST UPLOAD (UTC)"),
         Column::left("LABELS"),
-    ]);
-    for d in devices {
-        table.row([
+    ])
+    .rows(devices, |d| {
+        [
             d.device_id.clone(),
             d.display_name.clone(),
             state(d).to_owned(),
             d.committed_sequence.to_string(),
             time(d.last_upload_time_unix_nano),
             labels_text(d),
-        ]);
-    }
-    table
+        ]
+    })
 }
 
 #[cfg(test)]
@@ -453,20 +449,15 @@ mod tests {
         for (line, want) in text.lines().zip(expected) {
             assert_eq!(line, want, "{text}");
         }
-        assert!(text.contains("firmware      1.4.2"), "{text}");
-        assert!(
-            text.contains("last upload   2026-11-23T22:51:20Z"),
-            "{text}"
-        );
-        assert!(
-            text.contains("SENSOR       UNIT   LATEST  AT (UTC)"),
-            "{text}"
-        );
-        assert!(
-            text.contains("temperature  Cel   21.4568  2026-11-23T22:51:20Z"),
-            "{text}"
-        );
-        assert!(text.contains("humidity     -           -  -"), "{text}");
+        for part in [
+            "firmware      1.4.2",
+            "last upload   2026-11-23T22:51:20Z",
+            "SENSOR       UNIT   LATEST  AT (UTC)",
+            "temperature  Cel   21.4568  2026-11-23T22:51:20Z",
+            "humidity     -           -  -",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
         let json = whole_json(&device(), &credentials);
         assert_eq!(json["require_mtls"], true);
         assert_eq!(json["sensors"][0]["last_value"], 21.456_789);

@@ -337,23 +337,22 @@ fn rule_json(rule: &pb::AlertRule) -> serde_json::Value {
 }
 
 fn table(rules: &[pb::AlertRule]) -> Table {
-    let mut table = Table::new([
+    Table::new([
         Column::left("RULE"),
         Column::left("SEVERITY").keep(),
         Column::left("SENSOR"),
         Column::left("DEVICES"),
         Column::left("CONDITION"),
-    ]);
-    for rule in rules {
-        table.row([
+    ])
+    .rows(rules, |rule| {
+        [
             rule.rule_id.clone(),
             severity_name(rule.severity).to_owned(),
             sensor_text(rule).to_owned(),
             devices_text(rule.devices.as_ref()),
             condition_text(rule.condition.as_ref()),
-        ]);
-    }
-    table
+        ]
+    })
 }
 
 #[cfg(test)]

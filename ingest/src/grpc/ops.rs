@@ -110,6 +110,26 @@ fn certificate(pem: &str) -> Result<Option<CertFingerprint>, Status> {
         .map_err(|e: InvalidCertificate| Status::invalid_argument(e.to_string()))
 }
 
+/// How many items a page holds: the default when the request says 0, and
+/// never more than the most.
+fn page_size(asked: u32) -> u32 {
+    match asked {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+/// The token of the page after `items`, which were fetched one more than
+/// `page_size`: the extra one, dropped here, tells whether another page
+/// exists. Empty on the last page.
+fn next_page_token<T>(items: &mut Vec<T>, page_size: u32, token: impl Fn(&T) -> String) -> String {
+    if items.len() <= page_size as usize {
+        return String::new();
+    }
+    items.truncate(page_size as usize);
+    items.last().map(token).unwrap_or_default()
+}
+
 fn parse_page_token(token: &str) -> Result<Option<DeviceId>, Status> {
     if token.is_empty() {
         return Ok(None);
@@ -282,25 +302,14 @@ impl pb::ops_server::Ops for OpsService {
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         let req = request.into_inner();
         let after = parse_page_token(&req.page_token)?;
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
-        // One extra row tells whether another page exists.
+        let page_size = page_size(req.page_size);
         let mut records = self
             .store
             .list_devices(after.as_ref(), page_size + 1)
             .await
             .map_err(status::storage)?;
-        let next_page_token = if records.len() > page_size as usize {
-            records.truncate(page_size as usize);
-            records
-                .last()
-                .map(|d| hex::encode(d.id.as_str()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token =
+            next_page_token(&mut records, page_size, |d| hex::encode(d.id.as_str()));
         Ok(Response::new(pb::ListDevicesResponse {
             devices: records
                 .into_iter()
@@ -472,10 +481,7 @@ impl pb::ops_server::Ops for OpsService {
         request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
         let req = request.into_inner();
-        let limit = match req.limit {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
+        let limit = page_size(req.limit);
         let device_ids = parse_device_ids("device_ids", req.device_ids)?;
         let alerts = self
             .store
@@ -550,10 +556,7 @@ impl pb::ops_server::Ops for OpsService {
                 Status::invalid_argument("page_token is not one this server returned")
             })?
         };
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
+        let page_size = page_size(req.page_size);
         let mut commands = self
             .store
             .list_commands(
@@ -564,15 +567,8 @@ impl pb::ops_server::Ops for OpsService {
             )
             .await
             .map_err(status::storage)?;
-        let next_page_token = if commands.len() > page_size as usize {
-            commands.truncate(page_size as usize);
-            commands
-                .last()
-                .map(|c| c.command_id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token =
+            next_page_token(&mut commands, page_size, |c| c.command_id.to_string());
         Ok(Response::new(pb::ListCommandsResponse {
             commands: commands.iter().map(command_to_pb).collect(),
             next_page_token,

@@ -241,6 +241,10 @@ mod tests {
 
     const H: i64 = HOUR_NANOS;
 
+    fn calendar(unit: CalendarUnit, tz: chrono_tz::Tz) -> Bucketing {
+        Bucketing::Calendar { unit, tz }
+    }
+
     fn utc(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s)
             .unwrap()
@@ -261,10 +265,7 @@ mod tests {
 
     #[test]
     fn berlin_days_follow_dst() {
-        let b = Bucketing::Calendar {
-            unit: CalendarUnit::Day,
-            tz: chrono_tz::Europe::Berlin,
-        };
+        let b = calendar(CalendarUnit::Day, chrono_tz::Europe::Berlin);
         // 2026-03-29: clocks go from 02:00 to 03:00, a 23 h day.
         let (s, e) = b.bucket(utc("2026-03-29T12:00:00Z"));
         assert_eq!(s, utc("2026-03-28T23:00:00Z"));
@@ -278,19 +279,13 @@ mod tests {
 
     #[test]
     fn weeks_start_on_monday_and_months_on_the_first() {
-        let week = Bucketing::Calendar {
-            unit: CalendarUnit::Week,
-            tz: chrono_tz::UTC,
-        };
+        let week = calendar(CalendarUnit::Week, chrono_tz::UTC);
         // 2026-12-03 is a Thursday.
         assert_eq!(
             week.bucket(utc("2026-12-03T10:00:00Z")),
             (utc("2026-11-30T00:00:00Z"), utc("2026-12-07T00:00:00Z"))
         );
-        let month = Bucketing::Calendar {
-            unit: CalendarUnit::Month,
-            tz: chrono_tz::America::New_York,
-        };
+        let month = calendar(CalendarUnit::Month, chrono_tz::America::New_York);
         assert_eq!(
             month.bucket(utc("2026-03-15T00:00:00Z")),
             (utc("2026-03-01T05:00:00Z"), utc("2026-04-01T04:00:00Z"))
@@ -300,20 +295,14 @@ mod tests {
     #[test]
     fn a_skipped_midnight_starts_the_day_at_the_first_existing_time() {
         // Santiago moved its clocks at midnight on 2026-09-06 (00:00 -> 01:00).
-        let b = Bucketing::Calendar {
-            unit: CalendarUnit::Day,
-            tz: chrono_tz::America::Santiago,
-        };
+        let b = calendar(CalendarUnit::Day, chrono_tz::America::Santiago);
         let (s, _) = b.bucket(utc("2026-09-06T12:00:00Z"));
         assert_eq!(s, utc("2026-09-06T04:00:00Z"));
     }
 
     #[test]
     fn half_hour_zones_are_not_hour_aligned() {
-        let b = Bucketing::Calendar {
-            unit: CalendarUnit::Day,
-            tz: chrono_tz::Asia::Kolkata,
-        };
+        let b = calendar(CalendarUnit::Day, chrono_tz::Asia::Kolkata);
         assert!(!b.hour_aligned(utc("2026-01-01T00:00:00Z"), utc("2026-01-10T00:00:00Z")));
     }
 
@@ -324,9 +313,9 @@ mod tests {
         fn buckets_hold_their_times(t in -10_000_000_000_000_000i64..10_000_000_000_000_000, w in 1i64..100_000, unit in 0..4usize) {
             let b = match unit {
                 0 => Bucketing::Width(w * SECOND_NANOS),
-                1 => Bucketing::Calendar { unit: CalendarUnit::Day, tz: chrono_tz::Europe::Berlin },
-                2 => Bucketing::Calendar { unit: CalendarUnit::Week, tz: chrono_tz::Australia::Lord_Howe },
-                _ => Bucketing::Calendar { unit: CalendarUnit::Month, tz: chrono_tz::America::Santiago },
+                1 => calendar(CalendarUnit::Day, chrono_tz::Europe::Berlin),
+                2 => calendar(CalendarUnit::Week, chrono_tz::Australia::Lord_Howe),
+                _ => calendar(CalendarUnit::Month, chrono_tz::America::Santiago),
             };
             let (s, e) = b.bucket(t);
             prop_assert!(s <= t && t < e, "{s} <= {t} < {e}");

@@ -119,6 +119,18 @@ impl Table {
         self
     }
 
+    /// Adds a row per item, its cells made by `cells`.
+    pub fn rows<T, S: AsRef<str>, R: IntoIterator<Item = S>>(
+        mut self,
+        items: impl IntoIterator<Item = T>,
+        mut cells: impl FnMut(T) -> R,
+    ) -> Self {
+        for item in items {
+            self.row(cells(item));
+        }
+        self
+    }
+
     /// Clips every cell to `width` characters, the cut marked with `…`, so
     /// that a long value does not push the table past a terminal's width.
     pub fn clip(self, width: usize) -> Self {
