@@ -248,7 +248,7 @@ struct ReadArgs {
     read_threads: u16,
     /// CPU niceness of those threads, 0 (the server's own) to 19: reads
     /// take the CPU that ingest leaves.
-    #[arg(long, env = "INGEST_READ_NICE", default_value_t = 10,
+    #[arg(long, env = "INGEST_READ_NICE", default_value_t = 19,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     read_nice: i32,
 }

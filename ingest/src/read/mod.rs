@@ -58,7 +58,8 @@ pub struct ReadConfig {
     /// Threads of the read runtime.
     pub threads: usize,
     /// Their niceness, 0 to 19: how far reads come second to ingest for
-    /// the CPU (see [`runtime`]).
+    /// the CPU (see [`runtime`]). The library leaves its threads' priority
+    /// alone unless asked; `ingest serve` asks for 19.
     pub nice: i32,
 }
 
@@ -75,7 +76,7 @@ impl Default for ReadConfig {
             queued_chunks: 2,
             raw_retention: None,
             threads: 2,
-            nice: 10,
+            nice: 0,
         }
     }
 }
@@ -127,6 +128,8 @@ pub struct Reader {
     limits: Arc<StreamLimits>,
     metrics: Arc<Metrics>,
     runtime: Arc<ReadRuntime>,
+    /// Whose turn it is to read while ingest is pressed.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reader {
@@ -149,6 +152,7 @@ impl Reader {
             config,
             metrics,
             runtime: Arc::new(runtime),
+            turn: Arc::default(),
         })
     }
 
@@ -226,6 +230,7 @@ impl Reader {
             }),
             metrics: self.metrics.clone(),
             permit,
+            turn: self.turn.clone(),
         };
         self.runtime.spawn(task.run(query, pks, from, tx));
         Ok(rx)

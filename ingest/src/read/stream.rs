@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -24,7 +24,7 @@ use crate::storage::{RawRows, ReadPool, RowsFrom, RowsPage, SeriesInfo};
 /// Series (sensors) looked up at a time.
 const SERIES_PAGE: usize = 256;
 /// How many times what its previous page took a stream waits before the
-/// next while ingest is pressed (see [`QueryTask::give_way`]).
+/// next while ingest is pressed (see [`QueryTask::next_rows`]).
 const GIVE_WAY: u32 = 9;
 /// Rows of one page when computing buckets from raw readings.
 const BUCKET_PAGE_ROWS: usize = 4096;
@@ -46,6 +46,9 @@ pub(super) struct QueryTask {
     pub metrics: Arc<Metrics>,
     /// Held until the task ends: the stream counts as open until then.
     pub permit: StreamPermit,
+    /// Shared by every stream: whose turn it is to read while ingest is
+    /// pressed (see [`Self::next_rows`]).
+    pub turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why streaming stopped before the end.
@@ -126,26 +129,23 @@ impl QueryTask {
         }
     }
 
-    /// Reads give way to ingest. While the writer's queue is more than a
-    /// quarter full (ingest is pressing on the database), a stream waits
-    /// before each page for `GIVE_WAY` times what its previous page took
-    /// (reading it, and cutting and sending its chunks): readers then take
-    /// about a tenth of the time they would, and batches are not held
-    /// behind them. When ingest has room, reads run at full speed.
-    async fn give_way(&self, tx: &Sender, worked: Duration) -> Result<(), Stop> {
+    /// Whether ingest is pressing on the database: the writer's queue is
+    /// more than a quarter full.
+    fn ingest_pressed(&self) -> bool {
         let queued = self.metrics.writer_queue_batches.get();
         let capacity = self.metrics.writer_queue_capacity.get();
-        if capacity == 0 || queued * 4 <= capacity {
-            return Ok(());
-        }
-        tokio::select! {
-            () = tokio::time::sleep(worked * GIVE_WAY) => Ok(()),
-            () = tx.closed() => Err(Stop::Closed),
-        }
+        capacity > 0 && queued * 4 > capacity
     }
 
-    /// The next page of `cursor`, unless the client goes away first, after
-    /// giving way to ingest (see [`Self::give_way`]).
+    /// The next page of `cursor`, unless the client goes away first.
+    ///
+    /// Reads give way to ingest. While ingest presses on the database,
+    /// streams take turns: one reads a page, then keeps the turn for
+    /// `GIVE_WAY` times what the read took. All readers together then
+    /// take about a tenth of one connection's time, however many there
+    /// are (a wait per stream let ten streams take a whole connection),
+    /// and batches are not held behind them. When ingest has room, reads
+    /// run at full speed, side by side.
     async fn next_rows(
         &self,
         tx: &Sender,
@@ -153,12 +153,23 @@ impl QueryTask {
         sensor_pks: &[i64],
         limit: usize,
     ) -> Result<Option<RawRows>, Stop> {
-        if let Some(previous) = cursor.page_started {
-            self.give_way(tx, previous.elapsed()).await?;
+        if !self.ingest_pressed() {
+            return self
+                .unless_closed(tx, cursor.next_page(&self.pool, sensor_pks, limit))
+                .await;
         }
-        cursor.page_started = Some(Instant::now());
-        self.unless_closed(tx, cursor.next_page(&self.pool, sensor_pks, limit))
-            .await
+        let _turn = tokio::select! {
+            turn = self.turn.lock() => turn,
+            () = tx.closed() => return Err(Stop::Closed),
+        };
+        let started = Instant::now();
+        let page = self
+            .unless_closed(tx, cursor.next_page(&self.pool, sensor_pks, limit))
+            .await?;
+        tokio::select! {
+            () = tokio::time::sleep(started.elapsed() * GIVE_WAY) => Ok(page),
+            () = tx.closed() => Err(Stop::Closed),
+        }
     }
 
     /// Waits for `work` unless the client goes away first.
@@ -420,9 +431,6 @@ struct RowsCursor {
     floor: i64,
     end: i64,
     done: bool,
-    /// When the previous page was asked for: what a page costs the stream
-    /// runs from there to the next.
-    page_started: Option<Instant>,
 }
 
 impl RowsCursor {
@@ -442,7 +450,6 @@ impl RowsCursor {
             floor,
             end,
             done: false,
-            page_started: None,
         }
     }
 
