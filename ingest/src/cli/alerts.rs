@@ -18,7 +18,7 @@ use telemetry_client::backoff::Backoff;
 use telemetry_client::status::{is_retryable, retry_delay};
 
 use super::client::{Ops, ServerArgs};
-use super::output::{Answer, Column, Table, number, or_dash, reply, status_error, time};
+use super::output::{Answer, Column, Table, number, or_dash, status_error, time};
 use super::rules::{SeverityArg, severity_json, severity_name};
 
 #[derive(Debug, Subcommand)]
@@ -108,16 +108,17 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            let alerts = reply(
-                ops.list_alerts(pb::ListAlertsRequest {
-                    include_resolved: all,
-                    device_ids: devices,
-                    limit: limit.unwrap_or(0),
+            let alerts = server
+                .call(async |ops| {
+                    ops.list_alerts(pb::ListAlertsRequest {
+                        include_resolved: all,
+                        device_ids: devices,
+                        limit: limit.unwrap_or(0),
+                    })
+                    .await
                 })
-                .await,
-            )?
-            .alerts;
+                .await?
+                .alerts;
             Answer::stdout(json).list(&alerts, alert_json, table)?;
         }
         AlertsCommand::Ack {
@@ -125,8 +126,9 @@ pub async fn run(cmd: AlertsCommand) -> anyhow::Result<()> {
             alert_id,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            let alert = reply(ops.ack_alert(pb::AckAlertRequest { alert_id }).await)?;
+            let alert = server
+                .call(async |ops| ops.ack_alert(pb::AckAlertRequest { alert_id }).await)
+                .await?;
             Answer::stdout(json).one(&alert, alert_json, |a| table(std::slice::from_ref(a)))?;
         }
         AlertsCommand::Watch(args) => {

@@ -51,6 +51,16 @@ impl ServerArgs {
             bearer,
         ))
     }
+
+    /// Connects and makes one Ops call: its answer, or its error as the
+    /// CLI prints it.
+    pub async fn call<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut Ops) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> anyhow::Result<T> {
+        let mut ops = self.ops().await?;
+        super::output::reply(call(&mut ops).await)
+    }
 }
 
 /// No server answered at the address: said once, with the likely cause

@@ -248,8 +248,9 @@ pub async fn run(cmd: CommandCommand) -> anyhow::Result<()> {
             command_id,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            let command = reply(ops.get_command(pb::GetCommandRequest { command_id }).await)?;
+            let command = server
+                .call(async |ops| ops.get_command(pb::GetCommandRequest { command_id }).await)
+                .await?;
             Answer::stdout(json).one(&command, command_json, |c| table(std::slice::from_ref(c)))?;
         }
         CommandCommand::List {

@@ -178,14 +178,15 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
             overlap,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            let response = reply(
-                ops.rotate_device_token(pb::RotateDeviceTokenRequest {
-                    device_id,
-                    overlap_millis: overlap.map(|d| d.as_millis() as u64),
+            let response = server
+                .call(async |ops| {
+                    ops.rotate_device_token(pb::RotateDeviceTokenRequest {
+                        device_id,
+                        overlap_millis: overlap.map(|d| d.as_millis() as u64),
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             let credentials = response
                 .credentials
                 .as_ref()
@@ -230,14 +231,16 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 Some(id) => Credential::TokenCredentialId(id),
                 None => Credential::Certificate(true),
             };
-            let mut ops = args.server.ops().await?;
-            let credentials = reply(
-                ops.revoke_device_credential(pb::RevokeDeviceCredentialRequest {
-                    device_id: args.device_id,
-                    credential: Some(what),
+            let credentials = args
+                .server
+                .call(async |ops| {
+                    ops.revoke_device_credential(pb::RevokeDeviceCredentialRequest {
+                        device_id: args.device_id,
+                        credential: Some(what),
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             Answer::stdout(args.json).one(&credentials, credentials_json, |c| {
                 revoke_text(args.token, c)
             })?;
@@ -257,15 +260,17 @@ pub async fn run(cmd: CredentialsCommand) -> anyhow::Result<()> {
                 Some(path) => read_certificate(path)?.0,
                 None => String::new(),
             };
-            let mut ops = args.server.ops().await?;
-            let credentials = reply(
-                ops.bind_device_certificate(pb::BindDeviceCertificateRequest {
-                    device_id: args.device_id,
-                    certificate_pem,
-                    require_mtls: args.require_mtls.change(),
+            let credentials = args
+                .server
+                .call(async |ops| {
+                    ops.bind_device_certificate(pb::BindDeviceCertificateRequest {
+                        device_id: args.device_id,
+                        certificate_pem,
+                        require_mtls: args.require_mtls.change(),
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             Answer::stdout(args.json).one(&credentials, credentials_json, bind_text)?;
             super::output::warn(&credentials.warnings);
         }

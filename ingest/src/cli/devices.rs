@@ -82,20 +82,22 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
     match cmd {
         DevicesCommand::Register(args) => {
             let certificate = args.cert.as_deref().map(read_certificate).transpose()?;
-            let mut ops = args.server.ops().await?;
-            let response = reply(
-                ops.register_device(pb::RegisterDeviceRequest {
-                    certificate_pem: certificate
-                        .as_ref()
-                        .map(|(pem, _)| pem.clone())
-                        .unwrap_or_default(),
-                    require_mtls: args.require_mtls,
-                    device_id: args.device_id,
-                    display_name: args.name,
-                    labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
+            let response = args
+                .server
+                .call(async |ops| {
+                    ops.register_device(pb::RegisterDeviceRequest {
+                        certificate_pem: certificate
+                            .as_ref()
+                            .map(|(pem, _)| pem.clone())
+                            .unwrap_or_default(),
+                        require_mtls: args.require_mtls,
+                        device_id: args.device_id,
+                        display_name: args.name,
+                        labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             let device = response.device.context("server returned no device")?;
             let fingerprint = certificate.map(|(_, fingerprint)| fingerprint);
             if args.json {
@@ -162,14 +164,15 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
             to,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            let response = reply(
-                ops.reset_upload_cursor(pb::ResetUploadCursorRequest {
-                    device_id,
-                    committed_sequence: to,
+            let response = server
+                .call(async |ops| {
+                    ops.reset_upload_cursor(pb::ResetUploadCursorRequest {
+                        device_id,
+                        committed_sequence: to,
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             let device = response.device.context("server returned no device")?;
             let previous = response.previous_committed_sequence;
             Answer::stdout(json).one(

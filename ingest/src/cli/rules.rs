@@ -14,7 +14,7 @@ use telemetry_proto::v1::device_selector::Selector;
 use telemetry_proto::v1::threshold_condition::Direction;
 
 use super::client::ServerArgs;
-use super::output::{Answer, Column, Table, duration_text, reply};
+use super::output::{Answer, Column, Table, duration_text};
 
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
@@ -129,19 +129,23 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
     match cmd {
         RulesCommand::Add(args) => {
             let rule = rule_from_args(&args);
-            let mut ops = args.server.ops().await?;
-            let stored = reply(
-                ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
-                    .await,
-            )?;
+            let stored = args
+                .server
+                .call(async |ops| {
+                    ops.put_alert_rule(pb::PutAlertRuleRequest { rule: Some(rule) })
+                        .await
+                })
+                .await?;
             Answer::stdout(args.json).one(&stored, rule_json, |r| {
                 format!("stored rule {}", rule_line(r))
             })?;
             super::output::warn(&stored.warnings);
         }
         RulesCommand::List { server, json } => {
-            let mut ops = server.ops().await?;
-            let mut rules = reply(ops.list_alert_rules(pb::ListAlertRulesRequest {}).await)?.rules;
+            let mut rules = server
+                .call(async |ops| ops.list_alert_rules(pb::ListAlertRulesRequest {}).await)
+                .await?
+                .rules;
             rules.sort_by(|a, b| a.rule_id.cmp(&b.rule_id));
             Answer::stdout(json).list(&rules, rule_json, table)?;
         }
@@ -150,13 +154,14 @@ pub async fn run(cmd: RulesCommand) -> anyhow::Result<()> {
             rule_id,
             json,
         } => {
-            let mut ops = server.ops().await?;
-            reply(
-                ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
-                    rule_id: rule_id.clone(),
+            server
+                .call(async |ops| {
+                    ops.delete_alert_rule(pb::DeleteAlertRuleRequest {
+                        rule_id: rule_id.clone(),
+                    })
+                    .await
                 })
-                .await,
-            )?;
+                .await?;
             Answer::stdout(json).one(
                 &rule_id,
                 |id| serde_json::json!({ "rule_id": id, "deleted": true }),
