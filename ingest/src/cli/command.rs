@@ -337,10 +337,7 @@ fn state_name(state: i32) -> &'static str {
 }
 
 fn state_json(state: i32) -> serde_json::Value {
-    match state_name(state) {
-        "unknown" => serde_json::Value::Null,
-        name => name.into(),
-    }
+    super::output::name_or_null(state_name(state), "unknown")
 }
 
 /// The command as it is typed: `set-interval 500ms`, `disable-sensor

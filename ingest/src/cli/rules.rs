@@ -242,10 +242,7 @@ pub(super) fn severity_name(severity: i32) -> &'static str {
 }
 
 pub(super) fn severity_json(severity: i32) -> serde_json::Value {
-    match severity_name(severity) {
-        "-" => serde_json::Value::Null,
-        name => name.into(),
-    }
+    super::output::name_or_null(severity_name(severity), "-")
 }
 
 /// E.g. `above 40 (clear 35, for 30s)`, `rate > 5/min`, `silent 1m`.

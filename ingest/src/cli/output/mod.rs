@@ -175,6 +175,16 @@ pub(crate) fn or_dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
 
+/// An enum's name for JSON: `null` where a table shows `placeholder`
+/// (the value was unspecified or unknown to this client).
+pub(crate) fn name_or_null(name: &str, placeholder: &str) -> serde_json::Value {
+    if name == placeholder {
+        serde_json::Value::Null
+    } else {
+        name.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
