@@ -117,6 +117,31 @@ impl Ops for Discard {
     ) -> Result<Response<Self::QueryReadingsStream>, Status> {
         unimplemented()
     }
+    type WatchReadingsStream = Stream<pb::ReadingsChunk>;
+    async fn watch_readings(
+        &self,
+        _: Request<pb::WatchReadingsRequest>,
+    ) -> Result<Response<Self::WatchReadingsStream>, Status> {
+        unimplemented()
+    }
+    async fn commit_readings_cursor(
+        &self,
+        _: Request<pb::CommitReadingsCursorRequest>,
+    ) -> Result<Response<pb::ReadingsConsumer>, Status> {
+        unimplemented()
+    }
+    async fn list_readings_consumers(
+        &self,
+        _: Request<pb::ListReadingsConsumersRequest>,
+    ) -> Result<Response<pb::ListReadingsConsumersResponse>, Status> {
+        unimplemented()
+    }
+    async fn delete_readings_consumer(
+        &self,
+        _: Request<pb::DeleteReadingsConsumerRequest>,
+    ) -> Result<Response<pb::DeleteReadingsConsumerResponse>, Status> {
+        unimplemented()
+    }
     async fn watch_alerts(
         &self,
         _: Request<pb::WatchAlertsRequest>,

@@ -103,7 +103,7 @@ async fn query(
         rows += match chunk.data {
             Some(pb::readings_chunk::Data::Series(s)) => s.time_unix_nano.len() as u64,
             Some(pb::readings_chunk::Data::Buckets(b)) => b.bucket_start_unix_nano.len() as u64,
-            None => 0,
+            Some(pb::readings_chunk::Data::Heartbeat(_)) | None => 0,
         };
     }
     Ok((rows, first.unwrap_or_else(|| started.elapsed())))

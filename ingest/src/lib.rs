@@ -21,13 +21,17 @@
 //! - [`read`]: the read path: QueryReadings streams a fleet's history,
 //!   raw or in buckets, page by page from storage in bounded memory, with
 //!   resume tokens.
+//! - [`feed`]: the readings feed: WatchReadings replays committed batches
+//!   in commit order from a cursor, then follows new commits live; named
+//!   consumers keep their cursors on the server.
 //! - [`control`]: the durable command queue, device sessions and presence.
 //! - [`alerts`]: rules, judging ([`alerts::judge`]), the feed of alert
 //!   events and the WatchAlerts streams.
 //! - [`auth`]: a tower layer that authenticates every call (device token,
 //!   certificate or ops token), and the credentials' revocation watch.
 //! - [`cluster`]: several processes on one database: replicas, who leads.
-//! - [`retention`]: removes old readings and rollups in small steps.
+//! - [`retention`]: removes old readings, rollups and feed batches in small
+//!   steps.
 //! - [`reports`]: the public reporting views read back (`ingest report`).
 //! - [`transport`]: TCP and TLS connections in front of tonic: certificates
 //!   that reload without a restart, the HTTP/2 preface deadline, each
@@ -46,6 +50,7 @@ pub mod cli;
 pub mod cluster;
 pub mod control;
 pub mod domain;
+pub mod feed;
 pub mod grpc;
 pub mod metrics;
 pub mod observability;

@@ -28,6 +28,10 @@ pub struct RetentionConfig {
     pub step_rows: usize,
     /// PostgreSQL: days of readings partitions kept ready beyond today.
     pub partitions_ahead_days: u32,
+    /// Batches stay in the readings feed this long after they committed
+    /// (`--feed-retention`); a cursor before that is refused, naming the
+    /// earliest valid one.
+    pub feed: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -37,6 +41,7 @@ impl Default for RetentionConfig {
             interval: Duration::from_secs(60),
             step_rows: 5_000,
             partitions_ahead_days: 3,
+            feed: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -47,6 +52,7 @@ pub struct RetentionPass {
     pub partitions_created: usize,
     pub readings: Expired,
     pub rollups: Expired,
+    pub feed: Expired,
 }
 
 impl RetentionPass {
@@ -55,6 +61,7 @@ impl RetentionPass {
             || self.readings.rows > 0
             || self.readings.partitions > 0
             || self.rollups.rows > 0
+            || self.feed.rows > 0
     }
 }
 
@@ -79,10 +86,14 @@ pub async fn run_once(
     let rollups = store
         .expire_rollups(rollup_cutoff, config.step_rows)
         .await?;
+    let feed = store
+        .expire_feed(now.saturating_sub(nanos(config.feed)), config.step_rows)
+        .await?;
     Ok(RetentionPass {
         partitions_created,
         readings,
         rollups,
+        feed,
     })
 }
 
@@ -105,7 +116,7 @@ pub async fn run(
         if let Ok(pass) = &pass {
             metrics
                 .retention_deleted
-                .inc_by(pass.readings.rows + pass.rollups.rows);
+                .inc_by(pass.readings.rows + pass.rollups.rows + pass.feed.rows);
             metrics
                 .partitions_created
                 .inc_by(pass.partitions_created as u64);
@@ -116,7 +127,8 @@ pub async fn run(
                 readings_deleted = pass.readings.rows,
                 partitions_dropped = pass.readings.partitions,
                 rollups_deleted = pass.rollups.rows,
-                steps = pass.readings.steps + pass.rollups.steps,
+                feed_batches_deleted = pass.feed.rows,
+                steps = pass.readings.steps + pass.rollups.steps + pass.feed.steps,
                 "retention pass"
             ),
             Ok(_) => {}

@@ -308,6 +308,37 @@ impl Ops for MockOps {
         Err(Status::unimplemented("mock"))
     }
 
+    type WatchReadingsStream =
+        tokio_stream::Empty<Result<telemetry_proto::v1::ReadingsChunk, Status>>;
+
+    async fn watch_readings(
+        &self,
+        _: Request<telemetry_proto::v1::WatchReadingsRequest>,
+    ) -> Result<Response<Self::WatchReadingsStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn commit_readings_cursor(
+        &self,
+        _: Request<telemetry_proto::v1::CommitReadingsCursorRequest>,
+    ) -> Result<Response<telemetry_proto::v1::ReadingsConsumer>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_readings_consumers(
+        &self,
+        _: Request<telemetry_proto::v1::ListReadingsConsumersRequest>,
+    ) -> Result<Response<telemetry_proto::v1::ListReadingsConsumersResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn delete_readings_consumer(
+        &self,
+        _: Request<telemetry_proto::v1::DeleteReadingsConsumerRequest>,
+    ) -> Result<Response<telemetry_proto::v1::DeleteReadingsConsumerResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
     async fn watch_alerts(
         &self,
         _: Request<WatchAlertsRequest>,

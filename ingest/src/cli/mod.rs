@@ -10,6 +10,7 @@ mod devices;
 mod migrate;
 pub mod output;
 mod readings;
+mod readings_tail;
 mod report;
 mod rules;
 mod serve;

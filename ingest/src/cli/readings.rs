@@ -16,7 +16,7 @@ use telemetry_client::status::is_retryable;
 use telemetry_proto::v1 as pb;
 
 use super::client::{Ops, ServerArgs};
-use super::output::{Format, status_error};
+use super::output::{Format, status_error, utc_nanos};
 use crate::domain::time::now_unix_nanos;
 use crate::reports::{RowWriter, TimeArg, Value};
 
@@ -31,6 +31,19 @@ pub enum ReadingsCommand {
     ///     --format csv --output pumps-2026.csv
     #[command(verbatim_doc_comment)]
     Query(QueryArgs),
+    /// The readings feed as it commits: every committed batch in commit
+    /// order, with each reading's dedup key (device_id, batch_sequence,
+    /// index) and the cursor to resume after it. Ctrl-C prints the last
+    /// cursor.
+    ///
+    /// Examples:
+    ///   ingest readings tail --device pump-1
+    ///   ingest readings tail --from earliest --consumer lake-loader --format jsonl
+    ///   ingest readings tail --cursor-file feed.cursor --format csv >> feed.csv
+    #[command(verbatim_doc_comment)]
+    Tail(super::readings_tail::TailArgs),
+    /// Named consumers of the feed with their lag, or `delete NAME`.
+    Consumers(super::readings_tail::ConsumersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +128,8 @@ fn aggregate(name: &str) -> pb::Aggregate {
 pub async fn run(cmd: ReadingsCommand) -> anyhow::Result<()> {
     match cmd {
         ReadingsCommand::Query(args) => query(args).await,
+        ReadingsCommand::Tail(args) => super::readings_tail::tail(args).await,
+        ReadingsCommand::Consumers(args) => super::readings_tail::consumers(args).await,
     }
 }
 
@@ -294,7 +309,7 @@ fn write_chunk(
             }
             Ok(b.bucket_start_unix_nano.len())
         }
-        None => Ok(0),
+        Some(pb::readings_chunk::Data::Heartbeat(_)) | None => Ok(0),
     }
 }
 
@@ -309,13 +324,6 @@ fn name(a: pb::Aggregate) -> &'static str {
         pb::Aggregate::Last => "last",
         pb::Aggregate::Unspecified => "unspecified",
     }
-}
-
-/// RFC 3339 in UTC with the nanoseconds a reading's time has.
-fn utc_nanos(nanos: i64) -> String {
-    chrono::DateTime::from_timestamp_nanos(nanos)
-        .format("%Y-%m-%dT%H:%M:%S%.fZ")
-        .to_string()
 }
 
 /// `rows, rows/s` on one line of stderr, rewritten in place, when stderr

@@ -11,6 +11,7 @@ use crate::auth::OpsTokenSource;
 use crate::cluster::ClusterConfig;
 use crate::domain::ReadingLimits;
 use crate::domain::reading::SensorName;
+use crate::feed::FeedConfig;
 use crate::observability::LogFormat;
 use crate::pipeline::commit::WriterConfig;
 use crate::pipeline::upload::UploadTimeouts;
@@ -134,6 +135,10 @@ pub struct ServeArgs {
     /// then miss what is written meanwhile.
     #[arg(long, env = "INGEST_DISABLE_ROLLUPS")]
     disable_rollups: bool,
+    /// Do not append committed batches to the readings feed. Only to
+    /// measure what the feed costs: WatchReadings then sees nothing.
+    #[arg(long, env = "INGEST_DISABLE_FEED")]
+    disable_feed: bool,
     /// Batches of one upload stream waiting for their commit.
     #[arg(long, env = "INGEST_MAX_INFLIGHT_BATCHES", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -216,6 +221,29 @@ pub struct ServeArgs {
     test_hold_event_tx: Duration,
     #[command(flatten)]
     read: ReadArgs,
+    #[command(flatten)]
+    feed: FeedArgs,
+}
+
+/// The readings feed: WatchReadings and named consumers.
+#[derive(Debug, Args)]
+struct FeedArgs {
+    /// How long committed batches stay in the readings feed. A cursor or
+    /// consumer older than this is refused (FAILED_PRECONDITION naming the
+    /// earliest valid cursor). The feed keeps its own copy of each batch,
+    /// about 16 bytes a reading.
+    #[arg(long, env = "INGEST_FEED_RETENTION", default_value = "7d", value_parser = super::duration)]
+    feed_retention: Duration,
+    /// Open WatchReadings streams, all callers together; past it,
+    /// RESOURCE_EXHAUSTED with a retry delay.
+    #[arg(long, env = "INGEST_MAX_WATCH_STREAMS", default_value_t = 64)]
+    max_watch_streams: usize,
+    /// How often the feed is read for batches other server processes on
+    /// the same PostgreSQL committed (this process's commits are seen at
+    /// once): the delivery latency of their readings to this process's
+    /// watchers.
+    #[arg(long, env = "INGEST_FEED_POLL", default_value = "20ms", value_parser = super::duration)]
+    feed_poll: Duration,
 }
 
 /// The read path: QueryReadings.
@@ -312,6 +340,7 @@ impl ServeArgs {
             group_budget: self.group_commit_budget,
             postgres_writers: self.postgres_writers as usize,
             rollups: !self.disable_rollups,
+            feed: !self.disable_feed,
             max_sensors_per_device: self.max_sensors_per_device as usize,
         };
         config.retention = RetentionConfig {
@@ -319,6 +348,7 @@ impl ServeArgs {
             interval: self.retention_interval,
             step_rows: self.retention_step_rows as usize,
             partitions_ahead_days: self.partitions_ahead_days,
+            feed: self.feed.feed_retention,
         };
         config.alerts.watch.heartbeat = self.alert_heartbeat;
         config.alerts.live_buffer = self.alert_live_buffer as usize;
@@ -359,6 +389,13 @@ impl ServeArgs {
             threads: usize::from(self.read.read_threads),
             nice: self.read.read_nice,
             ..ReadConfig::default()
+        };
+        config.feed = FeedConfig {
+            max_streams: self.feed.max_watch_streams.max(1),
+            poll: self.feed.feed_poll.max(Duration::from_millis(1)),
+            chunk_bytes: config.read.chunk_bytes,
+            max_devices: config.read.max_devices,
+            ..FeedConfig::default()
         };
         Ok(config)
     }

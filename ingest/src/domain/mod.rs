@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod command;
+pub mod consumer;
 pub mod credential;
 pub mod device;
 pub mod device_message;

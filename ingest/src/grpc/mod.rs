@@ -7,6 +7,7 @@ pub mod batch_codec;
 mod command_messages;
 pub mod compression;
 pub mod convert;
+mod feed_messages;
 pub mod ingest;
 pub mod ops;
 mod read_messages;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::alert_messages::{alert_to_pb, event_to_pb, rule_from_pb, rule_to_pb, severity_from_pb};
 use super::command_messages::{command_to_pb, kind_from_pb, state_from_pb};
+use super::feed_messages::{consumer_to_pb, item_to_pb, watch_from_pb};
 use super::read_messages::{chunk_to_pb, query_from_pb};
 use super::{convert, status};
 use crate::alerts::watch::{WatchEnd, WatchItem};
@@ -18,45 +19,30 @@ use crate::alerts::{AlertEngine, WatchConfig, WatchFilter};
 use crate::auth::{Credentials, Operator};
 use crate::control::CommandCenter;
 use crate::domain::alert::RuleId;
+use crate::domain::consumer::ConsumerName;
 use crate::domain::credential::InvalidCertificate;
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{CertFingerprint, Token};
 use crate::domain::{DeviceId, DisplayName, Labels};
+use crate::feed::Feed;
 use crate::read::Reader;
 use crate::storage::{NewDevice, Store};
 
+/// The handles every Ops call may need, built by the wiring
+/// (`server::run`).
 pub struct OpsService {
-    store: Store,
-    alerts: AlertEngine,
-    control: std::sync::Arc<CommandCenter>,
-    credentials: std::sync::Arc<Credentials>,
-    watch: WatchConfig,
+    pub store: Store,
+    pub alerts: AlertEngine,
+    pub control: std::sync::Arc<CommandCenter>,
+    pub credentials: std::sync::Arc<Credentials>,
+    pub watch: WatchConfig,
     /// Ends watch streams when the server stops.
-    shutdown: watch::Receiver<bool>,
-    reader: Reader,
+    pub shutdown: watch::Receiver<bool>,
+    pub reader: Reader,
+    pub feed: Feed,
 }
 
 impl OpsService {
-    pub fn new(
-        store: Store,
-        alerts: AlertEngine,
-        control: std::sync::Arc<CommandCenter>,
-        credentials: std::sync::Arc<Credentials>,
-        watch: WatchConfig,
-        shutdown: watch::Receiver<bool>,
-        reader: Reader,
-    ) -> Self {
-        Self {
-            store,
-            alerts,
-            control,
-            credentials,
-            watch,
-            shutdown,
-            reader,
-        }
-    }
-
     /// `DisableDevice` and `EnableDevice`.
     async fn set_disabled(
         &self,
@@ -438,6 +424,53 @@ impl pb::ops_server::Ops for OpsService {
             Ok(message)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchReadingsStream = ChunkStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_readings(
+        &self,
+        request: Request<pb::WatchReadingsRequest>,
+    ) -> Result<Response<Self::WatchReadingsStream>, Status> {
+        let req = watch_from_pb(request.into_inner(), self.feed.max_devices())?;
+        let items = self.feed.watch(req).await?;
+        let feed = self.feed.clone();
+        let stream = ReceiverStream::new(items).map(move |item| {
+            let (message, rows) = item_to_pb(item)?;
+            feed.record_sent(rows);
+            Ok(message)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn commit_readings_cursor(
+        &self,
+        request: Request<pb::CommitReadingsCursorRequest>,
+    ) -> Result<Response<pb::ReadingsConsumer>, Status> {
+        let req = request.into_inner();
+        let name = ConsumerName::parse(&req.consumer)?;
+        let consumer = self.feed.commit_cursor(&name, &req.cursor).await?;
+        Ok(Response::new(consumer_to_pb(consumer)))
+    }
+
+    async fn list_readings_consumers(
+        &self,
+        _request: Request<pb::ListReadingsConsumersRequest>,
+    ) -> Result<Response<pb::ListReadingsConsumersResponse>, Status> {
+        let consumers = self.feed.consumers().await?;
+        Ok(Response::new(pb::ListReadingsConsumersResponse {
+            consumers: consumers.into_iter().map(consumer_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_readings_consumer(
+        &self,
+        request: Request<pb::DeleteReadingsConsumerRequest>,
+    ) -> Result<Response<pb::DeleteReadingsConsumerResponse>, Status> {
+        let name = ConsumerName::parse(&request.into_inner().consumer)?;
+        self.feed.delete_consumer(&name).await?;
+        Ok(Response::new(pb::DeleteReadingsConsumerResponse {}))
     }
 
     async fn put_alert_rule(

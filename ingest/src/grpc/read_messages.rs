@@ -109,6 +109,7 @@ pub fn chunk_to_pb(chunk: Chunk) -> (pb::ReadingsChunk, usize) {
         device_id: chunk.device_id,
         data: Some(data),
         resume_token: chunk.resume_token,
+        ..Default::default()
     };
     (message, rows)
 }

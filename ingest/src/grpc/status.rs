@@ -12,7 +12,9 @@ use crate::control::center::SessionEnd;
 use crate::control::session::OpenError;
 use crate::domain::alert::InvalidRule;
 use crate::domain::command::InvalidCommand;
+use crate::domain::consumer::InvalidConsumerName;
 use crate::domain::{BatchError, DeviceId, InvalidDevice};
+use crate::feed::FeedError;
 use crate::pipeline::upload::{UploadError, UploadFailure};
 use crate::read::{InvalidQuery, ReadError};
 use crate::storage::credentials::CredentialError;
@@ -149,7 +151,31 @@ invalid_argument!(
     InvalidRule => "alert rule",
     InvalidCommand => "command",
     InvalidQuery => "QueryReadings request",
+    InvalidConsumerName => "readings consumer",
 );
+
+impl From<FeedError> for Status {
+    fn from(e: FeedError) -> Self {
+        match e {
+            FeedError::Cursor(_)
+            | FeedError::CursorAhead { .. }
+            | FeedError::TooManyDevices { .. } => Status::invalid_argument(e.to_string()),
+            FeedError::NoSuchConsumer(_) => {
+                Status::not_found(format!("{e}: see `ingest readings consumers`"))
+            }
+            FeedError::NoSuchDevice(_) => Status::not_found(e.to_string()),
+            FeedError::Expired { .. } => Status::failed_precondition(e.to_string()),
+            FeedError::Busy { retry_after, .. } => busy(&e, retry_after),
+            FeedError::ShuttingDown => Status::unavailable(
+                "the server is shutting down; resume from the cursor of the last message received",
+            ),
+            FeedError::Storage(e) => with_context(
+                storage(e),
+                "resume from the cursor of the last message received",
+            ),
+        }
+    }
+}
 
 impl From<ReadError> for Status {
     fn from(e: ReadError) -> Self {
@@ -158,20 +184,23 @@ impl From<ReadError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ReadError::NoSuchDevice(_) => Status::not_found(e.to_string()),
-            ReadError::Busy { retry_after, .. } => {
-                use tonic_types::{ErrorDetails, StatusExt};
-                Status::with_error_details(
-                    tonic::Code::ResourceExhausted,
-                    format!("{e}; retry in {} ms", retry_after.as_millis()),
-                    ErrorDetails::with_retry_info(Some(retry_after)),
-                )
-            }
+            ReadError::Busy { retry_after, .. } => busy(&e, retry_after),
             ReadError::Storage(e) => with_context(
                 storage(e),
                 "resume with the resume_token of the last chunk received",
             ),
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED with `RetryInfo`: a stream limit is reached.
+fn busy(e: &dyn std::fmt::Display, retry_after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("{e}; retry in {} ms", retry_after.as_millis()),
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
 }
 
 impl From<EngineError> for Status {

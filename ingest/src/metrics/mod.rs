@@ -40,6 +40,13 @@ one_label!(
     SeverityLabel { severity },
 );
 
+/// A named consumer of the readings feed: bounded, since consumers are
+/// named by operators and removed with `ingest readings consumers delete`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabel {
+    pub consumer: String,
+}
+
 /// Seconds from 100 µs to about 100 s.
 fn seconds_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 21))
@@ -115,6 +122,14 @@ pub struct Metrics {
     pub read_bytes_sent: Counter,
     pub read_query_seconds: Histogram,
 
+    /// WatchReadings: streams open, the feed's newest position, what the
+    /// streams sent, how often one fell behind, each consumer's lag.
+    pub watch_streams_open: Gauge,
+    pub watch_streams_lagged: Counter,
+    pub watch_rows_sent: Counter,
+    pub feed_last_position: Gauge,
+    pub feed_consumer_lag: Family<ConsumerLabel, Gauge>,
+
     /// Not exported: what readiness asks of the writer.
     pub writer_progress: WriterProgress,
 }
@@ -154,6 +169,11 @@ impl Metrics {
             read_rows_sent: Counter::default(),
             read_bytes_sent: Counter::default(),
             read_query_seconds: seconds_buckets(),
+            watch_streams_open: Gauge::default(),
+            watch_streams_lagged: Counter::default(),
+            watch_rows_sent: Counter::default(),
+            feed_last_position: Gauge::default(),
+            feed_consumer_lag: Family::default(),
             writer_progress: WriterProgress::default(),
         };
         let r = registry;
@@ -226,6 +246,16 @@ impl Metrics {
                 "Bytes of QueryReadings chunks sent (encoded, before compression)";
             read_query_seconds => "read_query_seconds",
                 "Duration of a QueryReadings stream, from its start to its last chunk or its cancel";
+            watch_streams_open => "watch_streams_open",
+                "WatchReadings streams open";
+            watch_streams_lagged => "watch_streams_lagged",
+                "Times a WatchReadings stream fell behind the live feed and read from the database";
+            watch_rows_sent => "watch_rows_sent",
+                "Readings sent by WatchReadings";
+            feed_last_position => "readings_feed_last_position",
+                "The readings feed's newest committed position";
+            feed_consumer_lag => "readings_feed_consumer_lag_positions",
+                "Batches committed after a named consumer's cursor";
         }
         r.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(m)

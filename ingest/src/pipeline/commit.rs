@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -23,6 +23,7 @@ use crate::domain::time::now_unix_nanos;
 use crate::domain::{SensorName, Unit};
 use crate::metrics::Metrics;
 use crate::storage::alerts::EventOutcome;
+use crate::storage::feed::{FeedAppend, SeriesRef};
 use crate::storage::rollup::RollupRows;
 use crate::storage::{GroupBackend, GroupTx, ReadingColumns, StorageError, Store};
 
@@ -50,6 +51,9 @@ pub struct WriterConfig {
     /// Sensors (name and unit) a device may have; readings of a new sensor
     /// past it are refused, the rest of their batch is kept.
     pub max_sensors_per_device: usize,
+    /// Append each committed batch to the readings feed (WatchReadings).
+    /// Off only to measure what the feed costs: watchers then see nothing.
+    pub feed: bool,
 }
 
 impl Default for WriterConfig {
@@ -62,6 +66,7 @@ impl Default for WriterConfig {
             postgres_writers: 2,
             rollups: true,
             max_sensors_per_device: 256,
+            feed: true,
         }
     }
 }
@@ -185,12 +190,14 @@ impl StreamWriter {
 }
 
 /// Starts the writers for `store`, each judging its devices' batches for
-/// `alerts`; the task ends when all have stopped.
+/// `alerts` and notifying `committed` after each commit (the readings
+/// feed's follower); the task ends when all have stopped.
 pub fn spawn(
     store: &Store,
     config: &WriterConfig,
     alerts: &AlertEngine,
     metrics: &Arc<Metrics>,
+    committed: &Arc<Notify>,
 ) -> (WriterHandle, JoinHandle<()>) {
     let writers = match store {
         Store::Sqlite(_) => 1,
@@ -212,6 +219,7 @@ pub fn spawn(
             sizing,
             config: config.clone(),
             metrics: metrics.clone(),
+            wake_feed: committed.clone(),
         };
         tasks.push(match store {
             Store::Sqlite(s) => tokio::spawn(run(s.clone(), writer)),
@@ -249,6 +257,8 @@ struct Writer {
     sizing: GroupSizing,
     config: WriterConfig,
     metrics: Arc<Metrics>,
+    /// Notified after each commit: the readings feed's follower.
+    wake_feed: Arc<Notify>,
 }
 
 async fn run<B: GroupBackend>(backend: B, writer: Writer) {
@@ -258,6 +268,7 @@ async fn run<B: GroupBackend>(backend: B, writer: Writer) {
         mut sizing,
         config,
         metrics,
+        wake_feed,
     } = writer;
     let mut sensors: HashMap<SensorKey, i64> = HashMap::new();
     let mut columns = ReadingColumns::default();
@@ -346,6 +357,7 @@ async fn run<B: GroupBackend>(backend: B, writer: Writer) {
         let _in_span = span.enter();
         match committed {
             Ok(outcomes) => {
+                wake_feed.notify_one();
                 sizing.observe(readings, started.elapsed());
                 metrics
                     .group_commit_seconds
@@ -479,6 +491,7 @@ async fn commit_group<B: GroupBackend>(
 
     let mut outcomes = Vec::with_capacity(group.len());
     let mut new_sensors: HashMap<SensorKey, i64> = HashMap::new();
+    let mut feed = Vec::new();
     columns.clear();
     for batch in group {
         let Some(mark) = marks.get_mut(&batch.device_pk) else {
@@ -493,6 +506,7 @@ async fn commit_group<B: GroupBackend>(
         }
         *mark = batch.sequence;
         let mut refused_series = Vec::new();
+        let mut feed_series = Vec::new();
         // The place in the batch of each series' first reading.
         let mut first_index = 0i32;
         for (index, series) in batch.series.iter().enumerate() {
@@ -520,6 +534,13 @@ async fn commit_group<B: GroupBackend>(
                     }
                 },
             };
+            feed_series.push(SeriesRef {
+                sensor: series.sensor.as_str(),
+                unit: series.unit.as_str(),
+                first_index: series_first as u32,
+                times: &series.times,
+                values: &series.values,
+            });
             columns
                 .sensor_pk
                 .extend(std::iter::repeat_n(pk, series.times.len()));
@@ -532,6 +553,13 @@ async fn commit_group<B: GroupBackend>(
             columns
                 .batch_index
                 .extend(series_first..series_first + series.times.len() as i32);
+        }
+        if config.feed {
+            feed.push(FeedAppend::new(
+                batch.device_pk,
+                batch.sequence,
+                feed_series,
+            ));
         }
         outcomes.push(BatchOutcome::Committed {
             committed_sequence: batch.sequence,
@@ -593,6 +621,10 @@ async fn commit_group<B: GroupBackend>(
     if !advanced.is_empty() {
         tx.set_committed_sequences(&advanced, now_unix_nanos())
             .await?;
+    }
+    // Last: the feed's counter row is locked from here to the commit.
+    if !feed.is_empty() {
+        tx.append_feed(&feed, now_unix_nanos()).await?;
     }
     tx.commit().await?;
     // Only now: a rolled-back group's new sensor rows do not exist, and its

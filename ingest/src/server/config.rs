@@ -8,6 +8,7 @@ use crate::alerts::WatchConfig;
 use crate::auth::OpsTokenSource;
 use crate::control::ControlConfig;
 use crate::domain::ReadingLimits;
+use crate::feed::FeedConfig;
 use crate::pipeline::commit::WriterConfig;
 use crate::pipeline::upload::UploadTimeouts;
 use crate::read::ReadConfig;
@@ -42,6 +43,9 @@ pub struct Config {
     pub test_hold_event_tx: Duration,
     /// QueryReadings: chunk size, limits, resume tokens, read connections.
     pub read: ReadConfig,
+    /// WatchReadings and named consumers. Its retention is
+    /// `retention.feed`; chunk size and device limit come from `read`.
+    pub feed: FeedConfig,
 }
 
 impl Config {
@@ -63,6 +67,7 @@ impl Config {
             max_connection_age: Some(Duration::from_secs(30 * 60)),
             test_hold_event_tx: Duration::ZERO,
             read: ReadConfig::default(),
+            feed: FeedConfig::default(),
         }
     }
 }

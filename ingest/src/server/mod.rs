@@ -27,6 +27,7 @@ use crate::cluster::leader::Leadership;
 use crate::cluster::single::ProcessLock;
 use crate::cluster::{Replica, jittered};
 use crate::control::CommandCenter;
+use crate::feed::Feed;
 use crate::grpc::compression::compressed;
 use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
@@ -107,7 +108,19 @@ pub async fn run_with_admin(
     )
     .await
     .context("starting the alert engine")?;
-    let (writer, writer_task) = writer::spawn(&store, &config.writer, &alerts, &metrics);
+    // Woken after each of this process's commits: the feed follows at once.
+    let committed = Arc::new(tokio::sync::Notify::new());
+    let (writer, writer_task) =
+        writer::spawn(&store, &config.writer, &alerts, &metrics, &committed);
+    let (feed, feed_task) = Feed::start(
+        &store,
+        config.feed.clone(),
+        committed,
+        stopping.clone(),
+        metrics.clone(),
+    )
+    .await
+    .context("starting the readings feed")?;
     let (control, sweeper) = CommandCenter::start(
         store.clone(),
         config.control.clone(),
@@ -180,15 +193,16 @@ pub async fn run_with_admin(
         max_message,
     );
     let ops = compressed!(
-        OpsServer::new(OpsService::new(
-            store.clone(),
+        OpsServer::new(OpsService {
+            store: store.clone(),
             alerts,
             control,
-            credentials.clone(),
-            config.alerts.watch.clone(),
-            stopping.clone(),
-            reader.clone(),
-        ))
+            credentials: credentials.clone(),
+            watch: config.alerts.watch.clone(),
+            shutdown: stopping.clone(),
+            reader: reader.clone(),
+            feed: feed.clone(),
+        })
         .max_decoding_message_size(max_message)
     );
 
@@ -293,8 +307,10 @@ pub async fn run_with_admin(
     if tokio::time::timeout(grace, writer_task).await.is_err() {
         tracing::warn!("the writer did not drain within the grace period");
     }
-    // The alert feed and the TLS reloader stopped with the shutdown signal.
+    // The alert feed, the readings feed's follower and the TLS reloader
+    // stopped with the shutdown signal.
     let _ = alerts_task.await;
+    let _ = feed_task.await;
     transport.stopped().await;
     let _ = sweeper.await;
     // A pass cut short loses nothing: each step is its own transaction.
@@ -315,6 +331,7 @@ pub async fn run_with_admin(
         tracing::warn!(%error, "could not mark this process's devices offline");
     }
     reader.close().await;
+    feed.close().await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

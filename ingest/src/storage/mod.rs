@@ -22,6 +22,7 @@ mod copy_binary;
 pub mod credentials;
 mod devices;
 mod error;
+pub mod feed;
 pub mod partitions;
 mod postgres;
 mod read_page;
@@ -529,6 +530,16 @@ pub trait GroupTx: Send + Sized {
         device_pk: i64,
         sensor: &SensorName,
     ) -> impl Future<Output = Result<Option<(UnixNanos, f64)>, sqlx::Error>> + Send;
+
+    /// Appends the group's batches to the readings feed, taking their
+    /// positions: the last statement before `commit`, since the feed's
+    /// counter row stays locked until then (see [`feed`]). Returns the
+    /// first position.
+    fn append_feed(
+        &mut self,
+        batches: &[feed::FeedAppend],
+        now: UnixNanos,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
     /// Records alert events in this transaction (see `Store::record_alert_events`).
     fn record_alert_events(

@@ -390,6 +390,14 @@ impl GroupTx for PgGroupTx {
         alerts::last_reading(Conn::Postgres(&mut self.tx), device_pk, sensor).await
     }
 
+    async fn append_feed(
+        &mut self,
+        batches: &[super::feed::FeedAppend],
+        now: UnixNanos,
+    ) -> Result<u64, sqlx::Error> {
+        super::feed::append(Conn::Postgres(&mut self.tx), batches, now).await
+    }
+
     async fn record_alert_events(
         &mut self,
         events: &[NewAlertEvent],

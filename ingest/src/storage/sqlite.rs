@@ -487,6 +487,14 @@ impl GroupTx for SqliteGroupTx {
         alerts::last_reading(Conn::Sqlite(&mut self.tx), device_pk, sensor).await
     }
 
+    async fn append_feed(
+        &mut self,
+        batches: &[super::feed::FeedAppend],
+        now: UnixNanos,
+    ) -> Result<u64, sqlx::Error> {
+        super::feed::append(Conn::Sqlite(&mut self.tx), batches, now).await
+    }
+
     async fn record_alert_events(
         &mut self,
         events: &[NewAlertEvent],

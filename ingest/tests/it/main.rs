@@ -34,6 +34,7 @@ mod mtls;
 mod operator_cli;
 mod operator_messages;
 mod readings_query;
+mod readings_watch;
 mod report_cli;
 mod reporting;
 mod reset_cursor;

@@ -136,6 +136,14 @@ pub(crate) fn utc(nanos: i64) -> String {
     }
 }
 
+/// RFC 3339 in UTC with the nanoseconds a reading's time has: the
+/// `time_utc` column of exported readings.
+pub(crate) fn utc_nanos(nanos: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(nanos)
+        .format("%Y-%m-%dT%H:%M:%S%.fZ")
+        .to_string()
+}
+
 /// `500ms`, `2s`, `1m 30s`.
 pub(crate) fn duration_text(millis: u64) -> String {
     humantime::format_duration(Duration::from_millis(millis)).to_string()
