@@ -633,3 +633,196 @@ backend_tests!(
     retention_refuses_a_cursor_it_overtook,
     the_feed_survives_a_restart,
 );
+
+mod cli {
+    use super::*;
+    use std::io::BufRead;
+
+    async fn tail_follows_saves_commits_and_stops_on_ctrl_c(backend: Backend) {
+        let Some(server) = start(backend).await else {
+            return;
+        };
+        let t0 = hour_start(2);
+        let mut d1 = server.ingest(&server.register("d1").await).await;
+        let sent = batches(1, 3, 10, t0);
+        upload(&mut d1, sent.clone()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cursor_file = dir.path().join("feed.cursor");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args([
+                "readings", "tail", "--from", "earliest", "--format", "jsonl",
+            ])
+            .args([
+                "--consumer",
+                "lake",
+                "--commit-every",
+                "0s",
+                "--cursor-file",
+            ])
+            .arg(&cursor_file)
+            .args(["--server", &server.url()])
+            .env("INGEST_OPS_TOKEN", OPS_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let rows: Vec<serde_json::Value> = tokio::task::block_in_place(|| {
+            (0..60)
+                .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
+                .collect()
+        });
+        let keys: Vec<(u64, u64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["batch_sequence"].as_u64().unwrap(),
+                    r["index"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, u64)> = expected("d1", &sent)
+            .iter()
+            .map(|((_, seq, index), _)| (*seq, u64::from(*index)))
+            .collect();
+        assert_eq!(keys, want);
+        let first = &rows[0];
+        for column in [
+            "device_id",
+            "sensor",
+            "unit",
+            "time_unix_nano",
+            "time_utc",
+            "value",
+            "cursor",
+        ] {
+            assert!(!first[column].is_null(), "{column} in {first}");
+        }
+        let last_cursor = rows[59]["cursor"].as_str().unwrap().to_owned();
+        // The cursor file follows the rows, and the consumer's cursor is
+        // committed as they come (--commit-every 0s).
+        eventually(
+            "the cursor file holds the last cursor",
+            PATIENCE,
+            async || std::fs::read_to_string(&cursor_file).is_ok_and(|t| t.trim() == last_cursor),
+        )
+        .await;
+        // SIGINT: the last cursor on stderr, a clean exit.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let output = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            stderr.contains(&format!("last cursor: {last_cursor}")),
+            "{stderr}"
+        );
+
+        let run = server
+            .operator_cli(&["readings", "consumers", "--json"])
+            .await;
+        assert!(run.success, "{}", run.stderr);
+        let lake: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        assert_eq!(lake["name"], "lake");
+        assert_eq!(lake["position"], 3);
+        assert_eq!(lake["lag_positions"], 0);
+        // Started again, it resumes after the file's cursor: only new rows.
+        upload(&mut d1, batches(4, 1, 10, t0)).await.unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args(["readings", "tail", "--format", "csv", "--cursor-file"])
+            .arg(&cursor_file)
+            .args(["--server", &server.url()])
+            .env("INGEST_OPS_TOKEN", OPS_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let csv: Vec<String> = tokio::task::block_in_place(|| {
+            (0..21).map(|_| lines.next().unwrap().unwrap()).collect()
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            csv[0],
+            "device_id,sensor,unit,time_unix_nano,time_utc,value,batch_sequence,index,cursor"
+        );
+        assert!(csv[1].starts_with("d1,temperature,Cel,"), "{}", csv[1]);
+        assert!(csv.iter().skip(1).all(|l| l.contains(",4,")), "{csv:?}");
+
+        let run = server
+            .operator_cli(&["readings", "consumers", "delete", "lake"])
+            .await;
+        assert!(run.success, "{}", run.stderr);
+        let run = server
+            .operator_cli(&["readings", "consumers", "delete", "lake"])
+            .await;
+        assert!(!run.success);
+        assert!(
+            run.stderr.contains("consumer lake does not exist"),
+            "{}",
+            run.stderr
+        );
+    }
+
+    backend_tests!(tail_follows_saves_commits_and_stops_on_ctrl_c);
+}
+
+/// Three `ingest serve` processes on one PostgreSQL, each with two
+/// writers, devices uploading through all of them at once: watchers on two
+/// processes see one commit order, positions 1..=N each once, every
+/// reading once, and a watcher that resumes from a cursor on a third
+/// process continues it exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_commit_order_across_processes() {
+    use crate::common::cluster::{Cluster, ClusterSpec};
+    let Some(cluster) = Cluster::start(ClusterSpec::new(3)).await else {
+        return;
+    };
+    let devices = cluster.register_many("feed", 6).await;
+    let mut w0 = watch(&mut cluster.ops(0).await, earliest()).await.unwrap();
+    let mut w2 = watch(&mut cluster.ops(2).await, earliest()).await.unwrap();
+    let t0 = hour_start(2);
+    const BATCHES: u64 = 15;
+    let mut uploads = Vec::new();
+    let mut all = Vec::new();
+    for (d, (id, token)) in devices.iter().enumerate() {
+        let sent = batches(1, BATCHES, 5, t0 + d as u64);
+        all.extend(expected(id, &sent));
+        let mut client = cluster.ingest(d % 3, token).await;
+        uploads.push(tokio::spawn(async move {
+            // One batch per call: many small commits from every process.
+            for b in sent {
+                upload(&mut client, vec![b]).await.unwrap();
+            }
+        }));
+    }
+    for u in uploads {
+        u.await.unwrap();
+    }
+    let n = all.len();
+    let seen0 = rows(&take_readings(&mut w0, n).await);
+    let seen2 = rows(&take_readings(&mut w2, n).await);
+    assert_commit_ordered(&seen0);
+    assert_eq!(seen0, seen2, "two processes' watchers see one order");
+    let got = sorted(
+        seen0
+            .iter()
+            .map(|(_, k, r)| (k.clone(), r.clone()))
+            .collect(),
+    );
+    assert_eq!(got, sorted(all));
+    let mut positions: Vec<u64> = seen0.iter().map(|(p, _, _)| *p).collect();
+    positions.dedup();
+    assert_eq!(positions, (1..=6 * BATCHES).collect::<Vec<_>>());
+    // A cursor taken on process 0, resumed on process 1.
+    let mut w0 = watch(&mut cluster.ops(0).await, earliest()).await.unwrap();
+    let half = take_readings(&mut w0, n / 2).await;
+    let cursor = half.last().unwrap().cursor.clone();
+    let mut w1 = watch(&mut cluster.ops(1).await, after(&cursor))
+        .await
+        .unwrap();
+    let rest = rows(&take_readings(&mut w1, n - rows(&half).len()).await);
+    let joined: Vec<_> = rows(&half).into_iter().chain(rest).collect();
+    assert_eq!(joined, seen0);
+}
