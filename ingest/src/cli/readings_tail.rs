@@ -60,8 +60,11 @@ pub struct TailArgs {
 pub enum ConsumersCommand {
     /// Removes a named consumer (its committed cursor).
     Delete {
-        /// The consumer's name.
+        /// The consumer's name (see `ingest readings consumers`).
         name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -305,7 +308,7 @@ fn write_cursor(path: &Path, cursor: &str) -> anyhow::Result<()> {
 
 pub async fn consumers(args: ConsumersArgs) -> anyhow::Result<()> {
     match args.command {
-        Some(ConsumersCommand::Delete { name, server }) => {
+        Some(ConsumersCommand::Delete { name, json, server }) => {
             server
                 .call(async |ops| {
                     ops.delete_readings_consumer(pb::DeleteReadingsConsumerRequest {
@@ -314,7 +317,11 @@ pub async fn consumers(args: ConsumersArgs) -> anyhow::Result<()> {
                     .await
                 })
                 .await?;
-            eprintln!("consumer {name} deleted");
+            Answer::stdout(json).one(
+                &name,
+                |name| serde_json::json!({ "consumer": name, "deleted": true }),
+                |name| format!("deleted consumer {name}"),
+            )?;
             Ok(())
         }
         None => {
