@@ -15,7 +15,10 @@
 //!   shares) to its arrival: `latency_chunks`, `latency_p50_ms`,
 //!   `latency_p99_ms`, `latency_max_ms`, `latency_rows`;
 //! - `--watchers N --for SECS`: N watches from now, each on a connection
-//!   of its own, counting what they receive: `watchers_rows` (all of them).
+//!   of its own, counting what they receive: `watchers_rows` (all of them);
+//! - `--idle N --for SECS`: N watches from the earliest batch that take one
+//!   message and then nothing for SECS (slow clients held back by HTTP/2
+//!   flow control): `idle_watchers`.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -42,7 +45,10 @@ struct Args {
     /// Watches from now that count what they receive.
     #[arg(long, default_value_t = 0)]
     watchers: usize,
-    /// How long --latency and --watchers watch.
+    /// Watches from the earliest batch that read nothing.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// How long --latency, --watchers and --idle watch.
     #[arg(long = "for", default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
 }
@@ -165,9 +171,30 @@ async fn watchers(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn idle(args: &Args) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    for _ in 0..args.idle {
+        let mut ops = connect(args).await?;
+        let mut stream = ops
+            .watch_readings(watch_from(pb::watch_readings_request::Start::FromEarliest(
+                true,
+            )))
+            .await?
+            .into_inner();
+        stream.message().await?;
+        held.push((ops, stream));
+    }
+    tokio::time::sleep(args.duration).await;
+    println!("idle_watchers={}", held.len());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.idle > 0 {
+        return idle(&args).await;
+    }
     if let Some(want) = args.backfill {
         backfill(&args, want).await?;
     }

@@ -37,8 +37,11 @@ pub struct FeedConfig {
     pub poll: Duration,
     /// A quiet stream sends its cursor at least this often.
     pub heartbeat: Duration,
-    /// Batches per database read.
+    /// Batches per database read, at most ...
     pub page_batches: u32,
+    /// ... and readings (one batch more at most): what a stream catching
+    /// up holds at once.
+    pub page_readings: u32,
     /// Batches the live broadcast holds for slow watchers before they
     /// must read from the database.
     pub live_batches: usize,
@@ -58,6 +61,7 @@ impl Default for FeedConfig {
             poll: Duration::from_millis(20),
             heartbeat: Duration::from_secs(1),
             page_batches: 256,
+            page_readings: 32_768,
             live_batches: 1024,
             max_streams: 64,
             chunk_bytes: 64 * 1024,
@@ -179,7 +183,7 @@ impl Feed {
             live: live.clone(),
             committed,
             poll: config.poll,
-            page: config.page_batches.max(1),
+            page: (config.page_batches.max(1), config.page_readings.max(1)),
             last,
             stopping: stopping.clone(),
             metrics: metrics.clone(),
@@ -399,6 +403,13 @@ fn expired(key: &CursorKey, cursor: Cursor, bounds: FeedBounds) -> Option<FeedEr
         removed_through: bounds.earliest - 1,
         earliest_cursor: key.issue(Cursor::after(bounds.earliest - 1)),
     })
+}
+
+/// Whether a page came back as large as asked (in batches or readings):
+/// more may follow it. A shorter page reached the end of the feed.
+fn page_is_full(batches: &[FeedBatch], page_batches: u32, page_readings: u32) -> bool {
+    batches.len() >= page_batches as usize
+        || batches.iter().map(FeedBatch::readings).sum::<usize>() >= page_readings as usize
 }
 
 fn pks(devices: &[SelectedDevice]) -> std::collections::HashSet<i64> {

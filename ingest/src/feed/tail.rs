@@ -22,7 +22,8 @@ pub(super) struct Tail {
     pub live: broadcast::Sender<Arc<FeedBatch>>,
     pub committed: Arc<Notify>,
     pub poll: Duration,
-    pub page: u32,
+    /// Batches and readings per read.
+    pub page: (u32, u32),
     /// The newest position already considered.
     pub last: u64,
     pub stopping: watch::Receiver<bool>,
@@ -62,7 +63,7 @@ pub(super) async fn run(tail: Tail) {
                 }
                 break;
             }
-            let batches = match store.feed_after(last, page).await {
+            let batches = match store.feed_after(last, page.0, page.1).await {
                 Ok(batches) => batches,
                 Err(error) => {
                     // Nothing is lost: the next wake-up reads from `last`.
@@ -70,7 +71,7 @@ pub(super) async fn run(tail: Tail) {
                     break;
                 }
             };
-            let full = batches.len() == page as usize;
+            let full = super::page_is_full(&batches, page.0, page.1);
             for batch in batches {
                 last = batch.position;
                 // No receiver is fine: watchers catch up from the database.

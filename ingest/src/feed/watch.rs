@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
 
 use super::cursor::{Cursor, CursorKey};
-use super::{FeedConfig, FeedError, expired};
+use super::{FeedConfig, FeedError, expired, page_is_full};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -178,9 +178,17 @@ impl WatchStream {
             let next = cursor.first_unread();
             let batches = self
                 .store
-                .feed_after(next - 1, self.config.page_batches)
+                .feed_after(
+                    next - 1,
+                    self.config.page_batches,
+                    self.config.page_readings,
+                )
                 .await?;
-            let full = batches.len() == self.config.page_batches as usize;
+            let full = page_is_full(
+                &batches,
+                self.config.page_batches,
+                self.config.page_readings,
+            );
             // Nothing at `next`, or something later: retention may have
             // overtaken the stream.
             if batches.first().is_none_or(|b| b.position != next) {

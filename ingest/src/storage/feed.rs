@@ -259,16 +259,27 @@ const CONSUMER_COLUMNS: &str = "SELECT c.name, c.position, c.next_index, c.updat
      FROM readings_feed_consumers c LEFT JOIN readings_feed f ON f.position = c.position";
 
 impl Store {
-    /// Batches after `after`, in position order, at most `limit`.
-    pub async fn feed_after(&self, after: u64, limit: u32) -> Result<Vec<FeedBatch>, StorageError> {
+    /// Batches after `after`, in position order: at most `batches`, and
+    /// no more once they hold `readings` (the first always comes), so a
+    /// page stays small whatever the batches' sizes.
+    pub async fn feed_after(
+        &self,
+        after: u64,
+        batches: u32,
+        readings: u32,
+    ) -> Result<Vec<FeedBatch>, StorageError> {
         let rows = self
             .query(
                 "SELECT f.position, f.device_pk, d.device_id, f.batch_sequence, f.committed_unix_nano, f.payload \
-                 FROM readings_feed f JOIN devices d ON d.pk = f.device_pk \
-                 WHERE f.position > $1 ORDER BY f.position LIMIT $2",
+                 FROM (SELECT position, readings, SUM(readings) OVER (ORDER BY position) AS upto \
+                       FROM readings_feed WHERE position > $1 ORDER BY position LIMIT $2) p \
+                 JOIN readings_feed f ON f.position = p.position \
+                 JOIN devices d ON d.pk = f.device_pk \
+                 WHERE p.upto - p.readings < $3 ORDER BY f.position",
             )
             .bind(bigint(after))
-            .bind(i64::from(limit))
+            .bind(i64::from(batches))
+            .bind(i64::from(readings.max(1)))
             .fetch_all()
             .await?;
         rows.iter().map(batch_from_row).collect()

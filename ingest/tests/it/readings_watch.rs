@@ -29,6 +29,7 @@ async fn start_with(
         c.feed.heartbeat = HEARTBEAT;
         // Pages that end inside a replay.
         c.feed.page_batches = 3;
+        c.feed.page_readings = 150;
         more(c);
     })
     .await
