@@ -8,7 +8,12 @@
 //! * the alert events are exactly those the rules define for the stored
 //!   readings, with event ids 1..=n and no gap;
 //! * a watcher that held WatchAlerts through every kill saw each event
-//!   once, in order.
+//!   once, in order;
+//! * readings-feed watchers that held WatchReadings through every kill,
+//!   resuming from their cursors (one following every device, two
+//!   following some), saw, after dropping repeats by key, exactly the
+//!   stored readings of their selection, each at its batch's position,
+//!   positions never going back.
 //!
 //! With `--processes N` (PostgreSQL) N servers share the one database: the
 //! fleet is spread over them, a device whose upload fails resumes against
@@ -31,6 +36,7 @@
 mod fault_trials {
     pub mod check;
     pub mod db;
+    pub mod feed_watcher;
     pub mod fleet;
     pub mod oracle;
     pub mod plan;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::db::{Snapshot, StoredEvent};
+use super::feed_watcher::FeedSeen;
 use super::fleet::DeviceLog;
 use super::oracle::{self, Event, Kind};
 use super::plan::{Plan, READINGS_PER_BATCH, RULES, STEP_NANOS};
@@ -17,10 +18,19 @@ pub struct Report {
     pub events_stored: usize,
     /// Per rule: (expected, stored, missing, extra).
     pub per_rule: BTreeMap<&'static str, (usize, usize, usize, usize)>,
+    /// Per readings-feed watcher: (what it follows, readings received,
+    /// of them repeats, reconnects).
+    pub feeds: Vec<(String, usize, usize, u64)>,
     pub problems: Vec<String>,
 }
 
-pub fn check(plan: &Plan, snap: &Snapshot, logs: &[DeviceLog], seen: &Seen) -> Report {
+pub fn check(
+    plan: &Plan,
+    snap: &Snapshot,
+    logs: &[DeviceLog],
+    seen: &Seen,
+    feeds: &[FeedSeen],
+) -> Report {
     let mut report = Report {
         readings_stored: snap.readings.len(),
         events_stored: snap.events.len(),
@@ -66,7 +76,71 @@ pub fn check(plan: &Plan, snap: &Snapshot, logs: &[DeviceLog], seen: &Seen) -> R
     check_event_ids(&snap.events, &mut report.problems);
     check_alert_rows(snap, &mut report.problems);
     check_watcher(&snap.events, seen, &mut report.problems);
+    for feed in feeds {
+        let repeats = check_feed(snap, feed, &mut report.problems);
+        report.feeds.push((
+            feed.label.clone(),
+            feed.rows.len(),
+            repeats,
+            feed.reconnects,
+        ));
+    }
     report
+}
+
+type Key<'a> = (&'a str, i64, i32);
+
+/// A readings-feed watcher against the stored readings of its selection:
+/// after dropping repeats by key, exactly those readings, each with its
+/// stored time and value and at its batch's feed position, positions never
+/// going back. Returns the repeats (allowed: a consumer drops them by key).
+fn check_feed(snap: &Snapshot, seen: &FeedSeen, problems: &mut Vec<String>) -> usize {
+    let wanted = |d: &str| {
+        seen.devices
+            .as_ref()
+            .is_none_or(|ids| ids.iter().any(|i| i == d))
+    };
+    let stored: HashMap<Key<'_>, (i64, u64)> = snap
+        .keyed_readings
+        .iter()
+        .filter(|r| wanted(&r.0))
+        .map(|(d, s, i, t, v)| ((d.as_str(), *s, *i), (*t, v.to_bits())))
+        .collect();
+    let positions: HashMap<(&str, i64), i64> = snap
+        .feed
+        .iter()
+        .map(|(p, d, s)| ((d.as_str(), *s), *p))
+        .collect();
+    let mut got: HashMap<Key<'_>, (i64, u64)> = HashMap::new();
+    let (mut repeats, mut extra, mut other_value, mut other_position) = (0, 0, 0, 0);
+    for r in &seen.rows {
+        let key = (r.device.as_str(), r.sequence as i64, r.index as i32);
+        if got.insert(key, (r.time, r.value.to_bits())).is_some() {
+            repeats += 1;
+            continue;
+        }
+        match stored.get(&key) {
+            None => extra += 1,
+            Some(v) if *v != (r.time, r.value.to_bits()) => other_value += 1,
+            Some(_) => {}
+        }
+        if positions.get(&(key.0, key.1)) != Some(&(r.position as i64)) {
+            other_position += 1;
+        }
+    }
+    let missing = stored.keys().filter(|k| !got.contains_key(*k)).count();
+    if missing + extra + other_value + other_position > 0 || !seen.backwards.is_empty() {
+        problems.push(format!(
+            "feed watcher {}: {} readings received ({repeats} repeats), {} stored for it: {missing} missing, {extra} not stored, {other_value} with another time or value, {other_position} at another position, position went back {}x (first {:?}), {} reconnects",
+            seen.label,
+            seen.rows.len(),
+            stored.len(),
+            seen.backwards.len(),
+            seen.backwards.first(),
+            seen.reconnects
+        ));
+    }
+    repeats
 }
 
 fn check_readings(

@@ -42,6 +42,11 @@ pub struct Snapshot {
     pub readings: Vec<(String, i64, f64)>,
     pub events: Vec<StoredEvent>,
     pub alerts: Vec<StoredAlert>,
+    /// Every stored reading with its dedup key: (device_id, batch
+    /// sequence, index in batch, time, value).
+    pub keyed_readings: Vec<(String, i64, i32, i64, f64)>,
+    /// The readings feed's batches: (position, device_id, batch sequence).
+    pub feed: Vec<(i64, String, i64)>,
 }
 
 const DEVICES: &str = "SELECT device_id, committed_sequence FROM devices ORDER BY device_id";
@@ -54,6 +59,12 @@ const ALERTS: &str = "SELECT a.alert_id, a.rule_id, d.device_id, a.fired_unix_na
             a.resolved_unix_nano
      FROM alerts a JOIN devices d ON d.pk = a.device_pk ORDER BY a.alert_id";
 const MAX_EVENT: &str = "SELECT COALESCE(MAX(event_id), 0) FROM alert_events";
+const KEYED_READINGS: &str =
+    "SELECT d.device_id, r.batch_sequence, r.batch_index, r.time_unix_nano, r.value
+     FROM readings r JOIN sensors s ON s.pk = r.sensor_pk JOIN devices d ON d.pk = s.device_pk";
+const FEED: &str = "SELECT f.position, d.device_id, f.batch_sequence
+     FROM readings_feed f JOIN devices d ON d.pk = f.device_pk ORDER BY f.position";
+const LAST_POSITION: &str = "SELECT last_position FROM readings_feed_counter";
 
 type EventRow = (i64, i64, String, String, String, Option<f64>, i64);
 type AlertRow = (i64, String, String, i64, Option<f64>, Option<i64>);
@@ -99,7 +110,15 @@ impl Db {
         Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(MAX_EVENT).fetch_one(p).await?))
     }
 
+    pub async fn last_feed_position(&self) -> anyhow::Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(LAST_POSITION).fetch_one(p).await?))
+    }
+
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let (keyed_readings, feed) = on_pool!(self, p => (
+            sqlx::query_as(KEYED_READINGS).fetch_all(p).await?,
+            sqlx::query_as(FEED).fetch_all(p).await?,
+        ));
         let (devices, readings, events, alerts): Tables = on_pool!(self, p => (
             sqlx::query_as(DEVICES).fetch_all(p).await?,
             sqlx::query_as(READINGS).fetch_all(p).await?,
@@ -107,6 +126,8 @@ impl Db {
             sqlx::query_as(ALERTS).fetch_all(p).await?,
         ));
         Ok(Snapshot {
+            keyed_readings,
+            feed,
             devices,
             readings,
             events: events

@@ -23,7 +23,7 @@ use super::db::{self, Db};
 use super::fleet::{self, Progress};
 use super::plan::{self, Plan};
 use super::server::{self, Server};
-use super::watcher;
+use super::{feed_watcher, watcher};
 use crate::Backend;
 
 pub struct TrialConfig {
@@ -106,6 +106,14 @@ impl Outcome {
                 .map(|(id, (e, st, m, x))| format!("{id} {e}/{st}, {m} missing, {x} extra"))
                 .collect();
             s += &format!(" ({}), watcher {} ids", rules.join("; "), self.watcher_ids);
+            let feeds: Vec<_> = r
+                .feeds
+                .iter()
+                .map(|(label, rows, repeats, reconnects)| {
+                    format!("{label}: {rows} readings, {repeats} repeats, {reconnects} reconnects")
+                })
+                .collect();
+            s += &format!(", feed watchers ({})", feeds.join("; "));
         }
         s += &format!(
             ", {:.1} s: {}",
@@ -304,7 +312,34 @@ async fn drive(
 
     let (last_tx, mut last_rx) = watch::channel(0u64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let watcher = tokio::spawn(watcher::run(urls.clone(), ops_token, last_tx, stop_rx));
+    let watcher = tokio::spawn(watcher::run(
+        urls.clone(),
+        ops_token.clone(),
+        last_tx,
+        stop_rx.clone(),
+    ));
+    // The readings feed: the whole of it, one device, and two others.
+    let selections = [
+        ("every device".to_owned(), None),
+        (plan.device_id(0), Some(vec![plan.device_id(0)])),
+        (
+            format!("{} and {}", plan.device_id(1), plan.device_id(2)),
+            Some(vec![plan.device_id(1), plan.device_id(2)]),
+        ),
+    ];
+    let mut feed_watchers = Vec::new();
+    for (label, devices) in selections {
+        let (through_tx, through_rx) = watch::channel(0u64);
+        let task = tokio::spawn(feed_watcher::run(
+            label,
+            devices.filter(|_| plan.devices > 2),
+            urls.clone(),
+            ops_token.clone(),
+            through_tx,
+            stop_rx.clone(),
+        ));
+        feed_watchers.push((task, through_rx));
+    }
 
     // The fleet gets what is left of the trial, less time for the checks.
     let fleet_deadline = trial_started
@@ -431,15 +466,26 @@ async fn drive(
         }
         let _ = tokio::time::timeout(Duration::from_millis(200), last_rx.changed()).await;
     }
+    // And for the feed's watchers to have passed its newest position.
+    let newest = db.last_feed_position().await?.max(0) as u64;
+    for (_, through) in &mut feed_watchers {
+        while *through.borrow_and_update() < newest && Instant::now() < caught_up_by {
+            let _ = tokio::time::timeout(Duration::from_millis(200), through.changed()).await;
+        }
+    }
     stop_tx.send_replace(true);
     let seen = watcher.await?;
     outcome.watcher_ids = seen.ids.len();
+    let mut feeds = Vec::new();
+    for (task, _) in feed_watchers {
+        feeds.push(task.await?);
+    }
     // All at once: each may take its grace period. A stop that fails is a
     // problem of the trial, and the stored data is still checked.
     let stops = futures::future::join_all(servers.iter_mut().map(Server::stop)).await;
     let snapshot = db.snapshot().await?;
     db.close().await;
-    let mut report = check::check(&plan, &snapshot, &logs, &seen);
+    let mut report = check::check(&plan, &snapshot, &logs, &seen, &feeds);
     let many = stops.len() > 1;
     for (i, stop) in stops.into_iter().enumerate() {
         let which = match many {

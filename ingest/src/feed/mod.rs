@@ -364,9 +364,7 @@ impl Feed {
             position: record.position,
             next_index: record.next_index,
         };
-        let lag_positions = bounds
-            .last
-            .saturating_sub(cursor.first_unread().saturating_sub(1));
+        let lag_positions = record_lag(&self.metrics, &record, bounds.last);
         let lag_seconds = if lag_positions == 0 {
             Some(0.0)
         } else {
@@ -378,12 +376,6 @@ impl Feed {
                 _ => None,
             }
         };
-        self.metrics
-            .feed_consumer_lag
-            .get_or_create(&ConsumerLabel {
-                consumer: record.name.clone(),
-            })
-            .set(lag_positions as i64);
         Ok(ConsumerStatus {
             cursor: self.key.issue(cursor),
             name: record.name,
@@ -394,6 +386,22 @@ impl Feed {
             lag_seconds,
         })
     }
+}
+
+/// Batches committed after a consumer's cursor, also set as its metric.
+fn record_lag(metrics: &Metrics, record: &ConsumerRecord, last: u64) -> u64 {
+    let cursor = Cursor {
+        position: record.position,
+        next_index: record.next_index,
+    };
+    let lag = last.saturating_sub(cursor.first_unread().saturating_sub(1));
+    metrics
+        .feed_consumer_lag
+        .get_or_create(&ConsumerLabel {
+            consumer: record.name.clone(),
+        })
+        .set(lag as i64);
+    lag
 }
 
 /// `Some` when retention removed a batch the reader at `cursor` has still
@@ -410,6 +418,12 @@ fn expired(key: &CursorKey, cursor: Cursor, bounds: FeedBounds) -> Option<FeedEr
 fn page_is_full(batches: &[FeedBatch], page_batches: u32, page_readings: u32) -> bool {
     batches.len() >= page_batches as usize
         || batches.iter().map(FeedBatch::readings).sum::<usize>() >= page_readings as usize
+}
+
+/// Resolves once the server begins shutting down (the guard `wait_for`
+/// returns must not live across an await).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 fn pks(devices: &[SelectedDevice]) -> std::collections::HashSet<i64> {

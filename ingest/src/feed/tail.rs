@@ -8,12 +8,13 @@
 //! order, see `storage::feed`). While nobody watches, it follows only the
 //! counter: the log is not read for nobody.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::metrics::Metrics;
+use crate::metrics::{ConsumerLabel, Metrics};
 use crate::storage::Store;
 use crate::storage::feed::FeedBatch;
 
@@ -30,6 +31,9 @@ pub(super) struct Tail {
     pub metrics: Arc<Metrics>,
 }
 
+/// How often the named consumers' lag metrics are brought up to date.
+const CONSUMER_LAG_EVERY: Duration = Duration::from_secs(5);
+
 pub(super) async fn run(tail: Tail) {
     let Tail {
         store,
@@ -44,11 +48,18 @@ pub(super) async fn run(tail: Tail) {
     metrics.feed_last_position.set(last as i64);
     let mut tick = tokio::time::interval(poll.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lags = tokio::time::interval(CONSUMER_LAG_EVERY);
+    lags.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut consumers = HashSet::new();
     loop {
         tokio::select! {
             () = committed.notified() => {}
             _ = tick.tick() => {}
-            _ = stopping.wait_for(|s| *s) => break,
+            _ = lags.tick() => {
+                consumer_lags(&store, &metrics, last, &mut consumers).await;
+                continue;
+            }
+            () = super::stopped(&mut stopping) => break,
         }
         loop {
             if live.receiver_count() == 0 {
@@ -84,4 +95,25 @@ pub(super) async fn run(tail: Tail) {
         metrics.feed_last_position.set(last as i64);
     }
     tracing::debug!("readings feed follower stopped");
+}
+
+/// Sets each named consumer's lag metric against `last`, and removes the
+/// metric of a consumer deleted since (by any process); `known` is the
+/// names the last call saw.
+async fn consumer_lags(store: &Store, metrics: &Metrics, last: u64, known: &mut HashSet<String>) {
+    match store.consumers().await {
+        Ok(consumers) => {
+            let now: HashSet<String> = consumers.iter().map(|c| c.name.clone()).collect();
+            for gone in known.difference(&now) {
+                metrics.feed_consumer_lag.remove(&ConsumerLabel {
+                    consumer: gone.clone(),
+                });
+            }
+            for record in &consumers {
+                super::record_lag(metrics, record, last);
+            }
+            *known = now;
+        }
+        Err(error) => tracing::warn!(%error, "readings feed: cannot read the named consumers"),
+    }
 }

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
 
 use super::cursor::{Cursor, CursorKey};
-use super::{FeedConfig, FeedError, expired, page_is_full};
+use super::{FeedConfig, FeedError, expired, page_is_full, stopped};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -304,10 +304,4 @@ impl WatchStream {
         .await
         .is_ok()
     }
-}
-
-/// Resolves once the server begins shutting down (the guard `wait_for`
-/// returns must not live across an await).
-async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|s| *s).await;
 }

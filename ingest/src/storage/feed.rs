@@ -189,21 +189,8 @@ pub(super) async fn append(
             .execute(&mut *pg)
             .await?;
         }
-        Conn::Sqlite(_) => {
-            for (position, b) in (first..).zip(batches) {
-                conn.query(
-                    "INSERT INTO readings_feed (position, device_pk, batch_sequence, readings, committed_unix_nano, payload) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(position)
-                .bind(b.device_pk)
-                .bind(bigint(b.batch_sequence))
-                .bind(b.readings as i64)
-                .bind(now)
-                .bind(b.payload.as_slice())
-                .execute()
-                .await?;
-            }
+        Conn::Sqlite(sqlite) => {
+            super::sqlite_bulk::insert_feed(sqlite, first, batches, now).await?;
         }
     }
     Ok(first as u64)

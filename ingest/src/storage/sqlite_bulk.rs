@@ -16,6 +16,7 @@ use libsqlite3_sys as ffi;
 use sqlx::SqliteConnection;
 
 use super::ReadingColumns;
+use super::feed::FeedAppend;
 use super::sqlite_ffi::{Statement, error, on_handle};
 
 /// Rows per execution of the multi-row statement. One execution opens the
@@ -110,4 +111,62 @@ fn insert(stmt: &Statement, rows: &ReadingColumns, range: Range<usize>) -> Resul
     } else {
         Err(error(stmt.db, rc, "inserting readings"))
     }
+}
+
+/// Appends the readings feed's batches at positions `first..` through the
+/// C API, as the readings: one prepared statement stepped per batch,
+/// with no trip through sqlx's worker per row (at a million readings a
+/// second in batches of a hundred, that is ten thousand rows a second).
+pub(super) async fn insert_feed(
+    conn: &mut SqliteConnection,
+    first: i64,
+    batches: &[FeedAppend],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    on_handle(conn, |db| {
+        let sql = CString::new(
+            "INSERT OR FAIL INTO readings_feed (position, device_pk, batch_sequence, readings, committed_unix_nano, payload) \
+             VALUES (?,?,?,?,?,?)",
+        )
+        .expect("no NUL in SQL");
+        let stmt = Statement::prepare(db, &sql)?;
+        let raw = stmt.raw.as_ptr();
+        for (position, b) in (first..).zip(batches) {
+            let mut rc = ffi::SQLITE_OK;
+            // SAFETY: `raw` is a live statement with six parameters on a
+            // connection this thread holds. The payload is bound without a
+            // copy (SQLITE_STATIC): it outlives the step, and the reset
+            // below drops SQLite's reference to it.
+            unsafe {
+                for r in [
+                    ffi::sqlite3_bind_int64(raw, 1, position),
+                    ffi::sqlite3_bind_int64(raw, 2, b.device_pk),
+                    ffi::sqlite3_bind_int64(raw, 3, super::sql::bigint(b.batch_sequence)),
+                    ffi::sqlite3_bind_int64(raw, 4, i64::from(b.readings)),
+                    ffi::sqlite3_bind_int64(raw, 5, now),
+                    ffi::sqlite3_bind_blob(
+                        raw,
+                        6,
+                        b.payload.as_ptr().cast(),
+                        c_int::try_from(b.payload.len()).unwrap_or(c_int::MAX),
+                        ffi::SQLITE_STATIC(),
+                    ),
+                ] {
+                    if rc == ffi::SQLITE_OK {
+                        rc = r;
+                    }
+                }
+                if rc == ffi::SQLITE_OK {
+                    rc = ffi::sqlite3_step(raw);
+                }
+                ffi::sqlite3_reset(raw);
+                ffi::sqlite3_clear_bindings(raw);
+            }
+            if rc != ffi::SQLITE_DONE {
+                return Err(error(stmt.db, rc, "appending to the readings feed"));
+            }
+        }
+        Ok(())
+    })
+    .await
 }
