@@ -19,14 +19,7 @@ impl ConsumerName {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(s: &str) -> Result<Self, InvalidConsumerName> {
-        let bytes = s.as_bytes();
-        let valid = !bytes.is_empty()
-            && bytes.len() <= Self::MAX_LEN
-            && bytes[0].is_ascii_alphanumeric()
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
-        if valid {
+        if super::device::id_shaped(s, Self::MAX_LEN) {
             Ok(Self(s.to_owned()))
         } else {
             Err(InvalidConsumerName(s.chars().take(80).collect()))

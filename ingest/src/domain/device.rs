@@ -23,6 +23,19 @@ pub enum InvalidDevice {
     TooManyLabels(usize),
 }
 
+/// Whether `s` has the shape of an id (a device's, a feed consumer's): 1 to
+/// `max` bytes of ASCII letters, digits, '_', '.', '-' and ':', starting
+/// with a letter or digit. Safe in URLs, logs, metric labels and file names.
+pub fn id_shaped(s: &str, max: usize) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= max
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
+}
+
 /// A device's public id, unique and never reused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
@@ -31,14 +44,7 @@ impl DeviceId {
     pub const MAX_LEN: usize = 128;
 
     pub fn parse(s: &str) -> Result<Self, InvalidDevice> {
-        let bytes = s.as_bytes();
-        let valid = !bytes.is_empty()
-            && bytes.len() <= Self::MAX_LEN
-            && bytes[0].is_ascii_alphanumeric()
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
-        if valid {
+        if id_shaped(s, Self::MAX_LEN) {
             Ok(Self(s.to_owned()))
         } else {
             Err(InvalidDevice::Id(s.chars().take(160).collect()))

@@ -25,7 +25,7 @@ use crate::domain::consumer::ConsumerName;
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::metrics::{ConsumerLabel, Metrics};
 use crate::storage::feed::{ConsumerRecord, FeedBatch, FeedBounds};
-use crate::storage::{ReadPool, SelectedDevice, StorageError, Store};
+use crate::storage::{Chosen, ReadPool, StorageError, Store, Wanted};
 pub use cursor::{Cursor, CursorError, CursorKey};
 pub use watch::{FeedChunk, WatchItem};
 
@@ -228,30 +228,19 @@ impl Feed {
                 open: self.config.max_streams,
                 retry_after: Duration::from_secs(1),
             })?;
-        let devices = match &request.devices {
+        let max = self.config.max_devices;
+        let wanted = match &request.devices {
             Devices::All => None,
-            Devices::Ids(ids) => {
-                let found = self.pool.devices_by_id(ids).await?;
-                if let Some(missing) = ids
-                    .iter()
-                    .find(|id| !found.iter().any(|d| &d.device_id == *id))
-                {
-                    return Err(FeedError::NoSuchDevice(missing.clone()));
-                }
-                Some(pks(&found))
-            }
-            Devices::Labels(labels) => {
-                let found = self
-                    .pool
-                    .devices_by_labels(labels, self.config.max_devices)
-                    .await?;
-                if found.len() > self.config.max_devices {
-                    return Err(FeedError::TooManyDevices {
-                        max: self.config.max_devices,
-                    });
-                }
-                Some(pks(&found))
-            }
+            Devices::Ids(ids) => Some(Wanted::Ids(ids)),
+            Devices::Labels(labels) => Some(Wanted::Labels(labels)),
+        };
+        let devices = match wanted {
+            None => None,
+            Some(wanted) => match self.pool.choose_devices(wanted, max).await? {
+                Chosen::Devices(found) => Some(found.iter().map(|d| d.pk).collect()),
+                Chosen::Missing(id) => return Err(FeedError::NoSuchDevice(id)),
+                Chosen::TooMany => return Err(FeedError::TooManyDevices { max }),
+            },
         };
         let bounds = self.store.feed_bounds().await?;
         let (cursor, announce) = match &request.start {
@@ -424,8 +413,4 @@ fn page_is_full(batches: &[FeedBatch], page_batches: u32, page_readings: u32) ->
 /// returns must not live across an await).
 async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
-}
-
-fn pks(devices: &[SelectedDevice]) -> std::collections::HashSet<i64> {
-    devices.iter().map(|d| d.pk).collect()
 }

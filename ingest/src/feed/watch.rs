@@ -124,11 +124,11 @@ impl WatchStream {
                     return Some(error);
                 }
             }
-            let mut heartbeat = tokio::time::interval_at(
-                tokio::time::Instant::now() + self.config.heartbeat,
-                self.config.heartbeat,
-            );
             loop {
+                // A heartbeat is due this long after the last message, whatever it
+                // was: a quiet stream hears from the server at least this
+                // often.
+                let due = tokio::time::Instant::from_std(*last_sent + self.config.heartbeat);
                 tokio::select! {
                     received = live.recv() => match received {
                         Ok(batch) => {
@@ -152,10 +152,8 @@ impl WatchStream {
                         }
                         Err(RecvError::Closed) => return Some(FeedError::ShuttingDown),
                     },
-                    _ = heartbeat.tick() => {
-                        if last_sent.elapsed() >= self.config.heartbeat
-                            && !self.heartbeat(*cursor, tx, last_sent).await
-                        {
+                    () = tokio::time::sleep_until(due) => {
+                        if !self.heartbeat(*cursor, tx, last_sent).await {
                             return None;
                         }
                     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::storage::{ReadPool, StorageError, Store};
+use crate::storage::{Chosen, ReadPool, StorageError, Store, Wanted};
 pub use buckets::{Aggregate, BucketColumns, Bucketing, CalendarUnit};
 pub use limits::{StreamLimits, StreamPermit};
 pub use query::{InvalidQuery, QueryRequest, ReadQuery};
@@ -186,29 +186,15 @@ impl Reader {
         } else {
             Some(self.key.check(resume_token, &arguments, now_secs())?)
         };
-        let devices = match &query.devices {
-            query::DeviceSelection::Ids(ids) => {
-                let found = self.pool.devices_by_id(ids).await?;
-                if let Some(missing) = ids
-                    .iter()
-                    .find(|id| !found.iter().any(|d| &d.device_id == *id))
-                {
-                    return Err(ReadError::NoSuchDevice(missing.clone()));
-                }
-                found
-            }
-            query::DeviceSelection::Labels(labels) => {
-                let found = self
-                    .pool
-                    .devices_by_labels(labels, self.config.max_devices)
-                    .await?;
-                if found.len() > self.config.max_devices {
-                    return Err(ReadError::TooManyDevices {
-                        max: self.config.max_devices,
-                    });
-                }
-                found
-            }
+        let wanted = match &query.devices {
+            query::DeviceSelection::Ids(ids) => Wanted::Ids(ids),
+            query::DeviceSelection::Labels(labels) => Wanted::Labels(labels),
+        };
+        let max = self.config.max_devices;
+        let devices = match self.pool.choose_devices(wanted, max).await? {
+            Chosen::Devices(found) => found,
+            Chosen::Missing(id) => return Err(ReadError::NoSuchDevice(id)),
+            Chosen::TooMany => return Err(ReadError::TooManyDevices { max }),
         };
         let pks: Vec<i64> = devices.iter().map(|d| d.pk).collect();
         tracing::debug!(

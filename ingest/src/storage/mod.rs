@@ -43,7 +43,7 @@ pub use devices::{DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
 pub use read_page::{RawRows, RowsFrom, RowsPage};
-pub use readings_query::{ReadPool, SelectedDevice, SeriesInfo};
+pub use readings_query::{Chosen, ReadPool, SelectedDevice, SeriesInfo, Wanted};
 pub use sqlite::{SqliteGroupTx, SqliteStore};
 
 use sqlx::pool::PoolConnection;

@@ -28,6 +28,23 @@ pub enum ReadPool {
     Postgres(PgPool),
 }
 
+/// Which devices a read asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum Wanted<'a> {
+    Ids(&'a [String]),
+    Labels(&'a BTreeMap<String, String>),
+}
+
+/// What [`ReadPool::choose_devices`] found.
+#[derive(Debug)]
+pub enum Chosen {
+    Devices(Vec<SelectedDevice>),
+    /// A listed id that no device has.
+    Missing(String),
+    /// The labels match more devices than the limit.
+    TooMany,
+}
+
 /// A device a request selected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelectedDevice {
@@ -143,6 +160,35 @@ impl ReadPool {
             Self::Sqlite(p) => Statement::Sqlite(On::Pool(p), sqlx::query(sql)),
             Self::Postgres(p) => Statement::Postgres(On::Pool(p), sqlx::query(sql)),
         }
+    }
+
+    /// The devices a read selects, by ids or by labels, at most `limit`
+    /// by labels: what QueryReadings and WatchReadings both resolve.
+    pub async fn choose_devices(
+        &self,
+        wanted: Wanted<'_>,
+        limit: usize,
+    ) -> Result<Chosen, StorageError> {
+        Ok(match wanted {
+            Wanted::Ids(ids) => {
+                let found = self.devices_by_id(ids).await?;
+                match ids
+                    .iter()
+                    .find(|id| !found.iter().any(|d| &d.device_id == *id))
+                {
+                    Some(missing) => Chosen::Missing(missing.clone()),
+                    None => Chosen::Devices(found),
+                }
+            }
+            Wanted::Labels(labels) => {
+                let found = self.devices_by_labels(labels, limit).await?;
+                if found.len() > limit {
+                    Chosen::TooMany
+                } else {
+                    Chosen::Devices(found)
+                }
+            }
+        })
     }
 
     /// The devices among `ids` that exist, in no particular order.
