@@ -151,49 +151,49 @@ pub fn unpack(payload: &[u8]) -> Result<Vec<FeedSeries>, StorageError> {
     Ok(series)
 }
 
-/// Takes positions for `batches` and appends them, in a group commit's
-/// transaction, as its last statements: the counter row stays locked until
-/// the transaction ends. Returns the first position (the others follow).
-pub(super) async fn append(
-    mut conn: Conn<'_>,
-    batches: &[FeedAppend],
-    now: UnixNanos,
-) -> Result<u64, sqlx::Error> {
+/// Takes `n` positions, in a group commit's transaction, as the start of
+/// its last statements: the counter row stays locked until the
+/// transaction ends. Returns the first (the others follow). The backend
+/// then inserts the batches: PostgreSQL by [`insert_pg`], SQLite through
+/// the C API (`sqlite_bulk`).
+pub(super) async fn take_positions(mut conn: Conn<'_>, n: usize) -> Result<i64, sqlx::Error> {
     let last: i64 = conn
         .query(
             "UPDATE readings_feed_counter SET last_position = last_position + $1 \
              RETURNING last_position",
         )
-        .bind(batches.len() as i64)
+        .bind(n as i64)
         .fetch_scalar()
         .await?;
-    let first = last - batches.len() as i64 + 1;
-    match conn {
-        Conn::Postgres(pg) => {
-            let positions: Vec<i64> = (first..=last).collect();
-            let devices: Vec<i64> = batches.iter().map(|b| b.device_pk).collect();
-            let sequences: Vec<i64> = batches.iter().map(|b| bigint(b.batch_sequence)).collect();
-            let readings: Vec<i32> = batches.iter().map(|b| b.readings as i32).collect();
-            let payloads: Vec<&[u8]> = batches.iter().map(|b| b.payload.as_slice()).collect();
-            // One statement for the group, whatever its batches.
-            sqlx::query(
-                "INSERT INTO readings_feed (position, device_pk, batch_sequence, readings, committed_unix_nano, payload) \
-                 SELECT p, d, s, r, $5, b FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $6::bytea[]) AS t(p, d, s, r, b)",
-            )
-            .bind(positions)
-            .bind(devices)
-            .bind(sequences)
-            .bind(readings)
-            .bind(now)
-            .bind(payloads)
-            .execute(&mut *pg)
-            .await?;
-        }
-        Conn::Sqlite(sqlite) => {
-            super::sqlite_bulk::insert_feed(sqlite, first, batches, now).await?;
-        }
-    }
-    Ok(first as u64)
+    Ok(last - n as i64 + 1)
+}
+
+/// The batches at positions `first..`, in one statement for the group,
+/// whatever its batches.
+pub(super) async fn insert_pg(
+    pg: &mut sqlx::PgConnection,
+    first: i64,
+    batches: &[FeedAppend],
+    now: UnixNanos,
+) -> Result<(), sqlx::Error> {
+    let positions: Vec<i64> = (first..first + batches.len() as i64).collect();
+    let devices: Vec<i64> = batches.iter().map(|b| b.device_pk).collect();
+    let sequences: Vec<i64> = batches.iter().map(|b| bigint(b.batch_sequence)).collect();
+    let readings: Vec<i32> = batches.iter().map(|b| b.readings as i32).collect();
+    let payloads: Vec<&[u8]> = batches.iter().map(|b| b.payload.as_slice()).collect();
+    sqlx::query(
+        "INSERT INTO readings_feed (position, device_pk, batch_sequence, readings, committed_unix_nano, payload) \
+         SELECT p, d, s, r, $5, b FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $6::bytea[]) AS t(p, d, s, r, b)",
+    )
+    .bind(positions)
+    .bind(devices)
+    .bind(sequences)
+    .bind(readings)
+    .bind(now)
+    .bind(payloads)
+    .execute(pg)
+    .await?;
+    Ok(())
 }
 
 /// The positions the feed holds: `earliest ..= last` (empty when

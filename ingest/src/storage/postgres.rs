@@ -395,7 +395,10 @@ impl GroupTx for PgGroupTx {
         batches: &[super::feed::FeedAppend],
         now: UnixNanos,
     ) -> Result<u64, sqlx::Error> {
-        super::feed::append(Conn::Postgres(&mut self.tx), batches, now).await
+        let first =
+            super::feed::take_positions(Conn::Postgres(&mut self.tx), batches.len()).await?;
+        super::feed::insert_pg(&mut self.tx, first, batches, now).await?;
+        Ok(first as u64)
     }
 
     async fn record_alert_events(

@@ -492,7 +492,9 @@ impl GroupTx for SqliteGroupTx {
         batches: &[super::feed::FeedAppend],
         now: UnixNanos,
     ) -> Result<u64, sqlx::Error> {
-        super::feed::append(Conn::Sqlite(&mut self.tx), batches, now).await
+        let first = super::feed::take_positions(Conn::Sqlite(&mut self.tx), batches.len()).await?;
+        super::sqlite_bulk::insert_feed(&mut self.tx, first, batches, now).await?;
+        Ok(first as u64)
     }
 
     async fn record_alert_events(
