@@ -125,9 +125,9 @@ impl WatchStream {
                 }
             }
             loop {
-                // A heartbeat is due this long after the last message, whatever it
-                // was: a quiet stream hears from the server at least this
-                // often.
+                // A heartbeat is due this long after the last message,
+                // whatever it was: a quiet stream hears from the server at
+                // least this often.
                 let due = tokio::time::Instant::from_std(*last_sent + self.config.heartbeat);
                 tokio::select! {
                     received = live.recv() => match received {
@@ -177,7 +177,7 @@ impl WatchStream {
             let batches = self
                 .store
                 .feed_after(
-                    next - 1,
+                    next.saturating_sub(1),
                     self.config.page_batches,
                     self.config.page_readings,
                 )
