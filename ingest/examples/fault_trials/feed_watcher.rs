@@ -6,11 +6,8 @@
 
 use std::time::Duration;
 
-use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
-use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
 
 /// One reading as the feed delivered it.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,19 +49,9 @@ pub async fn run(
         devices: devices.clone(),
         ..FeedSeen::default()
     };
-    let Ok(bearer) = Bearer::new(&ops_token) else {
+    let Some(mut clients) = super::watcher::clients(urls, &ops_token) else {
         return seen;
     };
-    let mut clients = Vec::with_capacity(urls.len());
-    for url in urls {
-        let Ok(endpoint) = Endpoint::from_shared(url) else {
-            return seen;
-        };
-        let channel = endpoint
-            .connect_timeout(Duration::from_millis(500))
-            .connect_lazy();
-        clients.push(OpsClient::with_interceptor(channel, bearer.clone()));
-    }
     let selector = devices.map(|ids| pb::DeviceSelector {
         selector: Some(pb::device_selector::Selector::Ids(pb::DeviceIdList {
             device_ids: ids,

@@ -9,13 +9,31 @@ use telemetry_client::bearer::Bearer;
 use telemetry_proto::v1 as pb;
 use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
     /// Event ids in the order received (heartbeats left out).
     pub ids: Vec<u64>,
     pub reconnects: u64,
+}
+
+pub type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
+
+/// An Ops client per server, connecting lazily (a server may be down);
+/// `None` for a bad URL or token.
+pub fn clients(urls: Vec<String>, ops_token: &str) -> Option<Vec<Ops>> {
+    let bearer = Bearer::new(ops_token).ok()?;
+    urls.into_iter()
+        .map(|url| {
+            let channel = Endpoint::from_shared(url)
+                .ok()?
+                .connect_timeout(Duration::from_millis(500))
+                .connect_lazy();
+            Some(OpsClient::with_interceptor(channel, bearer.clone()))
+        })
+        .collect()
 }
 
 /// Watches until `stop` turns true; `last` publishes the newest id seen, so
@@ -27,19 +45,9 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
     let mut seen = Seen::default();
-    let Ok(bearer) = Bearer::new(&ops_token) else {
+    let Some(mut clients) = clients(urls, &ops_token) else {
         return seen;
     };
-    let mut clients = Vec::with_capacity(urls.len());
-    for url in urls {
-        let Ok(endpoint) = Endpoint::from_shared(url) else {
-            return seen;
-        };
-        let channel = endpoint
-            .connect_timeout(Duration::from_millis(500))
-            .connect_lazy();
-        clients.push(OpsClient::with_interceptor(channel, bearer.clone()));
-    }
     let mut server = 0;
     let mut first = true;
     while !*stop.borrow() {

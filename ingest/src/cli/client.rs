@@ -119,3 +119,60 @@ fn says_where_the_token_came_from(transport: Transport, origin: String) -> Trans
         response
     }))
 }
+
+/// Why one call of a long stream (an export, a tail) stopped.
+pub(super) enum StreamFailure {
+    Status(tonic::Status),
+    Write(std::io::Error),
+}
+
+/// When a long stream resumes after a failure, and when it gives up: at
+/// most `MAX_ATTEMPTS` failed calls in a row with nothing received in
+/// between, each after a backoff (honouring the server's RetryInfo).
+pub(super) struct Resumes {
+    backoff: telemetry_client::backoff::Backoff,
+    rng: rand::rngs::ThreadRng,
+    failures: u32,
+}
+
+impl Resumes {
+    const MAX_ATTEMPTS: u32 = 8;
+
+    pub(super) fn new() -> Self {
+        Self {
+            backoff: telemetry_client::backoff::Backoff::default(),
+            rng: rand::rng(),
+            failures: 0,
+        }
+    }
+
+    /// The delay before resuming after `status`, or the error to give up
+    /// with: a status not worth retrying, or too many failures in a row.
+    /// `progressed`: the failed call received something, which starts the
+    /// count over. `from` says where it resumes, for the line on stderr.
+    pub(super) fn after(
+        &mut self,
+        status: tonic::Status,
+        progressed: bool,
+        from: &str,
+    ) -> anyhow::Result<std::time::Duration> {
+        if !telemetry_client::status::is_retryable(&status) {
+            return Err(super::output::status_error(status));
+        }
+        if progressed {
+            self.backoff.reset();
+            self.failures = 0;
+        }
+        self.failures += 1;
+        if self.failures > Self::MAX_ATTEMPTS {
+            return Err(super::output::status_error(status));
+        }
+        let delay = self.backoff.next_delay_after(&status, &mut self.rng);
+        eprintln!(
+            "{:?}: {}; resuming {from} in {delay:?}",
+            status.code(),
+            status.message()
+        );
+        Ok(delay)
+    }
+}

@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use telemetry_client::backoff::Backoff;
-use telemetry_client::status::is_retryable;
 use telemetry_proto::v1 as pb;
 
-use super::client::{Ops, ServerArgs};
-use super::output::{Format, status_error, utc_nanos};
+use super::client::{Ops, Resumes, ServerArgs, StreamFailure};
+use super::output::{Format, utc_nanos};
 use crate::domain::time::now_unix_nanos;
 use crate::reports::{RowWriter, TimeArg, Value};
 
@@ -133,9 +131,6 @@ pub async fn run(cmd: ReadingsCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Consecutive failed attempts, with no chunk in between, before giving up.
-const MAX_ATTEMPTS: u32 = 8;
-
 async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let now = now_unix_nanos();
     let (from, to) = (args.from.resolve(now), args.to.resolve(now));
@@ -164,9 +159,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let mut ops = args.server.ops().await?;
     let mut progress = Progress::new(std::io::stderr().is_terminal());
     let mut token = String::new();
-    let mut backoff = Backoff::default();
-    let mut rng = rand::rng();
-    let mut failures = 0;
+    let mut resumes = Resumes::new();
     loop {
         let req = pb::QueryReadingsRequest {
             resume_token: token.clone(),
@@ -175,28 +168,13 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         let sent = progress.rows;
         match stream(&mut ops, req, &aggs, &mut *out, &mut token, &mut progress).await {
             Ok(()) => break,
-            Err(Failure::Status(status)) if is_retryable(&status) => {
-                // A call that got somewhere starts the count over.
-                if progress.rows > sent {
-                    backoff.reset();
-                    failures = 0;
-                }
-                failures += 1;
-                if failures > MAX_ATTEMPTS {
-                    return Err(status_error(status));
-                }
-                let delay = backoff.next_delay_after(&status, &mut rng);
+            Err(StreamFailure::Status(status)) => {
                 progress.clear();
-                eprintln!(
-                    "{:?}: {}; resuming after {} rows in {delay:?}",
-                    status.code(),
-                    status.message(),
-                    progress.rows
-                );
+                let from = format!("after {} rows", progress.rows);
+                let delay = resumes.after(status, progress.rows > sent, &from)?;
                 tokio::time::sleep(delay).await;
             }
-            Err(Failure::Status(status)) => return Err(status_error(status)),
-            Err(Failure::Write(e)) => return Err(e.into()),
+            Err(StreamFailure::Write(e)) => return Err(e.into()),
         }
     }
     out.finish()?;
@@ -227,11 +205,6 @@ fn request(args: &QueryArgs, from: i64, to: i64) -> pb::QueryReadingsRequest {
     }
 }
 
-enum Failure {
-    Status(tonic::Status),
-    Write(std::io::Error),
-}
-
 /// One call: writes each chunk's rows, then remembers its token.
 async fn stream(
     ops: &mut Ops,
@@ -240,14 +213,14 @@ async fn stream(
     out: &mut dyn RowWriter,
     token: &mut String,
     progress: &mut Progress,
-) -> Result<(), Failure> {
+) -> Result<(), StreamFailure> {
     let mut chunks = ops
         .query_readings(req)
         .await
-        .map_err(Failure::Status)?
+        .map_err(StreamFailure::Status)?
         .into_inner();
-    while let Some(chunk) = chunks.message().await.map_err(Failure::Status)? {
-        let rows = write_chunk(&chunk, aggs, out).map_err(Failure::Write)?;
+    while let Some(chunk) = chunks.message().await.map_err(StreamFailure::Status)? {
+        let rows = write_chunk(&chunk, aggs, out).map_err(StreamFailure::Write)?;
         *token = chunk.resume_token;
         progress.add(rows);
     }

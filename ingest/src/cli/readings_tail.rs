@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use telemetry_client::backoff::Backoff;
-use telemetry_client::status::is_retryable;
 use telemetry_proto::v1 as pb;
 
-use super::client::{Ops, ServerArgs};
+use super::client::{Ops, Resumes, ServerArgs, StreamFailure};
 use super::output::{Answer, Column, Format, Table, reply, status_error, time, utc_nanos};
 use crate::reports::{RowWriter, Value};
 
@@ -93,10 +91,6 @@ const COLUMNS: [&str; 9] = [
     "cursor",
 ];
 
-/// Consecutive failed attempts, with nothing received in between, before
-/// giving up.
-const MAX_ATTEMPTS: u32 = 8;
-
 /// Where the tail stands, and what it still owes the consumer.
 struct Position {
     cursor: String,
@@ -144,9 +138,7 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         start: Some(start),
     };
     let mut start = Some(start);
-    let mut backoff = Backoff::default();
-    let mut rng = rand::rng();
-    let mut failures = 0;
+    let mut resumes = Resumes::new();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let ended = loop {
@@ -162,28 +154,18 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         };
         match result {
             Ok(()) => break Ok(()),
-            Err(Failure::Status(status)) if is_retryable(&status) => {
-                if position.cursor != received_before {
-                    backoff.reset();
-                    failures = 0;
-                }
-                failures += 1;
-                if failures > MAX_ATTEMPTS {
-                    break Err(status_error(status));
-                }
-                let delay = backoff.next_delay_after(&status, &mut rng);
-                eprintln!(
-                    "{:?}: {}; resuming from the last cursor in {delay:?}",
-                    status.code(),
-                    status.message()
-                );
+            Err(StreamFailure::Status(status)) => {
+                let progressed = position.cursor != received_before;
+                let delay = match resumes.after(status, progressed, "from the last cursor") {
+                    Ok(delay) => delay,
+                    Err(e) => break Err(e),
+                };
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     _ = &mut interrupted => break Ok(()),
                 }
             }
-            Err(Failure::Status(status)) => break Err(status_error(status)),
-            Err(Failure::Write(e)) => break Err(e.into()),
+            Err(StreamFailure::Write(e)) => break Err(e.into()),
         }
     };
     out.finish()?;
@@ -199,11 +181,6 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     ended
 }
 
-enum Failure {
-    Status(tonic::Status),
-    Write(std::io::Error),
-}
-
 /// One call: writes each chunk's rows, then saves and commits its cursor.
 async fn follow(
     ops: &mut Ops,
@@ -211,26 +188,26 @@ async fn follow(
     args: &TailArgs,
     out: &mut dyn RowWriter,
     position: &mut Position,
-) -> Result<(), Failure> {
+) -> Result<(), StreamFailure> {
     let mut stream = ops
         .watch_readings(req)
         .await
-        .map_err(Failure::Status)?
+        .map_err(StreamFailure::Status)?
         .into_inner();
-    while let Some(chunk) = stream.message().await.map_err(Failure::Status)? {
-        write_chunk(&chunk, out).map_err(Failure::Write)?;
-        out.finish().map_err(Failure::Write)?;
+    while let Some(chunk) = stream.message().await.map_err(StreamFailure::Status)? {
+        write_chunk(&chunk, out).map_err(StreamFailure::Write)?;
+        out.finish().map_err(StreamFailure::Write)?;
         position.cursor = chunk.cursor;
         if let Some(path) = &args.cursor_file {
             write_cursor(path, &position.cursor)
-                .map_err(|e| Failure::Write(std::io::Error::other(format!("{e:#}"))))?;
+                .map_err(|e| StreamFailure::Write(std::io::Error::other(format!("{e:#}"))))?;
         }
         if let Some(name) = &args.consumer
             && position.last_commit.elapsed() >= args.commit_every
         {
             commit_status(ops, name, &position.cursor)
                 .await
-                .map_err(Failure::Status)?;
+                .map_err(StreamFailure::Status)?;
             position.committed = position.cursor.clone();
             position.last_commit = Instant::now();
         }

@@ -35,6 +35,14 @@ async fn start_with(
     .await
 }
 
+/// [`start`], with device "d1" registered and its upload client, and the
+/// time its readings start at.
+async fn start_with_d1(backend: Backend) -> Option<(TestServer, Ingest, u64)> {
+    let server = start(backend).await?;
+    let d1 = server.ingest(&server.register("d1").await).await;
+    Some((server, d1, hour_start(2)))
+}
+
 /// A reading as a consumer keys it: (device, batch sequence, index in
 /// batch), with what it holds: (sensor, time, value).
 type Key = (String, u64, u32);
@@ -181,11 +189,9 @@ fn sorted(mut v: Vec<(Key, Row)>) -> Vec<(Key, Row)> {
 }
 
 async fn replay_then_live_without_gap_or_duplicate(backend: Backend) {
-    let Some(server) = start(backend).await else {
+    let Some((server, mut d1, t0)) = start_with_d1(backend).await else {
         return;
     };
-    let t0 = hour_start(2);
-    let mut d1 = server.ingest(&server.register("d1").await).await;
     let mut d2 = server.ingest(&server.register("d2").await).await;
     let before1 = batches(1, 5, 40, t0);
     let before2 = batches(1, 4, 70, t0 + SEC);
@@ -262,11 +268,9 @@ async fn replay_then_live_without_gap_or_duplicate(backend: Backend) {
 }
 
 async fn resuming_at_every_chunk_gives_exactly_the_rest(backend: Backend) {
-    let Some(server) = start(backend).await else {
+    let Some((server, mut d1, t0)) = start_with_d1(backend).await else {
         return;
     };
-    let t0 = hour_start(2);
-    let mut d1 = server.ingest(&server.register("d1").await).await;
     // Batches of 2 × 100 readings: several chunks each.
     let sent = batches(1, 4, 100, t0);
     upload(&mut d1, sent.clone()).await.unwrap();
@@ -288,11 +292,9 @@ async fn resuming_at_every_chunk_gives_exactly_the_rest(backend: Backend) {
 }
 
 async fn a_quiet_stream_sends_its_cursor_and_resumes_from_it(backend: Backend) {
-    let Some(server) = start(backend).await else {
+    let Some((server, mut d1, t0)) = start_with_d1(backend).await else {
         return;
     };
-    let t0 = hour_start(2);
-    let mut d1 = server.ingest(&server.register("d1").await).await;
     upload(&mut d1, batches(1, 2, 10, t0)).await.unwrap();
     let mut ops = server.ops().await;
     let mut stream = watch(
@@ -322,11 +324,9 @@ async fn a_quiet_stream_sends_its_cursor_and_resumes_from_it(backend: Backend) {
 }
 
 async fn a_selection_sees_only_its_devices_and_sensors(backend: Backend) {
-    let Some(server) = start(backend).await else {
+    let Some((server, mut d1, t0)) = start_with_d1(backend).await else {
         return;
     };
-    let t0 = hour_start(2);
-    let mut d1 = server.ingest(&server.register("d1").await).await;
     let mut d2 = server.ingest(&server.register("d2").await).await;
     let b1 = batches(1, 3, 20, t0);
     let b2 = batches(1, 3, 20, t0);
@@ -361,11 +361,9 @@ async fn a_selection_sees_only_its_devices_and_sensors(backend: Backend) {
 }
 
 async fn named_consumers_commit_resume_list_and_delete(backend: Backend) {
-    let Some(server) = start(backend).await else {
+    let Some((server, mut d1, t0)) = start_with_d1(backend).await else {
         return;
     };
-    let t0 = hour_start(2);
-    let mut d1 = server.ingest(&server.register("d1").await).await;
     let sent = batches(1, 3, 10, t0);
     upload(&mut d1, sent.clone()).await.unwrap();
     let mut ops = server.ops().await;
