@@ -91,6 +91,22 @@ impl Ops for Discard {
             }),
         }))
     }
+    async fn register_devices(
+        &self,
+        request: Request<pb::RegisterDevicesRequest>,
+    ) -> Result<Response<pb::RegisterDevicesResponse>, Status> {
+        let devices = request
+            .into_inner()
+            .devices
+            .into_iter()
+            .map(|d| pb::RegisteredDevice {
+                token: d.device_id.clone(),
+                device_id: d.device_id,
+                created_time_unix_nano: 0,
+            })
+            .collect();
+        Ok(Response::new(pb::RegisterDevicesResponse { devices }))
+    }
     async fn get_device(
         &self,
         _: Request<pb::GetDeviceRequest>,

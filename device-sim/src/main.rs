@@ -1,8 +1,9 @@
 //! `device-sim`: a fleet of simulated IoT devices for telemetry-ingest, and
 //! its load generator.
 //!
-//! Each device registers once through `Ops.RegisterDevice` (its token is kept
-//! in a credentials file, since the server shows it only once), learns where
+//! A new fleet registers through `Ops.RegisterDevices`, a thousand devices a
+//! call (each token is kept in a credentials file, since the server shows it
+//! only once). Each device learns where
 //! to resume from `Ingest.GetUploadCursor`, then samples realistic sensor
 //! signals and uploads them in batches over `Ingest.UploadReadings` streams.
 //! A batch counts as delivered only when a stream summary reports it

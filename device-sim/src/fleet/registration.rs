@@ -11,8 +11,8 @@ use telemetry_client::balance::Transport;
 use telemetry_client::bearer::Bearer;
 use telemetry_client::ops_token::client_token;
 use telemetry_client::status::is_transient;
-use telemetry_proto::v1::RegisterDeviceRequest;
 use telemetry_proto::v1::ops_client::OpsClient;
+use telemetry_proto::v1::{RegisterDeviceRequest, RegisterDevicesRequest};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tracing::debug;
@@ -26,8 +26,15 @@ use crate::shutdown::Shutdown;
 
 type OpsApi = OpsClient<InterceptedService<Transport, Bearer>>;
 
-/// Registrations in flight at once: enough to register a large fleet
-/// quickly without queueing thousands of calls on one connection.
+/// Devices per RegisterDevices call: one transaction each, far below the
+/// server's default limit of 10,000 and its 4 MiB message limit.
+const REGISTER_CHUNK: usize = 1000;
+/// RegisterDevices calls in flight: the database takes one at a time, so a
+/// second only hides the network's round trip.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Single registrations in flight at once, where a chunk falls back to
+/// them: enough to be quick without queueing thousands of calls on one
+/// connection.
 const REGISTER_CONCURRENCY: usize = 32;
 /// Attempts per registration while the server is unreachable; with the
 /// default backoff this waits out roughly half a minute of server start-up.
@@ -68,16 +75,25 @@ pub async fn ensure_credentials(
     if !config.quiet {
         eprintln!("registering {} device(s)...", missing.len());
     }
-    let results: Vec<(String, Registration)> = futures::stream::iter(missing)
-        .map(|device_id| {
-            register_device(
+    // Whole chunks in one call and one transaction each; a chunk the
+    // server refuses as a whole (an id taken, an older server without
+    // RegisterDevices) is registered device by device, which says which
+    // devices failed and why.
+    let chunks: Vec<Vec<String>> = missing
+        .chunks(REGISTER_CHUNK)
+        .map(<[String]>::to_vec)
+        .collect();
+    let results: Vec<(String, Registration)> = futures::stream::iter(chunks)
+        .map(|ids| {
+            register_chunk(
                 client.clone(),
-                device_id,
+                ids,
                 &config.credentials_file,
                 shutdown.clone(),
             )
         })
-        .buffer_unordered(REGISTER_CONCURRENCY)
+        .buffer_unordered(CHUNKS_IN_FLIGHT)
+        .flat_map(futures::stream::iter)
         .collect()
         .await;
 
@@ -151,70 +167,153 @@ fn site_of(device_id: &str) -> &'static str {
     SITES[(device_seed(device_id) % SITES.len() as u64) as usize]
 }
 
-async fn register_device(
-    mut client: OpsApi,
-    device_id: String,
-    credentials_file: &Path,
-    mut shutdown: Shutdown,
-) -> (String, Registration) {
-    let request = RegisterDeviceRequest {
-        device_id: device_id.clone(),
+fn registration_request(device_id: &str) -> RegisterDeviceRequest {
+    RegisterDeviceRequest {
+        device_id: device_id.to_owned(),
         display_name: String::new(),
-        labels: [FLEET_LABEL, ("site", site_of(&device_id))]
+        labels: [FLEET_LABEL, ("site", site_of(device_id))]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         ..Default::default()
-    };
+    }
+}
+
+/// How a call went after its retries.
+enum Attempted<T> {
+    Answered(T),
+    /// Refused for a reason retrying will not change.
+    Refused(tonic::Status),
+    GaveUp(String),
+    Interrupted,
+}
+
+/// Calls until answered, refused or out of attempts, backing off between
+/// transient failures (the server starting, a connection lost).
+async fn with_retries<T, F, Fut>(what: &str, shutdown: &mut Shutdown, mut call: F) -> Attempted<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let mut backoff = Backoff::default();
     let mut attempt = 0;
-    let registration = loop {
+    loop {
         if shutdown.is_requested() {
-            break Registration::Interrupted;
+            return Attempted::Interrupted;
         }
         attempt += 1;
-        let reason =
-            match tokio::time::timeout(CALL_TIMEOUT, client.register_device(request.clone())).await
-            {
-                Ok(Ok(response)) => {
-                    let token = response.into_inner().token;
-                    break if token.trim().is_empty() {
-                        Registration::Failed("the server returned an empty token".into())
-                    } else {
-                        Registration::Token(token)
-                    };
-                }
-                Ok(Err(status)) => match status.code() {
-                    Code::AlreadyExists => {
-                        break Registration::Failed(lost_token_advice(
-                            &device_id,
-                            credentials_file,
-                        ));
-                    }
-                    Code::Unauthenticated | Code::PermissionDenied => {
-                        break Registration::OpsTokenRejected(describe(&status));
-                    }
-                    code if is_transient(code) => describe(&status),
-                    _ => {
-                        break Registration::Failed(format!(
-                            "RegisterDevice failed ({})",
-                            describe(&status)
-                        ));
-                    }
-                },
-                Err(_elapsed) => format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
-            };
+        let reason = match tokio::time::timeout(CALL_TIMEOUT, call()).await {
+            Ok(Ok(response)) => return Attempted::Answered(response.into_inner()),
+            Ok(Err(status)) if is_transient(status.code()) => describe(&status),
+            Ok(Err(status)) => return Attempted::Refused(status),
+            Err(_elapsed) => format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+        };
         if attempt >= REGISTER_ATTEMPTS {
-            break Registration::Failed(format!(
-                "RegisterDevice failed {attempt} times, last with {reason}"
-            ));
+            return Attempted::GaveUp(format!("{what} failed {attempt} times, last with {reason}"));
         }
-        debug!(device = %device_id, attempt, "RegisterDevice failed ({reason}); retrying");
+        debug!(attempt, "{what} failed ({reason}); retrying");
         let delay = backoff.next_delay(&mut rand::rng());
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.requested() => break Registration::Interrupted,
+            () = shutdown.requested() => return Attempted::Interrupted,
         }
+    }
+}
+
+/// Registers `ids` in one RegisterDevices call, or one by one where the
+/// server refuses the chunk as a whole.
+async fn register_chunk(
+    client: OpsApi,
+    ids: Vec<String>,
+    credentials_file: &Path,
+    mut shutdown: Shutdown,
+) -> Vec<(String, Registration)> {
+    let request = RegisterDevicesRequest {
+        devices: ids.iter().map(|id| registration_request(id)).collect(),
+    };
+    let answer = with_retries("RegisterDevices", &mut shutdown, || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.register_devices(request).await }
+    })
+    .await;
+    let everyone = |registration: &dyn Fn() -> Registration| {
+        ids.iter()
+            .map(|id| (id.clone(), registration()))
+            .collect::<Vec<_>>()
+    };
+    match answer {
+        Attempted::Answered(response) if response.devices.len() == ids.len() => response
+            .devices
+            .into_iter()
+            .map(|d| {
+                let registration = if d.token.trim().is_empty() {
+                    Registration::Failed("the server returned an empty token".into())
+                } else {
+                    Registration::Token(d.token)
+                };
+                (d.device_id, registration)
+            })
+            .collect(),
+        Attempted::Answered(response) => everyone(&|| {
+            Registration::Failed(format!(
+                "RegisterDevices answered {} devices for {} asked",
+                response.devices.len(),
+                ids.len()
+            ))
+        }),
+        Attempted::Refused(status)
+            if matches!(
+                status.code(),
+                Code::Unauthenticated | Code::PermissionDenied
+            ) =>
+        {
+            everyone(&|| Registration::OpsTokenRejected(describe(&status)))
+        }
+        Attempted::Refused(status)
+            if matches!(status.code(), Code::AlreadyExists | Code::Unimplemented) =>
+        {
+            futures::stream::iter(ids)
+                .map(|id| register_device(client.clone(), id, credentials_file, shutdown.clone()))
+                .buffer_unordered(REGISTER_CONCURRENCY)
+                .collect()
+                .await
+        }
+        Attempted::Refused(status) => everyone(&|| {
+            Registration::Failed(format!("RegisterDevices failed ({})", describe(&status)))
+        }),
+        Attempted::GaveUp(reason) => everyone(&|| Registration::Failed(reason.clone())),
+        Attempted::Interrupted => everyone(&|| Registration::Interrupted),
+    }
+}
+
+async fn register_device(
+    client: OpsApi,
+    device_id: String,
+    credentials_file: &Path,
+    mut shutdown: Shutdown,
+) -> (String, Registration) {
+    let request = registration_request(&device_id);
+    let answer = with_retries("RegisterDevice", &mut shutdown, || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.register_device(request).await }
+    })
+    .await;
+    let registration = match answer {
+        Attempted::Answered(response) if response.token.trim().is_empty() => {
+            Registration::Failed("the server returned an empty token".into())
+        }
+        Attempted::Answered(response) => Registration::Token(response.token),
+        Attempted::Refused(status) => match status.code() {
+            Code::AlreadyExists => {
+                Registration::Failed(lost_token_advice(&device_id, credentials_file))
+            }
+            Code::Unauthenticated | Code::PermissionDenied => {
+                Registration::OpsTokenRejected(describe(&status))
+            }
+            _ => Registration::Failed(format!("RegisterDevice failed ({})", describe(&status))),
+        },
+        Attempted::GaveUp(reason) => Registration::Failed(reason),
+        Attempted::Interrupted => Registration::Interrupted,
     };
     (device_id, registration)
 }

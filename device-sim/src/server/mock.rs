@@ -16,9 +16,9 @@ use telemetry_proto::v1::{
     Device, DeviceMessage, GetCommandRequest, GetDeviceRequest, GetUploadCursorRequest,
     ListAlertRulesRequest, ListAlertRulesResponse, ListCommandsRequest, ListCommandsResponse,
     ListDevicesRequest, ListDevicesResponse, PutAlertRuleRequest, ReadingBatch,
-    RegisterDeviceRequest, RegisterDeviceResponse, ResetUploadCursorRequest,
-    ResetUploadCursorResponse, SendCommandRequest, ServerMessage, UploadCursor, UploadSummary,
-    WatchAlertsRequest,
+    RegisterDeviceRequest, RegisterDeviceResponse, RegisterDevicesRequest, RegisterDevicesResponse,
+    RegisteredDevice, ResetUploadCursorRequest, ResetUploadCursorResponse, SendCommandRequest,
+    ServerMessage, UploadCursor, UploadSummary, WatchAlertsRequest,
 };
 use telemetry_proto::v1::{device_message, server_message};
 use tokio::net::TcpListener;
@@ -277,6 +277,33 @@ impl Ops for MockOps {
             }),
             token: GOOD_TOKEN.into(),
         }))
+    }
+
+    async fn register_devices(
+        &self,
+        request: Request<RegisterDevicesRequest>,
+    ) -> Result<Response<RegisterDevicesResponse>, Status> {
+        check_token(&request, OPS_TOKEN)?;
+        let asked = request.into_inner().devices;
+        let mut registered = self.registered.lock().expect("registered");
+        // All or nothing, as the real server's one transaction.
+        if let Some(taken) = asked.iter().find(|d| registered.contains(&d.device_id)) {
+            return Err(Status::already_exists(format!(
+                "device {} already exists",
+                taken.device_id
+            )));
+        }
+        let mut devices = Vec::with_capacity(asked.len());
+        for request in asked {
+            assert_eq!(request.labels.get("fleet").map(String::as_str), Some("sim"));
+            registered.insert(request.device_id.clone());
+            devices.push(RegisteredDevice {
+                device_id: request.device_id,
+                token: GOOD_TOKEN.into(),
+                created_time_unix_nano: 0,
+            });
+        }
+        Ok(Response::new(RegisterDevicesResponse { devices }))
     }
 
     async fn get_device(&self, _: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {

@@ -10,11 +10,13 @@ use telemetry_proto::v1 as pb;
 
 use super::client::ServerArgs;
 use super::credentials::{CredentialsCommand, device_credentials, read_certificate};
+use super::device_file;
 use super::output::{Answer, Column, Table, number, or_dash, reply, time, yes_no};
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
-    /// Register a device and print its token (shown once).
+    /// Register a device and print its token (shown once); with
+    /// --from-file, many devices from a CSV or JSON-lines file.
     Register(RegisterArgs),
     /// Show one device.
     Get {
@@ -60,7 +62,21 @@ pub struct RegisterArgs {
     #[command(flatten)]
     server: ServerArgs,
     /// The device's id, as registered.
-    device_id: String,
+    #[arg(required_unless_present = "from_file")]
+    device_id: Option<String>,
+    /// Register every device of this file instead, each call one
+    /// transaction of --chunk devices: CSV with a header (a device_id
+    /// column, an optional display_name, every other column a label), or
+    /// JSON lines ({"device_id": .., "display_name": .., "labels": {..}}).
+    /// Prints `device_id,token` lines (JSON lines with --json), each chunk
+    /// as soon as it is committed.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["device_id", "name", "labels", "cert"])]
+    from_file: Option<PathBuf>,
+    /// Devices per call with --from-file: all of a call's devices are
+    /// registered, or none. At most the server's --max-register-devices.
+    #[arg(long, default_value_t = 5000, requires = "from_file",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    chunk: u32,
     /// Name shown to people (default: the id).
     #[arg(long, default_value = "")]
     name: String,
@@ -80,6 +96,9 @@ pub struct RegisterArgs {
 
 pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
     match cmd {
+        DevicesCommand::Register(args) if args.from_file.is_some() => {
+            return register_from_file(args).await;
+        }
         DevicesCommand::Register(args) => {
             let certificate = args.cert.as_deref().map(read_certificate).transpose()?;
             let response = args
@@ -91,7 +110,7 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
                             .map(|(pem, _)| pem.clone())
                             .unwrap_or_default(),
                         require_mtls: args.require_mtls,
-                        device_id: args.device_id,
+                        device_id: args.device_id.unwrap_or_default(),
                         display_name: args.name,
                         labels: args.labels.into_iter().collect::<HashMap<_, _>>(),
                     })
@@ -188,6 +207,80 @@ pub async fn run(cmd: DevicesCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `devices register --from-file`: the file's devices in chunks, each one
+/// RegisterDevices call and one transaction. Each chunk's tokens are
+/// printed as soon as it is committed, so a chunk refused later loses none.
+async fn register_from_file(args: RegisterArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    let path = args.from_file.as_deref().context("--from-file")?;
+    let devices = device_file::read(path)?;
+    let mut ops = args.server.ops().await?;
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(out, "device_id,token")?;
+    }
+    let mut registered = 0usize;
+    for chunk in devices.chunks(args.chunk as usize) {
+        let request = pb::RegisterDevicesRequest {
+            devices: chunk.iter().map(|d| d.request.clone()).collect(),
+        };
+        let answer = ops.register_devices(request).await.map_err(|status| {
+            let status = name_the_line(status, chunk, path);
+            super::output::status_error(status)
+        });
+        let answer = match answer {
+            Ok(answer) => answer.into_inner(),
+            Err(error) => {
+                out.flush()?;
+                return Err(error.context(format!(
+                    "{registered} of {} devices registered before this (their tokens are above);                      none of the next {} was",
+                    devices.len(),
+                    chunk.len()
+                )));
+            }
+        };
+        for device in &answer.devices {
+            if args.json {
+                let line =
+                    serde_json::json!({"device_id": device.device_id, "token": device.token});
+                writeln!(out, "{line}")?;
+            } else {
+                // Ids and tokens hold no commas or quotes.
+                writeln!(out, "{},{}", device.device_id, device.token)?;
+            }
+        }
+        out.flush()?;
+        registered += answer.devices.len();
+    }
+    eprintln!(
+        "registered {registered} devices from {}; their tokens are shown once: store them now",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The server names a device by its place in the call (`devices[3]: ..`);
+/// the operator wants the file's line.
+fn name_the_line(
+    status: tonic::Status,
+    chunk: &[device_file::FileDevice],
+    path: &std::path::Path,
+) -> tonic::Status {
+    let message = status.message();
+    let place = message
+        .strip_prefix("devices[")
+        .and_then(|rest| rest.split_once("]: "))
+        .and_then(|(index, why)| Some((index.parse::<usize>().ok()?, why)));
+    match place.and_then(|(index, why)| Some((chunk.get(index)?, why))) {
+        Some((device, why)) => tonic::Status::new(
+            status.code(),
+            format!("{} line {}: {why}", path.display(), device.line),
+        ),
+        None => status,
+    }
 }
 
 /// `registered pump-7 with certificate sha256 <hex> (require_mtls)`

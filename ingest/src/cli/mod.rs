@@ -6,6 +6,7 @@ mod backup;
 mod client;
 mod command;
 mod credentials;
+mod device_file;
 mod devices;
 mod migrate;
 pub mod output;

@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "INGEST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Devices one RegisterDevices call may create (all in one
+    /// transaction); `ingest devices register --from-file` sends a file in
+    /// calls of this size.
+    #[arg(long, env = "INGEST_MAX_REGISTER_DEVICES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_register_devices: u32,
     /// Most readings in one batch.
     #[arg(long, env = "INGEST_MAX_BATCH_READINGS", default_value_t = 10_000)]
     max_batch_readings: usize,
@@ -333,6 +339,7 @@ impl ServeArgs {
             keepalive_timeout: self.http2_keepalive_timeout,
             max_readings_per_second_per_device: self.max_readings_per_second_per_device,
             max_stream_opens_per_minute_per_device: self.max_stream_opens_per_minute_per_device,
+            max_register_devices: self.max_register_devices as usize,
         };
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,

@@ -107,10 +107,12 @@ pub struct CommandCenter {
     /// one elsewhere may hear of the newer before it is in `sessions`.
     /// One entry per device ever opened (16 bytes each).
     heard: Mutex<HashMap<i64, u64>>,
-    pub(crate) replica: Replica,
     /// Opens streams in batches: one notifying commit for many devices
     /// when a fleet reconnects at once.
-    opener: mpsc::Sender<(SessionOpen, oneshot::Sender<Result<SessionTicket, String>>)>,
+    opener: mpsc::Sender<Queued<SessionOpen, SessionTicket>>,
+    /// Closes streams in batches, as the opener opens them: a fleet that
+    /// loses its network closes thousands at once.
+    closer: mpsc::Sender<Queued<SessionClose, bool>>,
     /// Only the leader expires commands.
     leadership: Leadership,
     /// Every state change, for `SendCommand` with wait.
@@ -145,14 +147,22 @@ impl CommandCenter {
     ) -> Result<(Arc<Self>, JoinHandle<()>), StorageError> {
         let (changes, _) = broadcast::channel(4096);
         let (opener, opens) = mpsc::channel(4 * OPENS_PER_TRANSACTION);
-        tokio::spawn(open_sessions(store.clone(), replica.id.clone(), opens));
+        let (closer, closes) = mpsc::channel(4 * OPENS_PER_TRANSACTION);
+        let (opening, replica_id) = (store.clone(), replica.id.clone());
+        tokio::spawn(in_batches("new", opens, async move |opens| {
+            opening.open_sessions(&opens, &replica_id).await
+        }));
+        let (closing, replica_id) = (store.clone(), replica.id.clone());
+        tokio::spawn(in_batches("closed", closes, async move |closes| {
+            closing.close_sessions(&closes, &replica_id).await
+        }));
         let center = Arc::new(Self {
             store,
             config,
             sessions: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
-            replica,
             opener,
+            closer,
             leadership,
             changes,
             metrics,
@@ -267,6 +277,19 @@ impl CommandCenter {
             .await
             .map_err(|_| "the server is stopping".to_owned())?;
         ticket
+            .await
+            .map_err(|_| "the server is stopping".to_owned())?
+    }
+
+    /// Records the end of a stream; the device goes offline if it was its
+    /// newest (returned).
+    pub(crate) async fn close_session(&self, close: SessionClose) -> Result<bool, String> {
+        let (reply, closed) = oneshot::channel();
+        self.closer
+            .send((close, reply))
+            .await
+            .map_err(|_| "the server is stopping".to_owned())?;
+        closed
             .await
             .map_err(|_| "the server is stopping".to_owned())?
     }
@@ -445,23 +468,28 @@ impl CommandCenter {
     }
 }
 
-/// Opens queued streams, as many per transaction as are waiting.
-async fn open_sessions(
-    store: Store,
-    replica_id: String,
-    mut opens: mpsc::Receiver<(SessionOpen, oneshot::Sender<Result<SessionTicket, String>>)>,
+/// A request to the opener or the closer, and where its answer goes.
+type Queued<T, R> = (T, oneshot::Sender<Result<R, String>>);
+
+/// Records queued stream opens or closes, as many per transaction as are
+/// waiting: `record` answers each of a batch, in order.
+async fn in_batches<T, R>(
+    what: &'static str,
+    mut queue: mpsc::Receiver<Queued<T, R>>,
+    record: impl AsyncFn(Vec<T>) -> Result<Vec<R>, StorageError>,
 ) {
     let mut batch = Vec::with_capacity(OPENS_PER_TRANSACTION);
-    while opens.recv_many(&mut batch, OPENS_PER_TRANSACTION).await > 0 {
-        let (open, replies): (Vec<SessionOpen>, Vec<_>) = batch.drain(..).unzip();
-        match store.open_sessions(&open, &replica_id).await {
-            Ok(tickets) => {
-                for (reply, ticket) in replies.into_iter().zip(tickets) {
-                    let _ = reply.send(Ok(ticket));
+    while queue.recv_many(&mut batch, OPENS_PER_TRANSACTION).await > 0 {
+        let (asked, replies): (Vec<T>, Vec<_>) = batch.drain(..).unzip();
+        let streams = asked.len();
+        match record(asked).await {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
                 }
             }
             Err(error) => {
-                tracing::error!(%error, streams = open.len(), "recording new Control streams failed");
+                tracing::error!(%error, streams, "recording {what} Control streams failed");
                 for reply in replies {
                     let _ = reply.send(Err(error.to_string()));
                 }
@@ -469,6 +497,9 @@ async fn open_sessions(
         }
     }
 }
+
+/// A stream that ended, and when.
+pub(crate) type SessionClose = (SessionTicket, UnixNanos);
 
 /// Resolves once the flag turns true: the server is shutting down, or a
 /// session is superseded. (The guard `wait_for` returns must not live

@@ -211,13 +211,7 @@ async fn run<S>(
     // another process; the database checks the generation again, so a late
     // goodbye never marks a device offline that reconnected elsewhere.
     if current {
-        match Box::pin(
-            center
-                .store
-                .close_session(ticket, &center.replica.id, now_unix_nanos()),
-        )
-        .await
-        {
+        match center.close_session((ticket, now_unix_nanos())).await {
             Ok(true) => tracing::info!(device = %device.id, "device offline"),
             Ok(false) => {}
             Err(error) => tracing::error!(%error, "recording presence failed"),

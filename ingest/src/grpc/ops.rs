@@ -21,7 +21,7 @@ use crate::control::CommandCenter;
 use crate::domain::alert::RuleId;
 use crate::domain::consumer::ConsumerName;
 use crate::domain::credential::InvalidCertificate;
-use crate::domain::time::now_unix_nanos;
+use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::domain::{CertFingerprint, Token};
 use crate::domain::{DeviceId, DisplayName, Labels};
 use crate::feed::Feed;
@@ -40,6 +40,8 @@ pub struct OpsService {
     pub shutdown: watch::Receiver<bool>,
     pub reader: Reader,
     pub feed: Feed,
+    /// Devices one RegisterDevices call may create.
+    pub max_register_devices: usize,
 }
 
 impl OpsService {
@@ -126,6 +128,33 @@ fn parse_page_token(token: &str) -> Result<Option<DeviceId>, Status> {
     DeviceId::parse(&id).map(Some).map_err(|_| bad())
 }
 
+/// A device to register, checked, and its new token.
+fn new_device(
+    req: pb::RegisterDeviceRequest,
+    created: UnixNanos,
+) -> Result<(NewDevice, Token), Status> {
+    let id = DeviceId::parse(&req.device_id)?;
+    let display_name = DisplayName::parse(&req.display_name, &id)?;
+    let labels = Labels::parse(req.labels)?;
+    let certificate = certificate(&req.certificate_pem)?;
+    if req.require_mtls && certificate.is_none() {
+        return Err(Status::invalid_argument(
+            "require_mtls needs certificate_pem: a device that must use mutual TLS needs a bound certificate",
+        ));
+    }
+    let token = Token::generate("dev_");
+    let device = NewDevice {
+        id,
+        display_name,
+        labels,
+        token_hash: token.hash(),
+        created,
+        certificate,
+        require_mtls: req.require_mtls,
+    };
+    Ok((device, token))
+}
+
 #[tonic::async_trait]
 impl pb::ops_server::Ops for OpsService {
     #[tracing::instrument(skip_all, fields(device = tracing::field::Empty))]
@@ -133,28 +162,8 @@ impl pb::ops_server::Ops for OpsService {
         &self,
         request: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
-        let req = request.into_inner();
-        // Only a parsed id reaches the logs.
-        let id = DeviceId::parse(&req.device_id)?;
-        tracing::Span::current().record("device", id.as_str());
-        let display_name = DisplayName::parse(&req.display_name, &id)?;
-        let labels = Labels::parse(req.labels)?;
-        let certificate = certificate(&req.certificate_pem)?;
-        if req.require_mtls && certificate.is_none() {
-            return Err(Status::invalid_argument(
-                "require_mtls needs certificate_pem: a device that must use mutual TLS needs a bound certificate",
-            ));
-        }
-        let token = Token::generate("dev_");
-        let device = NewDevice {
-            id,
-            display_name,
-            labels,
-            token_hash: token.hash(),
-            created: now_unix_nanos(),
-            certificate,
-            require_mtls: req.require_mtls,
-        };
+        let (device, token) = new_device(request.into_inner(), now_unix_nanos())?;
+        tracing::Span::current().record("device", device.id.as_str());
         let record = self
             .store
             .register_device(&device)
@@ -172,6 +181,64 @@ impl pb::ops_server::Ops for OpsService {
         Ok(Response::new(pb::RegisterDeviceResponse {
             device: Some(convert::device(record)),
             token: token.expose().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(devices = tracing::field::Empty))]
+    async fn register_devices(
+        &self,
+        request: Request<pb::RegisterDevicesRequest>,
+    ) -> Result<Response<pb::RegisterDevicesResponse>, Status> {
+        let asked = request.into_inner().devices;
+        tracing::Span::current().record("devices", asked.len());
+        if asked.is_empty() {
+            return Err(Status::invalid_argument(
+                "devices is empty: nothing to register",
+            ));
+        }
+        if asked.len() > self.max_register_devices {
+            return Err(Status::invalid_argument(format!(
+                "{} devices in one call; at most {} (--max-register-devices): send them in several calls",
+                asked.len(),
+                self.max_register_devices
+            )));
+        }
+        let created = now_unix_nanos();
+        let mut seen = std::collections::HashSet::with_capacity(asked.len());
+        let mut devices = Vec::with_capacity(asked.len());
+        let mut tokens = Vec::with_capacity(asked.len());
+        for (i, req) in asked.into_iter().enumerate() {
+            let (device, token) = new_device(req, created).map_err(|status| {
+                Status::new(status.code(), format!("devices[{i}]: {}", status.message()))
+            })?;
+            if !seen.insert(device.id.clone()) {
+                return Err(Status::invalid_argument(format!(
+                    "devices[{i}]: device {} is asked for twice",
+                    device.id
+                )));
+            }
+            devices.push(device);
+            tokens.push(token);
+        }
+        let records = self
+            .store
+            .register_devices(&devices)
+            .await
+            .map_err(status::bulk_registration)?;
+        let mut registered = Vec::with_capacity(records.len());
+        for (record, token) in records.into_iter().zip(tokens) {
+            registered.push(pb::RegisteredDevice {
+                device_id: record.id.as_str().to_owned(),
+                token: token.expose().to_owned(),
+                created_time_unix_nano: record.created,
+            });
+            self.alerts
+                .device_registered(record.pk, record.id, record.labels, record.created)
+                .await;
+        }
+        tracing::info!("devices registered");
+        Ok(Response::new(pb::RegisterDevicesResponse {
+            devices: registered,
         }))
     }
 

@@ -18,7 +18,7 @@ use crate::feed::FeedError;
 use crate::pipeline::upload::{UploadError, UploadFailure};
 use crate::read::{InvalidQuery, ReadError};
 use crate::storage::credentials::CredentialError;
-use crate::storage::{Clash, StorageError};
+use crate::storage::{BulkRegistrationError, Clash, StorageError};
 
 impl From<UploadFailure> for Status {
     fn from(failure: UploadFailure) -> Self {
@@ -99,6 +99,18 @@ pub fn registration(e: StorageError, id: &DeviceId) -> Status {
     match e {
         StorageError::AlreadyExists(clash) => already_exists(clash, Some(id)),
         other => storage(other),
+    }
+}
+
+/// RegisterDevices refused: the id taken, or the value another device
+/// holds.
+pub fn bulk_registration(e: BulkRegistrationError) -> Status {
+    match e {
+        BulkRegistrationError::Taken(id) => already_exists(Clash::DeviceId, Some(&id)),
+        BulkRegistrationError::Storage(StorageError::AlreadyExists(clash)) => {
+            already_exists(clash, None)
+        }
+        BulkRegistrationError::Storage(other) => storage(other),
     }
 }
 

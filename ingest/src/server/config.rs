@@ -106,6 +106,8 @@ pub struct Limits {
     /// UploadReadings and Control streams one device may open per minute;
     /// past it, RESOURCE_EXHAUSTED with a retry delay. 0: no limit.
     pub max_stream_opens_per_minute_per_device: u64,
+    /// Devices one RegisterDevices call may create.
+    pub max_register_devices: usize,
 }
 
 impl Default for Limits {
@@ -123,6 +125,7 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(20),
             max_readings_per_second_per_device: 0,
             max_stream_opens_per_minute_per_device: 0,
+            max_register_devices: 10_000,
         }
     }
 }

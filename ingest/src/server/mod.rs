@@ -202,6 +202,7 @@ pub async fn run_with_admin(
             shutdown: stopping.clone(),
             reader: reader.clone(),
             feed: feed.clone(),
+            max_register_devices: config.limits.max_register_devices,
         })
         .max_decoding_message_size(max_message)
     );

@@ -104,6 +104,10 @@ pub(super) const OPEN_SESSION: &str = "INSERT INTO device_sessions (device_pk, r
 const CLOSE_SESSION: &str = "UPDATE device_sessions SET replica_id = NULL \
      WHERE device_pk = $1 AND generation = $2 AND replica_id = $3";
 
+/// Devices locked per statement when streams close: far below both
+/// backends' limits on parameters.
+const CLOSES_PER_LOCK: usize = 1000;
+
 /// When a device last uploaded (the server's clock at commit).
 const LAST_UPLOAD: &str = "SELECT last_upload_unix_nano FROM devices WHERE pk = $1";
 
@@ -128,39 +132,56 @@ impl Store {
         }
     }
 
-    /// Ends a stream; the device goes offline only if the stream was its
-    /// newest. Returns whether it was.
-    pub async fn close_session(
+    /// Ends streams, many in one transaction (a fleet that loses its
+    /// network closes thousands at once); a device goes offline only if the
+    /// stream was its newest. Returns, for each, whether it was.
+    pub async fn close_sessions(
         &self,
-        ticket: SessionTicket,
+        closes: &[(SessionTicket, UnixNanos)],
         replica_id: &str,
-        at: UnixNanos,
-    ) -> Result<bool, StorageError> {
-        let lock = format!("SELECT pk FROM devices WHERE pk = $1{}", self.row_lock());
+    ) -> Result<Vec<bool>, StorageError> {
         let mut tx = self.begin_write().await?;
-        // The device's row first, as opens and group commits take it:
-        // taking the session's row first deadlocked with an open of the
-        // same device.
-        tx.query(&lock)
-            .bind(ticket.device_pk)
-            .fetch_optional()
-            .await?;
-        let closed = tx
-            .query(CLOSE_SESSION)
-            .bind(ticket.device_pk)
-            .bind(bigint(ticket.generation))
-            .bind(replica_id)
-            .execute()
-            .await?
-            > 0;
-        if closed {
-            tx.query(PRESENCE)
-                .bind(false)
-                .bind(at)
-                .bind(None::<&str>)
-                .bind(ticket.device_pk)
-                .execute()
+        // The devices' rows first and in pk order, as opens and group
+        // commits take them: taking the session's row first deadlocked with
+        // an open of the same device.
+        let mut pks: Vec<i64> = closes.iter().map(|(t, _)| t.device_pk).collect();
+        pks.sort_unstable();
+        pks.dedup();
+        for chunk in pks.chunks(CLOSES_PER_LOCK) {
+            let lock = format!(
+                "SELECT pk FROM devices WHERE pk IN ({}) ORDER BY pk{}",
+                (1..=chunk.len())
+                    .map(|n| format!("${n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.row_lock()
+            );
+            chunk
+                .iter()
+                .fold(tx.query(&lock), |q, pk| q.bind(*pk))
+                .fetch_all()
                 .await?;
+        }
+        let mut closed = Vec::with_capacity(closes.len());
+        for (ticket, at) in closes {
+            let newest = tx
+                .query(CLOSE_SESSION)
+                .bind(ticket.device_pk)
+                .bind(bigint(ticket.generation))
+                .bind(replica_id)
+                .execute()
+                .await?
+                > 0;
+            if newest {
+                tx.query(PRESENCE)
+                    .bind(false)
+                    .bind(*at)
+                    .bind(None::<&str>)
+                    .bind(ticket.device_pk)
+                    .execute()
+                    .await?;
+            }
+            closed.push(newest);
         }
         tx.commit().await?;
         Ok(closed)

@@ -39,7 +39,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-pub use devices::{DeviceRecord, NewDevice, SensorRecord};
+pub use devices::{BulkRegistrationError, DeviceRecord, NewDevice, SensorRecord};
 pub use error::{Clash, StorageError};
 pub use postgres::{PgGroupTx, PgStore};
 pub use read_page::{RawRows, RowsFrom, RowsPage};
