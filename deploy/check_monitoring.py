@@ -39,6 +39,7 @@ KNOWN = {
     "ingest_readings_total", "ingest_batches_total", "ingest_group_commit_seconds",
     "ingest_group_commit_readings", "ingest_batch_ack_seconds", "ingest_writer_queue_batches",
     "ingest_writer_queue_capacity", "ingest_upload_throttled_seconds_total",
+    "ingest_buffered_readings", "ingest_buffered_readings_limit", "ingest_upload_budget_wait_seconds_total",
     "ingest_streams", "devices_online", "alerts_open", "alert_events_total", "alert_watchers_lagged_total",
     "commands_total", "commands_pending",
     "auth_failures_total", "tls_handshake_failures_total", "tls_certificate_expiry_timestamp_seconds",

@@ -53,6 +53,14 @@ pub struct ServeArgs {
     #[arg(long, env = "INGEST_MAX_REGISTER_DEVICES", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_register_devices: u32,
+    /// Readings decoded and not yet committed, all upload streams
+    /// together (about 16 bytes each, plus each series' names). Past it, a
+    /// stream waits unread and HTTP/2 flow control holds its device back:
+    /// a server that falls behind keeps batches waiting in the devices, not
+    /// in its memory. A batch larger than the budget waits for all of it.
+    #[arg(long, env = "INGEST_MAX_BUFFERED_READINGS", default_value_t = 2_000_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_buffered_readings: u32,
     /// Most readings in one batch.
     #[arg(long, env = "INGEST_MAX_BATCH_READINGS", default_value_t = 10_000)]
     max_batch_readings: usize,
@@ -340,6 +348,7 @@ impl ServeArgs {
             max_readings_per_second_per_device: self.max_readings_per_second_per_device,
             max_stream_opens_per_minute_per_device: self.max_stream_opens_per_minute_per_device,
             max_register_devices: self.max_register_devices as usize,
+            max_buffered_readings: self.max_buffered_readings,
         };
         config.writer = WriterConfig {
             queue_batches: self.writer_queue_batches as usize,

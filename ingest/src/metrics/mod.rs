@@ -95,6 +95,9 @@ pub struct Metrics {
     pub writer_queue_batches: Gauge,
     pub writer_queue_capacity: Gauge,
     pub upload_throttled_seconds: Counter<f64, AtomicU64>,
+    pub buffered_readings: Gauge,
+    pub buffered_readings_limit: Gauge,
+    pub upload_budget_wait_seconds: Counter<f64, AtomicU64>,
 
     pub streams: Family<KindLabel, Gauge>,
     pub devices_online: Gauge,
@@ -151,6 +154,9 @@ impl Metrics {
             writer_queue_batches: Gauge::default(),
             writer_queue_capacity: Gauge::default(),
             upload_throttled_seconds: Counter::default(),
+            buffered_readings: Gauge::default(),
+            buffered_readings_limit: Gauge::default(),
+            upload_budget_wait_seconds: Counter::default(),
             streams: Family::default(),
             devices_online: Gauge::default(),
             cluster_leader: Gauge::default(),
@@ -210,6 +216,12 @@ impl Metrics {
                 "Batches the writer queue holds before uploads wait (--writer-queue-batches)";
             upload_throttled_seconds => "ingest_upload_throttled_seconds",
                 "Time upload streams were held back by the per-device rate limit";
+            buffered_readings => "ingest_buffered_readings",
+                "Readings decoded and not yet committed, all streams together";
+            buffered_readings_limit => "ingest_buffered_readings_limit",
+                "The budget for buffered readings (--max-buffered-readings)";
+            upload_budget_wait_seconds => "ingest_upload_budget_wait_seconds",
+                "Time upload streams waited, unread, for room in the buffered readings budget";
             streams => "ingest_streams",
                 "Open streams, by kind";
             devices_online => "devices_online",

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use super::Admitted;
 use crate::alerts::AlertEngine;
 use crate::alerts::judge::{Judge, JudgedBatch};
 use crate::domain::reading::SeriesRows;
@@ -98,6 +99,9 @@ struct PendingBatch {
     sequence: u64,
     series: Vec<SeriesRows>,
     reply: oneshot::Sender<CommitResult>,
+    /// Its share of the server's budget for buffered readings, given back
+    /// when the batch is dropped: after its group's commit is answered.
+    _admitted: Admitted,
     /// Set when an earlier batch of the same stream failed to commit.
     stream_failed: Arc<AtomicBool>,
     /// The batch's span, for the group commit's span to link to. Only
@@ -164,6 +168,7 @@ impl StreamWriter {
         &self,
         sequence: u64,
         series: Vec<SeriesRows>,
+        admitted: Admitted,
         span: &tracing::Span,
     ) -> Result<oneshot::Receiver<CommitResult>, StorageError> {
         #[cfg(not(feature = "otel"))]
@@ -181,6 +186,7 @@ impl StreamWriter {
             sequence,
             series,
             reply,
+            _admitted: admitted,
             stream_failed: self.failed.clone(),
             #[cfg(feature = "otel")]
             span: span.clone(),

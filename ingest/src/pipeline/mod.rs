@@ -10,10 +10,13 @@
 //! - [`upload`]: one upload stream built on that entry: batches in flight,
 //!   answered in order, tallied into the stream's summary.
 //! - [`rate_limit`]: per-device readings and stream-open rates.
+//! - [`budget`]: readings decoded and not yet committed, all streams
+//!   together; past it, streams wait unread (flow control).
 //! - [`commit`]: the group commit: many streams' batches in one
 //!   transaction, judged against the alert rules ([`crate::alerts::judge`])
 //!   so that their alert events commit with them.
 
+pub mod budget;
 pub mod commit;
 pub mod rate_limit;
 pub mod upload;
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
+pub use budget::{Admitted, ReadingBudget};
 use commit::StreamWriter;
 pub use commit::{BatchOutcome, CommitFailed, CommitResult, WriterHandle};
 use rate_limit::DeviceRateLimits;
@@ -48,6 +52,8 @@ pub struct Pipeline {
     pub rate_limits: Arc<DeviceRateLimits>,
     pub timeouts: UploadTimeouts,
     pub metrics: Arc<Metrics>,
+    /// Readings decoded and not yet committed, all streams together.
+    pub budget: ReadingBudget,
 }
 
 impl Pipeline {
@@ -76,15 +82,17 @@ pub type Receipt = oneshot::Receiver<CommitResult>;
 impl DeviceStream {
     /// Queues a validated batch for the group commit, waiting while the
     /// queue is full: a slow database slows the device through its
-    /// protocol's flow control rather than filling memory. The group's
-    /// span links to `span`.
+    /// protocol's flow control rather than filling memory. `admitted`, its
+    /// share of the budget, is given back once its group has committed. The
+    /// group's span links to `span`.
     pub async fn submit(
         &self,
         sequence: u64,
         series: Vec<SeriesRows>,
+        admitted: Admitted,
         span: &tracing::Span,
     ) -> Result<Receipt, StorageError> {
-        self.writer.submit(sequence, series, span).await
+        self.writer.submit(sequence, series, admitted, span).await
     }
 
     /// How long the device must now wait, having sent `readings`, to stay

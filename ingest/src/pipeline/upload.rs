@@ -191,6 +191,15 @@ where
         };
         let arrived = Instant::now();
         let readings = message.readings();
+        // Room in the server's budget first, the stream unread meanwhile:
+        // a server that falls behind holds the devices back through flow
+        // control instead of holding their batches (see `budget`).
+        let admitted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stopping| *stopping) => return Err(UploadError::ShuttingDown),
+            ended = until_ended(credential) => return Err(UploadError::CredentialEnded(ended)),
+            admitted = ctx.budget.admit(readings) => admitted,
+        };
         // From arrival (decoded: see grpc::batch_codec) to its answer, with a
         // span per stage: validate; queue (waiting for the stream's in-flight
         // cap, then for room in the writer's queue); durable (queued to
@@ -234,7 +243,7 @@ where
         .instrument(queue.clone())
         .await?;
         let received = batch.report.accepted + batch.report.rejected();
-        let committed = Box::pin(writer.submit(batch.sequence, batch.series, &span))
+        let committed = Box::pin(writer.submit(batch.sequence, batch.series, admitted, &span))
             .instrument(queue)
             .await?;
         let durable = tracing::debug_span!(parent: &span, "durable");

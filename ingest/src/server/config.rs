@@ -108,6 +108,9 @@ pub struct Limits {
     pub max_stream_opens_per_minute_per_device: u64,
     /// Devices one RegisterDevices call may create.
     pub max_register_devices: usize,
+    /// Readings decoded and not yet committed, all streams together; past
+    /// it, upload streams wait unread (HTTP/2 flow control).
+    pub max_buffered_readings: u32,
 }
 
 impl Default for Limits {
@@ -126,6 +129,7 @@ impl Default for Limits {
             max_readings_per_second_per_device: 0,
             max_stream_opens_per_minute_per_device: 0,
             max_register_devices: 10_000,
+            max_buffered_readings: 2_000_000,
         }
     }
 }

@@ -33,9 +33,9 @@ use crate::grpc::transport_status::TransportStatusLayer;
 use crate::grpc::{IngestRoutes, IngestService, OpsService};
 use crate::metrics::Metrics;
 use crate::metrics::grpc::GrpcMetricsLayer;
-use crate::pipeline::Pipeline;
 use crate::pipeline::commit as writer;
 use crate::pipeline::rate_limit::DeviceRateLimits;
+use crate::pipeline::{Pipeline, ReadingBudget};
 use crate::read::{ReadConfig, Reader};
 use crate::storage::{Database, Store};
 use admin::Admin;
@@ -174,7 +174,15 @@ pub async fn run_with_admin(
         )),
         timeouts: config.limits.upload_timeouts,
         metrics: metrics.clone(),
+        budget: ReadingBudget::new(
+            config.limits.max_buffered_readings,
+            metrics.buffered_readings.clone(),
+            metrics.upload_budget_wait_seconds.clone(),
+        ),
     };
+    metrics
+        .buffered_readings_limit
+        .set(i64::from(config.limits.max_buffered_readings));
     // Reads get connections of their own: a long export never waits for,
     // nor holds, the writer's.
     let read_config = ReadConfig {

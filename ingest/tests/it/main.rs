@@ -19,6 +19,7 @@ mod auth;
 mod backends_agree;
 mod backup;
 mod balance;
+mod buffer_budget;
 mod codec_buffers;
 mod compression;
 mod control;
