@@ -41,6 +41,14 @@ const INSERT_COMMAND: &str = "INSERT INTO commands (device_pk, kind, arguments, 
      VALUES ($1, $2, $3, 'queued', $4, $5) RETURNING command_id";
 // Also for a command the device already answered (its acknowledgement can
 // be recorded first): the delivery time is kept, the final state stays.
+/// A device's command queue, locked until the transaction ends: the
+/// two-key form of PostgreSQL's advisory locks, a space apart from the
+/// leader's one-key lock. The first key is "cmds" in ASCII; a device pk past
+/// 2^31 shares its lock with another device, which only makes them wait in
+/// turn.
+const COMMAND_QUEUE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(1668113523, CAST($1 % 2147483647 AS INTEGER))";
+
 const MARK_SENT: &str = "UPDATE commands SET sent_unix_nano = COALESCE(sent_unix_nano, $1), \
      state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END \
      WHERE command_id = $2 AND state <> 'expired'";
@@ -103,16 +111,19 @@ impl Store {
         expires: UnixNanos,
         max_pending: u64,
     ) -> Result<CommandRecord, EnqueueError> {
-        let lock = format!("SELECT pk FROM devices WHERE pk = $1{}", self.row_lock());
         let mut tx = self.begin_write().await.map_err(StorageError::from)?;
         // Two senders (on any processes) counting at once would both see
-        // room for one more: the device's row lock makes them count in
-        // turn. (SQLite's write transaction already does.)
-        tx.query(&lock)
-            .bind(device_pk)
-            .fetch_optional()
-            .await
-            .map_err(StorageError::from)?;
+        // room for one more: a lock of the device's command queue makes
+        // them count in turn (SQLite's write transaction already does). Not
+        // the device's row, which a group commit holds for its whole
+        // transaction: a command would wait behind the readings.
+        if let Self::Postgres(_) = self {
+            tx.query(COMMAND_QUEUE_LOCK)
+                .bind(device_pk)
+                .execute()
+                .await
+                .map_err(StorageError::from)?;
+        }
         let pending: i64 = tx
             .query(COUNT_PENDING)
             .bind(device_pk)

@@ -313,11 +313,13 @@ impl Store {
     /// Appended to a read of a row the transaction goes on to change, so
     /// that a group commit reading the same row waits for it. SQLite has no
     /// row locks: its write transaction holds the database's one write lock
-    /// from its start, which is more.
+    /// from its start, which is more. NO KEY, as every such change leaves
+    /// the row's keys alone: rows that refer to the device (a command, a
+    /// token) can still be inserted meanwhile.
     fn row_lock(&self) -> &'static str {
         match self {
             Self::Sqlite(_) => "",
-            Self::Postgres(_) => " FOR UPDATE",
+            Self::Postgres(_) => " FOR NO KEY UPDATE",
         }
     }
 

@@ -123,7 +123,7 @@ impl PgStore {
         // The rows in pk order first, as group commits lock them: an UPDATE
         // over a join locks in the join's order, and deadlocked with them
         // (each deadlock stalled both for PostgreSQL's deadlock_timeout).
-        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR NO KEY UPDATE")
             .bind(&pks)
             .execute(&mut *tx)
             .await?;
@@ -248,9 +248,12 @@ impl GroupTx for PgGroupTx {
         device_pks: &[i64],
     ) -> Result<HashMap<i64, u64>, sqlx::Error> {
         // Locked in pk order so that two server processes sharing the
-        // database cannot deadlock on each other's groups.
+        // database cannot deadlock on each other's groups. NO KEY: the
+        // group changes no key of the row, and this lock lets a command's
+        // insert (whose foreign key takes KEY SHARE on the device's row)
+        // go ahead while a group holds the row.
         let rows = sqlx::query(
-            "SELECT pk, committed_sequence FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE",
+            "SELECT pk, committed_sequence FROM devices WHERE pk = ANY($1) ORDER BY pk FOR NO KEY UPDATE",
         )
         .bind(device_pks)
         .fetch_all(&mut *self.tx)
@@ -522,7 +525,7 @@ impl PgStore {
             let firmware: Vec<Option<&str>> = round.iter().map(|o| o.firmware.as_deref()).collect();
             let mut sorted = pks.clone();
             sorted.sort_unstable();
-            sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+            sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR NO KEY UPDATE")
                 .bind(&sorted)
                 .execute(&mut *tx)
                 .await?;
@@ -601,7 +604,7 @@ impl PgStore {
         .bind(replicas)
         .fetch_all(&mut **tx)
         .await?;
-        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR UPDATE")
+        sqlx::query("SELECT pk FROM devices WHERE pk = ANY($1) ORDER BY pk FOR NO KEY UPDATE")
             .bind(&held)
             .execute(&mut **tx)
             .await?;

@@ -9,6 +9,7 @@ use telemetry_proto::v1 as pb;
 use tonic::Code;
 
 backend_tests!(
+    a_command_does_not_wait_for_a_group_holding_its_device,
     a_command_to_an_online_device_is_acknowledged,
     an_offline_device_gets_its_queued_commands_in_order_on_connect,
     a_command_expires_when_its_ttl_passes_before_delivery,
@@ -547,4 +548,57 @@ async fn the_database_records_each_stream_with_a_new_generation(backend: Backend
         0,
         "no stream is recorded once both ended"
     );
+}
+
+/// A group commit holds its devices' rows until it commits; queueing a
+/// command to one of them must not wait for it on PostgreSQL (the group
+/// takes `FOR NO KEY UPDATE`, the queue has a lock of its own). The group
+/// is held open by the test hook that holds a transaction recording alert
+/// events. SQLite has one write lock: there the command waits its turn, and
+/// only its outcome is checked.
+async fn a_command_does_not_wait_for_a_group_holding_its_device(backend: Backend) {
+    use crate::common::alert_helpers::{put, temperatures, too_hot};
+    const HOLD: Duration = Duration::from_secs(5);
+    let Some(server) = TestServer::start_configured(backend, |config| {
+        config.test_hold_event_tx = HOLD;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut ops = server.ops().await;
+    put(&mut ops, too_hot()).await;
+    let token = server.register("hot-1").await;
+    let mut ingest = server.ingest(&token).await;
+    // 45 degrees fires the rule: its group takes event ids and is held.
+    let mut upload =
+        tokio::spawn(
+            async move { temperatures(&mut ingest, 1, now_nanos() - 10 * SEC, &[45.0]).await },
+        );
+    if backend == Backend::Postgres {
+        eventually("the group to be held open", HOLD, async || {
+            server
+                .storage
+                .scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND state = 'idle in transaction'",
+                )
+                .await
+                > 0
+        })
+        .await;
+        let command = tokio::select! {
+            biased;
+            summary = &mut upload => panic!("the group committed first: {summary:?}"),
+            command = send_command(&mut ops, "hot-1", ping(), 60_000, 0) => command.unwrap(),
+        };
+        assert_eq!(command.state, pb::CommandState::Queued as i32);
+    } else {
+        let command = send_command(&mut ops, "hot-1", ping(), 60_000, 0)
+            .await
+            .unwrap();
+        assert_eq!(command.state, pb::CommandState::Queued as i32);
+    }
+    let summary = upload.await.unwrap();
+    assert_eq!(summary.committed_sequence, 1);
 }
