@@ -58,7 +58,7 @@ pub struct ServeArgs {
     /// stream waits unread and HTTP/2 flow control holds its device back:
     /// a server that falls behind keeps batches waiting in the devices, not
     /// in its memory. A batch larger than the budget waits for all of it.
-    #[arg(long, env = "INGEST_MAX_BUFFERED_READINGS", default_value_t = 2_000_000,
+    #[arg(long, env = "INGEST_MAX_BUFFERED_READINGS", default_value_t = 500_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_buffered_readings: u32,
     /// Most readings in one batch.

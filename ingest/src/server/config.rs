@@ -129,7 +129,7 @@ impl Default for Limits {
             max_readings_per_second_per_device: 0,
             max_stream_opens_per_minute_per_device: 0,
             max_register_devices: 10_000,
-            max_buffered_readings: 2_000_000,
+            max_buffered_readings: 500_000,
         }
     }
 }
