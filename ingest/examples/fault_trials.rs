@@ -13,7 +13,11 @@
 //!   resuming from their cursors (one following every device, two
 //!   following some), saw, after dropping repeats by key, exactly the
 //!   stored readings of their selection, each at its batch's position,
-//!   positions never going back.
+//!   positions never going back;
+//! * every command the operator's SendCommand answered while the servers
+//!   were killed ends ACKED, received by its device (held on a Control
+//!   stream that reconnects through every kill), again only with the same
+//!   id.
 //!
 //! With `--processes N` (PostgreSQL) N servers share the one database: the
 //! fleet is spread over them, a device whose upload fails resumes against
@@ -35,6 +39,7 @@
 
 mod fault_trials {
     pub mod check;
+    pub mod commander;
     pub mod db;
     pub mod feed_watcher;
     pub mod fleet;

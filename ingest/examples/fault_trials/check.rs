@@ -1,9 +1,10 @@
 //! The checks after a trial: the stored data against what the fleet was
 //! told, the plan and the oracle. Each problem becomes one line of text.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::db::{Snapshot, StoredEvent};
+use super::commander::{Received, Sent};
+use super::db::{Snapshot, StoredCommand, StoredEvent};
 use super::feed_watcher::FeedSeen;
 use super::fleet::DeviceLog;
 use super::oracle::{self, Event, Kind};
@@ -21,7 +22,17 @@ pub struct Report {
     /// Per readings-feed watcher: (what it follows, readings received,
     /// of them repeats, reconnects).
     pub feeds: Vec<(String, usize, usize, u64)>,
+    /// Commands SendCommand answered, and of them those that reached their
+    /// device more than once.
+    pub commands_answered: usize,
+    pub commands_redelivered: usize,
     pub problems: Vec<String>,
+}
+
+/// What the device side of the command checks needs.
+pub struct Commands<'a> {
+    pub sent: &'a Sent,
+    pub received: &'a [Received],
 }
 
 pub fn check(
@@ -30,6 +41,7 @@ pub fn check(
     logs: &[DeviceLog],
     seen: &Seen,
     feeds: &[FeedSeen],
+    commands: &Commands<'_>,
 ) -> Report {
     let mut report = Report {
         readings_stored: snap.readings.len(),
@@ -85,7 +97,78 @@ pub fn check(
             feed.reconnects,
         ));
     }
+    check_commands(&snap.commands, commands, &mut report);
     report
+}
+
+/// Answered commands not yet ACKED in `stored`: the trial waits for none.
+pub fn commands_not_acked(stored: &[StoredCommand], sent: &Sent) -> usize {
+    let acked: HashSet<i64> = stored
+        .iter()
+        .filter(|c| c.2 == "acked")
+        .map(|c| c.0)
+        .collect();
+    sent.answered
+        .iter()
+        .filter(|(_, id)| !acked.contains(&(*id as i64)))
+        .count()
+}
+
+/// Every command SendCommand answered is stored for its device, ACKED, and
+/// was received by that device (again after a kill is allowed: same id);
+/// and a device received only its own commands.
+fn check_commands(stored: &[StoredCommand], commands: &Commands<'_>, report: &mut Report) {
+    let by_id: HashMap<u64, (&str, &str)> = stored
+        .iter()
+        .map(|(id, device, state)| (*id as u64, (device.as_str(), state.as_str())))
+        .collect();
+    let received: HashMap<&str, &Received> = commands
+        .received
+        .iter()
+        .map(|r| (r.device.as_str(), r))
+        .collect();
+    let problems = &mut report.problems;
+    let mut answered = HashSet::new();
+    for (device, id) in &commands.sent.answered {
+        let times = received
+            .get(device.as_str())
+            .and_then(|r| r.ids.get(id))
+            .copied()
+            .unwrap_or(0);
+        if times > 1 {
+            report.commands_redelivered += 1;
+        }
+        let said = format!("command {id} to {device}, answered by SendCommand,");
+        if !answered.insert(*id) {
+            problems.push(format!("{said} was answered before, to another send"));
+        }
+        match by_id.get(id) {
+            None => problems.push(format!("{said} is not stored")),
+            Some((owner, _)) if owner != device => {
+                problems.push(format!("{said} is stored for {owner}"))
+            }
+            Some((_, state)) if *state != "acked" => {
+                problems.push(format!("{said} is {state}, not acked (received {times}x)"))
+            }
+            Some(_) => {}
+        }
+        if times == 0 {
+            problems.push(format!("{said} never reached its device"));
+        }
+    }
+    report.commands_answered = commands.sent.answered.len();
+    for r in commands.received {
+        for id in r.ids.keys() {
+            match by_id.get(id) {
+                Some((owner, _)) if *owner == r.device => {}
+                other => problems.push(format!(
+                    "{} received command {id}, stored for {}",
+                    r.device,
+                    other.map_or("no device", |(owner, _)| owner)
+                )),
+            }
+        }
+    }
 }
 
 type Key<'a> = (&'a str, i64, i32);

@@ -47,7 +47,11 @@ pub struct Snapshot {
     pub keyed_readings: Vec<(String, i64, i32, i64, f64)>,
     /// The readings feed's batches: (position, device_id, batch sequence).
     pub feed: Vec<(i64, String, i64)>,
+    pub commands: Vec<StoredCommand>,
 }
+
+/// (command_id, device_id, state)
+pub type StoredCommand = (i64, String, String);
 
 const DEVICES: &str = "SELECT device_id, committed_sequence FROM devices ORDER BY device_id";
 const READINGS: &str = "SELECT d.device_id, r.time_unix_nano, r.value
@@ -65,6 +69,8 @@ const KEYED_READINGS: &str =
 const FEED: &str = "SELECT f.position, d.device_id, f.batch_sequence
      FROM readings_feed f JOIN devices d ON d.pk = f.device_pk ORDER BY f.position";
 const LAST_POSITION: &str = "SELECT last_position FROM readings_feed_counter";
+const COMMANDS: &str = "SELECT c.command_id, d.device_id, c.state
+     FROM commands c JOIN devices d ON d.pk = c.device_pk ORDER BY c.command_id";
 
 type EventRow = (i64, i64, String, String, String, Option<f64>, i64);
 type AlertRow = (i64, String, String, i64, Option<f64>, Option<i64>);
@@ -114,7 +120,12 @@ impl Db {
         Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(LAST_POSITION).fetch_one(p).await?))
     }
 
+    pub async fn commands(&self) -> anyhow::Result<Vec<StoredCommand>> {
+        Ok(on_pool!(self, p => sqlx::query_as(COMMANDS).fetch_all(p).await?))
+    }
+
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let commands = self.commands().await?;
         let (keyed_readings, feed) = on_pool!(self, p => (
             sqlx::query_as(KEYED_READINGS).fetch_all(p).await?,
             sqlx::query_as(FEED).fetch_all(p).await?,
@@ -126,6 +137,7 @@ impl Db {
             sqlx::query_as(ALERTS).fetch_all(p).await?,
         ));
         Ok(Snapshot {
+            commands,
             keyed_readings,
             feed,
             devices,

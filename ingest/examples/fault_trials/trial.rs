@@ -1,8 +1,8 @@
 //! One trial, start to verdict: a fresh database and server (or several
-//! servers on one PostgreSQL database), the rules, the fleet and a watcher,
-//! the faults on a schedule drawn from the seed (by upload progress, so
-//! they strike while batches are in flight), then the checks on what is
-//! stored.
+//! servers on one PostgreSQL database), the rules, the fleet, the watchers
+//! and the commanded devices, the faults on a schedule drawn from the seed
+//! (by upload progress, so they strike while batches are in flight), then
+//! the checks on what is stored.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,12 +18,12 @@ use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::check::{self, Report};
+use super::check::{self, Commands, Report};
 use super::db::{self, Db};
 use super::fleet::{self, Progress};
 use super::plan::{self, Plan};
 use super::server::{self, Server};
-use super::{feed_watcher, watcher};
+use super::{commander, feed_watcher, watcher};
 use crate::Backend;
 
 pub struct TrialConfig {
@@ -47,6 +47,14 @@ pub struct TrialConfig {
 /// How long the watcher may take to catch up once the fleet is done.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
+/// Devices that also hold a Control stream: few, so each gets many
+/// commands around every kill.
+const COMMANDED_DEVICES: u32 = 3;
+
+/// How long the commanded devices may take, once the fleet is done, to
+/// receive and acknowledge every command the operator was answered.
+const DRAIN: Duration = Duration::from_secs(20);
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
     Kill,
@@ -64,6 +72,10 @@ pub struct Outcome {
     pg_restarts: u32,
     unexpected_exits: Vec<String>,
     watcher_ids: usize,
+    /// SendCommand calls that failed: no promise made.
+    command_sends_failed: u64,
+    /// Control streams the commanded devices opened, all together.
+    control_streams: u64,
     elapsed: Duration,
     report: Option<Report>,
     /// Why the trial could not run to its checks.
@@ -114,6 +126,13 @@ impl Outcome {
                 })
                 .collect();
             s += &format!(", feed watchers ({})", feeds.join("; "));
+            s += &format!(
+                ", commands answered {} ({} redelivered, {} sends failed, {} control streams)",
+                r.commands_answered,
+                r.commands_redelivered,
+                self.command_sends_failed,
+                self.control_streams
+            );
         }
         s += &format!(
             ", {:.1} s: {}",
@@ -340,6 +359,10 @@ async fn drive(
         ));
         feed_watchers.push((task, through_rx));
     }
+    let commanded = (0..plan.devices.min(COMMANDED_DEVICES))
+        .map(|d| (plan.device_id(d), tokens[d as usize].clone()))
+        .collect();
+    let commands = commander::spawn(commanded, &urls, &ops_token, config.seed, &stop_rx);
 
     // The fleet gets what is left of the trial, less time for the checks.
     let fleet_deadline = trial_started
@@ -454,6 +477,9 @@ async fn drive(
         logs.push(h.await?);
     }
     outcome.failovers = logs.iter().map(|l| l.failovers).sum();
+    commands.stop_sender.send_replace(true);
+    let sent = commands.sender.await?;
+    outcome.command_sends_failed = sent.failed;
 
     // Every batch is acknowledged, so every alert it caused is recorded:
     // wait for the watcher to have seen the newest.
@@ -473,6 +499,11 @@ async fn drive(
             let _ = tokio::time::timeout(Duration::from_millis(200), through.changed()).await;
         }
     }
+    // Bounded by the trial's deadline too, so a stuck command is reported
+    // as such rather than as a trial out of time.
+    let drained_by = (Instant::now() + DRAIN)
+        .min(trial_started + config.deadline.saturating_sub(Duration::from_secs(5)));
+    drain_commands(&db, &sent, drained_by).await?;
     stop_tx.send_replace(true);
     let seen = watcher.await?;
     outcome.watcher_ids = seen.ids.len();
@@ -480,12 +511,21 @@ async fn drive(
     for (task, _) in feed_watchers {
         feeds.push(task.await?);
     }
+    let mut received = Vec::new();
+    for task in commands.devices {
+        received.push(task.await?);
+    }
+    outcome.control_streams = received.iter().map(|r| r.streams).sum();
     // All at once: each may take its grace period. A stop that fails is a
     // problem of the trial, and the stored data is still checked.
     let stops = futures::future::join_all(servers.iter_mut().map(Server::stop)).await;
     let snapshot = db.snapshot().await?;
     db.close().await;
-    let mut report = check::check(&plan, &snapshot, &logs, &seen, &feeds);
+    let commands = Commands {
+        sent: &sent,
+        received: &received,
+    };
+    let mut report = check::check(&plan, &snapshot, &logs, &seen, &feeds, &commands);
     let many = stops.len() > 1;
     for (i, stop) in stops.into_iter().enumerate() {
         let which = match many {
@@ -501,6 +541,15 @@ async fn drive(
         }
     }
     Ok(report)
+}
+
+/// Waits until every command the operator was answered is ACKED in the
+/// database, or until `by`; the checks tell which were not.
+async fn drain_commands(db: &Db, sent: &commander::Sent, by: Instant) -> anyhow::Result<()> {
+    while check::commands_not_acked(&db.commands().await?, sent) > 0 && Instant::now() < by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Starts again any server that exited by itself.
