@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Far beyond any trial: an expired command would look like a lost one.
 const TTL: Duration = Duration::from_secs(600);
@@ -116,16 +116,7 @@ async fn run_device(
 /// A client per server, connecting lazily (a server may be down); `None`
 /// for a bad URL or token.
 fn ingest_clients(urls: Vec<String>, token: &str) -> Option<Vec<Ingest>> {
-    let bearer = Bearer::new(token).ok()?;
-    urls.into_iter()
-        .map(|url| {
-            let channel = Endpoint::from_shared(url)
-                .ok()?
-                .connect_timeout(Duration::from_millis(500))
-                .connect_lazy();
-            Some(IngestClient::with_interceptor(channel, bearer.clone()))
-        })
-        .collect()
+    super::watcher::lazy_clients(urls, token, IngestClient::with_interceptor)
 }
 
 /// One Control stream, until it breaks or `stop`; says why it ended. Every

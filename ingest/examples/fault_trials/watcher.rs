@@ -24,14 +24,24 @@ pub type Ops = OpsClient<InterceptedService<Channel, Bearer>>;
 /// An Ops client per server, connecting lazily (a server may be down);
 /// `None` for a bad URL or token.
 pub fn clients(urls: Vec<String>, ops_token: &str) -> Option<Vec<Ops>> {
-    let bearer = Bearer::new(ops_token).ok()?;
+    lazy_clients(urls, ops_token, OpsClient::with_interceptor)
+}
+
+/// A client per server with `token`, built by `client` on a channel that
+/// connects lazily; `None` for a bad URL or token.
+pub fn lazy_clients<C>(
+    urls: Vec<String>,
+    token: &str,
+    client: impl Fn(Channel, Bearer) -> C,
+) -> Option<Vec<C>> {
+    let bearer = Bearer::new(token).ok()?;
     urls.into_iter()
         .map(|url| {
             let channel = Endpoint::from_shared(url)
                 .ok()?
                 .connect_timeout(Duration::from_millis(500))
                 .connect_lazy();
-            Some(OpsClient::with_interceptor(channel, bearer.clone()))
+            Some(client(channel, bearer.clone()))
         })
         .collect()
 }

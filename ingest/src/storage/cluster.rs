@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use super::devices::PRESENCE;
-use super::sql::bigint;
+use super::sql::{bigint, placeholders};
 use super::{StorageError, Store};
 use crate::domain::SensorName;
 use crate::domain::time::UnixNanos;
@@ -150,10 +150,7 @@ impl Store {
         for chunk in pks.chunks(CLOSES_PER_LOCK) {
             let lock = format!(
                 "SELECT pk FROM devices WHERE pk IN ({}) ORDER BY pk{}",
-                (1..=chunk.len())
-                    .map(|n| format!("${n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                placeholders(chunk.len()),
                 self.row_lock()
             );
             chunk

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::sql::{Conn, Row, bigint};
+use super::sql::{Conn, Row, bigint, placeholders};
 use super::{Clash, StorageError, Store};
 use crate::domain::time::UnixNanos;
 use crate::domain::{CertFingerprint, DeviceId, DisplayName, Labels, SensorName, TokenHash, Unit};
@@ -100,15 +100,6 @@ pub enum BulkRegistrationError {
     Taken(DeviceId),
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-/// `$first, $first+1, ...`: `n` placeholders separated by commas, counting
-/// by `step`.
-fn placeholders(n: usize, first: usize, step: usize) -> String {
-    (0..n)
-        .map(|i| format!("${}", first + i * step))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// `($1, .., $w), ($w+1, ..), ...`: `n` rows of `w` placeholders. Where
@@ -213,7 +204,7 @@ impl Store {
         for chunk in devices.chunks(rows_per_statement) {
             let sql = format!(
                 "SELECT device_id FROM devices WHERE device_id IN ({})",
-                placeholders(chunk.len(), 1, 1)
+                placeholders(chunk.len())
             );
             let taken: Vec<String> = chunk
                 .iter()

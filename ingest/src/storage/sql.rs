@@ -69,6 +69,14 @@ pub(super) fn bigint(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// `$1, $2, ..., $n`: the placeholders of an `IN (...)` list of `n` values.
+pub(super) fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A connection of either backend, borrowed for some statements: a pooled
 /// one, a write transaction's, or the group commit's.
 pub(super) enum Conn<'c> {
