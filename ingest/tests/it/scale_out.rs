@@ -18,9 +18,11 @@ use ingest::storage::Database;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use telemetry_proto::v1 as pb;
+use telemetry_proto::v1::ops_client::OpsClient;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Code;
+use tonic::transport::Channel;
 
 const LEASE: Duration = Duration::from_secs(6);
 const RENEW: Duration = Duration::from_secs(2);
@@ -139,30 +141,45 @@ struct Watch(tonic::Streaming<pb::AlertEvent>);
 
 impl Watch {
     async fn open(cluster: &Cluster, process: usize, after: u64) -> Self {
-        let stream = cluster
-            .ops(process)
+        Self::open_at(&cluster.url(process), after)
             .await
+            .unwrap_or_else(|e| panic!("WatchAlerts on process {process}: {e}"))
+    }
+
+    async fn open_at(url: &str, after: u64) -> Result<Self, String> {
+        let channel = Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {url}: {e}"))?;
+        let stream = OpsClient::with_interceptor(channel, Bearer::new(OPS_TOKEN).unwrap())
             .watch_alerts(pb::WatchAlertsRequest {
                 after_event_id: after,
                 ..Default::default()
             })
             .await
-            .unwrap_or_else(|s| panic!("WatchAlerts on process {process}: {s}"))
+            .map_err(|s| s.to_string())?
             .into_inner();
-        Self(stream)
+        Ok(Self(stream))
     }
 
     /// The next event (heartbeats skipped); panics if nothing at all, not
     /// even a heartbeat, comes within `within`, or the stream breaks.
     async fn event(&mut self, within: Duration) -> pb::AlertEvent {
+        self.try_event(within)
+            .await
+            .unwrap_or_else(|e| panic!("the watch stream {e}"))
+    }
+
+    async fn try_event(&mut self, within: Duration) -> Result<pb::AlertEvent, String> {
         loop {
             let item = tokio::time::timeout(within, self.0.message())
                 .await
-                .unwrap_or_else(|_| panic!("the watch stream was silent for {within:?}"))
-                .unwrap_or_else(|s| panic!("the watch stream failed: {s}"))
-                .expect("the watch stream ended");
+                .map_err(|_| format!("was silent for {within:?}"))?
+                .map_err(|s| format!("failed: {s}"))?
+                .ok_or("ended")?;
             if item.kind() != pb::AlertEventKind::Heartbeat {
-                return item;
+                return Ok(item);
             }
         }
     }
@@ -847,12 +864,38 @@ async fn killing_the_leader_moves_devices_commands_and_leadership() {
     put(&mut ops, silent).await;
     let events = Arc::new(Mutex::new(Vec::<pb::AlertEvent>::new()));
     let collector = {
-        let mut watch = Watch::open(&cluster, s2, 0).await;
+        let url = cluster.url(s2);
         let events = events.clone();
+        // Like any watcher, it resumes after the last id it saw if its
+        // stream breaks: once, on a loaded CI machine, this connection to a
+        // survivor ended (EOF, no GOAWAY) and the test then waited for
+        // events nobody was reading. Each break is printed.
+        let mut watch = Watch::open(&cluster, s2, 0).await;
         tokio::spawn(async move {
+            let mut after = 0;
             loop {
-                let e = watch.event(Duration::from_secs(30)).await;
-                events.lock().unwrap().push(e);
+                match watch.try_event(Duration::from_secs(30)).await {
+                    Ok(e) => {
+                        after = e.event_id;
+                        events.lock().unwrap().push(e);
+                    }
+                    Err(error) => {
+                        println!(
+                            "the watch stream on process {s2} {error}; resuming after {after}"
+                        );
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        watch = loop {
+                            match Watch::open_at(&url, after).await {
+                                Ok(w) => break w,
+                                Err(e) if Instant::now() < deadline => {
+                                    println!("reopening the watch stream: {e}");
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                Err(e) => panic!("reopening the watch stream: {e}"),
+                            }
+                        };
+                    }
+                }
             }
         })
     };
