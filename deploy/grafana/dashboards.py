@@ -169,6 +169,14 @@ def metrics_dashboard():
         overrides=[{"matcher": {"id": "byRegexp", "options": "capacity.*"},
                     "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
                                    {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]}]))
+    p.append(timeseries(L, "Buffered readings vs budget", [
+        (f'sum by (instance) (ingest_buffered_readings{{{SEL}}})', "buffered {{instance}}"),
+        (f'sum by (instance) (ingest_buffered_readings_limit{{{SEL}}})', "budget {{instance}}")],
+        description="Decoded readings not yet committed, against --max-buffered-readings. "
+                    "Alert IngestReadingsBufferFull: over 90% for 5 minutes.",
+        overrides=[{"matcher": {"id": "byRegexp", "options": "budget.*"},
+                    "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                                   {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]}]))
     p.append(timeseries(L, "Upload streams held back (throttled seconds /s)", [
         (f'sum(rate(ingest_upload_throttled_seconds_total{{{SEL}}}[$__rate_interval]))', "throttled")],
         unit="s", description="Streams held back by the per-device reading rate limit (flow control, nothing refused)."))
