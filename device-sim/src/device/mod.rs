@@ -321,6 +321,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backlog_goes_out_a_stream_of_batches_per_stream_at_a_time() {
+        // A server that comes up late finds a backlog of dozens of batches:
+        // on one stream, the first would wait for the last's commit.
+        let (listener, addr) = crate::server::mock::local_listener().await;
+        drop(listener);
+        let running = start_device(format!("http://{addr}"), GOOD_TOKEN);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mock = MockIngest::default();
+        let ledger = Arc::clone(&mock.ledger);
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        tokio::spawn(serve_on(listener, mock, MockOps::default()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ledger.lock().expect("ledger").stored.len() < 40 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog never reached the late server"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (outcome, stats) = running.stop().await;
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        let ledger = ledger.lock().expect("ledger");
+        assert_contiguous(&ledger.stored, 1);
+        assert_eq!(
+            ledger.largest_stream, 5,
+            "no stream carries more than --batches-per-stream (5 here), backlog or not"
+        );
+        assert_eq!(stats.latency_summary().count, ledger.stored.len() as u64);
+    }
+
+    #[tokio::test]
     async fn resumes_numbering_after_the_server_cursor() {
         let mock = MockIngest::default();
         mock.ledger.lock().expect("ledger").committed = 100;

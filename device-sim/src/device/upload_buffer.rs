@@ -2,8 +2,6 @@
 //! first, kept so they can be resent after a failure.
 
 use std::collections::VecDeque;
-use std::time::Instant;
-
 use telemetry_proto::v1::ReadingBatch;
 
 use super::sampling::readings_in;
@@ -12,9 +10,6 @@ use super::sampling::readings_in;
 pub struct Pending {
     pub batch: ReadingBatch,
     pub readings: u64,
-    /// When the batch was handed to the current stream; `None` if the current
-    /// stream has not carried it (yet).
-    pub handed_at: Option<Instant>,
     /// Whether any stream has carried it before, to tell sends from resends.
     pub sent_before: bool,
 }
@@ -65,7 +60,6 @@ impl UploadBuffer {
         self.batches.push_back(Pending {
             readings: readings_in(&batch.series),
             batch,
-            handed_at: None,
             sent_before: false,
         });
         evicted
@@ -92,14 +86,6 @@ impl UploadBuffer {
     /// The newest buffered sequence, 0 when empty.
     pub fn last_sequence(&self) -> u64 {
         self.batches.back().map_or(0, Pending::sequence)
-    }
-
-    /// Forgets which batches the last stream carried, after that stream
-    /// failed: their acknowledgement will come from a later stream.
-    pub fn forget_handoffs(&mut self) {
-        for pending in &mut self.batches {
-            pending.handed_at = None;
-        }
     }
 }
 
@@ -178,16 +164,5 @@ mod tests {
         assert!(buffer.next_after(8).is_none());
         assert!(buffer.has_after(7));
         assert!(!buffer.has_after(8));
-    }
-
-    #[test]
-    fn forget_handoffs_clears_marks() {
-        let mut buffer = UploadBuffer::new(10);
-        buffer.push(batch(1));
-        if let Some(p) = buffer.next_after(0) {
-            p.handed_at = Some(Instant::now());
-        }
-        buffer.forget_handoffs();
-        assert!(buffer.next_after(0).is_some_and(|p| p.handed_at.is_none()));
     }
 }

@@ -8,7 +8,7 @@
 //! much is harmless while resending too little loses data.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use telemetry_client::backoff::Backoff;
@@ -143,7 +143,6 @@ impl Uploader {
                 Halt::Fatal(reason) => return Err(reason),
                 Halt::Reboot => {
                     self.set_connected(false);
-                    self.buffer.forget_handoffs();
                     self.backoff.reset();
                     if !self.wait_for_power().await {
                         return Ok(());
@@ -183,7 +182,6 @@ impl Uploader {
                         _ => self.access.refused(),
                     }
                     self.set_connected(false);
-                    self.buffer.forget_handoffs();
                     // The stream may have committed some batches before it
                     // broke; only the cursor can tell which.
                     match self.fetch_cursor(true).await {
@@ -348,31 +346,45 @@ impl Uploader {
         }
     }
 
-    /// One UploadReadings stream: resends every unacknowledged batch, adds
-    /// new ones until the stream has carried `batches_per_stream`, closes it
+    /// One UploadReadings stream: carries the oldest unacknowledged batches,
+    /// resends first, until it has carried `batches_per_stream`, closes it
     /// and waits for the summary.
+    ///
+    /// A backlog (after an outage, or while the server is overloaded) is
+    /// spread over streams rather than sent on one: the summary answers a
+    /// stream's batches all at once, so a backlog of 16 on one stream made
+    /// its first batch wait for the sixteenth's commit (batch ack p99 20 s
+    /// at twice the saturating rate), and the fleet held its whole backlog
+    /// inside the server instead of in the devices.
     async fn upload_stream(&mut self) -> Result<StreamEnd, CallFailure> {
         let (tx, rx) = mpsc::channel::<Box<ReadingBatch>>(STREAM_QUEUE);
         let mut client = self.client.clone();
+        // When the gRPC body took each batch off the queue to write it to
+        // the HTTP/2 stream: its acknowledgement latency starts there, so
+        // time spent waiting for a stream to open or for flow control is
+        // time the batch waited in the device.
+        let written = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));
         // Spawned so the request body keeps flowing while this loop waits on
         // the sampler, the queue or the clock.
-        let mut call = tokio::spawn(async move {
-            let batches = ReceiverStream::new(rx).map(|batch| *batch);
-            client.upload_readings(Request::new(batches)).await
+        let mut call = tokio::spawn({
+            let written = written.clone();
+            async move {
+                let batches = ReceiverStream::new(rx).map(move |batch| {
+                    lock(&written).push((batch.sequence, Instant::now()));
+                    *batch
+                });
+                client.upload_readings(Request::new(batches)).await
+            }
         });
 
         let mut tx = Some(tx);
-        let resend_through = self.buffer.last_sequence();
         let mut last_handed = 0u64;
         let mut handed = 0usize;
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut shutting_down = false;
 
         loop {
-            if tx.is_some()
-                && handed >= self.config.batches_per_stream
-                && last_handed >= resend_through
-            {
+            if tx.is_some() && handed >= self.config.batches_per_stream {
                 // Dropping the sender ends the request stream; the server
                 // answers once everything on it is committed.
                 tx = None;
@@ -388,7 +400,8 @@ impl Uploader {
                     let result = joined.map_err(|e| {
                         CallFailure::Fatal(format!("the upload task failed: {e}"))
                     })?;
-                    return self.finish_stream(result, last_handed, shutting_down);
+                    let written = std::mem::take(&mut *lock(&written));
+                    return self.finish_stream(result, &written, last_handed, shutting_down);
                 }
                 permit = reserve(tx.as_ref()), if can_send => match permit {
                     Ok(permit) => {
@@ -408,7 +421,6 @@ impl Uploader {
                     // A reboot drops the stream unsettled, as a power cut
                     // would; the cursor tells what it committed.
                     call.abort();
-                    self.buffer.forget_handoffs();
                     return Ok(StreamEnd::Rebooting);
                 }
                 () = self.shutdown.requested(), if !shutting_down => {
@@ -419,7 +431,6 @@ impl Uploader {
                 }
                 () = sleep_until(deadline) => {
                     call.abort();
-                    self.buffer.forget_handoffs();
                     if shutting_down {
                         warn!(device = %self.device_id,
                               "no upload summary within {} s of shutdown; giving up on it",
@@ -446,7 +457,6 @@ impl Uploader {
         last_handed: u64,
     ) -> Option<u64> {
         let pending = self.buffer.next_after(last_handed)?;
-        pending.handed_at = Some(Instant::now());
         if pending.sent_before {
             self.stats.batches_resent.inc();
             self.stats.readings_resent.add(pending.readings);
@@ -462,6 +472,7 @@ impl Uploader {
     fn finish_stream(
         &mut self,
         result: Result<Response<UploadSummary>, Status>,
+        written: &[(u64, Instant)],
         last_handed: u64,
         shutting_down: bool,
     ) -> Result<StreamEnd, CallFailure> {
@@ -469,7 +480,6 @@ impl Uploader {
         let summary = match result {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                self.buffer.forget_handoffs();
                 self.server_delay = retry_delay(&status);
                 return match classify(&status, &self.device_id) {
                     CallFailure::Retryable(reason) if shutting_down => {
@@ -494,17 +504,18 @@ impl Uploader {
         stats.readings_rejected.add(summary.readings_rejected);
         stats.duplicate_batches.add(summary.duplicate_batches);
 
-        let latencies: Vec<u64> = self
-            .buffer
+        self.buffer
             .ack_through(summary.committed_sequence)
-            .filter_map(|pending| pending.handed_at)
-            .map(|handed_at| {
-                u64::try_from(received.saturating_duration_since(handed_at).as_micros())
+            .for_each(drop);
+        let latencies: Vec<u64> = written
+            .iter()
+            .filter(|(sequence, _)| *sequence <= summary.committed_sequence)
+            .map(|(_, at)| {
+                u64::try_from(received.saturating_duration_since(*at).as_micros())
                     .unwrap_or(u64::MAX)
             })
             .collect();
         self.stats.record_ack_latencies(&latencies);
-        self.buffer.forget_handoffs();
 
         if summary.committed_sequence < last_handed {
             warn!(device = %self.device_id, committed = summary.committed_sequence,
@@ -560,4 +571,10 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// The written-times list; a panic elsewhere cannot leave it half-updated,
+/// so a poisoned lock is taken as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

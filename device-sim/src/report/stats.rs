@@ -197,7 +197,9 @@ impl Stats {
     }
 }
 
-/// Percentiles of the batch acknowledgement latency, in milliseconds.
+/// Percentiles of the batch acknowledgement latency, in milliseconds: from
+/// when the gRPC body takes a batch to write it to its HTTP/2 stream to when
+/// that stream's summary arrives.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct LatencySummary {
     pub count: u64,

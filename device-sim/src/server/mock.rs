@@ -36,6 +36,8 @@ pub struct Ledger {
     /// Every committed batch sequence, in commit order.
     pub stored: Vec<u64>,
     pub streams: u64,
+    /// The most batches any one stream carried.
+    pub largest_stream: u64,
     pub duplicates: u64,
 }
 
@@ -198,6 +200,10 @@ impl Ingest for MockIngest {
             }
             last_in_stream = batch.sequence;
             summary.batches_received += 1;
+            {
+                let mut ledger = self.ledger.lock().expect("ledger");
+                ledger.largest_stream = ledger.largest_stream.max(summary.batches_received);
+            }
             if breaks && summary.batches_received == 3 {
                 // The third batch arrived but its commit "failed".
                 return Err(Status::unavailable("injected storage failure"));
