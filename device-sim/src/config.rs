@@ -96,8 +96,9 @@ pub struct Args {
     pub batch_size: u32,
 
     /// Batches carried by one UploadReadings stream before it is closed and
-    /// its summary (the acknowledgement) awaited. More batches per stream
-    /// cost fewer round trips but delay every acknowledgement.
+    /// its summary (the acknowledgement) awaited, resends included: a
+    /// backlog goes out this many at a time. More batches per stream cost
+    /// fewer round trips but delay every acknowledgement.
     #[arg(long, env = "DEVICE_SIM_BATCHES_PER_STREAM", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batches_per_stream: u32,
