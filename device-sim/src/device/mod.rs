@@ -242,6 +242,26 @@ mod tests {
         (ledger, stats)
     }
 
+    /// Brings a mock server up at `addr`, where a device has been failing
+    /// to connect; its ledger.
+    async fn late_server(addr: std::net::SocketAddr) -> Arc<Mutex<Ledger>> {
+        let mock = MockIngest::default();
+        let ledger = Arc::clone(&mock.ledger);
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        tokio::spawn(serve_on(listener, mock, MockOps::default()));
+        ledger
+    }
+
+    /// Waits until `ledger` has stored `n` batches, polling rather than
+    /// guessing a time: the device's backoff may be long on a busy machine.
+    async fn wait_stored(ledger: &Mutex<Ledger>, n: usize, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ledger.lock().expect("ledger").stored.len() < n {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn assert_contiguous(stored: &[u64], from: u64) {
         let expected: Vec<u64> = (from..from + stored.len() as u64).collect();
         assert_eq!(
@@ -298,20 +318,8 @@ mod tests {
         assert_eq!(running.stats.devices_connected.get(), 0);
         assert!(running.stats.retries.get() > 0);
 
-        let mock = MockIngest::default();
-        let ledger = Arc::clone(&mock.ledger);
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        tokio::spawn(serve_on(listener, mock, MockOps::default()));
-        // Wait for the first stored batch rather than a fixed time: the
-        // backoff may be long on a busy machine.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while ledger.lock().expect("ledger").stored.is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the device never reached the late server"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let ledger = late_server(addr).await;
+        wait_stored(&ledger, 1, "the device never reached the late server").await;
         let (outcome, stats) = running.stop().await;
         assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
         let ledger = ledger.lock().expect("ledger");
@@ -328,18 +336,8 @@ mod tests {
         drop(listener);
         let running = start_device(format!("http://{addr}"), GOOD_TOKEN);
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let mock = MockIngest::default();
-        let ledger = Arc::clone(&mock.ledger);
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        tokio::spawn(serve_on(listener, mock, MockOps::default()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while ledger.lock().expect("ledger").stored.len() < 40 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the backlog never reached the late server"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let ledger = late_server(addr).await;
+        wait_stored(&ledger, 40, "the backlog never reached the late server").await;
         let (outcome, stats) = running.stop().await;
         assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
         let ledger = ledger.lock().expect("ledger");
