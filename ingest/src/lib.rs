@@ -18,6 +18,8 @@
 //!   limits, and the group commit that judges each group's readings and
 //!   commits them with their alert events. Its entry,
 //!   [`pipeline::Pipeline`], takes validated batches from any protocol.
+//! - [`mqtt`]: the MQTT listener: devices speaking MQTT 3.1.1 or 5
+//!   publish readings into the same pipeline; a PUBACK means committed.
 //! - [`read`]: the read path: QueryReadings streams a fleet's history,
 //!   raw or in buckets, page by page from storage in bounded memory, with
 //!   resume tokens.
@@ -53,6 +55,7 @@ pub mod domain;
 pub mod feed;
 pub mod grpc;
 pub mod metrics;
+pub mod mqtt;
 pub mod observability;
 pub mod pipeline;
 pub mod read;

@@ -30,6 +30,25 @@ pub struct ServeArgs {
     /// empty turns it off.
     #[arg(long, env = "INGEST_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
     admin_listen: String,
+    /// Address of the MQTT listener (3.1.1 and 5): devices publish
+    /// readings to devices/{id}/readings, and a QoS 1 PUBACK means
+    /// committed. Empty (the default) turns it off; 127.0.0.1:1883 is
+    /// MQTT's usual port.
+    #[arg(long, env = "INGEST_MQTT_LISTEN", default_value = "")]
+    mqtt_listen: String,
+    /// QoS 1 PUBLISHes one MQTT connection may have unanswered (v5's
+    /// Receive Maximum); past it, its socket is not read.
+    #[arg(long, env = "INGEST_MQTT_RECEIVE_MAXIMUM", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    mqtt_receive_maximum: u16,
+    /// Largest MQTT packet accepted, in bytes; a larger one ends its
+    /// session as soon as its header is read.
+    #[arg(long, env = "INGEST_MQTT_MAX_PACKET_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(64..))]
+    mqtt_max_packet_bytes: u32,
+    /// An MQTT connection must send CONNECT within this.
+    #[arg(long, env = "INGEST_MQTT_CONNECT_TIMEOUT", default_value = "10s", value_parser = super::duration)]
+    mqtt_connect_timeout: Duration,
     #[command(flatten)]
     storage: StorageArgs,
     /// Log lines as text, or as JSON objects (with the events' and spans'
@@ -379,6 +398,17 @@ impl ServeArgs {
                     "--admin-listen {addr:?}: expected an address like 127.0.0.1:9464, or empty"
                 )
             })?),
+        };
+        config.mqtt_listen = match self.mqtt_listen.trim() {
+            "" => None,
+            addr => Some(addr.parse().with_context(|| {
+                format!("--mqtt-listen {addr:?}: expected an address like 127.0.0.1:1883, or empty")
+            })?),
+        };
+        config.mqtt = crate::mqtt::MqttSettings {
+            receive_maximum: self.mqtt_receive_maximum,
+            max_packet_bytes: self.mqtt_max_packet_bytes as usize,
+            connect_timeout: self.mqtt_connect_timeout,
         };
         config.tls = self.tls.into_settings()?;
         anyhow::ensure!(

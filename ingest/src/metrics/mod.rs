@@ -113,6 +113,8 @@ pub struct Metrics {
     pub commands_pending: Gauge,
 
     pub auth_failures: Family<ReasonLabel, Counter>,
+    /// MQTT connections and publications refused, by reason.
+    pub mqtt_refusals: Family<ReasonLabel, Counter>,
     pub tls_handshake_failures: Counter,
 
     pub db_pool_acquire_seconds: Histogram,
@@ -167,6 +169,7 @@ impl Metrics {
             commands: Family::default(),
             commands_pending: Gauge::default(),
             auth_failures: Family::default(),
+            mqtt_refusals: Family::default(),
             tls_handshake_failures: Counter::default(),
             db_pool_acquire_seconds: seconds_buckets(),
             retention_deleted: Counter::default(),
@@ -242,6 +245,8 @@ impl Metrics {
                 "Commands queued or sent and not yet acknowledged";
             auth_failures => "auth_failures",
                 "Calls refused by authentication, by reason";
+            mqtt_refusals => "ingest_mqtt_refusals",
+                "MQTT connections, packets and publications refused, by reason";
             tls_handshake_failures => "tls_handshake_failures",
                 "TLS handshakes that failed";
             db_pool_acquire_seconds => "db_pool_acquire_seconds",

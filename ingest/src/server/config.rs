@@ -46,6 +46,9 @@ pub struct Config {
     /// WatchReadings and named consumers. Its retention is
     /// `retention.feed`; chunk size and device limit come from `read`.
     pub feed: FeedConfig,
+    /// Serve MQTT here; `None`: no MQTT listener.
+    pub mqtt_listen: Option<std::net::SocketAddr>,
+    pub mqtt: crate::mqtt::MqttSettings,
 }
 
 impl Config {
@@ -68,6 +71,8 @@ impl Config {
             test_hold_event_tx: Duration::ZERO,
             read: ReadConfig::default(),
             feed: FeedConfig::default(),
+            mqtt_listen: None,
+            mqtt: crate::mqtt::MqttSettings::default(),
         }
     }
 }

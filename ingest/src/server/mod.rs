@@ -44,7 +44,7 @@ use config::Config;
 use prometheus_client::registry::Registry;
 
 /// Serves on `listener` until `shutdown` resolves, then stops gracefully.
-/// The admin listener, if configured, is bound here.
+/// The admin and MQTT listeners, if configured, are bound here.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -58,9 +58,48 @@ pub async fn run(
 pub async fn run_with_admin(
     config: Config,
     listener: TcpListener,
-    admin_listener: Option<TcpListener>,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let mqtt = match config.mqtt_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the MQTT listener to {addr} (--mqtt-listen)"))?,
+        ),
+        None => None,
+    };
+    run_with_listeners(
+        config,
+        Listeners {
+            grpc: listener,
+            admin,
+            mqtt,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// The sockets a server serves, bound by the caller.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// /metrics, /healthz, /readyz.
+    pub admin: Option<TcpListener>,
+    pub mqtt: Option<TcpListener>,
+}
+
+/// [`run`], with every listener bound by the caller (tests bind port 0).
+pub async fn run_with_listeners(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        admin: admin_listener,
+        mqtt: mqtt_listener,
+    } = listeners;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let ops_tokens = Arc::new(OpsTokens::load(config.ops_token.clone())?);
@@ -195,6 +234,18 @@ pub async fn run_with_admin(
     // Every service takes gzip and zstd (grpc/compression.rs); the message
     // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
+    let mqtt_task = mqtt_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "MQTT listener: devices publish to devices/{{id}}/readings");
+        }
+        tokio::spawn(crate::mqtt::serve(
+            listener,
+            upload.clone(),
+            credentials.clone(),
+            config.mqtt.clone(),
+            metrics.clone(),
+        ))
+    });
     let ingest = IngestRoutes::new(
         IngestService::new(upload, control.clone()),
         config.limits.readings.max_batch_series,
@@ -311,8 +362,15 @@ pub async fn run_with_admin(
         } => tracing::warn!(?grace, "grace period over; closing the remaining connections"),
     }
 
-    // Every writer handle lived in the services, now dropped: the writer
-    // commits what is queued and stops.
+    // MQTT sessions answer what they have in flight, then end.
+    if let Some(mut task) = mqtt_task
+        && tokio::time::timeout(grace, &mut task).await.is_err()
+    {
+        tracing::warn!("MQTT sessions did not end within the grace period");
+        task.abort();
+    }
+    // Every writer handle lived in the services and sessions, now dropped:
+    // the writer commits what is queued and stops.
     if tokio::time::timeout(grace, writer_task).await.is_err() {
         tracing::warn!("the writer did not drain within the grace period");
     }

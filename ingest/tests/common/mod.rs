@@ -185,6 +185,8 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     /// The admin listener: /metrics, /healthz, /readyz.
     pub admin_addr: std::net::SocketAddr,
+    /// The MQTT listener.
+    pub mqtt_addr: std::net::SocketAddr,
     pub storage: TestStorage,
     pub limits: Limits,
     configure: Option<Configure>,
@@ -246,10 +248,15 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let task = tokio::spawn(ingest::server::run_with_admin(
+        let mqtt = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mqtt_addr = mqtt.local_addr().unwrap();
+        let task = tokio::spawn(ingest::server::run_with_listeners(
             config,
-            listener,
-            Some(admin),
+            ingest::server::Listeners {
+                grpc: listener,
+                admin: Some(admin),
+                mqtt: Some(mqtt),
+            },
             async {
                 let _ = stopped.await;
             },
@@ -257,6 +264,7 @@ impl TestServer {
         Self {
             addr,
             admin_addr,
+            mqtt_addr,
             storage,
             limits,
             configure,

@@ -31,6 +31,7 @@ mod inactivity_since;
 mod lifecycle;
 mod log_format;
 mod metrics;
+mod mqtt;
 mod mtls;
 mod operator_cli;
 mod operator_messages;

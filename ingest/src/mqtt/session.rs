@@ -1,0 +1,660 @@
+//! One MQTT connection, from CONNECT to its end.
+//!
+//! A QoS 1 PUBLISH is answered only once its batch has committed in a group
+//! commit, through the same [`Pipeline`] entry as a gRPC upload. Answers
+//! leave in the order the PUBLISHes came, as MQTT requires: a queue of
+//! pending answers, the oldest written first. While the queue holds the
+//! server's Receive Maximum, the socket is not read, so TCP flow control
+//! holds the device back instead of the server buffering for it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::MqttSettings;
+use super::payload::{self, PayloadError, TopicError};
+use super::wire::{
+    self, Connect, Goodbye, Inbound, Outbound, PubRefusal, Publish, ReadError, Refusal, Version,
+};
+use crate::auth::{AuthFailure, CredentialWatch, Credentials, until_ended};
+use crate::domain::reading::validate_batch;
+use crate::domain::time::now_unix_nanos;
+use crate::domain::{DeviceId, DeviceKey, RejectReason, TokenHash};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::pipeline::{BatchOutcome, DeviceStream, Pipeline, Receipt};
+
+/// What every MQTT session shares.
+pub struct Shared {
+    pub pipeline: Pipeline,
+    pub credentials: Arc<Credentials>,
+    pub settings: MqttSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs one connection to its end. Errors are the session's own and end
+/// only it: they are logged and counted here.
+pub async fn run<S>(io: S, peer: std::net::SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut shutdown = shared.pipeline.shutdown.clone();
+    let mut conn = Conn {
+        io,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::new(),
+        version: Version::V311,
+    };
+    let read = tokio::select! {
+        () = stopping(&mut shutdown) => return,
+        read = tokio::time::timeout(shared.settings.connect_timeout, conn.read_connect(&shared.settings)) => read,
+    };
+    let connect = match read {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(ConnectFailed::Io)) => return,
+        Ok(Err(ConnectFailed::Packet(error))) => {
+            refuse(&shared.metrics, "malformed_connect");
+            tracing::debug!(%peer, %error, "MQTT connection refused before CONNECT");
+            if let ReadError::UnsupportedLevel(_) = error {
+                // A 3.1.1 CONNACK is what clients of every level read.
+                conn.version = Version::V311;
+                let refusal = connack(Some(Refusal::UnsupportedVersion), &shared.settings, None);
+                let _ = conn.send(&refusal).await;
+            }
+            return;
+        }
+        Err(_) => {
+            refuse(&shared.metrics, "connect_timeout");
+            tracing::debug!(%peer, timeout = ?shared.settings.connect_timeout, "no MQTT CONNECT in time");
+            return;
+        }
+    };
+    let (device, watch) = match admit(&connect, &shared).await {
+        Ok(admitted) => admitted,
+        Err((refusal, reason)) => {
+            tracing::info!(%peer, client_id = %connect.client_id, %reason, "MQTT connection refused");
+            let _ = conn
+                .send(&connack(Some(refusal), &shared.settings, Some(reason)))
+                .await;
+            return;
+        }
+    };
+    if conn
+        .send(&connack(None, &shared.settings, None))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let span = tracing::info_span!("mqtt", device = %device.id, version = conn.version.name());
+    let keep_alive = connect.keep_alive;
+    async move {
+        tracing::debug!(%peer, keep_alive, "MQTT session open");
+        let _open = shared.metrics.stream("mqtt");
+        let mut session = Session {
+            stream: shared.pipeline.stream(&device),
+            device,
+            credential: Some(watch),
+            pending: VecDeque::new(),
+            shared: shared.clone(),
+            // MQTT's keep alive: the server may close a connection silent
+            // for one and a half times it.
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        };
+        let end = session.serve(&mut conn, &mut shutdown).await;
+        // Batches already handed over commit whatever happened; their
+        // answers still go out where the connection allows.
+        let settled = session.settle_all(&mut conn, end.writes()).await;
+        if let (End::Goodbye(why, reason), Ok(())) = (end, settled) {
+            tracing::info!(?why, %reason, "MQTT session ended by the server");
+            let _ = conn.send(&Outbound::Disconnect { why, reason }).await;
+        }
+        tracing::debug!("MQTT session closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug)]
+enum ConnectFailed {
+    Io,
+    Packet(ReadError),
+}
+
+fn refuse(metrics: &Metrics, reason: &'static str) {
+    metrics
+        .mqtt_refusals
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+}
+
+fn connack(refused: Option<Refusal>, settings: &MqttSettings, reason: Option<String>) -> Outbound {
+    Outbound::ConnAck {
+        refused,
+        receive_maximum: settings.receive_maximum,
+        max_packet_size: settings.max_packet_bytes as u32,
+        reason,
+    }
+}
+
+/// Checks who the client is: the client id is a device id, the username
+/// the same id, the password that device's token.
+async fn admit(
+    connect: &Connect,
+    shared: &Shared,
+) -> Result<(DeviceKey, CredentialWatch), (Refusal, String)> {
+    let metrics = &shared.metrics;
+    let Ok(id) = DeviceId::parse(&connect.client_id) else {
+        refuse(metrics, "client_id");
+        return Err((
+            Refusal::ClientIdNotValid,
+            "the client id must be the device id (letters, digits, _ . - :)".into(),
+        ));
+    };
+    if connect.username.as_deref() != Some(id.as_str()) {
+        refuse(metrics, "username");
+        return Err((
+            Refusal::BadUsernameOrPassword,
+            "the username must be the device id, the same as the client id".into(),
+        ));
+    }
+    let Some(password) = connect.password.as_deref().filter(|p| !p.is_empty()) else {
+        refuse(metrics, "no_password");
+        return Err((
+            Refusal::BadUsernameOrPassword,
+            "the password must be the device token".into(),
+        ));
+    };
+    let authenticated = shared
+        .credentials
+        .authenticate(None, Some(TokenHash::of(password)))
+        .await
+        .map_err(|failure| {
+            metrics
+                .auth_failures
+                .get_or_create(&ReasonLabel {
+                    reason: failure.reason(),
+                })
+                .inc();
+            let refusal = match failure {
+                AuthFailure::Unavailable => Refusal::ServerUnavailable,
+                AuthFailure::DeviceDisabled(_) | AuthFailure::MtlsRequired(_) => {
+                    Refusal::NotAuthorized
+                }
+                _ => Refusal::BadUsernameOrPassword,
+            };
+            (refusal, failure.to_string())
+        })?;
+    if authenticated.key.id != id {
+        refuse(metrics, "token_of_another_device");
+        return Err((
+            Refusal::NotAuthorized,
+            format!("the token is not device {id}'s"),
+        ));
+    }
+    let watch = authenticated
+        .take_watch()
+        .expect("a fresh authentication has its watch");
+    Ok((authenticated.key, watch))
+}
+
+/// The connection's bytes.
+struct Conn<S> {
+    io: S,
+    /// Read and not yet decoded.
+    buf: BytesMut,
+    /// Encoded and not yet written.
+    out: BytesMut,
+    version: Version,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn read_connect(&mut self, settings: &MqttSettings) -> Result<Connect, ConnectFailed> {
+        loop {
+            match wire::whole_packet(&self.buf, settings.max_packet_bytes) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => return Err(ConnectFailed::Packet(e)),
+            }
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(ConnectFailed::Io),
+                Ok(_) => {}
+            }
+        }
+        self.version = wire::connect_version(&self.buf).map_err(ConnectFailed::Packet)?;
+        wire::read_connect(&mut self.buf, self.version).map_err(ConnectFailed::Packet)
+    }
+
+    /// The next packet if one is whole in the buffer.
+    fn next_packet(&mut self, max: usize) -> Result<Option<Inbound>, ReadError> {
+        if wire::whole_packet(&self.buf, max)? {
+            wire::read(&mut self.buf, self.version).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    async fn send(&mut self, packet: &Outbound) -> std::io::Result<()> {
+        wire::write(packet, self.version, &mut self.out);
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.io.write_all(&self.out).await;
+        self.out.clear();
+        result
+    }
+}
+
+/// How a session's serving ended.
+enum End {
+    /// The client sent DISCONNECT: answers may still be written.
+    Closed,
+    /// The connection broke or closed: nothing more can be written.
+    Gone,
+    /// The server ends it, saying why (v5).
+    Goodbye(Goodbye, String),
+}
+
+impl End {
+    fn writes(&self) -> bool {
+        !matches!(self, Self::Gone)
+    }
+}
+
+/// An answer owed to a PUBLISH, in arrival order.
+struct Pending {
+    /// `None` for QoS 0, which gets no PUBACK.
+    pkid: Option<u16>,
+    answer: Answer,
+}
+
+enum Answer {
+    /// Decided without the database: a refusal (v5 only).
+    Refused(PubRefusal, String),
+    /// Waits for the batch's group commit.
+    Commit {
+        receipt: Receipt,
+        /// Readings the batch brought and those validation rejected, by
+        /// reason, for the counters once it is answered.
+        report: crate::domain::reading::BatchReport,
+    },
+}
+
+struct Session {
+    device: DeviceKey,
+    stream: DeviceStream,
+    credential: Option<CredentialWatch>,
+    pending: VecDeque<Pending>,
+    shared: Arc<Shared>,
+    keep_alive: Option<Duration>,
+}
+
+/// Why a publication is refused, before the database.
+enum Refused {
+    Topic(TopicError),
+    Payload(String),
+}
+
+impl Session {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
+        let max_packet = self.shared.settings.max_packet_bytes;
+        let receive_maximum = usize::from(self.shared.settings.receive_maximum.max(1));
+        let mut heard = Instant::now();
+        loop {
+            // Packets already read go first, as long as there is room.
+            if self.pending.len() < receive_maximum {
+                match conn.next_packet(max_packet) {
+                    Ok(Some(packet)) => {
+                        heard = Instant::now();
+                        match self.handle(packet, conn, shutdown).await {
+                            Ok(()) => continue,
+                            Err(end) => return end,
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => return self.unreadable(error),
+                }
+            }
+            let silent_until = self.keep_alive.map(|k| heard + k);
+            let room = self.pending.len() < receive_maximum;
+            tokio::select! {
+                biased;
+                () = stopping(shutdown) => {
+                    return End::Goodbye(Goodbye::ServerShuttingDown, "the server is shutting down; reconnect to another or later".into());
+                }
+                ended = until_ended(&mut self.credential) => {
+                    return End::Goodbye(Goodbye::NotAuthorized, format!("credential revoked: {ended}"));
+                }
+                answered = oldest_answer(&mut self.pending) => {
+                    let pending = self.pending.pop_front().expect("answered");
+                    if let Err(end) = self.answer(pending, answered, conn).await {
+                        return end;
+                    }
+                }
+                read = conn.io.read_buf(&mut conn.buf), if room => match read {
+                    Ok(0) | Err(_) => return End::Gone,
+                    Ok(_) => {}
+                },
+                () = sleep_until(silent_until) => {
+                    return End::Goodbye(Goodbye::KeepAliveTimeout, "nothing heard within one and a half keep-alive periods".into());
+                }
+            }
+        }
+    }
+
+    fn unreadable(&self, error: ReadError) -> End {
+        let (reason, why) = match error {
+            ReadError::TooLarge { .. } => ("packet_too_large", Goodbye::PacketTooLarge),
+            _ => ("malformed_packet", Goodbye::MalformedPacket),
+        };
+        refuse(&self.shared.metrics, reason);
+        End::Goodbye(why, error.to_string())
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        packet: Inbound,
+        conn: &mut Conn<S>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        match packet {
+            Inbound::Publish(publish) => self.publish(publish, conn.version, shutdown).await,
+            Inbound::Subscribe { pkid, filters } => {
+                refuse(&self.shared.metrics, "subscribe");
+                let reason = "this server takes readings over MQTT; it does not serve subscriptions yet (commands go over gRPC's Ingest.Control)".to_string();
+                send(
+                    conn,
+                    &Outbound::SubAckRefused {
+                        pkid,
+                        filters: filters.len(),
+                        reason,
+                    },
+                )
+                .await
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                send(conn, &Outbound::UnsubAck { pkid, filters }).await
+            }
+            Inbound::PingReq => send(conn, &Outbound::PingResp).await,
+            Inbound::Disconnect => Err(End::Closed),
+            Inbound::Answer(name) => {
+                refuse(&self.shared.metrics, "protocol_error");
+                Err(End::Goodbye(
+                    Goodbye::ProtocolError,
+                    format!("{name} answers nothing: this server has published nothing"),
+                ))
+            }
+            Inbound::Unexpected(what) => {
+                refuse(&self.shared.metrics, "protocol_error");
+                Err(End::Goodbye(
+                    Goodbye::ProtocolError,
+                    format!("{what} is not expected here"),
+                ))
+            }
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        publish: Publish,
+        version: Version,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        let metrics = self.shared.metrics.clone();
+        if publish.qos > 1 {
+            refuse(&metrics, "qos2");
+            return Err(End::Goodbye(
+                Goodbye::QosNotSupported,
+                "QoS 2 is not offered (the CONNACK says Maximum QoS 1): publish at QoS 1; the batch's seq already makes a resend stored once".into(),
+            ));
+        }
+        let pkid = (publish.qos == 1).then_some(publish.pkid);
+        let batch = match self.batch_of(&publish) {
+            Ok(batch) => batch,
+            Err(refused) => {
+                let (reason, code, why, message) = match refused {
+                    Refused::Topic(e @ TopicError::NotOwn { .. }) => (
+                        "topic_not_own",
+                        PubRefusal::NotAuthorized,
+                        Goodbye::NotAuthorized,
+                        e.to_string(),
+                    ),
+                    Refused::Topic(e @ TopicError::Unknown { .. }) => (
+                        "topic_unknown",
+                        PubRefusal::TopicNameInvalid,
+                        Goodbye::TopicNameInvalid,
+                        e.to_string(),
+                    ),
+                    Refused::Payload(message) => (
+                        "payload_invalid",
+                        PubRefusal::PayloadFormatInvalid,
+                        Goodbye::PayloadFormatInvalid,
+                        message,
+                    ),
+                };
+                refuse(&metrics, reason);
+                tracing::info!(topic = %publish.topic, %message, "MQTT publication refused");
+                // Only a v5 QoS 1 PUBLISH can be refused alone; otherwise the
+                // session ends, which a client notices and logs.
+                return match (version, pkid) {
+                    (Version::V5, Some(pkid)) => {
+                        self.pending.push_back(Pending {
+                            pkid: Some(pkid),
+                            answer: Answer::Refused(code, message),
+                        });
+                        Ok(())
+                    }
+                    _ => Err(End::Goodbye(why, message)),
+                };
+            }
+        };
+        let readings = batch.row_count() as u64;
+        let received = batch.report.accepted + batch.report.rejected();
+        // Room in the server's budget first, the socket unread meanwhile.
+        let admitted = tokio::select! {
+            biased;
+            () = stopping(shutdown) => return Err(End::Goodbye(Goodbye::ServerShuttingDown, "the server is shutting down".into())),
+            admitted = self.shared.pipeline.budget.admit(readings) => admitted,
+        };
+        let span = tracing::debug_span!("batch", sequence = batch.sequence, readings);
+        let receipt = self
+            .stream
+            .submit(batch.sequence, batch.series, admitted, &span)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "the writer refused a batch");
+                End::Goodbye(
+                    Goodbye::UnspecifiedError,
+                    "the server could not take the batch; publish it again".into(),
+                )
+            })?;
+        self.pending.push_back(Pending {
+            pkid,
+            answer: Answer::Commit {
+                receipt,
+                report: batch.report,
+            },
+        });
+        // Over its rate the device waits here, its socket unread.
+        let hold = self.stream.hold_for(received);
+        if !hold.is_zero() {
+            tokio::select! {
+                biased;
+                () = stopping(shutdown) => return Err(End::Goodbye(Goodbye::ServerShuttingDown, "the server is shutting down".into())),
+                () = tokio::time::sleep(hold) => {}
+            }
+            metrics.upload_throttled_seconds.inc_by(hold.as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// The validated batch a publication carries, or why it has none.
+    fn batch_of(
+        &self,
+        publish: &Publish,
+    ) -> Result<crate::domain::reading::ValidatedBatch, Refused> {
+        let encoding = payload::readings_topic(
+            &publish.topic,
+            &self.device.id,
+            publish.content_type.as_deref(),
+        )
+        .map_err(Refused::Topic)?;
+        let limits = &self.shared.pipeline.limits;
+        let raw = payload::decode(
+            &publish.payload,
+            encoding,
+            publish.seq_property.as_deref(),
+            limits.max_batch_series,
+        )
+        .map_err(|e: PayloadError| Refused::Payload(e.to_string()))?;
+        if raw.series.len() > limits.max_batch_series {
+            return Err(Refused::Payload(format!(
+                "the batch has more than {} series, the server's limit per batch (--max-batch-series)",
+                limits.max_batch_series
+            )));
+        }
+        validate_batch(raw.sequence, raw.series, limits, now_unix_nanos())
+            .map_err(|e| Refused::Payload(e.to_string()))
+    }
+
+    /// Writes the answer to the oldest PUBLISH and counts what became of it.
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        pending: Pending,
+        answered: Option<crate::pipeline::CommitResult>,
+        conn: &mut Conn<S>,
+    ) -> Result<(), End> {
+        let metrics = &self.shared.metrics;
+        let refused = match (pending.answer, answered) {
+            (Answer::Refused(code, reason), _) => Some((code, reason)),
+            (Answer::Commit { report, .. }, Some(Ok(outcome))) => {
+                count(metrics, &report, &outcome);
+                None
+            }
+            (Answer::Commit { report, .. }, _) => {
+                metrics.batch("failed");
+                metrics.reading(
+                    "rejected",
+                    "commit_failed",
+                    report.accepted + report.rejected(),
+                );
+                // Not acknowledged: the client publishes it again on its
+                // next connection, as MQTT has it do.
+                return Err(End::Goodbye(
+                    Goodbye::UnspecifiedError,
+                    "a batch could not be committed; publish it again".into(),
+                ));
+            }
+        };
+        let Some(pkid) = pending.pkid else {
+            return Ok(());
+        };
+        let (refused, reason) = match refused {
+            Some((code, reason)) => (Some(code), Some(reason)),
+            None => (None, None),
+        };
+        send(
+            conn,
+            &Outbound::PubAck {
+                pkid,
+                refused,
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Waits for every pending answer, writing each while `writes`.
+    async fn settle_all<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        mut writes: bool,
+    ) -> Result<(), End> {
+        let mut result = Ok(());
+        while !self.pending.is_empty() {
+            let answered = oldest_answer(&mut self.pending).await;
+            let pending = self.pending.pop_front().expect("answered");
+            if !writes {
+                // Counted all the same.
+                if let (Answer::Commit { report, .. }, Some(Ok(outcome))) =
+                    (&pending.answer, &answered)
+                {
+                    count(&self.shared.metrics, report, outcome);
+                }
+                continue;
+            }
+            if let Err(end) = self.answer(pending, answered, conn).await {
+                writes = false;
+                result = Err(end);
+            }
+        }
+        result
+    }
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    packet: &Outbound,
+) -> Result<(), End> {
+    conn.send(packet).await.map_err(|_| End::Gone)
+}
+
+/// Resolves with the oldest pending answer (`None` if its writer went
+/// away); pending while there is none.
+async fn oldest_answer(pending: &mut VecDeque<Pending>) -> Option<crate::pipeline::CommitResult> {
+    match pending.front_mut() {
+        Some(Pending {
+            answer: Answer::Commit { receipt, .. },
+            ..
+        }) => receipt.await.ok(),
+        Some(Pending {
+            answer: Answer::Refused(..),
+            ..
+        }) => None,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the server begins shutting down. Its guard is dropped
+/// inside, which keeps a session's future `Send`.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts a committed or duplicate batch as the gRPC upload does.
+fn count(metrics: &Metrics, report: &crate::domain::reading::BatchReport, outcome: &BatchOutcome) {
+    match outcome {
+        BatchOutcome::Committed { refused_series, .. } => {
+            let mut report = report.clone();
+            if !refused_series.is_empty() {
+                report.refuse_series(refused_series, RejectReason::TooManySensors);
+            }
+            metrics.batch("committed");
+            metrics.reading("committed", "", report.accepted);
+            for reason in RejectReason::ALL {
+                metrics.reading("rejected", reason.name(), report.rejected_for(reason));
+            }
+        }
+        BatchOutcome::Duplicate { .. } => {
+            metrics.batch("duplicate");
+            metrics.reading("duplicate", "", report.accepted + report.rejected());
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! The MQTT listener with real clients: rumqttc (3.1.1 and 5) and, where
+//! installed, mosquitto_pub. A PUBACK means committed; a resend is stored
+//! once; a device publishes only as itself.
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Packet as V5Packet, PubAckReason, PublishProperties,
+};
+use rumqttc::v5::{AsyncClient as V5Client, Event as V5Event, MqttOptions as V5Options};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use crate::common::{Backend, TestServer, eventually, now_nanos};
+
+backend_tests!(
+    a_puback_means_committed_on_both_versions,
+    a_resent_batch_is_acknowledged_and_stored_once,
+    a_batch_that_cannot_commit_is_never_acknowledged,
+    a_device_publishes_only_as_itself,
+    bad_payloads_are_refused_with_a_reason,
+    qos0_and_protobuf_are_stored_too,
+    mosquitto_pub_publishes_readings,
+);
+
+/// Our readings JSON: `n` readings of one sensor, a millisecond apart.
+fn json_batch(seq: u64, n: usize) -> String {
+    let start = now_nanos() - 60_000_000_000 + seq * 1_000_000_000;
+    let t: Vec<String> = (0..n)
+        .map(|i| (start + i as u64 * 1_000_000).to_string())
+        .collect();
+    let v: Vec<String> = (0..n).map(|i| format!("{}.5", 20 + i)).collect();
+    format!(
+        r#"{{"seq":{seq},"series":[{{"sensor":"temperature","unit":"Cel","t":[{}],"v":[{}]}}]}}"#,
+        t.join(","),
+        v.join(",")
+    )
+}
+
+/// A client session: its client, and what the server sent (or how the
+/// connection ended), in order.
+struct Session<C, P> {
+    client: C,
+    incoming: mpsc::UnboundedReceiver<Result<P, String>>,
+}
+
+type V311 = Session<AsyncClient, Packet>;
+type V5 = Session<V5Client, V5Packet>;
+
+/// Polls a rumqttc event loop (either version) into a channel until the
+/// connection ends.
+macro_rules! forward_incoming {
+    ($eventloop:ident, $event:ident) => {{
+        let (tx, incoming) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let next = match $eventloop.poll().await {
+                    Ok($event::Incoming(packet)) => Ok(packet),
+                    Ok($event::Outgoing(_)) => continue,
+                    Err(e) => Err(e.to_string()),
+                };
+                let ended = next.is_err();
+                if tx.send(next).is_err() || ended {
+                    return;
+                }
+            }
+        });
+        incoming
+    }};
+}
+
+async fn connect_v311(server: &TestServer, client_id: &str, user: &str, password: &str) -> V311 {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", server.mqtt_addr.port());
+    options.set_credentials(user, password);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let incoming = forward_incoming!(eventloop, Event);
+    Session { client, incoming }
+}
+
+async fn connect_v5(server: &TestServer, client_id: &str, user: &str, password: &str) -> V5 {
+    let mut options = V5Options::new(client_id, "127.0.0.1", server.mqtt_addr.port());
+    options.set_credentials(user, password);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = V5Client::new(options, 64);
+    let incoming = forward_incoming!(eventloop, V5Event);
+    Session { client, incoming }
+}
+
+impl<C, P> Session<C, P> {
+    async fn next(&mut self) -> Result<P, String> {
+        tokio::time::timeout(Duration::from_secs(10), self.incoming.recv())
+            .await
+            .expect("something from the server within 10 s")
+            .unwrap_or_else(|| Err("event loop ended".into()))
+    }
+}
+
+impl V311 {
+    async fn expect_connack(&mut self) {
+        match self.next().await {
+            Ok(Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn expect_puback(&mut self) -> u16 {
+        match self.next().await {
+            Ok(Packet::PubAck(ack)) => ack.pkid,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+}
+
+impl V5 {
+    /// Publishes at QoS 1 and waits for the PUBACK's reason and text.
+    async fn publish(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> (PubAckReason, Option<String>) {
+        self.client
+            .publish(topic, Q5::AtLeastOnce, false, payload.into())
+            .await
+            .unwrap();
+        self.expect_puback().await
+    }
+
+    async fn expect_connack(&mut self) {
+        match self.next().await {
+            Ok(V5Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, ConnectReturnCode::Success);
+                let properties = ack.properties.expect("CONNACK properties");
+                assert_eq!(properties.max_qos, Some(1), "QoS 2 is not offered");
+                assert!(properties.receive_max.is_some_and(|r| r > 0));
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn expect_puback(&mut self) -> (PubAckReason, Option<String>) {
+        match self.next().await {
+            Ok(V5Packet::PubAck(ack)) => (ack.reason, ack.properties.and_then(|p| p.reason_string)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+}
+
+async fn a_puback_means_committed_on_both_versions(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-311").await;
+    let mut old = connect_v311(&server, "mq-311", "mq-311", &token).await;
+    old.expect_connack().await;
+    for seq in 1..=5u64 {
+        old.client
+            .publish(
+                "devices/mq-311/readings",
+                QoS::AtLeastOnce,
+                false,
+                json_batch(seq, 10),
+            )
+            .await
+            .unwrap();
+        old.expect_puback().await;
+        // Acknowledged, so committed: every batch so far is there now.
+        assert_eq!(
+            server.storage.count_readings().await,
+            seq as i64 * 10,
+            "after the PUBACK of batch {seq}"
+        );
+    }
+
+    let token = server.register("mq-5").await;
+    let mut new = connect_v5(&server, "mq-5", "mq-5", &token).await;
+    new.expect_connack().await;
+    for seq in 1..=5u64 {
+        assert_eq!(
+            new.publish("devices/mq-5/readings", json_batch(seq, 10))
+                .await
+                .0,
+            PubAckReason::Success
+        );
+        assert_eq!(server.storage.count_readings().await, 50 + seq as i64 * 10);
+    }
+    // The device's mark is the gRPC one: an upload resumes after batch 5.
+    assert_eq!(server.device("mq-5").await.committed_sequence, 5);
+}
+
+async fn a_resent_batch_is_acknowledged_and_stored_once(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-dup").await;
+    let mut device = connect_v5(&server, "mq-dup", "mq-dup", &token).await;
+    device.expect_connack().await;
+    let batch = json_batch(1, 7);
+    for _ in 0..3 {
+        assert_eq!(
+            device
+                .publish("devices/mq-dup/readings", batch.clone())
+                .await
+                .0,
+            PubAckReason::Success
+        );
+    }
+    // Also as the user property, with the payload's seq left out.
+    let without_seq = batch.replacen(r#""seq":1,"#, "", 1);
+    device
+        .client
+        .publish_with_properties(
+            "devices/mq-dup/readings",
+            Q5::AtLeastOnce,
+            false,
+            without_seq,
+            PublishProperties {
+                user_properties: vec![("seq".into(), "1".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(device.expect_puback().await.0, PubAckReason::Success);
+    assert_eq!(server.storage.count_readings().await, 7);
+}
+
+async fn a_batch_that_cannot_commit_is_never_acknowledged(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-fail").await;
+    server.storage.install_insert_failure("readings").await;
+    server.storage.set_insert_failure(true).await;
+    let mut device = connect_v5(&server, "mq-fail", "mq-fail", &token).await;
+    device.expect_connack().await;
+    device
+        .client
+        .publish(
+            "devices/mq-fail/readings",
+            Q5::AtLeastOnce,
+            false,
+            json_batch(1, 5),
+        )
+        .await
+        .unwrap();
+    // No PUBACK: the server ends the session saying why, and the client
+    // keeps the PUBLISH to send again.
+    let ended = match device.next().await {
+        Ok(V5Packet::Disconnect(d)) => d
+            .properties
+            .and_then(|p| p.reason_string)
+            .unwrap_or_default(),
+        // rumqttc reports a server's DISCONNECT as the end of its loop.
+        Err(e) => e,
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    };
+    assert!(ended.contains("could not be committed"), "{ended}");
+    assert_eq!(server.storage.count_readings().await, 0);
+
+    // Once the database takes writes again, the resend is committed.
+    server.storage.set_insert_failure(false).await;
+    let mut again = connect_v5(&server, "mq-fail", "mq-fail", &token).await;
+    again.expect_connack().await;
+    assert_eq!(
+        again
+            .publish("devices/mq-fail/readings", json_batch(1, 5))
+            .await
+            .0,
+        PubAckReason::Success
+    );
+    assert_eq!(server.storage.count_readings().await, 5);
+}
+
+async fn a_device_publishes_only_as_itself(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let mine = server.register("mq-a").await;
+    let _theirs = server.register("mq-b").await;
+
+    // Refused at CONNECT: a wrong token, a username that is not the client
+    // id, a client id that is no device id.
+    for (client_id, user, password, code) in [
+        (
+            "mq-a",
+            "mq-a",
+            "not-the-token",
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+        (
+            "mq-a",
+            "mq-b",
+            mine.as_str(),
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+        (
+            "mq-b",
+            "mq-b",
+            mine.as_str(),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "a/b",
+            "a/b",
+            mine.as_str(),
+            ConnectReturnCode::ClientIdentifierNotValid,
+        ),
+    ] {
+        let mut refused = connect_v5(&server, client_id, user, password).await;
+        match refused.next().await {
+            Ok(V5Packet::ConnAck(ack)) => assert_eq!(ack.code, code, "{client_id}/{user}"),
+            Err(e) => assert!(e.contains(&format!("{code:?}")), "{client_id}/{user}: {e}"),
+            other => panic!("{client_id}/{user}: {other:?}"),
+        }
+    }
+    let mut old = connect_v311(&server, "mq-a", "mq-a", "not-the-token").await;
+    match old.next().await {
+        Err(e) => assert!(e.contains("BadUserNamePassword"), "{e}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // v5: another device's topic is refused by its PUBACK alone, and the
+    // session goes on.
+    let mut device = connect_v5(&server, "mq-a", "mq-a", &mine).await;
+    device.expect_connack().await;
+    let (reason, text) = device
+        .publish("devices/mq-b/readings", json_batch(1, 3))
+        .await;
+    assert_eq!(reason, PubAckReason::NotAuthorized);
+    assert!(text.unwrap_or_default().contains("its own topics"));
+    assert_eq!(
+        device
+            .publish("devices/mq-a/readings", json_batch(1, 3))
+            .await
+            .0,
+        PubAckReason::Success
+    );
+    assert_eq!(server.storage.count_readings().await, 3);
+    assert_eq!(server.device("mq-b").await.committed_sequence, 0);
+
+    // 3.1.1 has no refusing PUBACK: the session ends.
+    let mut old = connect_v311(&server, "mq-a", "mq-a", &mine).await;
+    old.expect_connack().await;
+    old.client
+        .publish(
+            "devices/mq-b/readings",
+            QoS::AtLeastOnce,
+            false,
+            json_batch(2, 3),
+        )
+        .await
+        .unwrap();
+    assert!(old.next().await.is_err(), "the session ends");
+    assert_eq!(server.storage.count_readings().await, 3);
+}
+
+async fn bad_payloads_are_refused_with_a_reason(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-bad").await;
+    let mut device = connect_v5(&server, "mq-bad", "mq-bad", &token).await;
+    device.expect_connack().await;
+    for (payload, expected) in [
+        ("not json".to_string(), "not our readings JSON"),
+        (r#"{"series":[]}"#.to_string(), "no batch sequence"),
+        (
+            r#"{"seq":1,"series":[{"sensor":"t","unit":"Cel","t":[1,2],"v":[1]}]}"#.to_string(),
+            "same length",
+        ),
+    ] {
+        let (reason, text) = device.publish("devices/mq-bad/readings", payload).await;
+        assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
+        let text = text.unwrap_or_default();
+        assert!(text.contains(expected), "{text}");
+    }
+    // An unknown topic under its own id.
+    assert_eq!(
+        device
+            .publish("devices/mq-bad/status", json_batch(1, 1))
+            .await
+            .0,
+        PubAckReason::TopicNameInvalid
+    );
+    assert_eq!(server.storage.count_readings().await, 0);
+    // The refusals are counted by reason.
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metrics.get(
+            "ingest_mqtt_refusals_total",
+            &[("reason", "payload_invalid")]
+        ),
+        Some(3.0)
+    );
+}
+
+async fn qos0_and_protobuf_are_stored_too(backend: Backend) {
+    use prost::Message;
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-pb").await;
+    let mut device = connect_v311(&server, "mq-pb", "mq-pb", &token).await;
+    device.expect_connack().await;
+    let batch = crate::common::simple_batch(1, 4);
+    device
+        .client
+        .publish(
+            "devices/mq-pb/readings/pb",
+            QoS::AtLeastOnce,
+            false,
+            batch.encode_to_vec(),
+        )
+        .await
+        .unwrap();
+    device.expect_puback().await;
+    assert_eq!(server.storage.count_readings().await, 4);
+    // QoS 0 gets no answer; it is stored all the same.
+    device
+        .client
+        .publish(
+            "devices/mq-pb/readings",
+            QoS::AtMostOnce,
+            false,
+            json_batch(2, 6),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the QoS 0 batch is stored",
+        Duration::from_secs(10),
+        async || server.storage.count_readings().await == 10,
+    )
+    .await;
+}
+
+/// Debian's mosquitto_pub, both protocol versions. Skipped (loudly) where it
+/// is not installed, unless REQUIRE_MOSQUITTO=1 (set by .ci/run).
+async fn mosquitto_pub_publishes_readings(backend: Backend) {
+    if std::process::Command::new("mosquitto_pub")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+            "REQUIRE_MOSQUITTO=1 but mosquitto_pub is not installed (apt-get install mosquitto-clients)"
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: mosquitto_pub is not installed (apt-get install mosquitto-clients)\n"
+        );
+        return;
+    }
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-cli").await;
+    for (seq, version) in [(1u64, "mqttv311"), (2, "mqttv5")] {
+        let output = tokio::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.mqtt_addr.port().to_string(),
+            ])
+            .args(["-i", "mq-cli", "-u", "mq-cli", "-P", &token])
+            .args(["-V", version, "-q", "1", "-t", "devices/mq-cli/readings"])
+            .args(["-m", &json_batch(seq, 3)])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // mosquitto_pub exits once its PUBACK came: committed by then.
+        assert_eq!(server.storage.count_readings().await, seq as i64 * 3);
+    }
+    let refused = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.mqtt_addr.port().to_string(),
+        ])
+        .args(["-i", "mq-cli", "-u", "mq-cli", "-P", "wrong"])
+        .args(["-V", "mqttv5", "-q", "1", "-t", "devices/mq-cli/readings"])
+        .args(["-m", &json_batch(3, 3)])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(server.storage.count_readings().await, 6);
+}
