@@ -236,6 +236,23 @@ impl CommandCenter {
         }
     }
 
+    /// Records that a command reached its device at `at`, off the
+    /// caller's path: the device need not wait for a commit to hear it.
+    /// Should the server stop before this lands, the command is still
+    /// queued and is delivered again with the same id, which a device
+    /// answers without applying it twice.
+    pub fn mark_sent(self: &Arc<Self>, command_id: u64, at: UnixNanos) {
+        let center = self.clone();
+        tokio::spawn(async move {
+            match center.store.mark_command_sent(command_id, at).await {
+                Ok(_) => center.changed(command_id, CommandState::Sent),
+                Err(error) => {
+                    tracing::error!(%error, command_id, "marking a command sent failed")
+                }
+            }
+        });
+    }
+
     pub(crate) fn changed(&self, command_id: u64, state: CommandState) {
         self.metrics
             .commands

@@ -50,6 +50,17 @@ pub enum OpenError {
     NotRecorded,
 }
 
+/// When a command counts as delivered (SENT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Once the session hands it to its stream (gRPC: HTTP/2 delivers it
+    /// or the stream breaks).
+    OnWrite,
+    /// When the caller says so with [`CommandCenter::mark_sent`] (MQTT: on
+    /// the device's PUBACK).
+    ByCaller,
+}
+
 /// Starts a session once the device has said hello.
 pub async fn open<S>(
     center: Arc<CommandCenter>,
@@ -57,6 +68,7 @@ pub async fn open<S>(
     mut incoming: S,
     shutdown: watch::Receiver<bool>,
     credential: Option<CredentialWatch>,
+    delivery: Delivery,
 ) -> Result<mpsc::Receiver<Outgoing>, OpenError>
 where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin + Send + 'static,
@@ -125,6 +137,7 @@ where
     tokio::spawn(
         run(
             center, device, ticket, incoming, wake, end, last_seen, tx, shutdown, credential,
+            delivery,
         )
         .in_current_span(),
     );
@@ -143,6 +156,7 @@ async fn run<S>(
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
     mut credential: Option<CredentialWatch>,
+    delivery: Delivery,
 ) where
     S: Stream<Item = Result<pb::DeviceMessage, tonic::Status>> + Unpin,
 {
@@ -171,7 +185,7 @@ async fn run<S>(
             // life waiting, and its task would otherwise be as large as
             // the largest database call it ever makes.
             () = wake.notified() => {
-                if !Box::pin(deliver(&center, &device, &stale, &tx, &mut written)).await {
+                if !Box::pin(deliver(&center, &device, &stale, &tx, &mut written, delivery)).await {
                     break None;
                 }
             }
@@ -236,6 +250,7 @@ async fn deliver(
     superseded: &watch::Receiver<Option<SessionEnd>>,
     tx: &mpsc::Sender<Outgoing>,
     written: &mut HashSet<u64>,
+    delivery: Delivery,
 ) -> bool {
     let commands = match center
         .store
@@ -271,21 +286,12 @@ async fn deliver(
             return false;
         }
         // Recorded after the write and beside the session, off the
-        // command's critical path: the device need not wait for a commit to
-        // hear it, and its acknowledgement need not wait behind this one
-        // (an acknowledgement recorded first keeps its state; the delivery
-        // time is filled in). Should the server stop before this lands, the
-        // command is still queued and is delivered again with the same id,
-        // which a device answers without applying it twice.
-        let center = center.clone();
-        tokio::spawn(async move {
-            match center.store.mark_command_sent(id, now).await {
-                Ok(_) => center.changed(id, CommandState::Sent),
-                Err(error) => {
-                    tracing::error!(%error, command_id = id, "marking a command sent failed")
-                }
-            }
-        });
+        // command's critical path; its acknowledgement need not wait behind
+        // this one (an acknowledgement recorded first keeps its state; the
+        // delivery time is filled in).
+        if delivery == Delivery::OnWrite {
+            center.mark_sent(id, now);
+        }
     }
     true
 }
@@ -325,33 +331,44 @@ async fn handle(
                 pb::CommandAckState::Failed => CommandState::Failed,
                 pb::CommandAckState::Unspecified => return Ok(()),
             };
-            match center
-                .store
-                .ack_command(
-                    device.pk,
-                    ack.command_id,
-                    state,
-                    detail.as_str(),
-                    now_unix_nanos(),
-                )
-                .await
-            {
-                Ok(Some(command)) => {
-                    tracing::info!(
-                        command_id = command.command_id,
-                        state = state.as_str(),
-                        "command acknowledged"
-                    );
-                    center.changed(command.command_id, command.state);
-                }
-                // Not this device's command, or already final: ignored, so
-                // a device can never settle another device's command.
-                Ok(None) => {
-                    tracing::warn!(device = %device.id, command_id = ack.command_id, "acknowledgement ignored")
-                }
-                Err(error) => tracing::error!(%error, "recording an acknowledgement failed"),
-            }
+            acknowledge(center, device, ack.command_id, state, detail.as_str()).await;
         }
     }
     Ok(())
+}
+
+/// Records a device's acknowledgement of one of its commands. Not this
+/// device's command, or one already final, is ignored, so a device can
+/// never settle another device's command. False only if it could not be
+/// recorded (the cause is logged): the device should send it again.
+pub async fn acknowledge(
+    center: &CommandCenter,
+    device: &DeviceKey,
+    command_id: u64,
+    state: CommandState,
+    detail: &str,
+) -> bool {
+    match center
+        .store
+        .ack_command(device.pk, command_id, state, detail, now_unix_nanos())
+        .await
+    {
+        Ok(Some(command)) => {
+            tracing::info!(
+                command_id = command.command_id,
+                state = state.as_str(),
+                "command acknowledged"
+            );
+            center.changed(command.command_id, command.state);
+            true
+        }
+        Ok(None) => {
+            tracing::warn!(device = %device.id, command_id, "acknowledgement ignored");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "recording an acknowledgement failed");
+            false
+        }
+    }
 }

@@ -16,7 +16,7 @@ use super::command_messages::command_to_pb;
 use super::{convert, status};
 use crate::auth::{self, CredentialWatch};
 use crate::control::CommandCenter;
-use crate::control::session::{self, Outgoing};
+use crate::control::session::{self, Delivery, Outgoing};
 use crate::domain::{DeviceKey, UploadTally};
 use crate::observability;
 use crate::pipeline::{Pipeline, UploadFailure, upload};
@@ -171,6 +171,7 @@ impl IngestService {
             request.into_inner(),
             self.0.shutdown.clone(),
             credential,
+            Delivery::OnWrite,
         )
         .await?;
         let stream = ReceiverStream::new(outgoing).map(|out| match out {

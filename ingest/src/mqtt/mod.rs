@@ -6,12 +6,16 @@
 //!   codec underneath);
 //! - [`payload`]: the topics a device may publish to, and its JSON or
 //!   protobuf payload as a batch;
+//! - [`commands`]: commands over MQTT: topics, the command as JSON, the
+//!   device's result;
 //! - [`session`]: one connection: CONNECT and authentication, PUBLISHes
-//!   into the pipeline, PUBACKs in order once committed.
+//!   into the pipeline, PUBACKs in order once committed; commands from the
+//!   device's Control session out, their PUBACKs and results in.
 //!
 //! Why a codec and our own sessions rather than an MQTT framework is in
 //! `docs/architecture.md` ("The MQTT listener").
 
+pub mod commands;
 pub mod payload;
 mod session;
 pub mod wire;
@@ -23,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::auth::Credentials;
+use crate::control::CommandCenter;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -56,6 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     pipeline: Pipeline,
     credentials: Arc<Credentials>,
+    control: Arc<CommandCenter>,
     settings: MqttSettings,
     metrics: Arc<Metrics>,
 ) {
@@ -63,6 +69,7 @@ pub async fn serve(
     let shared = Arc::new(session::Shared {
         pipeline,
         credentials,
+        control,
         settings,
         metrics,
     });

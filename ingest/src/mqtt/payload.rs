@@ -24,6 +24,14 @@ pub enum Encoding {
     Protobuf,
 }
 
+/// What a device's publication is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Readings(Encoding),
+    /// The result of one of its commands (see `commands`).
+    CommandResult(u64),
+}
+
 /// Why a PUBLISH's topic is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
@@ -32,18 +40,18 @@ pub enum TopicError {
     )]
     NotOwn { own: String, topic: String },
     #[error(
-        "{topic:?} is not a topic this server takes: publish readings to devices/{own}/readings (JSON) or devices/{own}/readings/pb (protobuf)"
+        "{topic:?} is not a topic this server takes: publish readings to devices/{own}/readings (JSON) or devices/{own}/readings/pb (protobuf), a command's result to devices/{own}/commands/{{command_id}}/result"
     )]
     Unknown { own: String, topic: String },
 }
 
-/// The encoding a device's publication to `topic` is in, or why it may not
-/// publish there.
-pub fn readings_topic(
+/// What a device's publication to `topic` is, or why it may not publish
+/// there.
+pub fn publish_topic(
     topic: &str,
     device: &DeviceId,
     content_type: Option<&str>,
-) -> Result<Encoding, TopicError> {
+) -> Result<Topic, TopicError> {
     let own = device.as_str();
     let Some(rest) = topic
         .strip_prefix("devices/")
@@ -56,13 +64,17 @@ pub fn readings_topic(
         });
     };
     match rest {
-        "readings" if content_type == Some(PROTOBUF_CONTENT_TYPE) => Ok(Encoding::Protobuf),
-        "readings" => Ok(Encoding::Json),
-        "readings/pb" => Ok(Encoding::Protobuf),
-        _ => Err(TopicError::Unknown {
-            own: own.to_owned(),
-            topic: topic.to_owned(),
-        }),
+        "readings" if content_type == Some(PROTOBUF_CONTENT_TYPE) => {
+            Ok(Topic::Readings(Encoding::Protobuf))
+        }
+        "readings" => Ok(Topic::Readings(Encoding::Json)),
+        "readings/pb" => Ok(Topic::Readings(Encoding::Protobuf)),
+        _ => super::commands::result_topic(rest)
+            .map(Topic::CommandResult)
+            .ok_or_else(|| TopicError::Unknown {
+                own: own.to_owned(),
+                topic: topic.to_owned(),
+            }),
     }
 }
 
@@ -168,16 +180,16 @@ mod tests {
     fn a_device_publishes_only_its_own_readings_topics() {
         let d = device();
         assert_eq!(
-            readings_topic("devices/dev-1/readings", &d, None),
-            Ok(Encoding::Json)
+            publish_topic("devices/dev-1/readings", &d, None),
+            Ok(Topic::Readings(Encoding::Json))
         );
         assert_eq!(
-            readings_topic("devices/dev-1/readings", &d, Some(PROTOBUF_CONTENT_TYPE)),
-            Ok(Encoding::Protobuf)
+            publish_topic("devices/dev-1/readings", &d, Some(PROTOBUF_CONTENT_TYPE)),
+            Ok(Topic::Readings(Encoding::Protobuf))
         );
         assert_eq!(
-            readings_topic("devices/dev-1/readings/pb", &d, None),
-            Ok(Encoding::Protobuf)
+            publish_topic("devices/dev-1/readings/pb", &d, None),
+            Ok(Topic::Readings(Encoding::Protobuf))
         );
         for other in [
             "devices/dev-2/readings",
@@ -188,16 +200,20 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    readings_topic(other, &d, None),
+                    publish_topic(other, &d, None),
                     Err(TopicError::NotOwn { .. })
                 ),
                 "{other}"
             );
         }
         assert!(matches!(
-            readings_topic("devices/dev-1/status", &d, None),
+            publish_topic("devices/dev-1/status", &d, None),
             Err(TopicError::Unknown { .. })
         ));
+        assert_eq!(
+            publish_topic("devices/dev-1/commands/9/result", &d, None),
+            Ok(Topic::CommandResult(9))
+        );
     }
 
     #[test]

@@ -7,32 +7,42 @@
 //! server's Receive Maximum, the socket is not read, so TCP flow control
 //! holds the device back instead of the server buffering for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use telemetry_proto::v1 as pb;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::MqttSettings;
-use super::payload::{self, PayloadError, TopicError};
+use super::commands;
+use super::payload::{self, PayloadError, Topic, TopicError};
 use super::wire::{
     self, Connect, Goodbye, Inbound, Outbound, PubRefusal, Publish, ReadError, Refusal, Version,
 };
 use crate::auth::{AuthFailure, CredentialWatch, Credentials, until_ended};
-use crate::domain::reading::validate_batch;
+use crate::control::CommandCenter;
+use crate::control::center::SessionEnd;
+use crate::control::session::{self as control, Delivery, Outgoing};
+use crate::domain::command::CommandState;
+use crate::domain::reading::{BatchReport, ValidatedBatch, validate_batch};
 use crate::domain::time::now_unix_nanos;
 use crate::domain::{DeviceId, DeviceKey, RejectReason, TokenHash};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::pipeline::{BatchOutcome, DeviceStream, Pipeline, Receipt};
+use crate::pipeline::{BatchOutcome, CommitResult, DeviceStream, Pipeline, Receipt};
+use crate::storage::commands::CommandRecord;
 
 /// What every MQTT session shares.
 pub struct Shared {
     pub pipeline: Pipeline,
     pub credentials: Arc<Credentials>,
+    /// Commands and presence: each session is the device's Control session.
+    pub control: Arc<CommandCenter>,
     pub settings: MqttSettings,
     pub metrics: Arc<Metrics>,
 }
@@ -84,6 +94,37 @@ where
             return;
         }
     };
+    // The device's Control session, as a gRPC Control stream would open
+    // it: presence, and its commands. Its input carries only the hello;
+    // dropping it (with this session) ends the Control session.
+    let (control_in, control_input) = mpsc::channel(1);
+    let _ = control_in.try_send(Ok(pb::DeviceMessage {
+        msg: Some(pb::device_message::Msg::Hello(pb::DeviceHello::default())),
+    }));
+    let commands = match control::open(
+        shared.control.clone(),
+        device.clone(),
+        ReceiverStream::new(control_input),
+        shutdown.clone(),
+        None,
+        Delivery::ByCaller,
+    )
+    .await
+    {
+        Ok(commands) => commands,
+        Err(error) => {
+            tracing::warn!(%peer, device = %device.id, %error, "MQTT connection refused: its session could not be recorded");
+            let reason = Some("the server cannot record the session now; retry".into());
+            let _ = conn
+                .send(&connack(
+                    Some(Refusal::ServerUnavailable),
+                    &shared.settings,
+                    reason,
+                ))
+                .await;
+            return;
+        }
+    };
     if conn
         .send(&connack(None, &shared.settings, None))
         .await
@@ -93,6 +134,7 @@ where
     }
     let span = tracing::info_span!("mqtt", device = %device.id, version = conn.version.name());
     let keep_alive = connect.keep_alive;
+    let receive_maximum = connect.receive_maximum;
     async move {
         tracing::debug!(%peer, keep_alive, "MQTT session open");
         let _open = shared.metrics.stream("mqtt");
@@ -101,6 +143,13 @@ where
             device,
             credential: Some(watch),
             pending: VecDeque::new(),
+            commands,
+            _control_in: control_in,
+            subscribed: false,
+            held: VecDeque::new(),
+            outbound: HashMap::new(),
+            next_pkid: 0,
+            outbound_max: usize::from(receive_maximum.unwrap_or(u16::MAX)).min(OUTBOUND_MAX),
             shared: shared.clone(),
             // MQTT's keep alive: the server may close a connection silent
             // for one and a half times it.
@@ -267,6 +316,10 @@ impl End {
     }
 }
 
+/// Commands published and not yet acknowledged, at most (fewer if the
+/// client's Receive Maximum says so).
+const OUTBOUND_MAX: usize = 16;
+
 /// An answer owed to a PUBLISH, in arrival order.
 struct Pending {
     /// `None` for QoS 0, which gets no PUBACK.
@@ -277,12 +330,14 @@ struct Pending {
 enum Answer {
     /// Decided without the database: a refusal (v5 only).
     Refused(PubRefusal, String),
+    /// Done already (a command's result, recorded).
+    Done,
     /// Waits for the batch's group commit.
     Commit {
         receipt: Receipt,
         /// Readings the batch brought and those validation rejected, by
         /// reason, for the counters once it is answered.
-        report: crate::domain::reading::BatchReport,
+        report: BatchReport,
     },
 }
 
@@ -291,6 +346,18 @@ struct Session {
     stream: DeviceStream,
     credential: Option<CredentialWatch>,
     pending: VecDeque<Pending>,
+    /// The device's commands, from its Control session.
+    commands: mpsc::Receiver<Outgoing>,
+    /// Held so the Control session lasts as long as this one.
+    _control_in: mpsc::Sender<Result<pb::DeviceMessage, tonic::Status>>,
+    /// Whether the device subscribed to its command topic.
+    subscribed: bool,
+    /// Commands to publish once subscribed and within `outbound_max`.
+    held: VecDeque<CommandRecord>,
+    /// Commands published, by packet id, until the device's PUBACK.
+    outbound: HashMap<u16, u64>,
+    next_pkid: u16,
+    outbound_max: usize,
     shared: Arc<Shared>,
     keep_alive: Option<Duration>,
 }
@@ -299,6 +366,16 @@ struct Session {
 enum Refused {
     Topic(TopicError),
     Payload(String),
+}
+
+/// What a publication carries.
+enum Publication {
+    Batch(ValidatedBatch),
+    CommandResult {
+        command_id: u64,
+        state: CommandState,
+        detail: String,
+    },
 }
 
 impl Session {
@@ -341,6 +418,16 @@ impl Session {
                         return end;
                     }
                 }
+                out = self.commands.recv() => match out {
+                    Some(Outgoing::Command(command)) => {
+                        self.held.push_back(*command);
+                        if let Err(end) = self.publish_commands(conn).await {
+                            return end;
+                        }
+                    }
+                    Some(Outgoing::End(end)) => return control_ended(*end),
+                    None => return End::Goodbye(Goodbye::UnspecifiedError, "the device's command session ended; reconnect".into()),
+                },
                 read = conn.io.read_buf(&mut conn.buf), if room => match read {
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(_) => {}
@@ -370,20 +457,50 @@ impl Session {
         match packet {
             Inbound::Publish(publish) => self.publish(publish, conn.version, shutdown).await,
             Inbound::Subscribe { pkid, filters } => {
-                refuse(&self.shared.metrics, "subscribe");
-                let reason = "this server takes readings over MQTT; it does not serve subscriptions yet (commands go over gRPC's Ingest.Control)".to_string();
+                let device = &self.device.id;
+                let granted: Vec<Option<u8>> = filters
+                    .iter()
+                    .map(|(filter, qos)| {
+                        commands::is_command_filter(filter, device).then_some((*qos).min(1))
+                    })
+                    .collect();
+                let refused = granted.iter().any(Option::is_none);
+                if refused {
+                    refuse(&self.shared.metrics, "subscribe_not_own");
+                }
+                self.subscribed |= granted.iter().any(Option::is_some);
+                let reason = refused.then(|| {
+                    format!("a device subscribes only to its commands, devices/{device}/commands/+")
+                });
                 send(
                     conn,
-                    &Outbound::SubAckRefused {
+                    &Outbound::SubAck {
                         pkid,
-                        filters: filters.len(),
+                        granted,
                         reason,
                     },
                 )
-                .await
+                .await?;
+                self.publish_commands(conn).await
             }
             Inbound::Unsubscribe { pkid, filters } => {
+                if filters
+                    .iter()
+                    .any(|f| commands::is_command_filter(f, &self.device.id))
+                {
+                    self.subscribed = false;
+                }
+                let filters = filters.len();
                 send(conn, &Outbound::UnsubAck { pkid, filters }).await
+            }
+            Inbound::PubAck { pkid } => {
+                match self.outbound.remove(&pkid) {
+                    Some(command_id) => {
+                        self.shared.control.mark_sent(command_id, now_unix_nanos());
+                    }
+                    None => tracing::debug!(pkid, "PUBACK of nothing outstanding, ignored"),
+                }
+                self.publish_commands(conn).await
             }
             Inbound::PingReq => send(conn, &Outbound::PingResp).await,
             Inbound::Disconnect => Err(End::Closed),
@@ -391,7 +508,7 @@ impl Session {
                 refuse(&self.shared.metrics, "protocol_error");
                 Err(End::Goodbye(
                     Goodbye::ProtocolError,
-                    format!("{name} answers nothing: this server has published nothing"),
+                    format!("{name} is QoS 2's, which this server does not offer"),
                 ))
             }
             Inbound::Unexpected(what) => {
@@ -419,8 +536,8 @@ impl Session {
             ));
         }
         let pkid = (publish.qos == 1).then_some(publish.pkid);
-        let batch = match self.batch_of(&publish) {
-            Ok(batch) => batch,
+        let publication = match self.classify(&publish) {
+            Ok(publication) => publication,
             Err(refused) => {
                 let (reason, code, why, message) = match refused {
                     Refused::Topic(e @ TopicError::NotOwn { .. }) => (
@@ -456,6 +573,29 @@ impl Session {
                     }
                     _ => Err(End::Goodbye(why, message)),
                 };
+            }
+        };
+        let batch = match publication {
+            Publication::Batch(batch) => batch,
+            Publication::CommandResult {
+                command_id,
+                state,
+                detail,
+            } => {
+                let device = &self.device;
+                if !control::acknowledge(&self.shared.control, device, command_id, state, &detail)
+                    .await
+                {
+                    return Err(End::Goodbye(
+                        Goodbye::UnspecifiedError,
+                        "the result could not be recorded; publish it again".into(),
+                    ));
+                }
+                self.pending.push_back(Pending {
+                    pkid,
+                    answer: Answer::Done,
+                });
+                return Ok(());
             }
         };
         let readings = batch.row_count() as u64;
@@ -498,17 +638,26 @@ impl Session {
         Ok(())
     }
 
-    /// The validated batch a publication carries, or why it has none.
-    fn batch_of(
-        &self,
-        publish: &Publish,
-    ) -> Result<crate::domain::reading::ValidatedBatch, Refused> {
-        let encoding = payload::readings_topic(
+    /// What a publication carries, or why it is refused.
+    fn classify(&self, publish: &Publish) -> Result<Publication, Refused> {
+        let topic = payload::publish_topic(
             &publish.topic,
             &self.device.id,
             publish.content_type.as_deref(),
         )
         .map_err(Refused::Topic)?;
+        let encoding = match topic {
+            Topic::Readings(encoding) => encoding,
+            Topic::CommandResult(command_id) => {
+                let (state, detail) = commands::decode_result(command_id, &publish.payload)
+                    .map_err(|e| Refused::Payload(e.to_string()))?;
+                return Ok(Publication::CommandResult {
+                    command_id,
+                    state,
+                    detail,
+                });
+            }
+        };
         let limits = &self.shared.pipeline.limits;
         let raw = payload::decode(
             &publish.payload,
@@ -524,19 +673,52 @@ impl Session {
             )));
         }
         validate_batch(raw.sequence, raw.series, limits, now_unix_nanos())
+            .map(Publication::Batch)
             .map_err(|e| Refused::Payload(e.to_string()))
+    }
+
+    /// Publishes held commands while subscribed and within the window.
+    async fn publish_commands<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+    ) -> Result<(), End> {
+        while self.subscribed && self.outbound.len() < self.outbound_max {
+            let Some(command) = self.held.pop_front() else {
+                break;
+            };
+            let pkid = self.free_pkid();
+            self.outbound.insert(pkid, command.command_id);
+            let packet = Outbound::Publish {
+                topic: commands::command_topic(&self.device.id, command.command_id),
+                pkid,
+                payload: commands::command_json(&command),
+            };
+            send(conn, &packet).await?;
+        }
+        Ok(())
+    }
+
+    /// A packet id (1 to 65535) no outstanding command holds.
+    fn free_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.outbound.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
     }
 
     /// Writes the answer to the oldest PUBLISH and counts what became of it.
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         pending: Pending,
-        answered: Option<crate::pipeline::CommitResult>,
+        answered: Option<CommitResult>,
         conn: &mut Conn<S>,
     ) -> Result<(), End> {
         let metrics = &self.shared.metrics;
         let refused = match (pending.answer, answered) {
             (Answer::Refused(code, reason), _) => Some((code, reason)),
+            (Answer::Done, _) => None,
             (Answer::Commit { report, .. }, Some(Ok(outcome))) => {
                 count(metrics, &report, &outcome);
                 None
@@ -611,14 +793,14 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Resolves with the oldest pending answer (`None` if its writer went
 /// away); pending while there is none.
-async fn oldest_answer(pending: &mut VecDeque<Pending>) -> Option<crate::pipeline::CommitResult> {
+async fn oldest_answer(pending: &mut VecDeque<Pending>) -> Option<CommitResult> {
     match pending.front_mut() {
         Some(Pending {
             answer: Answer::Commit { receipt, .. },
             ..
         }) => receipt.await.ok(),
         Some(Pending {
-            answer: Answer::Refused(..),
+            answer: Answer::Refused(..) | Answer::Done,
             ..
         }) => None,
         None => std::future::pending().await,
@@ -639,7 +821,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Counts a committed or duplicate batch as the gRPC upload does.
-fn count(metrics: &Metrics, report: &crate::domain::reading::BatchReport, outcome: &BatchOutcome) {
+fn count(metrics: &Metrics, report: &BatchReport, outcome: &BatchOutcome) {
     match outcome {
         BatchOutcome::Committed { refused_series, .. } => {
             let mut report = report.clone();
@@ -656,5 +838,28 @@ fn count(metrics: &Metrics, report: &crate::domain::reading::BatchReport, outcom
             metrics.batch("duplicate");
             metrics.reading("duplicate", "", report.accepted + report.rejected());
         }
+    }
+}
+
+/// How a session ends when its Control session ends from outside.
+fn control_ended(end: SessionEnd) -> End {
+    match end {
+        SessionEnd::Superseded => End::Goodbye(
+            Goodbye::SessionTakenOver,
+            "a newer connection of this device took over".into(),
+        ),
+        SessionEnd::Rebalance => End::Goodbye(
+            Goodbye::MaximumConnectTime,
+            "the connection reached its lifetime (--control-max-lifetime); reconnect".into(),
+        ),
+        SessionEnd::ShuttingDown => End::Goodbye(
+            Goodbye::ServerShuttingDown,
+            "the server is shutting down; reconnect to another or later".into(),
+        ),
+        SessionEnd::CredentialEnded(ended) => End::Goodbye(
+            Goodbye::NotAuthorized,
+            format!("credential revoked: {ended}"),
+        ),
+        SessionEnd::Refused(refused) => End::Goodbye(Goodbye::ProtocolError, refused.to_string()),
     }
 }

@@ -46,18 +46,22 @@ pub struct Connect {
 #[derive(Debug)]
 pub enum Inbound {
     Publish(Publish),
+    /// Each filter with the QoS asked for.
     Subscribe {
         pkid: u16,
-        filters: Vec<String>,
+        filters: Vec<(String, u8)>,
     },
     Unsubscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<String>,
     },
     PingReq,
     Disconnect,
-    /// PUBACK, PUBREC, PUBREL, PUBCOMP: answers to what a server sends,
-    /// which this server does not send yet.
+    /// The device's answer to a command the server published.
+    PubAck {
+        pkid: u16,
+    },
+    /// PUBREC, PUBREL, PUBCOMP: QoS 2, which is not offered.
     Answer(&'static str),
     /// A second CONNECT, AUTH, or a server-to-client packet.
     Unexpected(&'static str),
@@ -191,15 +195,19 @@ pub fn read(buf: &mut BytesMut, version: Version) -> Result<Inbound, ReadError> 
             }),
             v4::Packet::Subscribe(s) => Inbound::Subscribe {
                 pkid: s.pkid,
-                filters: s.filters.into_iter().map(|f| f.path).collect(),
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, f.qos as u8))
+                    .collect(),
             },
             v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
                 pkid: u.pkid,
-                filters: u.topics.len(),
+                filters: u.topics,
             },
             v4::Packet::PingReq => Inbound::PingReq,
             v4::Packet::Disconnect => Inbound::Disconnect,
-            v4::Packet::PubAck(_) => Inbound::Answer("PUBACK"),
+            v4::Packet::PubAck(ack) => Inbound::PubAck { pkid: ack.pkid },
             v4::Packet::PubRec(_) => Inbound::Answer("PUBREC"),
             v4::Packet::PubRel(_) => Inbound::Answer("PUBREL"),
             v4::Packet::PubComp(_) => Inbound::Answer("PUBCOMP"),
@@ -233,15 +241,19 @@ pub fn read(buf: &mut BytesMut, version: Version) -> Result<Inbound, ReadError> 
             }
             v5::Packet::Subscribe(s) => Inbound::Subscribe {
                 pkid: s.pkid,
-                filters: s.filters.into_iter().map(|f| f.path).collect(),
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, f.qos as u8))
+                    .collect(),
             },
             v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
                 pkid: u.pkid,
-                filters: u.filters.len(),
+                filters: u.filters,
             },
             v5::Packet::PingReq(_) => Inbound::PingReq,
             v5::Packet::Disconnect(_) => Inbound::Disconnect,
-            v5::Packet::PubAck(_) => Inbound::Answer("PUBACK"),
+            v5::Packet::PubAck(ack) => Inbound::PubAck { pkid: ack.pkid },
             v5::Packet::PubRec(_) => Inbound::Answer("PUBREC"),
             v5::Packet::PubRel(_) => Inbound::Answer("PUBREL"),
             v5::Packet::PubComp(_) => Inbound::Answer("PUBCOMP"),
@@ -280,6 +292,11 @@ pub enum Goodbye {
     /// A batch could not be committed: the client resends it on its next
     /// session, as it must for an unacknowledged PUBLISH.
     UnspecifiedError,
+    /// A newer connection of the same device took over.
+    SessionTakenOver,
+    /// The connection reached its lifetime (`--control-max-lifetime`):
+    /// reconnect, perhaps to another server process.
+    MaximumConnectTime,
 }
 
 /// Reason codes of a v5 PUBACK that refuses a PUBLISH for good (3.1.1 has
@@ -307,10 +324,17 @@ pub enum Outbound {
         reason: Option<String>,
     },
     /// Every filter refused (commands over MQTT are not served yet).
-    SubAckRefused {
+    /// Per filter, the QoS granted, or `None`: refused (not authorized).
+    SubAck {
         pkid: u16,
-        filters: usize,
-        reason: String,
+        granted: Vec<Option<u8>>,
+        reason: Option<String>,
+    },
+    /// A QoS 1 PUBLISH of JSON (a command to the device).
+    Publish {
+        topic: String,
+        pkid: u16,
+        payload: Bytes,
     },
     UnsubAck {
         pkid: u16,
@@ -337,6 +361,20 @@ pub fn write(packet: &Outbound, version: Version, out: &mut BytesMut) {
     }
 }
 
+fn v4_qos(qos: u8) -> rumqttc::mqttbytes::QoS {
+    match qos {
+        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
+        _ => rumqttc::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
+fn v5_qos(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match qos {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
 fn v311(packet: &Outbound) -> Option<v4::Packet> {
     Some(match packet {
         Outbound::ConnAck { refused, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
@@ -355,10 +393,26 @@ fn v311(packet: &Outbound) -> Option<v4::Packet> {
             debug_assert!(refused.is_none());
             v4::Packet::PubAck(v4::PubAck::new(*pkid))
         }
-        Outbound::SubAckRefused { pkid, filters, .. } => v4::Packet::SubAck(v4::SubAck::new(
+        Outbound::SubAck { pkid, granted, .. } => v4::Packet::SubAck(v4::SubAck::new(
             *pkid,
-            vec![v4::SubscribeReasonCode::Failure; *filters],
+            granted
+                .iter()
+                .map(|g| match g {
+                    Some(0) => v4::SubscribeReasonCode::Success(v4_qos(0)),
+                    Some(_) => v4::SubscribeReasonCode::Success(v4_qos(1)),
+                    None => v4::SubscribeReasonCode::Failure,
+                })
+                .collect(),
         )),
+        Outbound::Publish {
+            topic,
+            pkid,
+            payload,
+        } => {
+            let mut publish = v4::Publish::from_bytes(topic.as_str(), v4_qos(1), payload.clone());
+            publish.pkid = *pkid;
+            v4::Packet::Publish(publish)
+        }
         Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
         Outbound::PingResp => v4::Packet::PingResp,
         Outbound::Disconnect { .. } => return None,
@@ -395,7 +449,8 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
                 topic_alias_max: None,
                 reason_string: reason_only(reason),
                 user_properties: Vec::new(),
-                wildcard_subscription_available: Some(0),
+                // A device subscribes to devices/{id}/commands/+.
+                wildcard_subscription_available: Some(1),
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
                 server_keep_alive: None,
@@ -427,16 +482,39 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
                 user_properties: Vec::new(),
             }),
         }),
-        Outbound::SubAckRefused {
+        Outbound::SubAck {
             pkid,
-            filters,
+            granted,
             reason,
         } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,
-            return_codes: vec![v5::SubscribeReasonCode::ImplementationSpecific; *filters],
-            properties: Some(v5::SubAckProperties {
-                reason_string: Some(reason.clone()),
+            return_codes: granted
+                .iter()
+                .map(|g| match g {
+                    Some(0) => v5::SubscribeReasonCode::Success(v5_qos(0)),
+                    Some(_) => v5::SubscribeReasonCode::Success(v5_qos(1)),
+                    None => v5::SubscribeReasonCode::NotAuthorized,
+                })
+                .collect(),
+            properties: reason.as_ref().map(|r| v5::SubAckProperties {
+                reason_string: Some(r.clone()),
                 user_properties: Vec::new(),
+            }),
+        }),
+        Outbound::Publish {
+            topic,
+            pkid,
+            payload,
+        } => v5::Packet::Publish(v5::Publish {
+            dup: false,
+            qos: v5_qos(1),
+            retain: false,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            pkid: *pkid,
+            payload: payload.clone(),
+            properties: Some(v5::PublishProperties {
+                content_type: Some("application/json".into()),
+                ..Default::default()
             }),
         }),
         Outbound::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
@@ -459,6 +537,8 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
                     Goodbye::TopicNameInvalid => D::TopicNameInvalid,
                     Goodbye::PayloadFormatInvalid => D::PayloadFormatInvalid,
                     Goodbye::UnspecifiedError => D::UnspecifiedError,
+                    Goodbye::SessionTakenOver => D::SessionTakenOver,
+                    Goodbye::MaximumConnectTime => D::MaximumConnectTime,
                 },
                 properties: Some(v5::DisconnectProperties {
                     session_expiry_interval: None,

@@ -242,6 +242,7 @@ pub async fn run_with_listeners(
             listener,
             upload.clone(),
             credentials.clone(),
+            control.clone(),
             config.mqtt.clone(),
             metrics.clone(),
         ))

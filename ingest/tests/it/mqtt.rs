@@ -497,3 +497,175 @@ async fn mosquitto_pub_publishes_readings(backend: Backend) {
     assert!(!refused.status.success());
     assert_eq!(server.storage.count_readings().await, 6);
 }
+
+mod commands {
+    use super::*;
+    use crate::common::control::{ping, send_command};
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    use telemetry_proto::v1 as pb;
+
+    backend_tests!(
+        a_command_reaches_an_mqtt_device_and_its_result_settles_it,
+        an_unanswered_command_comes_again_with_its_id,
+        a_newer_connection_takes_the_session_over,
+    );
+
+    async fn command_state(server: &TestServer, id: u64) -> pb::Command {
+        server
+            .ops()
+            .await
+            .get_command(pb::GetCommandRequest { command_id: id })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn subscribe(device: &mut V5, id: &str) {
+        device
+            .client
+            .subscribe(format!("devices/{id}/commands/+"), Q5::AtLeastOnce)
+            .await
+            .unwrap();
+        match device.next().await {
+            Ok(V5Packet::SubAck(ack)) => assert_eq!(
+                ack.return_codes,
+                vec![SubscribeReasonCode::Success(Q5::AtLeastOnce)]
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next command published to the device: its id and JSON.
+    async fn next_command(device: &mut V5) -> (u64, serde_json::Value) {
+        match device.next().await {
+            Ok(V5Packet::Publish(p)) => {
+                let topic = String::from_utf8(p.topic.to_vec()).unwrap();
+                let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                let id: u64 = json["commandId"].as_str().unwrap().parse().unwrap();
+                assert!(topic.ends_with(&format!("/commands/{id}")), "{topic}");
+                (id, json)
+            }
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    async fn a_command_reaches_an_mqtt_device_and_its_result_settles_it(backend: Backend) {
+        let Some(server) = TestServer::start(backend).await else {
+            return;
+        };
+        let token = server.register("mq-cmd").await;
+        let mut device = connect_v5(&server, "mq-cmd", "mq-cmd", &token).await;
+        device.expect_connack().await;
+        // An MQTT session is the device's presence.
+        eventually("online", Duration::from_secs(10), async || {
+            server.device("mq-cmd").await.online
+        })
+        .await;
+        // Another device's commands are not its to read.
+        device
+            .client
+            .subscribe("devices/mq-other/commands/+", Q5::AtLeastOnce)
+            .await
+            .unwrap();
+        match device.next().await {
+            Ok(V5Packet::SubAck(ack)) => {
+                assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized])
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+        // Queued before the subscription: delivered once it comes.
+        let mut ops = server.ops().await;
+        let queued = send_command(&mut ops, "mq-cmd", ping(), 60_000, 0)
+            .await
+            .unwrap();
+        subscribe(&mut device, "mq-cmd").await;
+        let (id, json) = next_command(&mut device).await;
+        assert_eq!(id, queued.command_id);
+        assert!(json.get("ping").is_some(), "{json}");
+        // rumqttc answered with a PUBACK: that marks it SENT.
+        eventually("sent", Duration::from_secs(10), async || {
+            command_state(&server, id).await.state() == pb::CommandState::Sent
+        })
+        .await;
+        let (reason, _) = device
+            .publish(
+                &format!("devices/mq-cmd/commands/{id}/result"),
+                r#"{"success":true,"detail":"pong"}"#,
+            )
+            .await;
+        assert_eq!(reason, PubAckReason::Success);
+        // Answered after it was recorded.
+        let settled = command_state(&server, id).await;
+        assert_eq!(settled.state(), pb::CommandState::Acked);
+        assert_eq!(settled.result, "pong");
+        assert!(settled.sent_time_unix_nano > 0);
+
+        // A command sent while subscribed arrives at once; a failure is
+        // recorded as FAILED.
+        let sent = send_command(&mut ops, "mq-cmd", ping(), 60_000, 0)
+            .await
+            .unwrap();
+        let (id, _) = next_command(&mut device).await;
+        assert_eq!(id, sent.command_id);
+        device
+            .publish(
+                &format!("devices/mq-cmd/commands/{id}/result"),
+                r#"{"success":false,"detail":"busy"}"#,
+            )
+            .await;
+        assert_eq!(
+            command_state(&server, id).await.state(),
+            pb::CommandState::Failed
+        );
+
+        device.client.disconnect().await.unwrap();
+        eventually("offline", Duration::from_secs(10), async || {
+            !server.device("mq-cmd").await.online
+        })
+        .await;
+    }
+
+    async fn an_unanswered_command_comes_again_with_its_id(backend: Backend) {
+        let Some(server) = TestServer::start(backend).await else {
+            return;
+        };
+        let token = server.register("mq-again").await;
+        let mut ops = server.ops().await;
+        let queued = send_command(&mut ops, "mq-again", ping(), 60_000, 0)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let mut device = connect_v5(&server, "mq-again", "mq-again", &token).await;
+            device.expect_connack().await;
+            subscribe(&mut device, "mq-again").await;
+            let (id, _) = next_command(&mut device).await;
+            assert_eq!(id, queued.command_id, "the same id each time");
+            // Hangs up without a result.
+            device.client.disconnect().await.unwrap();
+        }
+        let state = command_state(&server, queued.command_id).await;
+        assert_eq!(state.state(), pb::CommandState::Sent);
+    }
+
+    async fn a_newer_connection_takes_the_session_over(backend: Backend) {
+        let Some(server) = TestServer::start(backend).await else {
+            return;
+        };
+        let token = server.register("mq-twice").await;
+        let mut first = connect_v5(&server, "mq-twice", "mq-twice", &token).await;
+        first.expect_connack().await;
+        let mut second = connect_v5(&server, "mq-twice", "mq-twice", &token).await;
+        second.expect_connack().await;
+        let ended = match first.next().await {
+            Ok(V5Packet::Disconnect(d)) => format!("{:?}", d.reason_code),
+            Err(e) => e,
+            other => panic!("expected the first session to end, got {other:?}"),
+        };
+        assert!(ended.contains("SessionTakenOver"), "{ended}");
+        // The newer one carries on.
+        let (reason, _) = second
+            .publish("devices/mq-twice/readings", json_batch(1, 2))
+            .await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+}
