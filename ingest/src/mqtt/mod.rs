@@ -30,6 +30,7 @@ use crate::auth::Credentials;
 use crate::control::CommandCenter;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::transport::{Connection, TlsAcceptor};
 
 /// The listener's limits.
 #[derive(Debug, Clone)]
@@ -55,24 +56,32 @@ impl Default for MqttSettings {
     }
 }
 
-/// Serves MQTT on `listener` until the pipeline's shutdown signal; returns
-/// once every session has ended.
-pub async fn serve(
-    listener: TcpListener,
-    pipeline: Pipeline,
-    credentials: Arc<Credentials>,
-    control: Arc<CommandCenter>,
-    settings: MqttSettings,
-    metrics: Arc<Metrics>,
-) {
-    let mut shutdown = pipeline.shutdown.clone();
-    let shared = Arc::new(session::Shared {
-        pipeline,
-        credentials,
-        control,
-        settings,
-        metrics,
-    });
+/// What every MQTT session shares.
+pub struct MqttContext {
+    pub pipeline: Pipeline,
+    pub credentials: Arc<Credentials>,
+    /// Commands and presence: each session is the device's Control session.
+    pub control: Arc<CommandCenter>,
+    pub settings: MqttSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves MQTT on `listener` (over TLS with `tls`, the gRPC port's
+/// acceptor: the same certificates, reloaded together) until the
+/// pipeline's shutdown signal; returns once every session has ended.
+pub async fn serve(listener: TcpListener, context: MqttContext, tls: Option<TlsAcceptor>) {
+    if let Ok(addr) = listener.local_addr()
+        && tls.is_none()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(
+            %addr,
+            "serving MQTT in plaintext on a non-loopback address: device tokens cross the network \
+             readable by anyone on the path; give --tls-cert and --tls-key"
+        );
+    }
+    let mut shutdown = context.pipeline.shutdown.clone();
+    let shared = Arc::new(context);
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
@@ -80,9 +89,31 @@ pub async fn serve(
             // Reap finished sessions as they end, so the set stays small.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((socket, peer)) => {
+                Ok((socket, _)) => {
                     let _ = socket.set_nodelay(true);
-                    sessions.spawn(session::run(socket, peer, shared.clone()));
+                    let shared = shared.clone();
+                    let tls = tls.clone();
+                    sessions.spawn(async move {
+                        let connection = match tls {
+                            None => Connection::plain(socket),
+                            Some(tls) => {
+                                let handshake = tls.accept(socket);
+                                match tokio::time::timeout(shared.settings.connect_timeout, handshake).await {
+                                    Ok(Ok(connection)) => connection,
+                                    Ok(Err(error)) => {
+                                        shared.metrics.tls_handshake_failures.inc();
+                                        tracing::debug!(%error, "MQTT TLS handshake failed");
+                                        return;
+                                    }
+                                    Err(_) => {
+                                        shared.metrics.tls_handshake_failures.inc();
+                                        return;
+                                    }
+                                }
+                            }
+                        };
+                        session::run(connection, shared).await;
+                    });
                 }
                 Err(error) => {
                     // Out of file descriptors, typically: wait rather than spin.

@@ -19,40 +19,29 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::MqttSettings;
 use super::commands;
 use super::payload::{self, PayloadError, Topic, TopicError};
 use super::wire::{
     self, Connect, Goodbye, Inbound, Outbound, PubRefusal, Publish, ReadError, Refusal, Version,
 };
-use crate::auth::{AuthFailure, CredentialWatch, Credentials, until_ended};
-use crate::control::CommandCenter;
+use super::{MqttContext, MqttSettings};
+use crate::auth::{AuthFailure, CredentialWatch, until_ended};
 use crate::control::center::SessionEnd;
 use crate::control::session::{self as control, Delivery, Outgoing};
 use crate::domain::command::CommandState;
 use crate::domain::reading::{BatchReport, ValidatedBatch, validate_batch};
 use crate::domain::time::now_unix_nanos;
-use crate::domain::{DeviceId, DeviceKey, RejectReason, TokenHash};
+use crate::domain::{ClientCertificate, DeviceId, DeviceKey, RejectReason, TokenHash};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::pipeline::{BatchOutcome, CommitResult, DeviceStream, Pipeline, Receipt};
+use crate::pipeline::{BatchOutcome, CommitResult, DeviceStream, Receipt};
 use crate::storage::commands::CommandRecord;
-
-/// What every MQTT session shares.
-pub struct Shared {
-    pub pipeline: Pipeline,
-    pub credentials: Arc<Credentials>,
-    /// Commands and presence: each session is the device's Control session.
-    pub control: Arc<CommandCenter>,
-    pub settings: MqttSettings,
-    pub metrics: Arc<Metrics>,
-}
+use crate::transport::Connection;
 
 /// Runs one connection to its end. Errors are the session's own and end
 /// only it: they are logged and counted here.
-pub async fn run<S>(io: S, peer: std::net::SocketAddr, shared: Arc<Shared>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn run(io: Connection, shared: Arc<MqttContext>) {
+    let peer = io.info().remote_addr;
+    let certificate = io.info().client_certificate.clone();
     let mut shutdown = shared.pipeline.shutdown.clone();
     let mut conn = Conn {
         io,
@@ -69,7 +58,7 @@ where
         Ok(Err(ConnectFailed::Io)) => return,
         Ok(Err(ConnectFailed::Packet(error))) => {
             refuse(&shared.metrics, "malformed_connect");
-            tracing::debug!(%peer, %error, "MQTT connection refused before CONNECT");
+            tracing::debug!(?peer, %error, "MQTT connection refused before CONNECT");
             if let ReadError::UnsupportedLevel(_) = error {
                 // A 3.1.1 CONNACK is what clients of every level read.
                 conn.version = Version::V311;
@@ -80,14 +69,14 @@ where
         }
         Err(_) => {
             refuse(&shared.metrics, "connect_timeout");
-            tracing::debug!(%peer, timeout = ?shared.settings.connect_timeout, "no MQTT CONNECT in time");
+            tracing::debug!(?peer, timeout = ?shared.settings.connect_timeout, "no MQTT CONNECT in time");
             return;
         }
     };
-    let (device, watch) = match admit(&connect, &shared).await {
+    let (device, watch) = match admit(&connect, certificate.as_deref(), &shared).await {
         Ok(admitted) => admitted,
         Err((refusal, reason)) => {
-            tracing::info!(%peer, client_id = %connect.client_id, %reason, "MQTT connection refused");
+            tracing::info!(?peer, client_id = %connect.client_id, %reason, "MQTT connection refused");
             let _ = conn
                 .send(&connack(Some(refusal), &shared.settings, Some(reason)))
                 .await;
@@ -113,7 +102,7 @@ where
     {
         Ok(commands) => commands,
         Err(error) => {
-            tracing::warn!(%peer, device = %device.id, %error, "MQTT connection refused: its session could not be recorded");
+            tracing::warn!(?peer, device = %device.id, %error, "MQTT connection refused: its session could not be recorded");
             let reason = Some("the server cannot record the session now; retry".into());
             let _ = conn
                 .send(&connack(
@@ -136,7 +125,7 @@ where
     let keep_alive = connect.keep_alive;
     let receive_maximum = connect.receive_maximum;
     async move {
-        tracing::debug!(%peer, keep_alive, "MQTT session open");
+        tracing::debug!(?peer, keep_alive, "MQTT session open");
         let _open = shared.metrics.stream("mqtt");
         let mut session = Session {
             stream: shared.pipeline.stream(&device),
@@ -193,10 +182,12 @@ fn connack(refused: Option<Refusal>, settings: &MqttSettings, reason: Option<Str
 }
 
 /// Checks who the client is: the client id is a device id, the username
-/// the same id, the password that device's token.
+/// (if any) the same id, and the password that device's token, or the TLS
+/// client certificate bound to it, or both (then they must agree).
 async fn admit(
     connect: &Connect,
-    shared: &Shared,
+    certificate: Option<&ClientCertificate>,
+    shared: &MqttContext,
 ) -> Result<(DeviceKey, CredentialWatch), (Refusal, String)> {
     let metrics = &shared.metrics;
     let Ok(id) = DeviceId::parse(&connect.client_id) else {
@@ -206,23 +197,32 @@ async fn admit(
             "the client id must be the device id (letters, digits, _ . - :)".into(),
         ));
     };
-    if connect.username.as_deref() != Some(id.as_str()) {
+    if connect
+        .username
+        .as_deref()
+        .is_some_and(|user| user != id.as_str())
+    {
         refuse(metrics, "username");
         return Err((
             Refusal::BadUsernameOrPassword,
             "the username must be the device id, the same as the client id".into(),
         ));
     }
-    let Some(password) = connect.password.as_deref().filter(|p| !p.is_empty()) else {
+    let token = connect
+        .password
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(TokenHash::of);
+    if token.is_none() && certificate.is_none() {
         refuse(metrics, "no_password");
         return Err((
             Refusal::BadUsernameOrPassword,
-            "the password must be the device token".into(),
+            "the password must be the device token (or connect over TLS with the device's bound client certificate)".into(),
         ));
-    };
+    }
     let authenticated = shared
         .credentials
-        .authenticate(None, Some(TokenHash::of(password)))
+        .authenticate(certificate, token)
         .await
         .map_err(|failure| {
             metrics
@@ -358,7 +358,7 @@ struct Session {
     outbound: HashMap<u16, u64>,
     next_pkid: u16,
     outbound_max: usize,
-    shared: Arc<Shared>,
+    shared: Arc<MqttContext>,
     keep_alive: Option<Duration>,
 }
 

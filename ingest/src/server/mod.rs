@@ -234,19 +234,13 @@ pub async fn run_with_listeners(
     // Every service takes gzip and zstd (grpc/compression.rs); the message
     // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
-    let mqtt_task = mqtt_listener.map(|listener| {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "MQTT listener: devices publish to devices/{{id}}/readings");
-        }
-        tokio::spawn(crate::mqtt::serve(
-            listener,
-            upload.clone(),
-            credentials.clone(),
-            control.clone(),
-            config.mqtt.clone(),
-            metrics.clone(),
-        ))
-    });
+    let mqtt_context = crate::mqtt::MqttContext {
+        pipeline: upload.clone(),
+        credentials: credentials.clone(),
+        control: control.clone(),
+        settings: config.mqtt.clone(),
+        metrics: metrics.clone(),
+    };
     let ingest = IngestRoutes::new(
         IngestService::new(upload, control.clone()),
         config.limits.readings.max_batch_series,
@@ -314,6 +308,17 @@ pub async fn run_with_listeners(
     if let Some(tls) = &config.tls {
         crate::transport::expiry_metric::register_expiry_metric(&mut registry, tls.handle.clone());
     }
+    let mqtt_task = mqtt_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            let tls = transport.acceptor.is_some();
+            tracing::info!(%addr, tls, "MQTT listener: devices publish to devices/{{id}}/readings");
+        }
+        tokio::spawn(crate::mqtt::serve(
+            listener,
+            mqtt_context,
+            transport.acceptor.clone(),
+        ))
+    });
     let mut builder = Server::builder();
     if let Some(age) = config.max_connection_age {
         // Connections end gracefully (GOAWAY; open streams finish) after

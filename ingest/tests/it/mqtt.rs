@@ -22,6 +22,7 @@ backend_tests!(
     bad_payloads_are_refused_with_a_reason,
     qos0_and_protobuf_are_stored_too,
     mosquitto_pub_publishes_readings,
+    mqtt_over_tls_with_a_token_or_a_bound_certificate,
 );
 
 /// Our readings JSON: `n` readings of one sensor, a millisecond apart.
@@ -438,64 +439,158 @@ async fn qos0_and_protobuf_are_stored_too(backend: Backend) {
     .await;
 }
 
-/// Debian's mosquitto_pub, both protocol versions. Skipped (loudly) where it
-/// is not installed, unless REQUIRE_MOSQUITTO=1 (set by .ci/run).
-async fn mosquitto_pub_publishes_readings(backend: Backend) {
+/// Whether Debian's mosquitto_pub is here. Its tests are skipped (loudly)
+/// where it is not, unless REQUIRE_MOSQUITTO=1 (set by .ci/run).
+fn mosquitto_pub_installed() -> bool {
     if std::process::Command::new("mosquitto_pub")
         .arg("--help")
         .output()
-        .is_err()
+        .is_ok()
     {
-        assert!(
-            std::env::var("REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
-            "REQUIRE_MOSQUITTO=1 but mosquitto_pub is not installed (apt-get install mosquitto-clients)"
-        );
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: mosquitto_pub is not installed (apt-get install mosquitto-clients)\n"
-        );
-        return;
+        return true;
     }
-    let Some(server) = TestServer::start(backend).await else {
-        return;
-    };
-    let token = server.register("mq-cli").await;
-    for (seq, version) in [(1u64, "mqttv311"), (2, "mqttv5")] {
-        let output = tokio::process::Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &server.mqtt_addr.port().to_string(),
-            ])
-            .args(["-i", "mq-cli", "-u", "mq-cli", "-P", &token])
-            .args(["-V", version, "-q", "1", "-t", "devices/mq-cli/readings"])
-            .args(["-m", &json_batch(seq, 3)])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{version}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // mosquitto_pub exits once its PUBACK came: committed by then.
-        assert_eq!(server.storage.count_readings().await, seq as i64 * 3);
-    }
-    let refused = tokio::process::Command::new("mosquitto_pub")
+    assert!(
+        std::env::var("REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+        "REQUIRE_MOSQUITTO=1 but mosquitto_pub is not installed (apt-get install mosquitto-clients)"
+    );
+    eprintln!(
+        "\n!!!!!!!! SKIPPED: mosquitto_pub is not installed (apt-get install mosquitto-clients)\n"
+    );
+    false
+}
+
+/// Publishes `payload` at QoS 1 with mosquitto_pub and `args`; its exit
+/// status and stderr. It exits once its PUBACK came.
+async fn mosquitto_pub(
+    server: &TestServer,
+    args: &[&str],
+    topic: &str,
+    payload: &str,
+) -> (bool, String) {
+    let output = tokio::process::Command::new("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
             "-p",
             &server.mqtt_addr.port().to_string(),
         ])
-        .args(["-i", "mq-cli", "-u", "mq-cli", "-P", "wrong"])
-        .args(["-V", "mqttv5", "-q", "1", "-t", "devices/mq-cli/readings"])
-        .args(["-m", &json_batch(3, 3)])
+        .args(args)
+        .args(["-q", "1", "-t", topic, "-m", payload])
         .output()
         .await
         .unwrap();
-    assert!(!refused.status.success());
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Debian's mosquitto_pub, both protocol versions.
+async fn mosquitto_pub_publishes_readings(backend: Backend) {
+    if !mosquitto_pub_installed() {
+        return;
+    }
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-cli").await;
+    let topic = "devices/mq-cli/readings";
+    for (seq, version) in [(1u64, "mqttv311"), (2, "mqttv5")] {
+        let login = ["-i", "mq-cli", "-u", "mq-cli", "-P", &token, "-V", version];
+        let (ok, stderr) = mosquitto_pub(&server, &login, topic, &json_batch(seq, 3)).await;
+        assert!(ok, "{version}: {stderr}");
+        // Acknowledged, so committed.
+        assert_eq!(server.storage.count_readings().await, seq as i64 * 3);
+    }
+    let wrong = [
+        "-i", "mq-cli", "-u", "mq-cli", "-P", "wrong", "-V", "mqttv5",
+    ];
+    let (ok, _) = mosquitto_pub(&server, &wrong, topic, &json_batch(3, 3)).await;
+    assert!(!ok);
     assert_eq!(server.storage.count_readings().await, 6);
+}
+
+/// The MQTT port speaks TLS when the gRPC port does, with the same
+/// certificate; a device signs in with its token or its bound certificate.
+async fn mqtt_over_tls_with_a_token_or_a_bound_certificate(backend: Backend) {
+    use crate::common::pki::TestPki;
+    use ingest::transport::ClientAuth;
+    if !mosquitto_pub_installed() {
+        return;
+    }
+    let pki = TestPki::new("mqtt");
+    let (settings, _) = pki.server_settings();
+    let settings = settings.with_client_auth(pki.ca_path(), ClientAuth::Optional);
+    let Some(server) = TestServer::start_tls(backend, &pki, settings).await else {
+        return;
+    };
+    let ca = pki.ca_path().display().to_string();
+    let token = server
+        .tls_ops()
+        .await
+        .register_device(telemetry_proto::v1::RegisterDeviceRequest {
+            device_id: "mq-tls".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let login = [
+        "--cafile", &ca, "-i", "mq-tls", "-u", "mq-tls", "-P", &token, "-V", "mqttv311",
+    ];
+    let (ok, stderr) = mosquitto_pub(
+        &server,
+        &login,
+        "devices/mq-tls/readings",
+        &json_batch(1, 3),
+    )
+    .await;
+    assert!(ok, "token over TLS: {stderr}");
+
+    // A bound certificate and no password.
+    let cert = pki.client_cert("mq-cert");
+    let (cert_path, key_path) = (pki.path("mq-cert.pem"), pki.path("mq-cert.key"));
+    cert.write(&cert_path, &key_path);
+    server
+        .tls_ops()
+        .await
+        .register_device(telemetry_proto::v1::RegisterDeviceRequest {
+            device_id: "mq-cert".into(),
+            certificate_pem: cert.cert_pem.clone(),
+            require_mtls: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (cert_path, key_path) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let login = [
+        "--cafile", &ca, "--cert", &cert_path, "--key", &key_path, "-i", "mq-cert", "-V", "mqttv5",
+    ];
+    let (ok, stderr) = mosquitto_pub(
+        &server,
+        &login,
+        "devices/mq-cert/readings",
+        &json_batch(1, 4),
+    )
+    .await;
+    assert!(ok, "certificate: {stderr}");
+    assert_eq!(server.storage.count_readings().await, 7);
+
+    // Plaintext on the TLS port gets nowhere.
+    let plain = ["-i", "mq-tls", "-u", "mq-tls", "-P", &token, "-V", "mqttv5"];
+    let (ok, _) = mosquitto_pub(
+        &server,
+        &plain,
+        "devices/mq-tls/readings",
+        &json_batch(2, 3),
+    )
+    .await;
+    assert!(!ok);
+    assert_eq!(server.storage.count_readings().await, 7);
 }
 
 mod commands {
