@@ -23,6 +23,7 @@ backend_tests!(
     qos0_and_protobuf_are_stored_too,
     mosquitto_pub_publishes_readings,
     mqtt_over_tls_with_a_token_or_a_bound_certificate,
+    disabling_a_device_ends_its_session_within_a_second,
 );
 
 /// Our readings JSON: `n` readings of one sensor, a millisecond apart.
@@ -591,6 +592,42 @@ async fn mqtt_over_tls_with_a_token_or_a_bound_certificate(backend: Backend) {
     .await;
     assert!(!ok);
     assert_eq!(server.storage.count_readings().await, 7);
+}
+
+async fn disabling_a_device_ends_its_session_within_a_second(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-off").await;
+    let mut device = connect_v5(&server, "mq-off", "mq-off", &token).await;
+    device.expect_connack().await;
+    let started = std::time::Instant::now();
+    server
+        .ops()
+        .await
+        .disable_device(telemetry_proto::v1::DisableDeviceRequest {
+            device_id: "mq-off".into(),
+        })
+        .await
+        .unwrap();
+    let ended = match device.next().await {
+        Ok(V5Packet::Disconnect(d)) => format!("{:?}", d.reason_code),
+        Err(e) => e,
+        other => panic!("expected the session to end, got {other:?}"),
+    };
+    assert!(ended.contains("NotAuthorized"), "{ended}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "ended after {:?}",
+        started.elapsed()
+    );
+    // And it cannot come back.
+    let mut again = connect_v5(&server, "mq-off", "mq-off", &token).await;
+    match again.next().await {
+        Ok(V5Packet::ConnAck(ack)) => assert_eq!(ack.code, ConnectReturnCode::NotAuthorized),
+        Err(e) => assert!(e.contains("NotAuthorized"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 mod commands {
