@@ -30,11 +30,13 @@ use crate::control::center::SessionEnd;
 use crate::control::session::{self as control, Delivery, Outgoing};
 use crate::domain::command::CommandState;
 use crate::domain::reading::{BatchReport, ValidatedBatch, validate_batch};
-use crate::domain::time::now_unix_nanos;
+use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::domain::{ClientCertificate, DeviceId, DeviceKey, RejectReason, TokenHash};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::pipeline::{BatchOutcome, CommitResult, DeviceStream, Receipt};
+use crate::storage::StorageError;
 use crate::storage::commands::CommandRecord;
+use crate::storage::mqtt_sessions::KeptSession;
 use crate::transport::Connection;
 
 /// Runs one connection to its end. Errors are the session's own and end
@@ -114,11 +116,25 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
             return;
         }
     };
-    if conn
-        .send(&connack(None, &shared.settings, None))
-        .await
-        .is_err()
-    {
+    let kept = Kept::asked(&connect, conn.version);
+    let connected = now_unix_nanos();
+    let resumed = match resume(&shared, &device, connect.clean_start, kept, connected).await {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            tracing::error!(?peer, device = %device.id, %error, "reading the MQTT session failed");
+            let reason = Some("the server cannot read the session now; retry".into());
+            let _ = conn
+                .send(&connack(
+                    Some(Refusal::ServerUnavailable),
+                    &shared.settings,
+                    reason,
+                ))
+                .await;
+            return;
+        }
+    };
+    let accepted = answer_connect(None, resumed.is_some(), &shared.settings, None);
+    if conn.send(&accepted).await.is_err() {
         return;
     }
     let span = tracing::info_span!("mqtt", device = %device.id, version = conn.version.name());
@@ -134,7 +150,9 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
             pending: VecDeque::new(),
             commands,
             _control_in: control_in,
-            subscribed: false,
+            subscribed: resumed.is_some_and(|k| k.commands_subscribed),
+            kept,
+            connected,
             held: VecDeque::new(),
             outbound: HashMap::new(),
             next_pkid: 0,
@@ -149,6 +167,9 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
         // Batches already handed over commit whatever happened; their
         // answers still go out where the connection allows.
         let settled = session.settle_all(&mut conn, end.writes()).await;
+        if let Err(error) = session.leave().await {
+            tracing::error!(%error, "recording the end of the MQTT session failed");
+        }
         if let (End::Goodbye(why, reason), Ok(())) = (end, settled) {
             tracing::info!(?why, %reason, "MQTT session ended by the server");
             let _ = conn.send(&Outbound::Disconnect { why, reason }).await;
@@ -173,8 +194,18 @@ fn refuse(metrics: &Metrics, reason: &'static str) {
 }
 
 fn connack(refused: Option<Refusal>, settings: &MqttSettings, reason: Option<String>) -> Outbound {
+    answer_connect(refused, false, settings, reason)
+}
+
+fn answer_connect(
+    refused: Option<Refusal>,
+    session_present: bool,
+    settings: &MqttSettings,
+    reason: Option<String>,
+) -> Outbound {
     Outbound::ConnAck {
         refused,
+        session_present,
         receive_maximum: settings.receive_maximum,
         max_packet_size: settings.max_packet_bytes as u32,
         reason,
@@ -352,6 +383,10 @@ struct Session {
     _control_in: mpsc::Sender<Result<pb::DeviceMessage, tonic::Status>>,
     /// Whether the device subscribed to its command topic.
     subscribed: bool,
+    /// How long the session outlives the connection.
+    kept: Kept,
+    /// When the device connected: fences the session's writes.
+    connected: UnixNanos,
     /// Commands to publish once subscribed and within `outbound_max`.
     held: VecDeque<CommandRecord>,
     /// Commands published, by packet id, until the device's PUBACK.
@@ -457,18 +492,20 @@ impl Session {
         match packet {
             Inbound::Publish(publish) => self.publish(publish, conn.version, shutdown).await,
             Inbound::Subscribe { pkid, filters } => {
-                let device = &self.device.id;
+                let device = self.device.id.clone();
                 let granted: Vec<Option<u8>> = filters
                     .iter()
                     .map(|(filter, qos)| {
-                        commands::is_command_filter(filter, device).then_some((*qos).min(1))
+                        commands::is_command_filter(filter, &device).then_some((*qos).min(1))
                     })
                     .collect();
                 let refused = granted.iter().any(Option::is_none);
                 if refused {
                     refuse(&self.shared.metrics, "subscribe_not_own");
                 }
-                self.subscribed |= granted.iter().any(Option::is_some);
+                if granted.iter().any(Option::is_some) {
+                    self.set_subscribed(true).await?;
+                }
                 let reason = refused.then(|| {
                     format!("a device subscribes only to its commands, devices/{device}/commands/+")
                 });
@@ -488,7 +525,7 @@ impl Session {
                     .iter()
                     .any(|f| commands::is_command_filter(f, &self.device.id))
                 {
-                    self.subscribed = false;
+                    self.set_subscribed(false).await?;
                 }
                 let filters = filters.len();
                 send(conn, &Outbound::UnsubAck { pkid, filters }).await
@@ -677,6 +714,47 @@ impl Session {
             .map_err(|e| Refused::Payload(e.to_string()))
     }
 
+    /// Records a subscription change, in the kept session first: a
+    /// subscription acknowledged is one a restart keeps.
+    async fn set_subscribed(&mut self, subscribed: bool) -> Result<(), End> {
+        if self.subscribed != subscribed && self.kept != Kept::No {
+            self.record(subscribed).await.map_err(|error| {
+                tracing::error!(%error, "recording the MQTT subscription failed");
+                End::Goodbye(
+                    Goodbye::UnspecifiedError,
+                    "the subscription could not be recorded; subscribe again".into(),
+                )
+            })?;
+        }
+        self.subscribed = subscribed;
+        Ok(())
+    }
+
+    /// Keeps the session past its connection, if it is to be kept.
+    async fn leave(&self) -> Result<(), StorageError> {
+        if self.kept == Kept::No {
+            // Recorded as ended at connect already.
+            return Ok(());
+        }
+        self.record(self.subscribed).await
+    }
+
+    async fn record(&self, subscribed: bool) -> Result<(), StorageError> {
+        let session = KeptSession {
+            commands_subscribed: subscribed,
+        };
+        self.shared
+            .pipeline
+            .store
+            .record_mqtt_session(
+                self.device.pk,
+                session,
+                self.kept.until(self.connected),
+                self.connected,
+            )
+            .await
+    }
+
     /// Publishes held commands while subscribed and within the window.
     async fn publish_commands<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -862,4 +940,65 @@ fn control_ended(end: SessionEnd) -> End {
         ),
         SessionEnd::Refused(refused) => End::Goodbye(Goodbye::ProtocolError, refused.to_string()),
     }
+}
+
+/// How long a session outlives its connection, as its CONNECT asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// Not past the connection.
+    No,
+    For(Duration),
+    Forever,
+}
+
+impl Kept {
+    fn asked(connect: &Connect, version: Version) -> Self {
+        match version {
+            // 3.1.1: Clean Session 0 keeps the session with no expiry.
+            Version::V311 if connect.clean_start => Self::No,
+            Version::V311 => Self::Forever,
+            Version::V5 => match connect.session_expiry {
+                None | Some(0) => Self::No,
+                Some(u32::MAX) => Self::Forever,
+                Some(seconds) => Self::For(Duration::from_secs(u64::from(seconds))),
+            },
+        }
+    }
+
+    /// Until when the session is kept, from now (`None`: for good). One
+    /// not kept past its connection ends when it began.
+    fn until(self, connected: UnixNanos) -> Option<UnixNanos> {
+        match self {
+            Self::No => Some(connected),
+            Self::Forever => None,
+            Self::For(d) => {
+                Some(now_unix_nanos().saturating_add(d.as_nanos().min(i64::MAX as u128) as i64))
+            }
+        }
+    }
+}
+
+/// The kept session a CONNECT continues, if any: a clean start forgets it.
+/// The session is recorded at once, so a crash keeps one that is to be
+/// kept, and an older connection's late writes are fenced off.
+async fn resume(
+    shared: &MqttContext,
+    device: &DeviceKey,
+    clean_start: bool,
+    kept: Kept,
+    connected: UnixNanos,
+) -> Result<Option<KeptSession>, StorageError> {
+    let store = &shared.pipeline.store;
+    let resumed = if clean_start {
+        None
+    } else {
+        store.mqtt_session(device.pk, connected).await?
+    };
+    let session = resumed.unwrap_or(KeptSession {
+        commands_subscribed: false,
+    });
+    store
+        .record_mqtt_session(device.pk, session, kept.until(connected), connected)
+        .await?;
+    Ok(resumed)
 }

@@ -40,6 +40,8 @@ pub struct Connect {
     pub receive_maximum: Option<u16>,
     /// v5: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// v5: how long the session outlives the connection, in seconds.
+    pub session_expiry: Option<u32>,
 }
 
 /// A packet from the client, after CONNECT.
@@ -162,6 +164,7 @@ pub fn read_connect(buf: &mut BytesMut, version: Version) -> Result<Connect, Rea
                 clean_start: c.clean_session,
                 receive_maximum: None,
                 max_packet_size: None,
+                session_expiry: None,
             }),
             _ => Err(ReadError::NotConnect),
         },
@@ -174,6 +177,10 @@ pub fn read_connect(buf: &mut BytesMut, version: Version) -> Result<Connect, Rea
                 clean_start: c.clean_start,
                 receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
                 max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                session_expiry: c
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval),
             }),
             _ => Err(ReadError::NotConnect),
         },
@@ -313,6 +320,8 @@ pub enum PubRefusal {
 pub enum Outbound {
     ConnAck {
         refused: Option<Refusal>,
+        /// The session existed: the client keeps what it had in flight.
+        session_present: bool,
         /// v5 only: what the server allows.
         receive_maximum: u16,
         max_packet_size: u32,
@@ -377,7 +386,11 @@ fn v5_qos(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
 
 fn v311(packet: &Outbound) -> Option<v4::Packet> {
     Some(match packet {
-        Outbound::ConnAck { refused, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
+        Outbound::ConnAck {
+            refused,
+            session_present,
+            ..
+        } => v4::Packet::ConnAck(v4::ConnAck::new(
             match refused {
                 None => v4::ConnectReturnCode::Success,
                 Some(Refusal::UnsupportedVersion) => v4::ConnectReturnCode::RefusedProtocolVersion,
@@ -386,7 +399,7 @@ fn v311(packet: &Outbound) -> Option<v4::Packet> {
                 Some(Refusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
                 Some(Refusal::ServerUnavailable) => v4::ConnectReturnCode::ServiceUnavailable,
             },
-            false,
+            *session_present,
         )),
         Outbound::PubAck { pkid, refused, .. } => {
             // 3.1.1 has no refusing PUBACK: the session ends instead.
@@ -424,6 +437,7 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
     Some(match packet {
         Outbound::ConnAck {
             refused,
+            session_present,
             receive_maximum,
             max_packet_size,
             reason,
@@ -460,7 +474,7 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
                 authentication_data: None,
             };
             v5::Packet::ConnAck(v5::ConnAck {
-                session_present: false,
+                session_present: *session_present,
                 code,
                 properties: Some(properties),
             })

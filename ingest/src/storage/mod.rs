@@ -23,6 +23,7 @@ pub mod credentials;
 mod devices;
 mod error;
 pub mod feed;
+pub mod mqtt_sessions;
 pub mod partitions;
 mod postgres;
 mod read_page;

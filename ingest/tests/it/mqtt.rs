@@ -73,18 +73,40 @@ macro_rules! forward_incoming {
 }
 
 async fn connect_v311(server: &TestServer, client_id: &str, user: &str, password: &str) -> V311 {
+    connect_v311_with(server, client_id, user, password, true).await
+}
+
+async fn connect_v311_with(
+    server: &TestServer,
+    client_id: &str,
+    user: &str,
+    password: &str,
+    clean_session: bool,
+) -> V311 {
     let mut options = MqttOptions::new(client_id, "127.0.0.1", server.mqtt_addr.port());
     options.set_credentials(user, password);
     options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(clean_session);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let incoming = forward_incoming!(eventloop, Event);
     Session { client, incoming }
 }
 
 async fn connect_v5(server: &TestServer, client_id: &str, user: &str, password: &str) -> V5 {
+    connect_v5_with(server, client_id, user, password, |_| {}).await
+}
+
+async fn connect_v5_with(
+    server: &TestServer,
+    client_id: &str,
+    user: &str,
+    password: &str,
+    configure: impl FnOnce(&mut V5Options),
+) -> V5 {
     let mut options = V5Options::new(client_id, "127.0.0.1", server.mqtt_addr.port());
     options.set_credentials(user, password);
     options.set_keep_alive(Duration::from_secs(30));
+    configure(&mut options);
     let (client, mut eventloop) = V5Client::new(options, 64);
     let incoming = forward_incoming!(eventloop, V5Event);
     Session { client, incoming }
@@ -100,10 +122,12 @@ impl<C, P> Session<C, P> {
 }
 
 impl V311 {
-    async fn expect_connack(&mut self) {
+    /// Whether the session was present.
+    async fn expect_connack(&mut self) -> bool {
         match self.next().await {
             Ok(Packet::ConnAck(ack)) => {
-                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
+                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+                ack.session_present
             }
             other => panic!("expected CONNACK, got {other:?}"),
         }
@@ -131,13 +155,15 @@ impl V5 {
         self.expect_puback().await
     }
 
-    async fn expect_connack(&mut self) {
+    /// Whether the session was present.
+    async fn expect_connack(&mut self) -> bool {
         match self.next().await {
             Ok(V5Packet::ConnAck(ack)) => {
                 assert_eq!(ack.code, ConnectReturnCode::Success);
                 let properties = ack.properties.expect("CONNACK properties");
                 assert_eq!(properties.max_qos, Some(1), "QoS 2 is not offered");
                 assert!(properties.receive_max.is_some_and(|r| r > 0));
+                ack.session_present
             }
             other => panic!("expected CONNACK, got {other:?}"),
         }
@@ -640,6 +666,7 @@ mod commands {
         a_command_reaches_an_mqtt_device_and_its_result_settles_it,
         an_unanswered_command_comes_again_with_its_id,
         a_newer_connection_takes_the_session_over,
+        a_kept_session_survives_a_restart_with_its_subscription,
     );
 
     async fn command_state(server: &TestServer, id: u64) -> pb::Command {
@@ -799,5 +826,56 @@ mod commands {
             .publish("devices/mq-twice/readings", json_batch(1, 2))
             .await;
         assert_eq!(reason, PubAckReason::Success);
+    }
+
+    async fn a_kept_session_survives_a_restart_with_its_subscription(backend: Backend) {
+        let Some(server) = TestServer::start(backend).await else {
+            return;
+        };
+        let token = server.register("mq-keep").await;
+        let keep = |o: &mut V5Options| {
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(3600));
+        };
+        let mut device = connect_v5_with(&server, "mq-keep", "mq-keep", &token, keep).await;
+        assert!(!device.expect_connack().await, "nothing kept yet");
+        subscribe(&mut device, "mq-keep").await;
+        device.client.disconnect().await.unwrap();
+
+        let server = server.restart().await;
+        let mut ops = server.ops().await;
+        let queued = send_command(&mut ops, "mq-keep", ping(), 60_000, 0)
+            .await
+            .unwrap();
+        let mut device = connect_v5_with(&server, "mq-keep", "mq-keep", &token, keep).await;
+        assert!(
+            device.expect_connack().await,
+            "Session Present after a restart"
+        );
+        // Subscribed still: the command comes without a new SUBSCRIBE.
+        let (id, _) = next_command(&mut device).await;
+        assert_eq!(id, queued.command_id);
+        device.client.disconnect().await.unwrap();
+
+        // A clean start forgets the session.
+        let mut clean = connect_v5(&server, "mq-keep", "mq-keep", &token).await;
+        assert!(!clean.expect_connack().await);
+        clean.client.disconnect().await.unwrap();
+        let mut again = connect_v5_with(&server, "mq-keep", "mq-keep", &token, keep).await;
+        assert!(
+            !again.expect_connack().await,
+            "forgotten by the clean start"
+        );
+
+        // 3.1.1: Clean Session 0 keeps it too.
+        let mut old = connect_v311_with(&server, "mq-keep", "mq-keep", &token, false).await;
+        old.expect_connack().await;
+        old.client.disconnect().await.unwrap();
+        let server = server.restart().await;
+        let mut old = connect_v311_with(&server, "mq-keep", "mq-keep", &token, false).await;
+        assert!(
+            old.expect_connack().await,
+            "3.1.1 Session Present after a restart"
+        );
     }
 }
