@@ -24,6 +24,13 @@
 //! the next server (as a balancing client would), the watcher too, and each
 //! kill strikes one server drawn from the seed, which is then restarted.
 //!
+//! With `--protocol mqtt` the fleet speaks MQTT 5 instead: each device
+//! publishes its batches at QoS 1 and counts one acknowledged only on its
+//! PUBACK; after a kill it reconnects and publishes again from its last
+//! PUBACK. The commanded devices (three of their own) subscribe to their
+//! command topic and publish a result for each command. The checks are the
+//! same.
+//!
 //! ```sh
 //! cargo build --release -p ingest --bin ingest --example fault_trials
 //! target/release/examples/fault_trials --backend sqlite --trials 3
@@ -43,6 +50,7 @@ mod fault_trials {
     pub mod db;
     pub mod feed_watcher;
     pub mod fleet;
+    pub mod mqtt_device;
     pub mod oracle;
     pub mod plan;
     pub mod server;
@@ -63,8 +71,20 @@ pub enum Backend {
     Postgres,
 }
 
+/// How the fleet and the commanded devices talk to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// UploadReadings streams and Control streams.
+    Grpc,
+    /// MQTT 5: QoS 1 PUBLISHes, acknowledged by PUBACK; commands on the
+    /// device's command topic.
+    Mqtt,
+}
+
 #[derive(Parser)]
 struct Args {
+    #[arg(long, value_enum, default_value = "grpc")]
+    protocol: Protocol,
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Trials to run, each with a fresh seed (printed).
@@ -147,10 +167,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut failed = 0;
     for (i, &seed) in seeds.iter().enumerate() {
-        let processes = match args.processes {
+        let mut processes = match args.processes {
             1 => String::new(),
             n => format!(" --processes {n}"),
         };
+        if args.protocol == Protocol::Mqtt {
+            processes.push_str(" --protocol mqtt");
+        }
         println!(
             "trial {}/{}: seed {seed} (replay: --backend {}{processes} --seed {seed})",
             i + 1,
@@ -163,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         let config = TrialConfig {
             seed,
             backend: args.backend,
+            protocol: args.protocol,
             devices: args.devices,
             batches_per_device: args.batches_per_device,
             kills: args.kills,

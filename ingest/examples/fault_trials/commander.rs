@@ -53,10 +53,20 @@ pub struct Tasks {
     pub stop_sender: watch::Sender<bool>,
 }
 
-/// Starts a task per (device id, token), holding its Control stream until
-/// `stop`, and the sender, commanding them until `Tasks::stop_sender`.
+/// How the commanded devices hear their commands.
+pub enum Via {
+    /// A gRPC Control stream.
+    Control,
+    /// MQTT, on these servers' MQTT listeners.
+    Mqtt(Vec<std::net::SocketAddr>),
+}
+
+/// Starts a task per (device id, token), holding its Control stream (or
+/// MQTT session) until `stop`, and the sender, commanding them until
+/// `Tasks::stop_sender`.
 pub fn spawn(
     devices: Vec<(String, String)>,
+    via: Via,
     urls: &[String],
     ops_token: &str,
     seed: u64,
@@ -66,7 +76,16 @@ pub fn spawn(
     let devices = devices
         .into_iter()
         .enumerate()
-        .map(|(d, (id, token))| tokio::spawn(run_device(id, token, urls.to_vec(), d, stop.clone())))
+        .map(|(d, (id, token))| match &via {
+            Via::Control => tokio::spawn(run_device(id, token, urls.to_vec(), d, stop.clone())),
+            Via::Mqtt(addrs) => tokio::spawn(super::mqtt_device::run_commanded_device(
+                id,
+                token,
+                addrs.clone(),
+                d,
+                stop.clone(),
+            )),
+        })
         .collect();
     let (stop_sender, sender_stop) = watch::channel(false);
     let sender = tokio::spawn(run_sender(

@@ -144,6 +144,6 @@ pub async fn run_device(
 }
 
 /// 10 to 100 ms, jittered so the fleet does not come back in lockstep.
-async fn back_off(rng: &mut StdRng) {
+pub async fn back_off(rng: &mut StdRng) {
     tokio::time::sleep(Duration::from_millis(rng.random_range(10..=100))).await;
 }

@@ -28,6 +28,8 @@ pub struct Server {
     /// Chosen once per trial, so the fleet reconnects to the same address
     /// after every restart, as a real fleet would.
     addr: SocketAddr,
+    /// The MQTT listener's.
+    mqtt_addr: SocketAddr,
     pub log: PathBuf,
     /// Shared by every process of a cluster trial; `None`: the server
     /// generates its token in its data directory.
@@ -47,7 +49,11 @@ impl Server {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("choosing a port")?;
+        let mqtt_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("choosing a port")?;
         Ok(Self {
+            mqtt_addr,
             bin: bin.to_owned(),
             data_dir: data_dir.to_owned(),
             database_url,
@@ -70,6 +76,10 @@ impl Server {
     pub fn with_args(mut self, args: &[String]) -> Self {
         self.extra_args = args.to_vec();
         self
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
     }
 
     pub fn url(&self) -> String {
@@ -105,6 +115,8 @@ impl Server {
             .arg("--listen")
             .arg(self.addr.to_string())
             .args(["--shutdown-grace", "5s"])
+            .arg("--mqtt-listen")
+            .arg(self.mqtt_addr.to_string())
             // Port 0: several servers (or trials) must not share the
             // default admin port.
             .args(["--admin-listen", "127.0.0.1:0"])

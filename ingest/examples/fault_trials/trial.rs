@@ -23,12 +23,13 @@ use super::db::{self, Db};
 use super::fleet::{self, Progress};
 use super::plan::{self, Plan};
 use super::server::{self, Server};
-use super::{commander, feed_watcher, watcher};
-use crate::Backend;
+use super::{commander, feed_watcher, mqtt_device, watcher};
+use crate::{Backend, Protocol};
 
 pub struct TrialConfig {
     pub seed: u64,
     pub backend: Backend,
+    pub protocol: Protocol,
     pub devices: u32,
     pub batches_per_device: u64,
     pub kills: u32,
@@ -65,6 +66,8 @@ enum Fault {
 pub struct Outcome {
     seed: u64,
     backend: &'static str,
+    /// " over MQTT", or nothing for gRPC.
+    protocol: &'static str,
     processes: usize,
     /// Device moves to another server after a failure, all devices.
     failovers: u64,
@@ -91,8 +94,8 @@ impl Outcome {
 
     pub fn line(&self) -> String {
         let mut s = format!(
-            "seed {} {}: kills {}, pg restarts {}",
-            self.seed, self.backend, self.kills, self.pg_restarts
+            "seed {} {}{}: kills {}, pg restarts {}",
+            self.seed, self.backend, self.protocol, self.kills, self.pg_restarts
         );
         if self.processes > 1 {
             s = format!(
@@ -164,6 +167,10 @@ pub async fn run(config: &TrialConfig) -> Outcome {
         backend: match config.backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
+        },
+        protocol: match config.protocol {
+            Protocol::Grpc => "",
+            Protocol::Mqtt => " over MQTT",
         },
         processes: config.processes,
         ..Outcome::default()
@@ -327,6 +334,22 @@ async fn drive(
             .token;
         tokens.push(token);
     }
+    let mut commanded_tokens = Vec::new();
+    if config.protocol == Protocol::Mqtt {
+        for c in 0..COMMANDED_DEVICES {
+            let id = format!("fault-{}-cmd{c}", plan.seed);
+            let token = ops
+                .register_device(pb::RegisterDeviceRequest {
+                    device_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .context("registering a commanded device")?
+                .into_inner()
+                .token;
+            commanded_tokens.push((id, token));
+        }
+    }
     drop(ops);
 
     let (last_tx, mut last_rx) = watch::channel(0u64);
@@ -359,10 +382,19 @@ async fn drive(
         ));
         feed_watchers.push((task, through_rx));
     }
-    let commanded = (0..plan.devices.min(COMMANDED_DEVICES))
-        .map(|d| (plan.device_id(d), tokens[d as usize].clone()))
-        .collect();
-    let commands = commander::spawn(commanded, &urls, &ops_token, config.seed, &stop_rx);
+    let mqtt_addrs: Vec<_> = servers.iter().map(Server::mqtt_addr).collect();
+    let (commanded, via) = match config.protocol {
+        Protocol::Grpc => (
+            (0..plan.devices.min(COMMANDED_DEVICES))
+                .map(|d| (plan.device_id(d), tokens[d as usize].clone()))
+                .collect(),
+            commander::Via::Control,
+        ),
+        // Devices of their own: an MQTT device has one connection, and the
+        // fleet's uploads hold it.
+        Protocol::Mqtt => (commanded_tokens, commander::Via::Mqtt(mqtt_addrs.clone())),
+    };
+    let commands = commander::spawn(commanded, via, &urls, &ops_token, config.seed, &stop_rx);
 
     // The fleet gets what is left of the trial, less time for the checks.
     let fleet_deadline = trial_started
@@ -373,15 +405,23 @@ async fn drive(
     let devices: Vec<_> = tokens
         .into_iter()
         .enumerate()
-        .map(|(d, token)| {
-            tokio::spawn(fleet::run_device(
+        .map(|(d, token)| match config.protocol {
+            Protocol::Grpc => tokio::spawn(fleet::run_device(
                 plan.clone(),
                 d as u32,
                 token,
                 urls.clone(),
                 progress.clone(),
                 fleet_deadline,
-            ))
+            )),
+            Protocol::Mqtt => tokio::spawn(mqtt_device::run_fleet_device(
+                plan.clone(),
+                d as u32,
+                token,
+                mqtt_addrs.clone(),
+                progress.clone(),
+                fleet_deadline,
+            )),
         })
         .collect();
 
