@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::domain::DeviceId;
-use crate::domain::reading::{RawBatch, RawSeries};
+use crate::domain::reading::RawSeries;
 use crate::grpc::batch_codec::decode_batch;
 use crate::grpc::convert::raw_batch;
 
@@ -89,10 +89,13 @@ pub enum PayloadError {
     SeqProperty(String),
     #[error("the user property seq ({property}) and the payload's seq ({payload}) differ")]
     SeqDisagrees { property: u64, payload: u64 },
-    #[error(
-        "no batch sequence: give each publication a seq (in the payload, or as the v5 user property seq) that grows by one per batch, so a resend is stored once"
-    )]
-    NoSeq,
+}
+
+/// A publication's batch: its sequence, if it gave one, and its series.
+pub struct Decoded {
+    /// `None`: stored at least once (a resend is stored again).
+    pub sequence: Option<u64>,
+    pub series: Vec<RawSeries>,
 }
 
 #[derive(Deserialize)]
@@ -112,14 +115,15 @@ struct JsonSeries {
     v: Vec<f64>,
 }
 
-/// Decodes a publication into a batch. `max_series` bounds a protobuf
+/// Decodes a publication into a batch. The sequence is the payload's `seq`
+/// or the v5 user property `seq` (they must agree if both are given). `max_series` bounds a protobuf
 /// payload's series while decoding; JSON's are checked by validation.
 pub fn decode(
     payload: &Bytes,
     encoding: Encoding,
     seq_property: Option<&str>,
     max_series: usize,
-) -> Result<RawBatch, PayloadError> {
+) -> Result<Decoded, PayloadError> {
     let property = seq_property
         .map(|s| {
             s.trim()
@@ -161,10 +165,10 @@ pub fn decode(
                 payload: q,
             });
         }
-        (Some(s), _) | (None, Some(s)) => s,
-        (None, None) => return Err(PayloadError::NoSeq),
+        (Some(s), _) | (None, Some(s)) => Some(s),
+        (None, None) => None,
     };
-    Ok(RawBatch { sequence, series })
+    Ok(Decoded { sequence, series })
 }
 
 #[cfg(test)]
@@ -222,7 +226,7 @@ mod tests {
             br#"{"seq":7,"series":[{"sensor":"temperature","unit":"Cel","t":[1,2],"v":[20.5,21]}]}"#,
         );
         let batch = decode(&payload, Encoding::Json, None, 10).unwrap();
-        assert_eq!(batch.sequence, 7);
+        assert_eq!(batch.sequence, Some(7));
         assert_eq!(batch.series[0].times, vec![1, 2]);
         assert_eq!(batch.series[0].values, vec![20.5, 21.0]);
     }
@@ -234,12 +238,12 @@ mod tests {
             decode(&no_seq, Encoding::Json, Some("9"), 10)
                 .unwrap()
                 .sequence,
-            9
+            Some(9)
         );
-        assert!(matches!(
-            decode(&no_seq, Encoding::Json, None, 10),
-            Err(PayloadError::NoSeq)
-        ));
+        assert_eq!(
+            decode(&no_seq, Encoding::Json, None, 10).unwrap().sequence,
+            None
+        );
         let seq_3 = Bytes::from_static(br#"{"seq":3,"series":[]}"#);
         assert!(matches!(
             decode(&seq_3, Encoding::Json, Some("4"), 10),

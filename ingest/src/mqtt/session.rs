@@ -33,6 +33,7 @@ use crate::domain::reading::{BatchReport, ValidatedBatch, validate_batch};
 use crate::domain::time::{UnixNanos, now_unix_nanos};
 use crate::domain::{ClientCertificate, DeviceId, DeviceKey, RejectReason, TokenHash};
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::pipeline::commit::NEXT_SEQUENCE;
 use crate::pipeline::{BatchOutcome, CommitResult, DeviceStream, Receipt};
 use crate::storage::StorageError;
 use crate::storage::commands::CommandRecord;
@@ -709,9 +710,19 @@ impl Session {
                 limits.max_batch_series
             )));
         }
-        validate_batch(raw.sequence, raw.series, limits, now_unix_nanos())
-            .map(Publication::Batch)
-            .map_err(|e| Refused::Payload(e.to_string()))
+        // Without a sequence of its own, the batch takes the next one when
+        // it commits; it is validated as the first (any number would do).
+        let mut batch = validate_batch(
+            raw.sequence.unwrap_or(1),
+            raw.series,
+            limits,
+            now_unix_nanos(),
+        )
+        .map_err(|e| Refused::Payload(e.to_string()))?;
+        if raw.sequence.is_none() {
+            batch.sequence = NEXT_SEQUENCE;
+        }
+        Ok(Publication::Batch(batch))
     }
 
     /// Records a subscription change, in the kept session first: a

@@ -86,6 +86,11 @@ pub enum BatchOutcome {
     Duplicate { committed_sequence: u64 },
 }
 
+/// The sequence a batch is submitted with when it has none of its own: it
+/// takes the one after the device's mark when its group commits. Such a
+/// batch is stored at least once: sent again, it is stored again.
+pub const NEXT_SEQUENCE: u64 = 0;
+
 /// The group holding the batch failed to commit; nothing of it was stored.
 /// The cause is logged by the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -504,13 +509,19 @@ async fn commit_group<B: GroupBackend>(
             // Authentication found the device, so its row exists.
             return Err(sqlx::Error::RowNotFound);
         };
-        if batch.sequence <= *mark {
-            outcomes.push(BatchOutcome::Duplicate {
-                committed_sequence: *mark,
-            });
-            continue;
-        }
-        *mark = batch.sequence;
+        // A batch without a sequence of its own (MQTT without `seq`) takes
+        // the next one: stored at least once, never judged a duplicate.
+        let sequence = match batch.sequence {
+            NEXT_SEQUENCE => *mark + 1,
+            s if s <= *mark => {
+                outcomes.push(BatchOutcome::Duplicate {
+                    committed_sequence: *mark,
+                });
+                continue;
+            }
+            s => s,
+        };
+        *mark = sequence;
         let mut refused_series = Vec::new();
         let mut feed_series = Vec::new();
         // The place in the batch of each series' first reading.
@@ -552,23 +563,18 @@ async fn commit_group<B: GroupBackend>(
                 .extend(std::iter::repeat_n(pk, series.times.len()));
             columns.time.extend_from_slice(&series.times);
             columns.value.extend_from_slice(&series.values);
-            columns.batch_sequence.extend(std::iter::repeat_n(
-                batch.sequence as i64,
-                series.times.len(),
-            ));
+            columns
+                .batch_sequence
+                .extend(std::iter::repeat_n(sequence as i64, series.times.len()));
             columns
                 .batch_index
                 .extend(series_first..series_first + series.times.len() as i32);
         }
         if config.feed {
-            feed.push(FeedAppend::new(
-                batch.device_pk,
-                batch.sequence,
-                feed_series,
-            ));
+            feed.push(FeedAppend::new(batch.device_pk, sequence, feed_series));
         }
         outcomes.push(BatchOutcome::Committed {
-            committed_sequence: batch.sequence,
+            committed_sequence: sequence,
             refused_series,
         });
     }

@@ -17,6 +17,7 @@ use crate::common::{Backend, TestServer, eventually, now_nanos};
 backend_tests!(
     a_puback_means_committed_on_both_versions,
     a_resent_batch_is_acknowledged_and_stored_once,
+    a_publication_without_seq_is_stored_at_least_once,
     a_batch_that_cannot_commit_is_never_acknowledged,
     a_device_publishes_only_as_itself,
     bad_payloads_are_refused_with_a_reason,
@@ -256,6 +257,32 @@ async fn a_resent_batch_is_acknowledged_and_stored_once(backend: Backend) {
     assert_eq!(server.storage.count_readings().await, 7);
 }
 
+async fn a_publication_without_seq_is_stored_at_least_once(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-noseq").await;
+    let mut device = connect_v311(&server, "mq-noseq", "mq-noseq", &token).await;
+    device.expect_connack().await;
+    let batch = json_batch(1, 4).replacen(r#""seq":1,"#, "", 1);
+    for _ in 0..2 {
+        device
+            .client
+            .publish(
+                "devices/mq-noseq/readings",
+                QoS::AtLeastOnce,
+                false,
+                batch.clone(),
+            )
+            .await
+            .unwrap();
+        device.expect_puback().await;
+    }
+    // Sent twice, stored twice: each took the next sequence.
+    assert_eq!(server.storage.count_readings().await, 8);
+    assert_eq!(server.device("mq-noseq").await.committed_sequence, 2);
+}
+
 async fn a_batch_that_cannot_commit_is_never_acknowledged(backend: Backend) {
     let Some(server) = TestServer::start(backend).await else {
         return;
@@ -395,7 +422,7 @@ async fn bad_payloads_are_refused_with_a_reason(backend: Backend) {
     device.expect_connack().await;
     for (payload, expected) in [
         ("not json".to_string(), "not our readings JSON"),
-        (r#"{"series":[]}"#.to_string(), "no batch sequence"),
+        (r#"{"seq":0,"series":[]}"#.to_string(), "must start at 1"),
         (
             r#"{"seq":1,"series":[{"sensor":"t","unit":"Cel","t":[1,2],"v":[1]}]}"#.to_string(),
             "same length",
