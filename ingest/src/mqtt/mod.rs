@@ -8,6 +8,7 @@
 //!   protobuf payload as a batch;
 //! - [`commands`]: commands over MQTT: topics, the command as JSON, the
 //!   device's result;
+//! - [`thingsboard`]: ThingsBoard's telemetry topic and payloads;
 //! - [`session`]: one connection: CONNECT and authentication, PUBLISHes
 //!   into the pipeline, PUBACKs in order once committed; commands from the
 //!   device's Control session out, their PUBACKs and results in.
@@ -18,6 +19,7 @@
 pub mod commands;
 pub mod payload;
 mod session;
+pub mod thingsboard;
 pub mod wire;
 
 use std::sync::Arc;

@@ -28,6 +28,8 @@ pub enum Encoding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
     Readings(Encoding),
+    /// ThingsBoard's telemetry (see `thingsboard`).
+    ThingsBoard,
     /// The result of one of its commands (see `commands`).
     CommandResult(u64),
 }
@@ -53,6 +55,9 @@ pub fn publish_topic(
     content_type: Option<&str>,
 ) -> Result<Topic, TopicError> {
     let own = device.as_str();
+    if topic == super::thingsboard::TELEMETRY_TOPIC {
+        return Ok(Topic::ThingsBoard);
+    }
     let Some(rest) = topic
         .strip_prefix("devices/")
         .and_then(|t| t.strip_prefix(own))

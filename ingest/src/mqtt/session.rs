@@ -19,12 +19,12 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::commands;
 use super::payload::{self, PayloadError, Topic, TopicError};
 use super::wire::{
     self, Connect, Goodbye, Inbound, Outbound, PubRefusal, Publish, ReadError, Refusal, Version,
 };
 use super::{MqttContext, MqttSettings};
+use super::{commands, thingsboard};
 use crate::auth::{AuthFailure, CredentialWatch, until_ended};
 use crate::control::center::SessionEnd;
 use crate::control::session::{self as control, Delivery, Outgoing};
@@ -215,7 +215,9 @@ fn answer_connect(
 
 /// Checks who the client is: the client id is a device id, the username
 /// (if any) the same id, and the password that device's token, or the TLS
-/// client certificate bound to it, or both (then they must agree).
+/// client certificate bound to it, or both (then they must agree). As
+/// ThingsBoard's firmware does, the token may come as the username, with
+/// no password.
 async fn admit(
     connect: &Connect,
     certificate: Option<&ClientCertificate>,
@@ -229,22 +231,21 @@ async fn admit(
             "the client id must be the device id (letters, digits, _ . - :)".into(),
         ));
     };
-    if connect
-        .username
-        .as_deref()
-        .is_some_and(|user| user != id.as_str())
-    {
-        refuse(metrics, "username");
-        return Err((
-            Refusal::BadUsernameOrPassword,
-            "the username must be the device id, the same as the client id".into(),
-        ));
-    }
-    let token = connect
-        .password
-        .as_deref()
-        .filter(|p| !p.is_empty())
-        .map(TokenHash::of);
+    let password = connect.password.as_deref().filter(|p| !p.is_empty());
+    let token = match (password, connect.username.as_deref()) {
+        (Some(_), Some(user)) if user != id.as_str() => {
+            refuse(metrics, "username");
+            return Err((
+                Refusal::BadUsernameOrPassword,
+                "the username must be the device id, the same as the client id".into(),
+            ));
+        }
+        (Some(password), _) => Some(TokenHash::of(password)),
+        // ThingsBoard's firmware signs in with its access token as the
+        // username and no password.
+        (None, Some(user)) if user != id.as_str() && !user.is_empty() => Some(TokenHash::of(user)),
+        (None, _) => None,
+    };
     if token.is_none() && certificate.is_none() {
         refuse(metrics, "no_password");
         return Err((
@@ -684,8 +685,38 @@ impl Session {
             publish.content_type.as_deref(),
         )
         .map_err(Refused::Topic)?;
-        let encoding = match topic {
-            Topic::Readings(encoding) => encoding,
+        let limits = &self.shared.pipeline.limits;
+        let raw = match topic {
+            Topic::Readings(encoding) => payload::decode(
+                &publish.payload,
+                encoding,
+                publish.seq_property.as_deref(),
+                limits.max_batch_series,
+            )
+            .map_err(|e: PayloadError| Refused::Payload(e.to_string()))?,
+            Topic::ThingsBoard => {
+                let telemetry = thingsboard::parse(&publish.payload, now_unix_nanos() as u64)
+                    .map_err(|e| Refused::Payload(e.to_string()))?;
+                if telemetry.not_numbers > 0 {
+                    self.shared
+                        .metrics
+                        .mqtt_refusals
+                        .get_or_create(&ReasonLabel {
+                            reason: "telemetry_not_a_number",
+                        })
+                        .inc_by(telemetry.not_numbers);
+                }
+                let sequence = match publish.seq_property.as_deref() {
+                    Some(s) => Some(s.trim().parse().map_err(|_| {
+                        Refused::Payload(PayloadError::SeqProperty(s.to_owned()).to_string())
+                    })?),
+                    None => None,
+                };
+                payload::Decoded {
+                    sequence,
+                    series: telemetry.series,
+                }
+            }
             Topic::CommandResult(command_id) => {
                 let (state, detail) = commands::decode_result(command_id, &publish.payload)
                     .map_err(|e| Refused::Payload(e.to_string()))?;
@@ -696,14 +727,6 @@ impl Session {
                 });
             }
         };
-        let limits = &self.shared.pipeline.limits;
-        let raw = payload::decode(
-            &publish.payload,
-            encoding,
-            publish.seq_property.as_deref(),
-            limits.max_batch_series,
-        )
-        .map_err(|e: PayloadError| Refused::Payload(e.to_string()))?;
         if raw.series.len() > limits.max_batch_series {
             return Err(Refused::Payload(format!(
                 "the batch has more than {} series, the server's limit per batch (--max-batch-series)",

@@ -25,6 +25,7 @@ backend_tests!(
     mosquitto_pub_publishes_readings,
     mqtt_over_tls_with_a_token_or_a_bound_certificate,
     disabling_a_device_ends_its_session_within_a_second,
+    thingsboard_firmware_works_by_changing_the_host,
 );
 
 /// Our readings JSON: `n` readings of one sensor, a millisecond apart.
@@ -681,6 +682,48 @@ async fn disabling_a_device_ends_its_session_within_a_second(backend: Backend) {
         Err(e) => assert!(e.contains("NotAuthorized"), "{e}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// ThingsBoard's telemetry topic and payloads, signed in as its firmware
+/// does: the access token as the username, no password.
+async fn thingsboard_firmware_works_by_changing_the_host(backend: Backend) {
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("tb-1").await;
+    let mut device = connect_v311(&server, "tb-1", &token, "").await;
+    device.expect_connack().await;
+    let now_ms = now_nanos() / 1_000_000;
+    let topic = "v1/devices/me/telemetry";
+    for payload in [
+        r#"{"temperature":21.5,"humidity":40,"status":"ok"}"#.to_string(),
+        format!(
+            r#"{{"ts":{},"values":{{"temperature":22}}}}"#,
+            now_ms - 1000
+        ),
+        format!(
+            r#"[{{"ts":{},"values":{{"temperature":23}}}},{{"ts":{},"values":{{"temperature":24,"on":true}}}}]"#,
+            now_ms - 3000,
+            now_ms - 2000
+        ),
+    ] {
+        device
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        device.expect_puback().await;
+    }
+    // Numbers only: "ok" and true were left out, and counted.
+    assert_eq!(server.storage.count_readings().await, 5);
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metrics.get(
+            "ingest_mqtt_refusals_total",
+            &[("reason", "telemetry_not_a_number")]
+        ),
+        Some(2.0)
+    );
 }
 
 mod commands {
