@@ -9,11 +9,14 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::json;
 
 use crate::domain::DeviceId;
-use crate::domain::reading::RawSeries;
+use crate::domain::RejectReason;
+use crate::domain::reading::{BatchReport, RawSeries};
 use crate::grpc::batch_codec::decode_batch;
 use crate::grpc::convert::raw_batch;
+use crate::pipeline::BatchOutcome;
 
 pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 
@@ -81,6 +84,40 @@ pub fn publish_topic(
                 topic: topic.to_owned(),
             }),
     }
+}
+
+/// The topic of a device's batch summaries.
+pub fn summary_topic(device: &DeviceId) -> String {
+    format!("devices/{device}/summary")
+}
+
+/// A batch's summary, as a device subscribed to its summary topic gets it:
+/// what was stored, what was rejected and why, and its committed mark.
+pub fn summary_json(report: &BatchReport, outcome: &BatchOutcome) -> Bytes {
+    let rejected: serde_json::Map<String, serde_json::Value> = RejectReason::ALL
+        .iter()
+        .filter(|r| report.rejected_for(**r) > 0)
+        .map(|r| (r.name().to_owned(), json!(report.rejected_for(*r))))
+        .collect();
+    let summary = match outcome {
+        BatchOutcome::Committed {
+            committed_sequence, ..
+        } => json!({
+            "seq": committed_sequence,
+            "outcome": "committed",
+            "accepted": report.accepted,
+            "rejected": rejected,
+            "committedSequence": committed_sequence,
+        }),
+        BatchOutcome::Duplicate { committed_sequence } => json!({
+            "seq": report.sequence,
+            "outcome": "duplicate",
+            "accepted": 0,
+            "rejected": {},
+            "committedSequence": committed_sequence,
+        }),
+    };
+    Bytes::from(summary.to_string())
 }
 
 /// Why a payload is not a batch.

@@ -152,6 +152,7 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
             commands,
             _control_in: control_in,
             subscribed: resumed.is_some_and(|k| k.commands_subscribed),
+            summaries: false,
             kept,
             connected,
             held: VecDeque::new(),
@@ -385,6 +386,8 @@ struct Session {
     _control_in: mpsc::Sender<Result<pb::DeviceMessage, tonic::Status>>,
     /// Whether the device subscribed to its command topic.
     subscribed: bool,
+    /// Whether it subscribed to its batches' summaries.
+    summaries: bool,
     /// How long the session outlives the connection.
     kept: Kept,
     /// When the device connected: fences the session's writes.
@@ -495,17 +498,29 @@ impl Session {
             Inbound::Publish(publish) => self.publish(publish, conn.version, shutdown).await,
             Inbound::Subscribe { pkid, filters } => {
                 let device = self.device.id.clone();
+                let summary_topic = payload::summary_topic(&device);
                 let granted: Vec<Option<u8>> = filters
                     .iter()
                     .map(|(filter, qos)| {
-                        commands::is_command_filter(filter, &device).then_some((*qos).min(1))
+                        if *filter == summary_topic {
+                            // Summaries go out at QoS 0: they repeat what
+                            // the PUBACK already settled.
+                            self.summaries = true;
+                            Some(0)
+                        } else {
+                            commands::is_command_filter(filter, &device).then_some((*qos).min(1))
+                        }
                     })
                     .collect();
+                let commands_granted = filters
+                    .iter()
+                    .zip(&granted)
+                    .any(|((f, _), g)| g.is_some() && commands::is_command_filter(f, &device));
                 let refused = granted.iter().any(Option::is_none);
                 if refused {
                     refuse(&self.shared.metrics, "subscribe_not_own");
                 }
-                if granted.iter().any(Option::is_some) {
+                if commands_granted {
                     self.set_subscribed(true).await?;
                 }
                 let reason = refused.then(|| {
@@ -528,6 +543,10 @@ impl Session {
                     .any(|f| commands::is_command_filter(f, &self.device.id))
                 {
                     self.set_subscribed(false).await?;
+                }
+                let summary_topic = payload::summary_topic(&self.device.id);
+                if filters.contains(&summary_topic) {
+                    self.summaries = false;
                 }
                 let filters = filters.len();
                 send(conn, &Outbound::UnsubAck { pkid, filters }).await
@@ -802,6 +821,7 @@ impl Session {
             self.outbound.insert(pkid, command.command_id);
             let packet = Outbound::Publish {
                 topic: commands::command_topic(&self.device.id, command.command_id),
+                qos: 1,
                 pkid,
                 payload: commands::command_json(&command),
             };
@@ -827,12 +847,16 @@ impl Session {
         answered: Option<CommitResult>,
         conn: &mut Conn<S>,
     ) -> Result<(), End> {
-        let metrics = &self.shared.metrics;
+        let metrics = self.shared.metrics.clone();
+        let mut summary = None;
         let refused = match (pending.answer, answered) {
             (Answer::Refused(code, reason), _) => Some((code, reason)),
             (Answer::Done, _) => None,
             (Answer::Commit { report, .. }, Some(Ok(outcome))) => {
-                count(metrics, &report, &outcome);
+                let report = count(&metrics, &report, &outcome);
+                if self.summaries {
+                    summary = Some(payload::summary_json(&report, &outcome));
+                }
                 None
             }
             (Answer::Commit { report, .. }, _) => {
@@ -850,22 +874,28 @@ impl Session {
                 ));
             }
         };
-        let Some(pkid) = pending.pkid else {
-            return Ok(());
-        };
-        let (refused, reason) = match refused {
-            Some((code, reason)) => (Some(code), Some(reason)),
-            None => (None, None),
-        };
-        send(
-            conn,
-            &Outbound::PubAck {
+        if let Some(pkid) = pending.pkid {
+            let (refused, reason) = match refused {
+                Some((code, reason)) => (Some(code), Some(reason)),
+                None => (None, None),
+            };
+            let ack = Outbound::PubAck {
                 pkid,
                 refused,
                 reason,
-            },
-        )
-        .await
+            };
+            send(conn, &ack).await?;
+        }
+        if let Some(payload) = summary {
+            let packet = Outbound::Publish {
+                topic: payload::summary_topic(&self.device.id),
+                qos: 0,
+                pkid: 0,
+                payload,
+            };
+            send(conn, &packet).await?;
+        }
+        Ok(())
     }
 
     /// Waits for every pending answer, writing each while `writes`.
@@ -932,11 +962,12 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Counts a committed or duplicate batch as the gRPC upload does.
-fn count(metrics: &Metrics, report: &BatchReport, outcome: &BatchOutcome) {
+/// Counts a committed or duplicate batch as the gRPC upload does; the
+/// batch's report as stored (series refused at commit included).
+fn count(metrics: &Metrics, report: &BatchReport, outcome: &BatchOutcome) -> BatchReport {
+    let mut report = report.clone();
     match outcome {
         BatchOutcome::Committed { refused_series, .. } => {
-            let mut report = report.clone();
             if !refused_series.is_empty() {
                 report.refuse_series(refused_series, RejectReason::TooManySensors);
             }
@@ -951,6 +982,7 @@ fn count(metrics: &Metrics, report: &BatchReport, outcome: &BatchOutcome) {
             metrics.reading("duplicate", "", report.accepted + report.rejected());
         }
     }
+    report
 }
 
 /// How a session ends when its Control session ends from outside.

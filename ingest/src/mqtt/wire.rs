@@ -339,9 +339,11 @@ pub enum Outbound {
         granted: Vec<Option<u8>>,
         reason: Option<String>,
     },
-    /// A QoS 1 PUBLISH of JSON (a command to the device).
+    /// A PUBLISH of JSON: a command to the device (QoS 1), a batch's
+    /// summary (QoS 0, packet id 0).
     Publish {
         topic: String,
+        qos: u8,
         pkid: u16,
         payload: Bytes,
     },
@@ -419,10 +421,12 @@ fn v311(packet: &Outbound) -> Option<v4::Packet> {
         )),
         Outbound::Publish {
             topic,
+            qos,
             pkid,
             payload,
         } => {
-            let mut publish = v4::Publish::from_bytes(topic.as_str(), v4_qos(1), payload.clone());
+            let mut publish =
+                v4::Publish::from_bytes(topic.as_str(), v4_qos(*qos), payload.clone());
             publish.pkid = *pkid;
             v4::Packet::Publish(publish)
         }
@@ -517,11 +521,12 @@ fn v5(packet: &Outbound) -> Option<v5::Packet> {
         }),
         Outbound::Publish {
             topic,
+            qos,
             pkid,
             payload,
         } => v5::Packet::Publish(v5::Publish {
             dup: false,
-            qos: v5_qos(1),
+            qos: v5_qos(*qos),
             retain: false,
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             pkid: *pkid,

@@ -26,6 +26,7 @@ backend_tests!(
     mqtt_over_tls_with_a_token_or_a_bound_certificate,
     disabling_a_device_ends_its_session_within_a_second,
     thingsboard_firmware_works_by_changing_the_host,
+    a_subscribed_device_gets_each_batchs_summary,
 );
 
 /// Our readings JSON: `n` readings of one sensor, a millisecond apart.
@@ -724,6 +725,55 @@ async fn thingsboard_firmware_works_by_changing_the_host(backend: Backend) {
         ),
         Some(2.0)
     );
+}
+
+async fn a_subscribed_device_gets_each_batchs_summary(backend: Backend) {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-sum").await;
+    let mut device = connect_v5(&server, "mq-sum", "mq-sum", &token).await;
+    device.expect_connack().await;
+    device
+        .client
+        .subscribe("devices/mq-sum/summary", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    match device.next().await {
+        Ok(V5Packet::SubAck(ack)) => assert_eq!(
+            ack.return_codes,
+            vec![SubscribeReasonCode::Success(Q5::AtMostOnce)]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // Three readings, one a day in the future.
+    let now = now_nanos();
+    let future = now + 86_400_000_000_000;
+    let batch = format!(
+        r#"{{"seq":1,"series":[{{"sensor":"t","unit":"Cel","t":[{},{},{future}],"v":[1,2,3]}}]}}"#,
+        now - 2_000_000_000,
+        now - 1_000_000_000
+    );
+    let mut summaries = Vec::new();
+    for _ in 0..2 {
+        let (reason, _) = device
+            .publish("devices/mq-sum/readings", batch.clone())
+            .await;
+        assert_eq!(reason, PubAckReason::Success);
+        match device.next().await {
+            Ok(V5Packet::Publish(p)) => {
+                assert_eq!(&p.topic[..], b"devices/mq-sum/summary");
+                summaries.push(serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap());
+            }
+            other => panic!("expected a summary, got {other:?}"),
+        }
+    }
+    assert_eq!(summaries[0]["outcome"], "committed");
+    assert_eq!(summaries[0]["accepted"], 2);
+    assert_eq!(summaries[0]["rejected"]["timestamp_in_future"], 1);
+    assert_eq!(summaries[0]["committedSequence"], 1);
+    assert_eq!(summaries[1]["outcome"], "duplicate", "the resend");
 }
 
 mod commands {
