@@ -27,6 +27,7 @@ backend_tests!(
     disabling_a_device_ends_its_session_within_a_second,
     thingsboard_firmware_works_by_changing_the_host,
     a_subscribed_device_gets_each_batchs_summary,
+    paho_mqtt_publishes_on_both_versions,
 );
 
 /// Our readings JSON: `n` readings of one sensor, a millisecond apart.
@@ -496,7 +497,7 @@ async fn qos0_and_protobuf_are_stored_too(backend: Backend) {
 }
 
 /// Whether Debian's mosquitto_pub is here. Its tests are skipped (loudly)
-/// where it is not, unless REQUIRE_MOSQUITTO=1 (set by .ci/run).
+/// where it is not, unless REQUIRE_MQTT_CLIENTS=1 (set by .ci/run).
 fn mosquitto_pub_installed() -> bool {
     if std::process::Command::new("mosquitto_pub")
         .arg("--help")
@@ -506,8 +507,8 @@ fn mosquitto_pub_installed() -> bool {
         return true;
     }
     assert!(
-        std::env::var("REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
-        "REQUIRE_MOSQUITTO=1 but mosquitto_pub is not installed (apt-get install mosquitto-clients)"
+        std::env::var("REQUIRE_MQTT_CLIENTS").as_deref() != Ok("1"),
+        "REQUIRE_MQTT_CLIENTS=1 but mosquitto_pub is not installed (apt-get install mosquitto-clients)"
     );
     eprintln!(
         "\n!!!!!!!! SKIPPED: mosquitto_pub is not installed (apt-get install mosquitto-clients)\n"
@@ -774,6 +775,81 @@ async fn a_subscribed_device_gets_each_batchs_summary(backend: Backend) {
     assert_eq!(summaries[0]["rejected"]["timestamp_in_future"], 1);
     assert_eq!(summaries[0]["committedSequence"], 1);
     assert_eq!(summaries[1]["outcome"], "duplicate", "the resend");
+}
+
+/// Publishes one batch at QoS 1 with paho-mqtt and exits 0 once it is
+/// acknowledged: `host port device token version(3|5) payload`. paho 1.x
+/// and 2.x both.
+const PAHO_PUBLISH: &str = r#"
+import sys
+import paho.mqtt.client as mqtt
+host, port, device, token, version, payload = sys.argv[1:7]
+protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
+if hasattr(mqtt, "CallbackAPIVersion"):
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=protocol)
+else:
+    client = mqtt.Client(client_id=device, protocol=protocol)
+client.username_pw_set(device, token)
+client.connect(host, int(port), keepalive=30)
+client.loop_start()
+info = client.publish("devices/%s/readings" % device, payload, qos=1)
+info.wait_for_publish(timeout=10)
+published = info.is_published()
+client.disconnect()
+client.loop_stop()
+sys.exit(0 if published else 1)
+"#;
+
+/// A Python that imports paho-mqtt: `MQTT_PYTHON`, `python3`, or Debian's
+/// (`apt-get install python3-paho-mqtt`). Skipped (loudly) without one,
+/// unless REQUIRE_MQTT_CLIENTS=1 (set by .ci/run).
+fn python_with_paho() -> Option<String> {
+    let candidates = std::env::var("MQTT_PYTHON")
+        .into_iter()
+        .chain(["python3".to_string(), "/usr/bin/python3".to_string()]);
+    for python in candidates {
+        let imports = std::process::Command::new(&python)
+            .args(["-c", "import paho.mqtt.client"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if imports {
+            return Some(python);
+        }
+    }
+    assert!(
+        std::env::var("REQUIRE_MQTT_CLIENTS").as_deref() != Ok("1"),
+        "REQUIRE_MQTT_CLIENTS=1 but no Python imports paho-mqtt (apt-get install python3-paho-mqtt)"
+    );
+    eprintln!("\n!!!!!!!! SKIPPED: no Python with paho-mqtt (apt-get install python3-paho-mqtt)\n");
+    None
+}
+
+async fn paho_mqtt_publishes_on_both_versions(backend: Backend) {
+    let Some(python) = python_with_paho() else {
+        return;
+    };
+    let Some(server) = TestServer::start(backend).await else {
+        return;
+    };
+    let token = server.register("mq-paho").await;
+    for (seq, version) in [(1u64, "3"), (2, "5")] {
+        let port = server.mqtt_addr.port().to_string();
+        let payload = json_batch(seq, 3);
+        let args = ["127.0.0.1", &port, "mq-paho", &token, version, &payload];
+        let output = tokio::process::Command::new(&python)
+            .args(["-c", PAHO_PUBLISH])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "paho v{version}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Acknowledged, so committed.
+        assert_eq!(server.storage.count_readings().await, seq as i64 * 3);
+    }
 }
 
 mod commands {
