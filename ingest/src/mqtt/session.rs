@@ -457,6 +457,11 @@ impl Session {
                     if let Err(end) = self.answer(pending, answered, conn).await {
                         return end;
                     }
+                    if !room {
+                        // The socket was left unread: what the device sent
+                        // meanwhile waits there, so its silence is ours.
+                        heard = Instant::now();
+                    }
                 }
                 out = self.commands.recv() => match out {
                     Some(Outgoing::Command(command)) => {
@@ -472,7 +477,7 @@ impl Session {
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(_) => {}
                 },
-                () = sleep_until(silent_until) => {
+                () = sleep_until(silent_until), if room => {
                     return End::Goodbye(Goodbye::KeepAliveTimeout, "nothing heard within one and a half keep-alive periods".into());
                 }
             }
