@@ -42,7 +42,7 @@ KNOWN = {
     "ingest_buffered_readings", "ingest_buffered_readings_limit", "ingest_upload_budget_wait_seconds_total",
     "ingest_streams", "devices_online", "alerts_open", "alert_events_total", "alert_watchers_lagged_total",
     "commands_total", "commands_pending",
-    "auth_failures_total", "tls_handshake_failures_total", "tls_certificate_expiry_timestamp_seconds",
+    "auth_failures_total", "ingest_mqtt_refusals_total", "tls_handshake_failures_total", "tls_certificate_expiry_timestamp_seconds",
     "db_pool_acquire_seconds", "retention_deleted_total", "partitions_created_total",
     "process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds",
 }
