@@ -241,7 +241,7 @@ mod tests {
             "devices/dev-2/readings",
             "devices/dev-10/readings",
             "devices/dev-1",
-            "v1/devices/me/telemetry",
+            "v1/devices/me/attributes",
             "",
         ] {
             assert!(
@@ -259,6 +259,10 @@ mod tests {
         assert_eq!(
             publish_topic("devices/dev-1/commands/9/result", &d, None),
             Ok(Topic::CommandResult(9))
+        );
+        assert_eq!(
+            publish_topic("v1/devices/me/telemetry", &d, None),
+            Ok(Topic::ThingsBoard)
         );
     }
 
