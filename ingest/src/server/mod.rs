@@ -234,13 +234,18 @@ pub async fn run_with_listeners(
     // Every service takes gzip and zstd (grpc/compression.rs); the message
     // size limit applies to the decompressed message.
     let max_message = config.limits.max_message_bytes;
-    let mqtt_context = crate::mqtt::MqttContext {
-        pipeline: upload.clone(),
-        credentials: credentials.clone(),
-        control: control.clone(),
-        settings: config.mqtt.clone(),
-        metrics: metrics.clone(),
-    };
+    // Only with a listener: the context holds a writer handle, and the
+    // writer stops (at shutdown) once every handle is gone.
+    let mqtt = mqtt_listener.map(|listener| {
+        let context = crate::mqtt::MqttContext {
+            pipeline: upload.clone(),
+            credentials: credentials.clone(),
+            control: control.clone(),
+            settings: config.mqtt.clone(),
+            metrics: metrics.clone(),
+        };
+        (listener, context)
+    });
     let ingest = IngestRoutes::new(
         IngestService::new(upload, control.clone()),
         config.limits.readings.max_batch_series,
@@ -308,7 +313,7 @@ pub async fn run_with_listeners(
     if let Some(tls) = &config.tls {
         crate::transport::expiry_metric::register_expiry_metric(&mut registry, tls.handle.clone());
     }
-    let mqtt_task = mqtt_listener.map(|listener| {
+    let mqtt_task = mqtt.map(|(listener, mqtt_context)| {
         if let Ok(addr) = listener.local_addr() {
             let tls = transport.acceptor.is_some();
             tracing::info!(%addr, tls, "MQTT listener: devices publish to devices/{{id}}/readings");

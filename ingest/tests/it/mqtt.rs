@@ -1075,3 +1075,32 @@ mod commands {
         );
     }
 }
+
+/// Without an MQTT listener nothing of MQTT holds a writer handle: the
+/// server stops at once, not after its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_mqtt_stops_without_waiting_out_its_grace() {
+    use crate::common::{OPS_TOKEN, TestStorage};
+    use ingest::auth::OpsTokenSource;
+    use ingest::domain::Token;
+    let storage = TestStorage::new(Backend::Sqlite).await.unwrap();
+    let mut config = ingest::Config::new(
+        storage.data_dir.path().to_owned(),
+        storage.database.clone(),
+        OpsTokenSource::Value(Token::new(OPS_TOKEN.into())),
+    );
+    config.shutdown_grace = Duration::from_secs(300);
+    assert!(config.mqtt_listen.is_none());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = tokio::spawn(ingest::server::run_with_admin(
+        config,
+        listener,
+        None,
+        async {},
+    ));
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("stopped well within its grace period")
+        .unwrap()
+        .unwrap();
+}
