@@ -65,8 +65,8 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
             if let ReadError::UnsupportedLevel(_) = error {
                 // A 3.1.1 CONNACK is what clients of every level read.
                 conn.version = Version::V311;
-                let refusal = connack(Some(Refusal::UnsupportedVersion), &shared.settings, None);
-                let _ = conn.send(&refusal).await;
+                conn.refuse(Refusal::UnsupportedVersion, &shared.settings, None)
+                    .await;
             }
             return;
         }
@@ -80,9 +80,7 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
         Ok(admitted) => admitted,
         Err((refusal, reason)) => {
             tracing::info!(?peer, client_id = %connect.client_id, %reason, "MQTT connection refused");
-            let _ = conn
-                .send(&connack(Some(refusal), &shared.settings, Some(reason)))
-                .await;
+            conn.refuse(refusal, &shared.settings, Some(reason)).await;
             return;
         }
     };
@@ -107,12 +105,7 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
         Err(error) => {
             tracing::warn!(?peer, device = %device.id, %error, "MQTT connection refused: its session could not be recorded");
             let reason = Some("the server cannot record the session now; retry".into());
-            let _ = conn
-                .send(&connack(
-                    Some(Refusal::ServerUnavailable),
-                    &shared.settings,
-                    reason,
-                ))
+            conn.refuse(Refusal::ServerUnavailable, &shared.settings, reason)
                 .await;
             return;
         }
@@ -124,12 +117,7 @@ pub async fn run(io: Connection, shared: Arc<MqttContext>) {
         Err(error) => {
             tracing::error!(?peer, device = %device.id, %error, "reading the MQTT session failed");
             let reason = Some("the server cannot read the session now; retry".into());
-            let _ = conn
-                .send(&connack(
-                    Some(Refusal::ServerUnavailable),
-                    &shared.settings,
-                    reason,
-                ))
+            conn.refuse(Refusal::ServerUnavailable, &shared.settings, reason)
                 .await;
             return;
         }
@@ -193,10 +181,6 @@ fn refuse(metrics: &Metrics, reason: &'static str) {
         .mqtt_refusals
         .get_or_create(&ReasonLabel { reason })
         .inc();
-}
-
-fn connack(refused: Option<Refusal>, settings: &MqttSettings, reason: Option<String>) -> Outbound {
-    answer_connect(refused, false, settings, reason)
 }
 
 fn answer_connect(
@@ -321,6 +305,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         } else {
             Ok(None)
         }
+    }
+
+    /// Answers the CONNECT with a refusal; the session ends after it, so a
+    /// failed write changes nothing.
+    async fn refuse(&mut self, refusal: Refusal, settings: &MqttSettings, reason: Option<String>) {
+        let answer = answer_connect(Some(refusal), false, settings, reason);
+        let _ = self.send(&answer).await;
     }
 
     async fn send(&mut self, packet: &Outbound) -> std::io::Result<()> {
