@@ -849,7 +849,7 @@ impl Session {
             (Answer::Refused(code, reason), _) => Some((code, reason)),
             (Answer::Done, _) => None,
             (Answer::Commit { report, .. }, Some(Ok(outcome))) => {
-                let report = count(&metrics, &report, &outcome);
+                let report = count(&metrics, report, &outcome);
                 if self.summaries {
                     summary = Some(payload::summary_json(&report, &outcome));
                 }
@@ -907,9 +907,9 @@ impl Session {
             if !writes {
                 // Counted all the same.
                 if let (Answer::Commit { report, .. }, Some(Ok(outcome))) =
-                    (&pending.answer, &answered)
+                    (pending.answer, answered)
                 {
-                    count(&self.shared.metrics, report, outcome);
+                    count(&self.shared.metrics, report, &outcome);
                 }
                 continue;
             }
@@ -960,8 +960,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Counts a committed or duplicate batch as the gRPC upload does; the
 /// batch's report as stored (series refused at commit included).
-fn count(metrics: &Metrics, report: &BatchReport, outcome: &BatchOutcome) -> BatchReport {
-    let mut report = report.clone();
+fn count(metrics: &Metrics, mut report: BatchReport, outcome: &BatchOutcome) -> BatchReport {
     match outcome {
         BatchOutcome::Committed { refused_series, .. } => {
             if !refused_series.is_empty() {
